@@ -1,0 +1,478 @@
+#include "pbrpc/frame.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+
+/* ---- header ---- */
+
+PBRPC_EXPORT void pbrpc_frame_header_encode(const pbrpc_frame_header *h, uint8_t out[PBRPC_FRAME_HEADER_SIZE])
+{
+	pbrpc__put_u32(out, h->length);
+	out[4] = h->type;
+	out[5] = h->flags;
+	pbrpc__put_u16(out + 6, h->reserved);
+	pbrpc__put_u32(out + 8, h->stream);
+}
+
+PBRPC_EXPORT void pbrpc_frame_header_decode(const uint8_t in[PBRPC_FRAME_HEADER_SIZE], pbrpc_frame_header *h)
+{
+	h->length = pbrpc__get_u32(in);
+	h->type = in[4];
+	h->flags = in[5];
+	h->reserved = pbrpc__get_u16(in + 6);
+	h->stream = pbrpc__get_u32(in + 8);
+}
+
+/* ---- I/O shim ---- */
+
+static ssize_t libc_sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+	return sendmsg(fd, msg, flags);
+}
+
+static const pbrpc_frame_io libc_io = { recvmsg, libc_sendmsg };
+static _Atomic(const pbrpc_frame_io *) cur_io = &libc_io;
+
+PBRPC_EXPORT void pbrpc_frame_io_set(const pbrpc_frame_io *io)
+{
+	atomic_store(&cur_io, io ? io : &libc_io);
+}
+
+ssize_t pbrpc__recvmsg(int fd, struct msghdr *msg, int flags)
+{
+	return atomic_load_explicit(&cur_io, memory_order_relaxed)->recvmsg(fd, msg, flags);
+}
+
+ssize_t pbrpc__sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+	return atomic_load_explicit(&cur_io, memory_order_relaxed)->sendmsg(fd, msg, flags | MSG_NOSIGNAL);
+}
+
+/* ---- decoder ---- */
+
+/* Read size for a fresh buffer: large enough that small frames arrive many per
+ * recvmsg, small enough that a busy connection does not hoard memory. */
+#define DECODER_CHUNK (64u * 1024u)
+
+PBRPC_EXPORT void pbrpc_frame_decoder_init(pbrpc_frame_decoder *d, uint32_t max_payload)
+{
+	memset(d, 0, sizeof(*d));
+	if (max_payload == 0)
+		max_payload = PBRPC_FRAME_MAX_DEFAULT;
+	if (max_payload > PBRPC_FRAME_MAX_LIMIT)
+		max_payload = PBRPC_FRAME_MAX_LIMIT;
+	d->max_payload = max_payload;
+}
+
+PBRPC_EXPORT void pbrpc_frame_decoder_fini(pbrpc_frame_decoder *d)
+{
+	free(d->buf);
+	d->buf = NULL;
+	d->cap = d->head = d->tail = 0;
+	d->in = NULL;
+	d->in_len = 0;
+}
+
+/* Makes room for `need` bytes after tail, compacting or growing the buffer. */
+static int decoder_reserve(pbrpc_frame_decoder *d, size_t need)
+{
+	size_t used = d->tail - d->head;
+	if (d->cap - d->tail >= need)
+		return 0;
+	if (d->head > 0 && d->cap - used >= need) {
+		memmove(d->buf, d->buf + d->head, used);
+		d->tail = used;
+		d->head = 0;
+		return 0;
+	}
+	size_t cap = d->cap ? d->cap : DECODER_CHUNK;
+	while (cap < used + need)
+		cap *= 2;
+	if (d->head > 0) {
+		memmove(d->buf, d->buf + d->head, used);
+		d->tail = used;
+		d->head = 0;
+	}
+	uint8_t *nb = realloc(d->buf, cap);
+	if (!nb)
+		return -ENOMEM;
+	d->buf = nb;
+	d->cap = cap;
+	return 0;
+}
+
+static size_t take_input(pbrpc_frame_decoder *d, size_t want)
+{
+	size_t n = want < d->in_len ? want : d->in_len;
+	if (n) {
+		memcpy(d->buf + d->tail, d->in, n);
+		d->tail += n;
+		d->in += n;
+		d->in_len -= n;
+	}
+	return n;
+}
+
+static void drop_discarded(pbrpc_frame_decoder *d)
+{
+	size_t buffered = d->tail - d->head;
+	size_t n = d->discard < buffered ? (size_t)d->discard : buffered;
+	d->head += n;
+	d->discard -= n;
+	n = d->discard < d->in_len ? (size_t)d->discard : d->in_len;
+	d->in += n;
+	d->in_len -= n;
+	d->discard -= n;
+}
+
+static int check_header(pbrpc_frame_decoder *d, const uint8_t *p, pbrpc_frame_header *h)
+{
+	pbrpc_frame_header_decode(p, h);
+	if (h->reserved != 0)
+		return PBRPC_EPROTO;
+	if (h->length > d->max_payload) {
+		d->rejected = *h;
+		d->have_rejected = 1;
+		return PBRPC_ETOOBIG;
+	}
+	return 0;
+}
+
+PBRPC_EXPORT void pbrpc_frame_decoder_feed(pbrpc_frame_decoder *d, const void *data, size_t len)
+{
+	d->in = data;
+	d->in_len = len;
+}
+
+PBRPC_EXPORT int pbrpc_frame_decoder_next(pbrpc_frame_decoder *d, pbrpc_frame *out)
+{
+	pbrpc_frame_header h;
+	int rc;
+
+	if (d->head == d->tail)
+		d->head = d->tail = 0;
+	if (d->discard) {
+		drop_discarded(d);
+		if (d->discard)
+			return 0;
+	}
+	d->have_rejected = 0;
+
+	size_t buffered = d->tail - d->head;
+	if (buffered == 0 && d->in_len == 0)
+		return 0;
+	if (buffered == 0 && d->in_len >= PBRPC_FRAME_HEADER_SIZE) {
+		/* Fast path: parse straight from the caller's bytes, no copy. */
+		rc = check_header(d, d->in, &h);
+		if (rc < 0) {
+			if (rc == PBRPC_ETOOBIG) {
+				d->in += PBRPC_FRAME_HEADER_SIZE;
+				d->in_len -= PBRPC_FRAME_HEADER_SIZE;
+			}
+			return rc;
+		}
+		size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)h.length;
+		if (d->in_len >= total) {
+			out->hdr = h;
+			out->payload = d->in + PBRPC_FRAME_HEADER_SIZE;
+			d->in += total;
+			d->in_len -= total;
+			return 1;
+		}
+		if (decoder_reserve(d, total) < 0)
+			return -ENOMEM;
+		take_input(d, d->in_len);
+		return 0;
+	}
+
+	if (buffered < PBRPC_FRAME_HEADER_SIZE) {
+		if (decoder_reserve(d, PBRPC_FRAME_HEADER_SIZE - buffered) < 0)
+			return -ENOMEM;
+		buffered += take_input(d, PBRPC_FRAME_HEADER_SIZE - buffered);
+		if (buffered < PBRPC_FRAME_HEADER_SIZE)
+			return 0;
+	}
+	rc = check_header(d, d->buf + d->head, &h);
+	if (rc < 0) {
+		if (rc == PBRPC_ETOOBIG)
+			d->head += PBRPC_FRAME_HEADER_SIZE;
+		return rc;
+	}
+	size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)h.length;
+	if (buffered < total) {
+		if (decoder_reserve(d, total - buffered) < 0)
+			return -ENOMEM;
+		buffered += take_input(d, total - buffered);
+		if (buffered < total)
+			return 0;
+	}
+	out->hdr = h;
+	out->payload = d->buf + d->head + PBRPC_FRAME_HEADER_SIZE;
+	d->head += total;
+	return 1;
+}
+
+PBRPC_EXPORT const pbrpc_frame_header *pbrpc_frame_decoder_rejected(const pbrpc_frame_decoder *d)
+{
+	return d->have_rejected ? &d->rejected : NULL;
+}
+
+PBRPC_EXPORT int pbrpc_frame_decoder_skip(pbrpc_frame_decoder *d)
+{
+	if (!d->have_rejected)
+		return PBRPC_EINVALID;
+	d->have_rejected = 0;
+	d->discard = d->rejected.length;
+	drop_discarded(d);
+	return 0;
+}
+
+PBRPC_EXPORT size_t pbrpc_frame_decoder_pending(const pbrpc_frame_decoder *d)
+{
+	return d->tail - d->head + d->in_len + (size_t)d->discard;
+}
+
+PBRPC_EXPORT void pbrpc_frame_decoder_release(pbrpc_frame_decoder *d)
+{
+	if (d->head == d->tail && d->buf) {
+		free(d->buf);
+		d->buf = NULL;
+		d->cap = d->head = d->tail = 0;
+	}
+}
+
+PBRPC_EXPORT ssize_t pbrpc_frame_decoder_recv(pbrpc_frame_decoder *d, int fd, int flags)
+{
+	if (d->in_len)
+		return PBRPC_EINVALID;
+	/* Read at least the rest of the frame in progress, and a chunk besides. */
+	size_t want = DECODER_CHUNK / 2;
+	size_t buffered = d->tail - d->head;
+	if (buffered >= PBRPC_FRAME_HEADER_SIZE && !d->discard) {
+		uint32_t len = pbrpc__get_u32(d->buf + d->head);
+		if (len <= d->max_payload && PBRPC_FRAME_HEADER_SIZE + (size_t)len > buffered &&
+		    PBRPC_FRAME_HEADER_SIZE + (size_t)len - buffered > want)
+			want = PBRPC_FRAME_HEADER_SIZE + (size_t)len - buffered;
+	}
+	if (d->head == d->tail)
+		d->head = d->tail = 0;
+	if (decoder_reserve(d, want) < 0)
+		return -ENOMEM;
+
+	struct iovec iov = { d->buf + d->tail, d->cap - d->tail };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+	ssize_t n;
+	do
+		n = pbrpc__recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+	if (n == 0)
+		return pbrpc_frame_decoder_pending(d) ? PBRPC_ETRUNCATED : PBRPC_EOF;
+	d->tail += (size_t)n;
+	if (d->discard)
+		drop_discarded(d);
+	return n;
+}
+
+/* ---- writer ---- */
+
+PBRPC_EXPORT void pbrpc_frame_writer_init(pbrpc_frame_writer *w)
+{
+	memset(w, 0, sizeof(*w));
+	w->open = SIZE_MAX;
+}
+
+PBRPC_EXPORT void pbrpc_frame_writer_fini(pbrpc_frame_writer *w)
+{
+	free(w->buf);
+	pbrpc_frame_writer_init(w);
+}
+
+static int writer_reserve(pbrpc_frame_writer *w, size_t need)
+{
+	size_t used = w->tail - w->head;
+	if (w->cap - w->tail >= need)
+		return 0;
+	if (w->head > 0 && w->cap - used >= need && w->open == SIZE_MAX) {
+		memmove(w->buf, w->buf + w->head, used);
+		w->head = 0;
+		w->tail = used;
+		return 0;
+	}
+	size_t cap = w->cap ? w->cap : 4096;
+	while (cap < w->tail + need)
+		cap *= 2;
+	uint8_t *nb = realloc(w->buf, cap);
+	if (!nb)
+		return -ENOMEM;
+	w->buf = nb;
+	w->cap = cap;
+	return 0;
+}
+
+PBRPC_EXPORT uint8_t *pbrpc_frame_writer_begin(pbrpc_frame_writer *w, const pbrpc_frame_header *hdr, size_t max_len)
+{
+	if (max_len > PBRPC_FRAME_MAX_LIMIT || w->open != SIZE_MAX)
+		return NULL;
+	if (w->head == w->tail)
+		w->head = w->tail = 0;
+	if (writer_reserve(w, PBRPC_FRAME_HEADER_SIZE + max_len) < 0)
+		return NULL;
+	pbrpc_frame_header_encode(hdr, w->buf + w->tail);
+	w->open = w->tail;
+	w->open_max = max_len;
+	return w->buf + w->tail + PBRPC_FRAME_HEADER_SIZE;
+}
+
+PBRPC_EXPORT int pbrpc_frame_writer_commit(pbrpc_frame_writer *w, size_t len)
+{
+	if (w->open == SIZE_MAX || len > w->open_max)
+		return PBRPC_EINVALID;
+	pbrpc__put_u32(w->buf + w->open, (uint32_t)len);
+	w->tail = w->open + PBRPC_FRAME_HEADER_SIZE + len;
+	w->open = SIZE_MAX;
+	return 0;
+}
+
+PBRPC_EXPORT void pbrpc_frame_writer_abort(pbrpc_frame_writer *w)
+{
+	w->open = SIZE_MAX;
+}
+
+PBRPC_EXPORT int pbrpc_frame_writer_append(pbrpc_frame_writer *w, const pbrpc_frame_header *hdr, const void *payload,
+					   size_t len)
+{
+	if (len > PBRPC_FRAME_MAX_LIMIT)
+		return PBRPC_ETOOBIG;
+	uint8_t *p = pbrpc_frame_writer_begin(w, hdr, len);
+	if (!p)
+		return w->open != SIZE_MAX ? PBRPC_EINVALID : -ENOMEM;
+	if (len)
+		memcpy(p, payload, len);
+	return pbrpc_frame_writer_commit(w, len);
+}
+
+PBRPC_EXPORT size_t pbrpc_frame_writer_pending(const pbrpc_frame_writer *w)
+{
+	return w->tail - w->head;
+}
+
+PBRPC_EXPORT ssize_t pbrpc_frame_writer_flush(pbrpc_frame_writer *w, int fd, int flags)
+{
+	size_t total = 0;
+	while (w->tail > w->head) {
+		struct iovec iov = { w->buf + w->head, w->tail - w->head };
+		struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+		ssize_t n = pbrpc__sendmsg(fd, &msg, flags);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				break;
+			return total ? (ssize_t)total : -errno;
+		}
+		w->head += (size_t)n;
+		total += (size_t)n;
+	}
+	if (w->head == w->tail && w->open == SIZE_MAX)
+		w->head = w->tail = 0;
+	return (ssize_t)total;
+}
+
+PBRPC_EXPORT void pbrpc_frame_writer_trim(pbrpc_frame_writer *w, size_t keep)
+{
+	if (w->head == w->tail && w->open == SIZE_MAX && w->cap > keep) {
+		free(w->buf);
+		w->buf = NULL;
+		w->cap = w->head = w->tail = 0;
+	}
+}
+
+/* ---- blocking helpers ---- */
+
+static int wait_fd(int fd, short events, int timeout_ms, const struct timespec *deadline)
+{
+	int ms = timeout_ms;
+	if (timeout_ms >= 0) {
+		int64_t left = pbrpc__ms_until(deadline);
+		if (left <= 0)
+			return -ETIMEDOUT;
+		ms = (int)left;
+	}
+	struct pollfd p = { .fd = fd, .events = events };
+	int r;
+	do
+		r = poll(&p, 1, ms);
+	while (r < 0 && errno == EINTR);
+	if (r < 0)
+		return -errno;
+	if (r == 0)
+		return -ETIMEDOUT;
+	return 0;
+}
+
+PBRPC_EXPORT int pbrpc_frame_write(int fd, const pbrpc_frame_header *hdr, const void *payload, size_t len,
+				   int timeout_ms)
+{
+	if (len > PBRPC_FRAME_MAX_LIMIT)
+		return PBRPC_ETOOBIG;
+	uint8_t head[PBRPC_FRAME_HEADER_SIZE];
+	pbrpc_frame_header h = *hdr;
+	h.length = (uint32_t)len;
+	pbrpc_frame_header_encode(&h, head);
+
+	struct timespec deadline;
+	pbrpc__deadline_in(&deadline, timeout_ms);
+	struct iovec iov[2] = { { head, sizeof(head) }, { (void *)(uintptr_t)payload, len } };
+	size_t idx = 0, niov = len ? 2 : 1;
+	while (idx < niov) {
+		struct msghdr msg = { .msg_iov = iov + idx, .msg_iovlen = niov - idx };
+		ssize_t n = pbrpc__sendmsg(fd, &msg, MSG_DONTWAIT);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				return -errno;
+			int r = wait_fd(fd, POLLOUT, timeout_ms, &deadline);
+			if (r < 0)
+				return r;
+			continue;
+		}
+		size_t done = (size_t)n;
+		while (idx < niov && done >= iov[idx].iov_len) {
+			done -= iov[idx].iov_len;
+			idx++;
+		}
+		if (idx < niov) {
+			iov[idx].iov_base = (uint8_t *)iov[idx].iov_base + done;
+			iov[idx].iov_len -= done;
+		}
+	}
+	return 0;
+}
+
+PBRPC_EXPORT int pbrpc_frame_read(pbrpc_frame_decoder *d, int fd, pbrpc_frame *out, int timeout_ms)
+{
+	struct timespec deadline;
+	pbrpc__deadline_in(&deadline, timeout_ms);
+	for (;;) {
+		int rc = pbrpc_frame_decoder_next(d, out);
+		if (rc != 0)
+			return rc;
+		ssize_t n = pbrpc_frame_decoder_recv(d, fd, MSG_DONTWAIT);
+		if (n < 0)
+			return (int)n;
+		if (n == 0) {
+			int r = wait_fd(fd, POLLIN, timeout_ms, &deadline);
+			if (r < 0)
+				return r;
+		}
+	}
+}
