@@ -359,6 +359,17 @@ PBRPC_EXPORT int pbrpc_frame_writer_append(pbrpc_frame_writer *w, const pbrpc_fr
 	return pbrpc_frame_writer_commit(w, len);
 }
 
+PBRPC_EXPORT int pbrpc_frame_writer_append_raw(pbrpc_frame_writer *w, const void *data, size_t len)
+{
+	if (w->open != SIZE_MAX)
+		return PBRPC_EINVALID;
+	if (writer_reserve(w, len) < 0)
+		return -ENOMEM;
+	memcpy(w->buf + w->tail, data, len);
+	w->tail += len;
+	return 0;
+}
+
 PBRPC_EXPORT size_t pbrpc_frame_writer_pending(const pbrpc_frame_writer *w)
 {
 	return w->tail - w->head;

@@ -152,6 +152,10 @@ PBRPC_EXPORT void pbrpc_frame_writer_fini(pbrpc_frame_writer *w);
 PBRPC_EXPORT int pbrpc_frame_writer_append(pbrpc_frame_writer *w, const pbrpc_frame_header *hdr,
 					   const void *payload, size_t len);
 
+/* Queues bytes that are not a frame (the wire layer's connection preface).
+ * Returns 0 or -ENOMEM. */
+PBRPC_EXPORT int pbrpc_frame_writer_append_raw(pbrpc_frame_writer *w, const void *data, size_t len);
+
 /* Reserves room for a frame whose payload is at most max_len bytes and returns
  * where the payload goes, so that it can be packed in place (no extra copy).
  * Finish with pbrpc_frame_writer_commit(); nothing else may be queued between.

@@ -1,0 +1,137 @@
+/* pbrpc client: a channel to one server, used through protoc-c's stubs.
+ *
+ *   pbrpc_client *c;
+ *   pbrpc_client_connect(&c, "unix:/run/kv.sock", NULL);
+ *   ProtobufCService *kv = pbrpc_client_service(c, &demo__kv__descriptor);
+ *   demo__kv__get(kv, &req, on_reply, &ctx);     // returns after on_reply ran
+ *
+ * The closure gets the reply, or NULL when the call failed; inside the closure
+ * (and after a synchronous stub returns) pbrpc_client_status() tells why. The
+ * reply is owned by pbrpc and freed when the closure returns.
+ *
+ * Synchronous services (pbrpc_client_service): the stub sends the request,
+ * waits for the answer, runs the closure on the calling thread and returns.
+ * Asynchronous services (pbrpc_client_service_async): the stub queues the
+ * request and returns; the closure runs later, on the thread that calls
+ * pbrpc_client_process() (drive it from a poll loop with pbrpc_client_fd()),
+ * or on the client's own I/O thread when opts.io_thread is set.
+ *
+ * A client is safe to use from several threads at once. Calls made while the
+ * connection is down reconnect (with backoff); calls in flight when it drops
+ * fail with UNAVAILABLE.
+ */
+#ifndef PBRPC_CLIENT_H
+#define PBRPC_CLIENT_H
+
+#include <protobuf-c/protobuf-c.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pbrpc/error.h"
+#include "pbrpc/wire.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct pbrpc_client pbrpc_client;
+
+/* Options; zero means the default for every field. */
+typedef struct pbrpc_client_opts {
+	uint32_t max_frame;       /* largest reply payload accepted; default 16 MiB */
+	int connect_timeout_ms;   /* default 5000 */
+	int call_timeout_ms;      /* default per call: 30000; < 0 none */
+	bool lazy;                /* don't connect until the first call */
+	bool io_thread;           /* run async closures on a client-owned thread */
+	int backoff_min_ms;       /* first reconnect delay; default 50 */
+	int backoff_max_ms;       /* reconnect delay cap; default 2000 */
+} pbrpc_client_opts;
+
+/* Creates a client for `endpoint` and, unless opts->lazy, connects and
+ * completes the handshake. Returns 0 or a negative code: PBRPC_EADDRESS,
+ * -ECONNREFUSED, -ENOENT, -ETIMEDOUT, PBRPC_EBADMAGIC (not a pbrpc server),
+ * PBRPC_EVERSION. On failure *out is NULL. */
+PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, const pbrpc_client_opts *opts);
+
+/* Fails every call in flight with CANCELLED (their closures run here), closes
+ * the connection, and frees the client and every service it handed out. */
+PBRPC_EXPORT void pbrpc_client_free(pbrpc_client *c);
+
+/* A ProtobufCService whose methods call the server; pass it to the generated
+ * stubs. Synchronous or asynchronous as described above. Owned by the client
+ * (freed with it); calling protobuf_c_service_destroy() on it is harmless.
+ * Returns NULL on allocation failure. */
+PBRPC_EXPORT ProtobufCService *pbrpc_client_service(pbrpc_client *c, const ProtobufCServiceDescriptor *desc);
+PBRPC_EXPORT ProtobufCService *pbrpc_client_service_async(pbrpc_client *c,
+							   const ProtobufCServiceDescriptor *desc);
+
+/* Per-call options for the next stub call made by this thread (the generated
+ * stubs have no room for them). Cleared by that call. */
+typedef struct pbrpc_call_opts {
+	int timeout_ms;                 /* 0: the client's default; < 0: none */
+	const pbrpc_metadata *metadata; /* copied when the call is made */
+	size_t metadata_count;
+} pbrpc_call_opts;
+
+PBRPC_EXPORT void pbrpc_client_next_call(const pbrpc_call_opts *opts);
+
+/* Status of the call whose closure is running on this thread, or else of the
+ * last synchronous call this thread made. *message (if not NULL) gets the
+ * status message, valid until this thread's next call. */
+PBRPC_EXPORT int pbrpc_client_status(const char **message);
+
+/* Id of the last call this thread started (for pbrpc_client_cancel), 0 if none. */
+PBRPC_EXPORT uint32_t pbrpc_client_last_call(void);
+
+/* Cancels an asynchronous call: its closure runs with status CANCELLED (at the
+ * latest from the next pbrpc_client_process) and a CANCEL frame tells the
+ * server. Returns 0, or PBRPC_EINVALID if the call is not in flight. */
+PBRPC_EXPORT int pbrpc_client_cancel(pbrpc_client *c, uint32_t call_id);
+
+/* An fd that becomes readable when pbrpc_client_process() has work. */
+PBRPC_EXPORT int pbrpc_client_fd(pbrpc_client *c);
+
+/* Reads replies, runs the closures of completed asynchronous calls on this
+ * thread, expires timeouts. Waits up to timeout_ms for something to do (0:
+ * don't wait; < 0: until at least one closure ran or nothing is in flight).
+ * Returns the number of closures run, or a negative code. */
+PBRPC_EXPORT int pbrpc_client_process(pbrpc_client *c, int timeout_ms);
+
+/* Number of asynchronous calls whose closure has not run yet. */
+PBRPC_EXPORT size_t pbrpc_client_pending(pbrpc_client *c);
+
+/* Runs pbrpc_client_process() until no asynchronous call is pending or
+ * timeout_ms passes. Returns 0 or -ETIMEDOUT. */
+PBRPC_EXPORT int pbrpc_client_drain(pbrpc_client *c, int timeout_ms);
+
+/* ---- explicit calls, without generated stubs ---- */
+
+typedef struct pbrpc_call_result {
+	int status;        /* pbrpc_status */
+	char message[256]; /* status message, NUL-terminated (cut if longer) */
+} pbrpc_call_result;
+
+/* Synchronous call with explicit types: packs `request`, waits, unpacks the
+ * reply as `reply_desc` into *reply (free with protobuf_c_message_free_unpacked
+ * and NULL allocator). Returns 0 when the call completed with status OK;
+ * PBRPC_ESTATUS when the server answered with another status (see *result);
+ * or a local error (-ETIMEDOUT is reported as status DEADLINE_EXCEEDED, a lost
+ * connection as UNAVAILABLE; *result is filled in every case). */
+PBRPC_EXPORT int pbrpc_client_call(pbrpc_client *c, const char *method, const ProtobufCMessage *request,
+				   const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
+				   const pbrpc_call_opts *opts, pbrpc_call_result *result);
+
+/* The same with packed bytes both ways (for tools that know schemas only at
+ * run time). *reply is malloc'd (free()); *reply_len its size. */
+PBRPC_EXPORT int pbrpc_client_call_raw(pbrpc_client *c, const char *method, const void *request, size_t request_len,
+				       uint8_t **reply, size_t *reply_len, const pbrpc_call_opts *opts,
+				       pbrpc_call_result *result);
+
+/* What the server announced in its HELLO (zeros before the first connection). */
+PBRPC_EXPORT void pbrpc_client_server_hello(pbrpc_client *c, pbrpc_wire_hello *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

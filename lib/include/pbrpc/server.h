@@ -1,0 +1,169 @@
+/* pbrpc server: hosts protoc-c generated services on any number of endpoints.
+ *
+ *   static Demo__Kv_Service kv = DEMO__KV__INIT(kv_);
+ *   pbrpc_server *srv;
+ *   pbrpc_server_new(&srv, NULL);
+ *   pbrpc_server_add_service(srv, &kv.base);
+ *   pbrpc_server_listen(srv, "unix:/run/kv.sock");
+ *   pbrpc_server_run(srv);
+ *
+ * Handlers are the generated *_Service functions:
+ *   void kv_get(Demo__Kv_Service *svc, const Demo__GetRequest *req,
+ *               Demo__GetReply_Closure closure, void *closure_data);
+ * A handler answers exactly once, by calling closure(reply, closure_data)
+ * before returning (synchronous) or later from any thread (asynchronous). The
+ * reply is packed during the closure call: it may live on the handler's stack
+ * and the handler frees it, if it must, after the closure returns. To fail a
+ * call, set a status with pbrpc_call_set_status(closure_data, ...) and call
+ * closure(NULL, closure_data). The request message is owned by pbrpc and valid
+ * until the closure has been called.
+ *
+ * Threads: everything but the closure and pbrpc_server_shutdown() runs on the
+ * thread that drives the loop (pbrpc_server_run or pbrpc_server_process).
+ */
+#ifndef PBRPC_SERVER_H
+#define PBRPC_SERVER_H
+
+#include <protobuf-c/protobuf-c.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include "pbrpc/error.h"
+#include "pbrpc/wire.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct pbrpc_server pbrpc_server;
+
+typedef enum pbrpc_log_level {
+	PBRPC_LOG_ERROR = 0,
+	PBRPC_LOG_WARN = 1,
+	PBRPC_LOG_INFO = 2,
+	PBRPC_LOG_DEBUG = 3,
+} pbrpc_log_level;
+
+/* A log sink: one event per call, no trailing newline. */
+typedef void (*pbrpc_log_cb)(void *user, pbrpc_log_level level, const char *msg);
+
+/* Options; zero means the default for every field. */
+typedef struct pbrpc_server_opts {
+	uint32_t max_frame;          /* largest request payload; default 16 MiB */
+	uint32_t max_calls;          /* calls in flight per connection; default 1024 */
+	uint32_t max_connections;    /* default 4096; one more is refused with GOAWAY */
+	int handshake_timeout_ms;    /* default 10000; < 0 none */
+	int idle_timeout_ms;         /* close connections idle this long; default none */
+	size_t max_output_queue;     /* per connection, bytes; default 4 MiB */
+	unsigned workers;            /* > 0: run handlers on a pool of this many threads */
+	unsigned socket_mode;        /* chmod for unix:/path sockets; default from umask */
+	pbrpc_log_cb log;            /* default: none (the library never prints) */
+	void *log_user;
+	pbrpc_log_level log_level;   /* events up to this level reach log; default WARN */
+} pbrpc_server_opts;
+
+/* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
+PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *opts);
+
+/* Closes every endpoint and connection, removes the Unix socket files it
+ * created, joins the worker threads and frees the server. Calls still waiting
+ * for their closure are dropped: no closure may be called after this returns.
+ * NULL is a no-op. */
+PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv);
+
+/* Registers a service (the `base` of a generated *_Service struct). The
+ * server borrows it: it must outlive the server. Every method becomes
+ * reachable as "package.Service/Method". Returns 0, PBRPC_EDUPLICATE when a
+ * service of that name is already registered, PBRPC_EINVALID when the
+ * service has no descriptor or no invoke, -ENOMEM. Call before serving. */
+PBRPC_EXPORT int pbrpc_server_add_service(pbrpc_server *srv, ProtobufCService *service);
+
+/* Registers pbrpc.Health and pbrpc.Reflection, which describe the services
+ * added before and after this call. Returns 0 or a negative code. */
+PBRPC_EXPORT int pbrpc_server_enable_health(pbrpc_server *srv);
+PBRPC_EXPORT int pbrpc_server_enable_reflection(pbrpc_server *srv);
+
+/* Marks a registered service (or "" for the whole server) SERVING or not, as
+ * pbrpc.Health reports it. Returns 0 or PBRPC_EINVALID for an unknown name. */
+PBRPC_EXPORT int pbrpc_server_set_serving(pbrpc_server *srv, const char *service, bool serving);
+
+/* Starts listening on an endpoint string (see endpoint.h). Returns the
+ * listener's index (>= 0) or a negative code: PBRPC_EADDRESS, -EADDRINUSE,
+ * -EACCES, -ENOSPC, ... */
+PBRPC_EXPORT int pbrpc_server_listen(pbrpc_server *srv, const char *endpoint);
+
+/* Adopts an already listening socket (e.g. from systemd). Takes ownership of
+ * fd. Returns the listener's index or a negative code. */
+PBRPC_EXPORT int pbrpc_server_listen_fd(pbrpc_server *srv, int fd);
+
+/* Writes listener `index`'s actual address ("tcp:127.0.0.1:43121") into buf.
+ * Returns 0 or PBRPC_EINVALID. */
+PBRPC_EXPORT int pbrpc_server_address(const pbrpc_server *srv, int index, char *buf, size_t len);
+
+/* An fd that becomes readable when pbrpc_server_process() has work, for
+ * embedding the server in another event loop. */
+PBRPC_EXPORT int pbrpc_server_fd(const pbrpc_server *srv);
+
+/* Runs one round of the loop: waits up to timeout_ms (0: don't wait, < 0:
+ * forever) for events, then accepts, reads, dispatches, writes and expires
+ * timers. Returns 0, 1 once a shutdown has completed, or a negative code. */
+PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms);
+
+/* Runs the loop until a shutdown completes. Returns 0 or a negative code. */
+PBRPC_EXPORT int pbrpc_server_run(pbrpc_server *srv);
+
+/* Begins a graceful shutdown: stop accepting, send GOAWAY to every
+ * connection, let calls in flight finish for up to drain_ms (then they are
+ * answered UNAVAILABLE and connections closed). drain_ms < 0 waits for ever;
+ * 0 closes at once. Safe from any thread and from a signal handler. */
+PBRPC_EXPORT void pbrpc_server_shutdown(pbrpc_server *srv, int drain_ms);
+
+/* Counters, for tests and monitoring. Read on the loop thread. */
+typedef struct pbrpc_server_stats {
+	uint64_t connections_accepted;
+	uint64_t connections_refused;  /* over max_connections */
+	uint64_t connections_open;
+	uint64_t protocol_errors;      /* connections closed for bad bytes */
+	uint64_t calls_started;
+	uint64_t calls_completed;
+	uint64_t calls_in_flight;
+} pbrpc_server_stats;
+
+PBRPC_EXPORT void pbrpc_server_get_stats(const pbrpc_server *srv, pbrpc_server_stats *out);
+
+/* ---- inside a handler: closure_data is the call ---- */
+
+/* Sets the status the next closure(NULL, closure_data) reports, with a
+ * printf-style message (may be NULL). With a non-OK status, a reply passed to
+ * the closure is ignored. Returns 0, or PBRPC_EINVALID if closure_data is not a
+ * live pbrpc call or status is outside 0..16. */
+PBRPC_EXPORT int pbrpc_call_set_status(void *closure_data, int status, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* True once the client cancelled the call, its deadline passed, or the
+ * connection closed. Safe from any thread. The handler must still answer. */
+PBRPC_EXPORT bool pbrpc_call_cancelled(void *closure_data);
+
+/* The call's deadline as a CLOCK_MONOTONIC time in nanoseconds, or 0 if the
+ * client set none. */
+PBRPC_EXPORT int64_t pbrpc_call_deadline(void *closure_data);
+
+/* "package.Service/Method", NUL-terminated, valid until the closure runs. */
+PBRPC_EXPORT const char *pbrpc_call_method(void *closure_data);
+
+/* Value of a request metadata key, or NULL; *len gets its length. Valid until
+ * the closure runs. */
+PBRPC_EXPORT const void *pbrpc_call_metadata(void *closure_data, const char *key, size_t *len);
+
+/* The peer's credentials (SO_PEERCRED) on Unix sockets. Returns 0, or
+ * -ENOTSUP on TCP. */
+PBRPC_EXPORT int pbrpc_call_peer_cred(void *closure_data, pid_t *pid, uid_t *uid, gid_t *gid);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,393 @@
+#include "pbrpc/wire.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+#include "wire.pb-c.h"
+
+/* ---- HELLO ---- */
+
+PBRPC_EXPORT int pbrpc_wire_write_preface(pbrpc_frame_writer *w, const pbrpc_wire_hello *hello)
+{
+	Pbrpc__Hello m = PBRPC__HELLO__INIT;
+	m.version = hello->version;
+	m.max_frame = hello->max_frame;
+	m.max_calls = hello->max_calls;
+	m.features = hello->features;
+	m.agent = (char *)hello->agent;
+
+	int rc = pbrpc_frame_writer_append_raw(w, PBRPC_WIRE_PREFACE, PBRPC_WIRE_PREFACE_SIZE);
+	if (rc < 0)
+		return rc;
+	pbrpc_frame_header h = { .type = PBRPC_FRAME_HELLO };
+	size_t len = pbrpc__hello__get_packed_size(&m);
+	uint8_t *p = pbrpc_frame_writer_begin(w, &h, len);
+	if (!p)
+		return -ENOMEM;
+	pbrpc__hello__pack(&m, p);
+	return pbrpc_frame_writer_commit(w, len);
+}
+
+PBRPC_EXPORT int pbrpc_wire_read_hello(const pbrpc_frame *f, pbrpc_wire_hello *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (f->hdr.type != PBRPC_FRAME_HELLO || f->hdr.stream != 0 || f->hdr.flags != 0)
+		return PBRPC_EPROTO;
+	Pbrpc__Hello *m = pbrpc__hello__unpack(NULL, f->hdr.length, f->payload);
+	if (!m)
+		return PBRPC_EPROTO;
+	out->version = m->version;
+	out->max_frame = m->max_frame;
+	out->max_calls = m->max_calls;
+	out->features = m->features;
+	if (m->agent)
+		snprintf(out->agent, sizeof(out->agent), "%s", m->agent);
+	pbrpc__hello__free_unpacked(m, NULL);
+	if (out->version != PBRPC_WIRE_VERSION)
+		return PBRPC_EVERSION;
+	return 0;
+}
+
+/* ---- names and keys ---- */
+
+PBRPC_EXPORT bool pbrpc_wire_method_valid(const char *name, size_t len)
+{
+	if (len < 3 || len > PBRPC_WIRE_METHOD_MAX)
+		return false;
+	size_t slash = SIZE_MAX;
+	for (size_t i = 0; i < len; i++) {
+		char c = name[i];
+		if (c == '/') {
+			if (slash != SIZE_MAX)
+				return false;
+			slash = i;
+		} else if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+			     c == '_' || c == '.')) {
+			return false;
+		}
+	}
+	return slash != SIZE_MAX && slash > 0 && slash + 1 < len && name[0] != '.' && name[slash - 1] != '.';
+}
+
+static bool key_valid(const char *k, size_t len)
+{
+	if (len == 0 || len > PBRPC_WIRE_METADATA_KEY_MAX)
+		return false;
+	for (size_t i = 0; i < len; i++) {
+		char c = k[i];
+		if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.'))
+			return false;
+	}
+	return true;
+}
+
+/* ---- REQUEST ---- */
+
+PBRPC_EXPORT int pbrpc_wire_write_request(pbrpc_frame_writer *w, const pbrpc_wire_request *req,
+					  const ProtobufCMessage *msg, uint32_t max_payload)
+{
+	if (!pbrpc_wire_method_valid(req->method, req->method_len))
+		return PBRPC_EINVALID;
+
+	size_t md_len = 0;
+	for (size_t i = 0; i < req->metadata_count; i++) {
+		const pbrpc_metadata *m = &req->metadata[i];
+		size_t kl = m->key_len ? m->key_len : strlen(m->key);
+		if (!key_valid(m->key, kl) || m->value_len > PBRPC_WIRE_METADATA_VALUE_MAX)
+			return PBRPC_EINVALID;
+		md_len += 1 + kl + 2 + m->value_len;
+	}
+	if (req->metadata_count > 0xffff)
+		return PBRPC_EINVALID;
+
+	size_t body_len = msg ? protobuf_c_message_get_packed_size(msg) : req->body_len;
+	size_t len = 2 + req->method_len + (req->has_timeout ? 8 : 0) + (req->metadata_count ? 2 + md_len : 0) +
+		     body_len;
+	if (max_payload && len > max_payload)
+		return PBRPC_ETOOBIG;
+
+	pbrpc_frame_header h = { .type = PBRPC_FRAME_REQUEST, .stream = req->call_id };
+	if (req->has_timeout)
+		h.flags |= PBRPC_REQUEST_TIMEOUT;
+	if (req->metadata_count)
+		h.flags |= PBRPC_REQUEST_METADATA;
+	uint8_t *p = pbrpc_frame_writer_begin(w, &h, len);
+	if (!p)
+		return len > PBRPC_FRAME_MAX_LIMIT ? PBRPC_ETOOBIG : -ENOMEM;
+	uint8_t *q = p;
+	pbrpc__put_u16(q, (uint16_t)req->method_len);
+	memcpy(q + 2, req->method, req->method_len);
+	q += 2 + req->method_len;
+	if (req->has_timeout) {
+		pbrpc__put_u64(q, req->timeout_us);
+		q += 8;
+	}
+	if (req->metadata_count) {
+		pbrpc__put_u16(q, (uint16_t)req->metadata_count);
+		q += 2;
+		for (size_t i = 0; i < req->metadata_count; i++) {
+			const pbrpc_metadata *m = &req->metadata[i];
+			size_t kl = m->key_len ? m->key_len : strlen(m->key);
+			*q++ = (uint8_t)kl;
+			memcpy(q, m->key, kl);
+			q += kl;
+			pbrpc__put_u16(q, (uint16_t)m->value_len);
+			if (m->value_len)
+				memcpy(q + 2, m->value, m->value_len);
+			q += 2 + m->value_len;
+		}
+	}
+	if (msg)
+		q += protobuf_c_message_pack(msg, q);
+	else if (body_len) {
+		memcpy(q, req->body, body_len);
+		q += body_len;
+	}
+	return pbrpc_frame_writer_commit(w, (size_t)(q - p));
+}
+
+/* Walks a metadata block; returns its length or -1 if malformed. */
+static long metadata_block_len(const uint8_t *p, size_t avail, bool *keys_ok)
+{
+	if (avail < 2)
+		return -1;
+	size_t n = pbrpc__get_u16(p), off = 2;
+	*keys_ok = true;
+	for (size_t i = 0; i < n; i++) {
+		if (off + 1 > avail)
+			return -1;
+		size_t kl = p[off];
+		if (off + 1 + kl + 2 > avail)
+			return -1;
+		if (!key_valid((const char *)p + off + 1, kl))
+			*keys_ok = false;
+		size_t vl = pbrpc__get_u16(p + off + 1 + kl);
+		off += 1 + kl + 2;
+		if (off + vl > avail)
+			return -1;
+		off += vl;
+	}
+	return (long)off;
+}
+
+PBRPC_EXPORT int pbrpc_wire_read_request(const pbrpc_frame *f, pbrpc_wire_request *out)
+{
+	memset(out, 0, sizeof(*out));
+	out->call_id = f->hdr.stream;
+	if (f->hdr.type != PBRPC_FRAME_REQUEST || f->hdr.stream == 0 ||
+	    (f->hdr.flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA)))
+		return PBRPC_EPROTO;
+	const uint8_t *p = f->payload;
+	size_t avail = f->hdr.length;
+	if (avail < 2)
+		return PBRPC_EPROTO;
+	size_t ml = pbrpc__get_u16(p);
+	if (2 + ml > avail)
+		return PBRPC_EPROTO;
+	out->method = (const char *)p + 2;
+	out->method_len = ml;
+	p += 2 + ml;
+	avail -= 2 + ml;
+	if (f->hdr.flags & PBRPC_REQUEST_TIMEOUT) {
+		if (avail < 8)
+			return PBRPC_EPROTO;
+		out->has_timeout = true;
+		out->timeout_us = pbrpc__get_u64(p);
+		p += 8;
+		avail -= 8;
+	}
+	bool keys_ok = true;
+	if (f->hdr.flags & PBRPC_REQUEST_METADATA) {
+		long bl = metadata_block_len(p, avail, &keys_ok);
+		if (bl < 0)
+			return PBRPC_EPROTO;
+		out->metadata_raw = p;
+		out->metadata_raw_len = (size_t)bl;
+		p += bl;
+		avail -= (size_t)bl;
+	}
+	out->body = p;
+	out->body_len = avail;
+	if (!pbrpc_wire_method_valid(out->method, out->method_len) || !keys_ok)
+		return PBRPC_EINVALID;
+	return 0;
+}
+
+PBRPC_EXPORT int pbrpc_wire_metadata_next(const pbrpc_wire_request *req, size_t *pos, pbrpc_metadata *out)
+{
+	const uint8_t *p = req->metadata_raw;
+	if (!p || req->metadata_raw_len < 2)
+		return 0;
+	if (*pos == 0)
+		*pos = 2;
+	if (*pos >= req->metadata_raw_len)
+		return 0;
+	size_t off = *pos;
+	size_t kl = p[off];
+	out->key = (const char *)p + off + 1;
+	out->key_len = kl;
+	out->value_len = pbrpc__get_u16(p + off + 1 + kl);
+	out->value = p + off + 1 + kl + 2;
+	*pos = off + 1 + kl + 2 + out->value_len;
+	return 1;
+}
+
+PBRPC_EXPORT const void *pbrpc_wire_metadata_get(const pbrpc_wire_request *req, const char *key, size_t *len)
+{
+	size_t pos = 0, kl = strlen(key);
+	pbrpc_metadata m;
+	while (pbrpc_wire_metadata_next(req, &pos, &m)) {
+		if (m.key_len == kl && memcmp(m.key, key, kl) == 0) {
+			if (len)
+				*len = m.value_len;
+			return m.value;
+		}
+	}
+	return NULL;
+}
+
+/* ---- RESPONSE ---- */
+
+PBRPC_EXPORT int pbrpc_wire_write_response(pbrpc_frame_writer *w, const pbrpc_wire_response *resp,
+					   const ProtobufCMessage *msg, uint32_t max_payload)
+{
+	size_t ml = resp->message ? resp->message_len : 0;
+	if (ml > PBRPC_WIRE_MESSAGE_MAX)
+		ml = PBRPC_WIRE_MESSAGE_MAX;
+	size_t body_len = 0;
+	if (resp->status == PBRPC_STATUS_OK)
+		body_len = msg ? protobuf_c_message_get_packed_size(msg) : resp->body_len;
+	size_t len = 4 + ml + body_len;
+	if (max_payload && len > max_payload)
+		return PBRPC_ETOOBIG;
+
+	pbrpc_frame_header h = { .type = PBRPC_FRAME_RESPONSE, .flags = PBRPC_RESPONSE_END, .stream = resp->call_id };
+	uint8_t *p = pbrpc_frame_writer_begin(w, &h, len);
+	if (!p)
+		return len > PBRPC_FRAME_MAX_LIMIT ? PBRPC_ETOOBIG : -ENOMEM;
+	pbrpc__put_u16(p, (uint16_t)resp->status);
+	pbrpc__put_u16(p + 2, (uint16_t)ml);
+	if (ml)
+		memcpy(p + 4, resp->message, ml);
+	uint8_t *q = p + 4 + ml;
+	if (body_len) {
+		if (msg)
+			q += protobuf_c_message_pack(msg, q);
+		else {
+			memcpy(q, resp->body, body_len);
+			q += body_len;
+		}
+	}
+	return pbrpc_frame_writer_commit(w, (size_t)(q - p));
+}
+
+PBRPC_EXPORT int pbrpc_wire_read_response(const pbrpc_frame *f, pbrpc_wire_response *out)
+{
+	memset(out, 0, sizeof(*out));
+	out->call_id = f->hdr.stream;
+	if (f->hdr.type != PBRPC_FRAME_RESPONSE || f->hdr.stream == 0 || f->hdr.flags != PBRPC_RESPONSE_END)
+		return PBRPC_EPROTO;
+	if (f->hdr.length < 4)
+		return PBRPC_EPROTO;
+	out->status = pbrpc__get_u16(f->payload);
+	size_t ml = pbrpc__get_u16(f->payload + 2);
+	if (4 + ml > f->hdr.length)
+		return PBRPC_EPROTO;
+	out->message = (const char *)f->payload + 4;
+	out->message_len = ml;
+	out->body = f->payload + 4 + ml;
+	out->body_len = f->hdr.length - 4 - ml;
+	if (out->status != PBRPC_STATUS_OK && out->body_len)
+		return PBRPC_EPROTO;
+	return 0;
+}
+
+/* ---- small frames ---- */
+
+PBRPC_EXPORT int pbrpc_wire_write_cancel(pbrpc_frame_writer *w, uint32_t call_id)
+{
+	pbrpc_frame_header h = { .type = PBRPC_FRAME_CANCEL, .stream = call_id };
+	return pbrpc_frame_writer_append(w, &h, NULL, 0);
+}
+
+PBRPC_EXPORT int pbrpc_wire_write_ping(pbrpc_frame_writer *w, uint8_t type, const uint8_t data[PBRPC_WIRE_PING_SIZE])
+{
+	if (type != PBRPC_FRAME_PING && type != PBRPC_FRAME_PONG)
+		return PBRPC_EINVALID;
+	pbrpc_frame_header h = { .type = type };
+	return pbrpc_frame_writer_append(w, &h, data, PBRPC_WIRE_PING_SIZE);
+}
+
+PBRPC_EXPORT int pbrpc_wire_write_goaway(pbrpc_frame_writer *w, int status, const char *message)
+{
+	size_t ml = message ? strlen(message) : 0;
+	if (ml > PBRPC_WIRE_MESSAGE_MAX)
+		ml = PBRPC_WIRE_MESSAGE_MAX;
+	pbrpc_frame_header h = { .type = PBRPC_FRAME_GOAWAY };
+	uint8_t *p = pbrpc_frame_writer_begin(w, &h, 4 + ml);
+	if (!p)
+		return -ENOMEM;
+	pbrpc__put_u16(p, (uint16_t)status);
+	pbrpc__put_u16(p + 2, (uint16_t)ml);
+	if (ml)
+		memcpy(p + 4, message, ml);
+	return pbrpc_frame_writer_commit(w, 4 + ml);
+}
+
+PBRPC_EXPORT int pbrpc_wire_read_goaway(const pbrpc_frame *f, int *status, const char **message, size_t *message_len)
+{
+	if (f->hdr.type != PBRPC_FRAME_GOAWAY || f->hdr.length < 4)
+		return PBRPC_EPROTO;
+	size_t ml = pbrpc__get_u16(f->payload + 2);
+	if (4 + ml != f->hdr.length)
+		return PBRPC_EPROTO;
+	*status = pbrpc__get_u16(f->payload);
+	*message = (const char *)f->payload + 4;
+	*message_len = ml;
+	return 0;
+}
+
+PBRPC_EXPORT int pbrpc_wire_check_header(const pbrpc_frame_header *h)
+{
+	switch (h->type) {
+	case PBRPC_FRAME_HELLO:
+	case PBRPC_FRAME_GOAWAY:
+		return (h->stream == 0 && h->flags == 0) ? 0 : PBRPC_EPROTO;
+	case PBRPC_FRAME_PING:
+	case PBRPC_FRAME_PONG:
+		return (h->stream == 0 && h->flags == 0 && h->length == PBRPC_WIRE_PING_SIZE) ? 0 : PBRPC_EPROTO;
+	case PBRPC_FRAME_REQUEST:
+		return (h->stream != 0 && !(h->flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA))) ? 0
+													   : PBRPC_EPROTO;
+	case PBRPC_FRAME_RESPONSE:
+		return (h->stream != 0 && h->flags == PBRPC_RESPONSE_END) ? 0 : PBRPC_EPROTO;
+	case PBRPC_FRAME_CANCEL:
+		return (h->stream != 0 && h->flags == 0 && h->length == 0) ? 0 : PBRPC_EPROTO;
+	default:
+		return PBRPC_EPROTO;
+	}
+}
+
+PBRPC_EXPORT const char *pbrpc_wire_frame_name(uint8_t type)
+{
+	switch (type) {
+	case PBRPC_FRAME_HELLO:
+		return "HELLO";
+	case PBRPC_FRAME_REQUEST:
+		return "REQUEST";
+	case PBRPC_FRAME_RESPONSE:
+		return "RESPONSE";
+	case PBRPC_FRAME_CANCEL:
+		return "CANCEL";
+	case PBRPC_FRAME_PING:
+		return "PING";
+	case PBRPC_FRAME_PONG:
+		return "PONG";
+	case PBRPC_FRAME_GOAWAY:
+		return "GOAWAY";
+	default:
+		return "UNKNOWN";
+	}
+}
