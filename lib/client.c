@@ -1,0 +1,2 @@
+/* pbrpc client (being written). */
+#include "pbrpc/client.h"

@@ -1,0 +1,2 @@
+/* pbrpc.Health (being written). */
+#include "server_internal.h"

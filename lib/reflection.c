@@ -1,0 +1,2 @@
+/* pbrpc.Reflection (being written). */
+#include "server_internal.h"

@@ -1,0 +1,2 @@
+/* pbrpc server (being written). */
+#include "pbrpc/server.h"
