@@ -1,2 +1,45 @@
-/* pbrpc.Health (being written). */
+/* pbrpc.Health: reports the serving state the server keeps per service. */
+#include <stddef.h>
+#include <stdlib.h>
+
+#include "health.pb-c.h"
 #include "server_internal.h"
+
+typedef struct health_service {
+	Pbrpc__Health_Service svc; /* handlers receive &svc */
+	pbrpc_server *srv;
+} health_service;
+
+#define health_of(s) ((health_service *)((char *)(s) - offsetof(health_service, svc)))
+
+static void health_check(Pbrpc__Health_Service *svc, const Pbrpc__HealthCheckRequest *req,
+			 Pbrpc__HealthCheckResponse_Closure closure, void *closure_data)
+{
+	Pbrpc__HealthCheckResponse reply = PBRPC__HEALTH_CHECK_RESPONSE__INIT;
+	int serving = pbrpc__server_serving(health_of(svc)->srv, req->service);
+
+	if (serving < 0) {
+		pbrpc_call_set_status(closure_data, PBRPC_STATUS_NOT_FOUND, "unknown service %s", req->service);
+		closure(NULL, closure_data);
+		return;
+	}
+	reply.status = serving ? PBRPC__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+			       : PBRPC__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+	closure(&reply, closure_data);
+}
+
+static void health_destroy(Pbrpc__Health_Service *svc)
+{
+	free(health_of(svc));
+}
+
+ProtobufCService *pbrpc__health_service_new(pbrpc_server *srv)
+{
+	health_service *h = calloc(1, sizeof(*h));
+	if (!h)
+		return NULL;
+	pbrpc__health__init(&h->svc, health_destroy);
+	h->svc.check = health_check;
+	h->srv = srv;
+	return &h->svc.base;
+}

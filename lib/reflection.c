@@ -1,2 +1,439 @@
-/* pbrpc.Reflection (being written). */
+/* pbrpc.Reflection: the server's services and the schemas of their messages,
+ * read from protobuf-c's descriptors.
+ *
+ * A reply is a tree of small structs pointing at descriptor strings; it is
+ * built in an arena and dropped in one go after the closure has packed it.
+ * Type graphs are walked breadth-first with a visited list, so recursive
+ * messages end the walk instead of looping. */
+#include <errno.h>
+#include <stdalign.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "reflection.pb-c.h"
 #include "server_internal.h"
+
+typedef struct reflection_service {
+	Pbrpc__Reflection_Service svc; /* handlers receive &svc */
+	pbrpc_server *srv;
+} reflection_service;
+
+#define reflection_of(s) ((reflection_service *)((char *)(s) - offsetof(reflection_service, svc)))
+
+/* ---- arena ---- */
+
+typedef struct arena_block {
+	struct arena_block *next;
+	size_t used, cap;
+	alignas(max_align_t) unsigned char data[];
+} arena_block;
+
+typedef struct arena {
+	arena_block *head;
+	int failed; /* an allocation failed; the reply is incomplete */
+} arena;
+
+#define ARENA_BLOCK 8192
+
+static void *arena_alloc(arena *a, size_t n)
+{
+	const size_t align = alignof(max_align_t);
+	n = (n + align - 1) & ~(align - 1);
+	arena_block *b = a->head;
+	if (!b || b->cap - b->used < n) {
+		size_t cap = n > ARENA_BLOCK ? n : ARENA_BLOCK;
+		b = malloc(sizeof(*b) + cap);
+		if (!b) {
+			a->failed = 1;
+			return NULL;
+		}
+		b->cap = cap;
+		b->used = 0;
+		b->next = a->head;
+		a->head = b;
+	}
+	void *p = b->data + b->used;
+	b->used += n;
+	return p;
+}
+
+static void arena_free(arena *a)
+{
+	while (a->head) {
+		arena_block *next = a->head->next;
+		free(a->head);
+		a->head = next;
+	}
+}
+
+/* ---- type sets ---- */
+
+typedef struct ptrvec {
+	const void **v;
+	size_t n, cap;
+} ptrvec;
+
+/* Message and enum descriptors, in the order first reached. */
+typedef struct typeset {
+	ptrvec msgs; /* const ProtobufCMessageDescriptor * */
+	ptrvec enums; /* const ProtobufCEnumDescriptor * */
+	int failed;
+} typeset;
+
+#define ts_msg(ts, i) ((const ProtobufCMessageDescriptor *)(ts)->msgs.v[i])
+#define ts_enum(ts, i) ((const ProtobufCEnumDescriptor *)(ts)->enums.v[i])
+
+static void typeset_free(typeset *ts)
+{
+	free(ts->msgs.v);
+	free(ts->enums.v);
+}
+
+/* Appends p unless present. Linear search: schemas are small, and the visited
+ * check is what ends the walk of a recursive message. */
+static void add_unique(typeset *ts, ptrvec *pv, const void *p)
+{
+	for (size_t i = 0; i < pv->n; i++)
+		if (pv->v[i] == p)
+			return;
+	if (pv->n == pv->cap) {
+		size_t cap = pv->cap ? pv->cap * 2 : 16;
+		const void **v = realloc(pv->v, cap * sizeof(*v));
+		if (!v) {
+			ts->failed = 1;
+			return;
+		}
+		pv->v = v;
+		pv->cap = cap;
+	}
+	pv->v[pv->n++] = p;
+}
+
+static void add_message(typeset *ts, const ProtobufCMessageDescriptor *md)
+{
+	add_unique(ts, &ts->msgs, md);
+}
+
+static void add_enum(typeset *ts, const ProtobufCEnumDescriptor *ed)
+{
+	add_unique(ts, &ts->enums, ed);
+}
+
+/* Adds every type reachable from the messages already in the set. */
+static void typeset_close(typeset *ts)
+{
+	for (size_t i = 0; i < ts->msgs.n; i++) {
+		const ProtobufCMessageDescriptor *md = ts_msg(ts, i);
+		for (unsigned j = 0; j < md->n_fields; j++) {
+			const ProtobufCFieldDescriptor *f = &md->fields[j];
+			if (f->type == PROTOBUF_C_TYPE_MESSAGE)
+				add_message(ts, f->descriptor);
+			else if (f->type == PROTOBUF_C_TYPE_ENUM)
+				add_enum(ts, f->descriptor);
+		}
+	}
+}
+
+static void add_method_types(typeset *ts, const ProtobufCMethodDescriptor *m)
+{
+	add_message(ts, m->input);
+	add_message(ts, m->output);
+}
+
+/* ---- reply building ---- */
+
+static char *str(const char *s)
+{
+	return (char *)(s ? s : protobuf_c_empty_string);
+}
+
+static Pbrpc__ServiceInfo *service_info(arena *a, const ProtobufCServiceDescriptor *sd,
+					const ProtobufCMethodDescriptor *only)
+{
+	Pbrpc__ServiceInfo *si = arena_alloc(a, sizeof(*si));
+	size_t n = only ? 1 : sd->n_methods;
+	Pbrpc__MethodInfo **mv = arena_alloc(a, n * sizeof(*mv));
+	if (!si || !mv)
+		return NULL;
+	pbrpc__service_info__init(si);
+	si->name = str(sd->name);
+	si->n_methods = n;
+	si->methods = mv;
+	for (size_t i = 0; i < n; i++) {
+		const ProtobufCMethodDescriptor *m = only ? only : &sd->methods[i];
+		Pbrpc__MethodInfo *mi = arena_alloc(a, sizeof(*mi));
+		if (!mi)
+			return NULL;
+		pbrpc__method_info__init(mi);
+		mi->name = str(m->name);
+		mi->input_type = str(m->input->name);
+		mi->output_type = str(m->output->name);
+		mv[i] = mi;
+	}
+	return si;
+}
+
+/* protoc's ToJsonName: drop each '_' and upper-case the letter after it. */
+static char *json_name(arena *a, const char *name)
+{
+	char *out = arena_alloc(a, strlen(name) + 1);
+	if (!out)
+		return NULL;
+	char *o = out;
+	int up = 0;
+	for (const char *p = name; *p; p++) {
+		if (*p == '_') {
+			up = 1;
+		} else {
+			*o++ = up && *p >= 'a' && *p <= 'z' ? (char)(*p - 'a' + 'A') : *p;
+			up = 0;
+		}
+	}
+	*o = '\0';
+	return out;
+}
+
+/* protobuf-c gives implicit-presence proto3 fields LABEL_NONE; a message with
+ * any such field comes from a proto3 file, where LABEL_OPTIONAL can only mean
+ * an explicit "optional". */
+static int is_proto3(const ProtobufCMessageDescriptor *md)
+{
+	for (unsigned i = 0; i < md->n_fields; i++)
+		if (md->fields[i].label == PROTOBUF_C_LABEL_NONE)
+			return 1;
+	return 0;
+}
+
+static Pbrpc__FieldSchema__Label field_label(const ProtobufCFieldDescriptor *f, int proto3)
+{
+	if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF)
+		return PBRPC__FIELD_SCHEMA__LABEL__NONE;
+	switch (f->label) {
+	case PROTOBUF_C_LABEL_REQUIRED:
+		return PBRPC__FIELD_SCHEMA__LABEL__REQUIRED;
+	case PROTOBUF_C_LABEL_REPEATED:
+		return PBRPC__FIELD_SCHEMA__LABEL__REPEATED;
+	case PROTOBUF_C_LABEL_OPTIONAL:
+		return proto3 ? PBRPC__FIELD_SCHEMA__LABEL__NONE : PBRPC__FIELD_SCHEMA__LABEL__OPTIONAL;
+	case PROTOBUF_C_LABEL_NONE:
+	default:
+		return PBRPC__FIELD_SCHEMA__LABEL__OPTIONAL;
+	}
+}
+
+static Pbrpc__FieldSchema *field_schema(arena *a, const ProtobufCFieldDescriptor *f, int proto3)
+{
+	Pbrpc__FieldSchema *fs = arena_alloc(a, sizeof(*fs));
+	if (!fs)
+		return NULL;
+	pbrpc__field_schema__init(fs);
+	fs->name = str(f->name);
+	fs->number = f->id;
+	fs->label = field_label(f, proto3);
+	fs->type = (Pbrpc__FieldSchema__Type)f->type;
+	if (f->type == PROTOBUF_C_TYPE_MESSAGE)
+		fs->type_name = str(((const ProtobufCMessageDescriptor *)f->descriptor)->name);
+	else if (f->type == PROTOBUF_C_TYPE_ENUM)
+		fs->type_name = str(((const ProtobufCEnumDescriptor *)f->descriptor)->name);
+	fs->packed = (f->flags & PROTOBUF_C_FIELD_FLAG_PACKED) != 0;
+	/* fs->oneof stays "": protobuf-c 1.4's descriptors carry no oneof names
+	 * (members only share a quantifier_offset). */
+	fs->json_name = json_name(a, f->name);
+	return fs->json_name ? fs : NULL;
+}
+
+static Pbrpc__MessageSchema *message_schema(arena *a, const ProtobufCMessageDescriptor *md)
+{
+	Pbrpc__MessageSchema *ms = arena_alloc(a, sizeof(*ms));
+	Pbrpc__FieldSchema **fv = arena_alloc(a, md->n_fields * sizeof(*fv));
+	if (!ms || !fv)
+		return NULL;
+	pbrpc__message_schema__init(ms);
+	ms->name = str(md->name);
+	ms->n_fields = md->n_fields;
+	ms->fields = fv;
+	int proto3 = is_proto3(md);
+	for (unsigned i = 0; i < md->n_fields; i++)
+		if (!(fv[i] = field_schema(a, &md->fields[i], proto3)))
+			return NULL;
+	return ms;
+}
+
+static Pbrpc__EnumSchema *enum_schema(arena *a, const ProtobufCEnumDescriptor *ed)
+{
+	Pbrpc__EnumSchema *es = arena_alloc(a, sizeof(*es));
+	Pbrpc__EnumValueSchema **vv = arena_alloc(a, ed->n_values * sizeof(*vv));
+	if (!es || !vv)
+		return NULL;
+	pbrpc__enum_schema__init(es);
+	es->name = str(ed->name);
+	es->n_values = ed->n_values;
+	es->values = vv;
+	for (unsigned i = 0; i < ed->n_values; i++) {
+		Pbrpc__EnumValueSchema *v = arena_alloc(a, sizeof(*v));
+		if (!v)
+			return NULL;
+		pbrpc__enum_value_schema__init(v);
+		v->name = str(ed->values[i].name);
+		v->number = ed->values[i].value;
+		vv[i] = v;
+	}
+	return es;
+}
+
+/* Fills the reply's schemas from a closed type set. Returns 0 or -ENOMEM. */
+static int fill_schemas(arena *a, const typeset *ts, Pbrpc__DescribeReply *reply)
+{
+	reply->messages = arena_alloc(a, ts->msgs.n * sizeof(*reply->messages));
+	reply->enums = arena_alloc(a, ts->enums.n * sizeof(*reply->enums));
+	if (!reply->messages || !reply->enums)
+		return -ENOMEM;
+	reply->n_messages = ts->msgs.n;
+	for (size_t i = 0; i < ts->msgs.n; i++)
+		if (!(reply->messages[i] = message_schema(a, ts_msg(ts, i))))
+			return -ENOMEM;
+	reply->n_enums = ts->enums.n;
+	for (size_t i = 0; i < ts->enums.n; i++)
+		if (!(reply->enums[i] = enum_schema(a, ts_enum(ts, i))))
+			return -ENOMEM;
+	return 0;
+}
+
+/* ---- handlers ---- */
+
+static void fail(void *closure_data, int status, const char *what)
+{
+	pbrpc_call_set_status(closure_data, status, "%s", what);
+}
+
+static void reflection_list_services(Pbrpc__Reflection_Service *svc, const Pbrpc__ListServicesRequest *req,
+				     Pbrpc__ListServicesReply_Closure closure, void *closure_data)
+{
+	const pbrpc_server *srv = reflection_of(svc)->srv;
+	Pbrpc__ListServicesReply reply = PBRPC__LIST_SERVICES_REPLY__INIT;
+	arena a = { 0 };
+	size_t n = pbrpc__server_service_count(srv);
+
+	reply.services = arena_alloc(&a, n * sizeof(*reply.services));
+	for (size_t i = 0; reply.services && i < n; i++) {
+		reply.services[i] = service_info(&a, pbrpc__server_service_at(srv, i)->descriptor, NULL);
+		if (!reply.services[i])
+			break;
+		reply.n_services++;
+	}
+	if (a.failed) {
+		fail(closure_data, PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		closure(NULL, closure_data);
+	} else {
+		closure(&reply, closure_data);
+	}
+	arena_free(&a);
+}
+
+/* Every message and enum the server's methods reach. */
+static void all_types(const pbrpc_server *srv, typeset *ts)
+{
+	size_t n = pbrpc__server_service_count(srv);
+	for (size_t i = 0; i < n; i++) {
+		const ProtobufCServiceDescriptor *sd = pbrpc__server_service_at(srv, i)->descriptor;
+		for (unsigned j = 0; j < sd->n_methods; j++)
+			add_method_types(ts, &sd->methods[j]);
+	}
+	typeset_close(ts);
+}
+
+/* Resolves `symbol` into the services to list and the root types to describe.
+ * Returns 0, PBRPC_EINVALID for an unknown symbol, -ENOMEM. */
+static int resolve(const pbrpc_server *srv, arena *a, const char *symbol, Pbrpc__DescribeReply *reply,
+		   typeset *roots)
+{
+	const char *slash = strchr(symbol, '/');
+	size_t len = slash ? (size_t)(slash - symbol) : strlen(symbol);
+	char *name = arena_alloc(a, len + 1);
+	if (!name)
+		return -ENOMEM;
+	memcpy(name, symbol, len);
+	name[len] = '\0';
+
+	const ProtobufCService *s = pbrpc__server_find_service(srv, name);
+	if (s) {
+		const ProtobufCServiceDescriptor *sd = s->descriptor;
+		const ProtobufCMethodDescriptor *m = NULL;
+		if (slash) {
+			m = protobuf_c_service_descriptor_get_method_by_name(sd, slash + 1);
+			if (!m)
+				return PBRPC_EINVALID;
+			add_method_types(roots, m);
+		} else {
+			for (unsigned j = 0; j < sd->n_methods; j++)
+				add_method_types(roots, &sd->methods[j]);
+		}
+		reply->services = arena_alloc(a, sizeof(*reply->services));
+		if (!reply->services || !(reply->services[0] = service_info(a, sd, m)))
+			return -ENOMEM;
+		reply->n_services = 1;
+		return roots->failed ? -ENOMEM : 0;
+	}
+	if (slash)
+		return PBRPC_EINVALID;
+
+	typeset all = { 0 };
+	all_types(srv, &all);
+	int rc = all.failed ? -ENOMEM : PBRPC_EINVALID;
+	for (size_t i = 0; rc == PBRPC_EINVALID && i < all.msgs.n; i++)
+		if (strcmp(ts_msg(&all, i)->name, symbol) == 0) {
+			add_message(roots, ts_msg(&all, i));
+			rc = 0;
+		}
+	for (size_t i = 0; rc == PBRPC_EINVALID && i < all.enums.n; i++)
+		if (strcmp(ts_enum(&all, i)->name, symbol) == 0) {
+			add_enum(roots, ts_enum(&all, i));
+			rc = 0;
+		}
+	typeset_free(&all);
+	return rc == 0 && roots->failed ? -ENOMEM : rc;
+}
+
+static void reflection_describe(Pbrpc__Reflection_Service *svc, const Pbrpc__DescribeRequest *req,
+				Pbrpc__DescribeReply_Closure closure, void *closure_data)
+{
+	const pbrpc_server *srv = reflection_of(svc)->srv;
+	Pbrpc__DescribeReply reply = PBRPC__DESCRIBE_REPLY__INIT;
+	arena a = { 0 };
+	typeset ts = { 0 };
+
+	int rc = resolve(srv, &a, req->symbol, &reply, &ts);
+	if (rc == 0) {
+		typeset_close(&ts);
+		rc = ts.failed ? -ENOMEM : fill_schemas(&a, &ts, &reply);
+	}
+	if (rc == PBRPC_EINVALID) {
+		pbrpc_call_set_status(closure_data, PBRPC_STATUS_NOT_FOUND, "unknown symbol %s", req->symbol);
+		closure(NULL, closure_data);
+	} else if (rc < 0) {
+		fail(closure_data, PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		closure(NULL, closure_data);
+	} else {
+		closure(&reply, closure_data);
+	}
+	typeset_free(&ts);
+	arena_free(&a);
+}
+
+static void reflection_destroy(Pbrpc__Reflection_Service *svc)
+{
+	free(reflection_of(svc));
+}
+
+ProtobufCService *pbrpc__reflection_service_new(pbrpc_server *srv)
+{
+	reflection_service *r = calloc(1, sizeof(*r));
+	if (!r)
+		return NULL;
+	pbrpc__reflection__init(&r->svc, reflection_destroy);
+	r->svc.list_services = reflection_list_services;
+	r->svc.describe = reflection_describe;
+	r->srv = srv;
+	return &r->svc.base;
+}
