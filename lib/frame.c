@@ -150,6 +150,21 @@ PBRPC_EXPORT void pbrpc_frame_decoder_feed(pbrpc_frame_decoder *d, const void *d
 	d->in_len = len;
 }
 
+PBRPC_EXPORT int pbrpc_frame_decoder_stash(pbrpc_frame_decoder *d)
+{
+	if (!d->in_len)
+		return 0;
+	if (d->discard) {
+		drop_discarded(d);
+		if (!d->in_len)
+			return 0;
+	}
+	if (decoder_reserve(d, d->in_len) < 0)
+		return -ENOMEM;
+	take_input(d, d->in_len);
+	return 0;
+}
+
 PBRPC_EXPORT int pbrpc_frame_decoder_next(pbrpc_frame_decoder *d, pbrpc_frame *out)
 {
 	pbrpc_frame_header h;

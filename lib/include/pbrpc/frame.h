@@ -100,6 +100,11 @@ PBRPC_EXPORT void pbrpc_frame_decoder_fini(pbrpc_frame_decoder *d);
  * buffer before returning 0). Any chunking of a stream yields the same frames. */
 PBRPC_EXPORT void pbrpc_frame_decoder_feed(pbrpc_frame_decoder *d, const void *data, size_t len);
 
+/* Copies the bytes given by feed() and not consumed yet into the decoder's
+ * own buffer, so that the caller may stop calling next() early (to apply
+ * backpressure) and reuse its buffer. Returns 0 or -ENOMEM. */
+PBRPC_EXPORT int pbrpc_frame_decoder_stash(pbrpc_frame_decoder *d);
+
 /* Yields the next complete frame.
  * Returns 1 and fills *out; 0 when more bytes are needed; or
  *   PBRPC_ETOOBIG  the next frame announces a payload above the maximum. Nothing

@@ -1,0 +1,1126 @@
+/* Server tests, driven by a raw peer that speaks docs/PROTOCOL.md byte by
+ * byte (frame + wire layers only), so that every bad input can be sent
+ * exactly. Each bad-input test also checks that a second, well-behaved client
+ * connected at the same time keeps being served. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "echo.pb-c.h"
+#include "pbrpc/endpoint.h"
+#include "pbrpc/server.h"
+#include "pbrpc/wire.h"
+#include "testutil.h"
+
+/* ---- a test service: demo.Echo with behaviours chosen by the payload ---- */
+
+#define HELD_MAX 2048
+static struct held {
+	Demo__EchoReply_Closure closure;
+	void *data;
+	char payload[64];
+} held[HELD_MAX];
+static atomic_int n_held;
+static atomic_int n_invoked;
+static char seen_md[64];
+static uid_t seen_uid = (uid_t)-1;
+static int64_t seen_deadline;
+
+static void reply_with(Demo__EchoReply_Closure closure, void *data, const char *payload)
+{
+	Demo__EchoReply r = DEMO__ECHO_REPLY__INIT;
+	r.payload.data = (uint8_t *)payload;
+	r.payload.len = strlen(payload);
+	closure(&r, data);
+}
+
+static void *late_reply(void *arg)
+{
+	struct held *h = arg;
+	usleep(20000);
+	reply_with(h->closure, h->data, h->payload);
+	free(h);
+	return NULL;
+}
+
+static void t_echo(Demo__Echo_Service *svc, const Demo__EchoRequest *req, Demo__EchoReply_Closure closure, void *data)
+{
+	(void)svc;
+	atomic_fetch_add(&n_invoked, 1);
+	char p[64] = "";
+	snprintf(p, sizeof(p), "%.*s", (int)req->payload.len, (const char *)req->payload.data);
+	size_t mdlen;
+	const void *md = pbrpc_call_metadata(data, "x-test", &mdlen);
+	if (md)
+		snprintf(seen_md, sizeof(seen_md), "%.*s", (int)mdlen, (const char *)md);
+	seen_deadline = pbrpc_call_deadline(data);
+	if (req->fail_status) {
+		pbrpc_call_set_status(data, (int)req->fail_status, "%s", req->fail_message);
+		closure(NULL, data);
+	} else if (strncmp(p, "hold", 4) == 0) {
+		int i = atomic_fetch_add(&n_held, 1);
+		held[i].closure = closure;
+		held[i].data = data;
+		snprintf(held[i].payload, sizeof(held[i].payload), "%s", p);
+	} else if (strcmp(p, "thread") == 0) {
+		struct held *h = calloc(1, sizeof(*h));
+		h->closure = closure;
+		h->data = data;
+		snprintf(h->payload, sizeof(h->payload), "from-thread");
+		pthread_t t;
+		pthread_create(&t, NULL, late_reply, h);
+		pthread_detach(t);
+	} else if (strcmp(p, "cred") == 0) {
+		pid_t pid;
+		gid_t gid;
+		pbrpc_call_peer_cred(data, &pid, &seen_uid, &gid);
+		reply_with(closure, data, "cred");
+	} else if (strcmp(p, "null") == 0) {
+		closure(NULL, data);
+	} else if (strcmp(p, "big") == 0) {
+		Demo__EchoReply r = DEMO__ECHO_REPLY__INIT;
+		static uint8_t blob[256 * 1024];
+		r.payload.data = blob;
+		r.payload.len = sizeof(blob);
+		closure(&r, data);
+	} else {
+		Demo__EchoReply r = DEMO__ECHO_REPLY__INIT;
+		r.payload = req->payload;
+		closure(&r, data);
+	}
+}
+
+static Demo__Echo_Service echo_svc = DEMO__ECHO__INIT(t_);
+
+/* Held calls are answered on the loop thread through this hook. */
+static atomic_int release_req; /* 1: release all in reverse order */
+
+/* ---- a server on its own thread ---- */
+
+typedef struct tsrv {
+	pbrpc_server *srv;
+	pthread_t thr;
+	char addr[PBRPC_ENDPOINT_STRLEN];
+	char dir[64];
+	int rc;
+} tsrv;
+
+static void *srv_main(void *arg)
+{
+	tsrv *t = arg;
+	for (;;) {
+		int rc = pbrpc_server_process(t->srv, 20);
+		if (atomic_exchange(&release_req, 0)) {
+			for (int i = atomic_load(&n_held) - 1; i >= 0; i--)
+				reply_with(held[i].closure, held[i].data, held[i].payload);
+			atomic_store(&n_held, 0);
+		}
+		if (rc != 0) {
+			t->rc = rc < 0 ? rc : 0;
+			return NULL;
+		}
+	}
+}
+
+static void start_server(tsrv *t, const char *endpoint, const pbrpc_server_opts *opts)
+{
+	memset(t, 0, sizeof(*t));
+	atomic_store(&n_held, 0);
+	atomic_store(&n_invoked, 0);
+	cr_assert_eq(pbrpc_server_new(&t->srv, opts), 0);
+	cr_assert_eq(pbrpc_server_add_service(t->srv, &echo_svc.base), 0);
+	char ep[160];
+	if (!endpoint) {
+		snprintf(t->dir, sizeof(t->dir), "/tmp/pbrpc-test-XXXXXX");
+		cr_assert_not_null(mkdtemp(t->dir));
+		snprintf(ep, sizeof(ep), "unix:%s/s.sock", t->dir);
+		endpoint = ep;
+	}
+	int idx = pbrpc_server_listen(t->srv, endpoint);
+	cr_assert_geq(idx, 0, "listen %s: %s", endpoint, pbrpc_strerror(idx));
+	pbrpc_server_address(t->srv, idx, t->addr, sizeof(t->addr));
+	pthread_create(&t->thr, NULL, srv_main, t);
+}
+
+static void stop_server(tsrv *t)
+{
+	pbrpc_server_shutdown(t->srv, 1000);
+	pthread_join(t->thr, NULL);
+	pbrpc_server_free(t->srv);
+	if (t->dir[0])
+		rmdir(t->dir);
+}
+
+/* ---- a raw peer ---- */
+
+typedef struct peer {
+	int fd;
+	pbrpc_frame_decoder dec;
+	pbrpc_wire_hello server_hello;
+} peer;
+
+static int peer_open(peer *p, const char *addr)
+{
+	pbrpc_endpoint ep;
+	cr_assert_eq(pbrpc_endpoint_parse(addr, &ep), 0);
+	p->fd = pbrpc_endpoint_connect(&ep, 2000);
+	cr_assert_geq(p->fd, 0, "connect %s: %s", addr, pbrpc_strerror(p->fd));
+	struct timeval tv = { .tv_sec = 5 };
+	setsockopt(p->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	pbrpc_frame_decoder_init(&p->dec, 64u << 20);
+	return p->fd;
+}
+
+static void peer_send_raw(peer *p, const void *data, size_t len)
+{
+	tu_write_full(p->fd, data, len);
+}
+
+static void peer_send_writer(peer *p, pbrpc_frame_writer *w)
+{
+	while (pbrpc_frame_writer_pending(w)) {
+		ssize_t n = pbrpc_frame_writer_flush(w, p->fd, 0);
+		cr_assert_geq(n, 0, "flush: %s", pbrpc_strerror((int)n));
+	}
+}
+
+static void peer_send_hello(peer *p, uint32_t version)
+{
+	pbrpc_frame_writer w;
+	pbrpc_frame_writer_init(&w);
+	pbrpc_wire_hello h = { .version = version, .max_frame = 64u << 20, .agent = "test" };
+	cr_assert_eq(pbrpc_wire_write_preface(&w, &h), 0);
+	peer_send_writer(p, &w);
+	pbrpc_frame_writer_fini(&w);
+}
+
+/* Reads the server's preface and HELLO. */
+static void peer_read_hello(peer *p)
+{
+	uint8_t pre[PBRPC_WIRE_PREFACE_SIZE];
+	cr_assert_eq(tu_read_full(p->fd, pre, sizeof(pre)), sizeof(pre));
+	cr_assert_eq(memcmp(pre, PBRPC_WIRE_PREFACE, sizeof(pre)), 0);
+	pbrpc_frame f;
+	cr_assert_eq(pbrpc_frame_read(&p->dec, p->fd, &f, 5000), 1);
+	cr_assert_eq(pbrpc_wire_read_hello(&f, &p->server_hello), 0);
+}
+
+static void peer_handshake(peer *p, const char *addr)
+{
+	peer_open(p, addr);
+	peer_send_hello(p, 1);
+	peer_read_hello(p);
+}
+
+static void peer_close(peer *p)
+{
+	close(p->fd);
+	pbrpc_frame_decoder_fini(&p->dec);
+}
+
+static void peer_request_ex(peer *p, uint32_t id, const char *method, const char *payload, uint32_t fail,
+			    const pbrpc_wire_request *extra)
+{
+	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
+	req.payload.data = (uint8_t *)payload;
+	req.payload.len = strlen(payload);
+	req.fail_status = fail;
+	if (fail)
+		req.fail_message = (char *)"failing as asked";
+	pbrpc_wire_request r = { 0 };
+	if (extra)
+		r = *extra;
+	r.call_id = id;
+	r.method = method;
+	r.method_len = strlen(method);
+	pbrpc_frame_writer w;
+	pbrpc_frame_writer_init(&w);
+	cr_assert_eq(pbrpc_wire_write_request(&w, &r, &req.base, 0), 0);
+	peer_send_writer(p, &w);
+	pbrpc_frame_writer_fini(&w);
+}
+
+static void peer_request(peer *p, uint32_t id, const char *payload)
+{
+	peer_request_ex(p, id, "demo.Echo/Echo", payload, 0, NULL);
+}
+
+/* Reads frames until a RESPONSE and returns its status; a GOAWAY with a
+ * non-OK status returns -1000 - status. Copies message and payload. */
+static int peer_response(peer *p, uint32_t *id, char *msg, size_t msglen, char *payload, size_t plen)
+{
+	for (;;) {
+		pbrpc_frame f;
+		int rc = pbrpc_frame_read(&p->dec, p->fd, &f, 5000);
+		if (rc < 0)
+			return rc;
+		if (f.hdr.type == PBRPC_FRAME_GOAWAY) {
+			int st;
+			const char *m;
+			size_t ml;
+			cr_assert_eq(pbrpc_wire_read_goaway(&f, &st, &m, &ml), 0);
+			if (msg)
+				snprintf(msg, msglen, "%.*s", (int)ml, m);
+			if (st != 0)
+				return -1000 - st;
+			continue;
+		}
+		cr_assert_eq(f.hdr.type, PBRPC_FRAME_RESPONSE, "unexpected frame type %d", f.hdr.type);
+		pbrpc_wire_response r;
+		cr_assert_eq(pbrpc_wire_read_response(&f, &r), 0);
+		if (id)
+			*id = r.call_id;
+		if (msg)
+			snprintf(msg, msglen, "%.*s", (int)r.message_len, r.message ? r.message : "");
+		if (payload) {
+			payload[0] = 0;
+			Demo__EchoReply *er = demo__echo_reply__unpack(NULL, r.body_len, r.body);
+			cr_assert_not_null(er);
+			snprintf(payload, plen, "%.*s", (int)er->payload.len, (const char *)er->payload.data);
+			demo__echo_reply__free_unpacked(er, NULL);
+		}
+		return r.status;
+	}
+}
+
+/* One echo round trip on an open peer; asserts success. */
+static void peer_ping_echo(peer *p, uint32_t id)
+{
+	char pl[64], got[64];
+	snprintf(pl, sizeof(pl), "ok-%u", id);
+	peer_request(p, id, pl);
+	uint32_t rid;
+	cr_assert_eq(peer_response(p, &rid, NULL, 0, got, sizeof(got)), PBRPC_STATUS_OK);
+	cr_assert_eq(rid, id);
+	cr_assert_str_eq(got, pl);
+}
+
+/* Expects a GOAWAY with `status`, then the close. */
+static void peer_expect_goaway(peer *p, int status, char *msg, size_t msglen)
+{
+	int rc = peer_response(p, NULL, msg, msglen, NULL, 0);
+	cr_assert_eq(rc, -1000 - status, "expected GOAWAY %s, got %d", pbrpc_status_name(status), rc);
+	pbrpc_frame f;
+	rc = pbrpc_frame_read(&p->dec, p->fd, &f, 5000);
+	cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "expected close, got %s", pbrpc_strerror(rc));
+}
+
+static void send_request_bytes(peer *p, uint32_t id, uint8_t flags, const void *payload, size_t len)
+{
+	pbrpc_frame_header h = { .type = PBRPC_FRAME_REQUEST, .flags = flags, .stream = id };
+	cr_assert_eq(pbrpc_frame_write(p->fd, &h, payload, len, 5000), 0);
+}
+
+static void wait_held(int n)
+{
+	int64_t until = tu_now_ms() + 10000;
+	while (atomic_load(&n_held) < n && tu_now_ms() < until)
+		usleep(1000);
+	cr_assert_eq(atomic_load(&n_held), n);
+}
+
+TestSuite(server, .init = tu_setup, .timeout = 60);
+
+/* ---- the happy path over every endpoint kind ---- */
+
+static void roundtrip_on(const char *endpoint)
+{
+	tsrv t;
+	start_server(&t, endpoint, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	cr_assert_eq(p.server_hello.version, 1);
+	cr_assert_eq(p.server_hello.max_frame, PBRPC_FRAME_MAX_DEFAULT);
+	cr_assert_eq(p.server_hello.max_calls, 1024);
+	for (uint32_t id = 1; id <= 20; id++)
+		peer_ping_echo(&p, id);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, unix_path)
+{
+	roundtrip_on(NULL);
+}
+
+Test(server, abstract)
+{
+	char ep[64];
+	snprintf(ep, sizeof(ep), "unix:@pbrpc-test-%d", getpid());
+	roundtrip_on(ep);
+}
+
+Test(server, tcp4)
+{
+	roundtrip_on("tcp:127.0.0.1:0");
+}
+
+Test(server, tcp6)
+{
+	roundtrip_on("tcp:[::1]:0");
+}
+
+Test(server, address_reports_chosen_port)
+{
+	tsrv t;
+	start_server(&t, "tcp:127.0.0.1:0", NULL);
+	cr_assert(strncmp(t.addr, "tcp:127.0.0.1:", 14) == 0);
+	cr_assert_neq(atoi(t.addr + 14), 0, "port 0 must be replaced: %s", t.addr);
+	stop_server(&t);
+}
+
+Test(server, duplicate_service_rejected)
+{
+	pbrpc_server *srv;
+	cr_assert_eq(pbrpc_server_new(&srv, NULL), 0);
+	cr_assert_eq(pbrpc_server_add_service(srv, &echo_svc.base), 0);
+	cr_assert_eq(pbrpc_server_add_service(srv, &echo_svc.base), PBRPC_EDUPLICATE);
+	cr_assert_eq(pbrpc_server_add_service(srv, NULL), PBRPC_EINVALID);
+	pbrpc_server_free(srv);
+}
+
+/* ---- statuses and bad requests, each with a bystander ---- */
+
+Test(server, handler_status_and_message)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	char msg[128];
+	peer_request_ex(&p, 7, "demo.Echo/Echo", "x", PBRPC_STATUS_NOT_FOUND, NULL);
+	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_NOT_FOUND);
+	cr_assert_str_eq(msg, "failing as asked");
+	peer_request(&p, 8, "null");
+	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_UNKNOWN);
+	peer_ping_echo(&p, 9);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, unknown_method_and_service)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p, bystander;
+	peer_handshake(&p, t.addr);
+	peer_handshake(&bystander, t.addr);
+	char msg[128];
+	peer_request_ex(&p, 1, "demo.Echo/Nope", "x", 0, NULL);
+	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_UNIMPLEMENTED);
+	cr_assert_str_eq(msg, "unknown method demo.Echo/Nope");
+	peer_request_ex(&p, 2, "demo.Nope/Echo", "x", 0, NULL);
+	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_UNIMPLEMENTED);
+	cr_assert_str_eq(msg, "unknown service demo.Nope");
+	peer_ping_echo(&p, 3);
+	peer_ping_echo(&bystander, 1);
+	peer_close(&p);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+Test(server, undecodable_body_is_invalid_argument)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p, bystander;
+	peer_handshake(&p, t.addr);
+	peer_handshake(&bystander, t.addr);
+	/* "demo.Echo/Echo", then field 1 claiming 100 bytes with 1 present. */
+	uint8_t buf[2 + 14 + 3] = { 0, 14 };
+	memcpy(buf + 2, "demo.Echo/Echo", 14);
+	buf[16] = 0x0a;
+	buf[17] = 100;
+	buf[18] = 'x';
+	send_request_bytes(&p, 5, 0, buf, sizeof(buf));
+	char msg[128];
+	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_INVALID_ARGUMENT);
+	cr_assert_str_eq(msg, "request body is not a valid demo.EchoRequest");
+	peer_ping_echo(&p, 6);
+	peer_ping_echo(&bystander, 1);
+	cr_assert_eq(atomic_load(&n_invoked), 2);
+	peer_close(&p);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+Test(server, malformed_request_header)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	char msg[128];
+	uint8_t lies[] = { 0, 200, 'a' }; /* method length past the end */
+	send_request_bytes(&p, 1, 0, lies, sizeof(lies));
+	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_INVALID_ARGUMENT);
+	cr_assert_str_eq(msg, "malformed request header");
+	uint8_t badname[] = { 0, 4, 'a', '/', '/', 'b' };
+	send_request_bytes(&p, 2, 0, badname, sizeof(badname));
+	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_INVALID_ARGUMENT);
+	uint8_t short_timeout[] = { 0, 3, 'a', '/', 'b', 0, 0 }; /* 2 of the 8 timeout bytes */
+	send_request_bytes(&p, 3, PBRPC_REQUEST_TIMEOUT, short_timeout, sizeof(short_timeout));
+	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_INVALID_ARGUMENT);
+	uint8_t bad_md[] = { 0, 3, 'a', '/', 'b', 0, 1, 3, 'K', 'E', 'Y', 0, 0 }; /* uppercase key */
+	send_request_bytes(&p, 4, PBRPC_REQUEST_METADATA, bad_md, sizeof(bad_md));
+	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_INVALID_ARGUMENT);
+	peer_ping_echo(&p, 5);
+	cr_assert_eq(atomic_load(&n_invoked), 1);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, oversized_request_answered_and_conn_reusable)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .max_frame = 1000 };
+	start_server(&t, NULL, &o);
+	peer p, bystander;
+	peer_handshake(&p, t.addr);
+	peer_handshake(&bystander, t.addr);
+	cr_assert_eq(p.server_hello.max_frame, 1000);
+	static char payload[1200];
+	size_t overhead = 2 + 14 + 1 + 2; /* method, field tag, 2-byte length */
+	/* Exactly at the limit passes. */
+	memset(payload, 'a', 1000 - overhead);
+	payload[1000 - overhead] = 0;
+	peer_request(&p, 1, payload);
+	cr_assert_eq(peer_response(&p, NULL, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+	/* One byte over is refused, naming both sizes, and skipped unread. */
+	memset(payload, 'a', 1001 - overhead);
+	payload[1001 - overhead] = 0;
+	peer_request(&p, 2, payload);
+	char msg[128];
+	uint32_t id;
+	cr_assert_eq(peer_response(&p, &id, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_RESOURCE_EXHAUSTED);
+	cr_assert_eq(id, 2);
+	cr_assert_str_eq(msg, "request is 1001 bytes, server accepts at most 1000");
+	peer_ping_echo(&p, 3);
+	peer_ping_echo(&bystander, 1);
+	peer_close(&p);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+Test(server, huge_declared_lengths_rejected)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer bystander;
+	peer_handshake(&bystander, t.addr);
+	uint32_t lens[] = { PBRPC_FRAME_MAX_DEFAULT + 1, 0x80000000u, 0xffffffffu };
+	for (size_t i = 0; i < 3; i++) {
+		peer p;
+		peer_handshake(&p, t.addr);
+		uint8_t hdr[12];
+		pbrpc_frame_header_encode(&(pbrpc_frame_header){ .length = lens[i], .type = PBRPC_FRAME_PING }, hdr);
+		peer_send_raw(&p, hdr, sizeof(hdr));
+		peer_expect_goaway(&p, PBRPC_STATUS_RESOURCE_EXHAUSTED, NULL, 0);
+		peer_close(&p);
+		peer_ping_echo(&bystander, (uint32_t)i + 1);
+	}
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+Test(server, garbage_instead_of_preface)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p, bystander;
+	peer_handshake(&bystander, t.addr);
+	peer_open(&p, t.addr);
+	peer_send_raw(&p, "GET / HTTP/1.1\r\n\r\n", 18);
+	peer_read_hello(&p);
+	char msg[128];
+	peer_expect_goaway(&p, PBRPC_STATUS_INVALID_ARGUMENT, msg, sizeof(msg));
+	cr_assert_str_eq(msg, "bad preface: peer is not a pbrpc client");
+	peer_close(&p);
+	peer_ping_echo(&bystander, 1);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+Test(server, wrong_version)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p, bystander;
+	peer_handshake(&bystander, t.addr);
+	peer_open(&p, t.addr);
+	peer_send_hello(&p, 2);
+	peer_read_hello(&p);
+	char msg[128];
+	peer_expect_goaway(&p, PBRPC_STATUS_FAILED_PRECONDITION, msg, sizeof(msg));
+	cr_assert_str_eq(msg, "unsupported protocol version 2, this peer speaks 1");
+	peer_close(&p);
+	peer_ping_echo(&bystander, 1);
+	peer_close(&bystander);
+	pbrpc_server_stats st;
+	pbrpc_server_get_stats(t.srv, &st);
+	cr_assert_geq(st.protocol_errors, 1);
+	stop_server(&t);
+}
+
+Test(server, every_handshake_prefix_then_eof)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer bystander;
+	peer_handshake(&bystander, t.addr);
+	pbrpc_frame_writer w;
+	pbrpc_frame_writer_init(&w);
+	pbrpc_wire_hello h = { .version = 1 };
+	pbrpc_wire_write_preface(&w, &h);
+	size_t total = pbrpc_frame_writer_pending(&w);
+	uint8_t all[64];
+	cr_assert_leq(total, sizeof(all));
+	memcpy(all, w.buf + w.head, total);
+	pbrpc_frame_writer_fini(&w);
+	for (size_t k = 0; k < total; k++) {
+		peer p;
+		peer_open(&p, t.addr);
+		if (k)
+			peer_send_raw(&p, all, k);
+		shutdown(p.fd, SHUT_WR);
+		peer_read_hello(&p);
+		pbrpc_frame f;
+		int64_t t0 = tu_now_ms();
+		int rc = pbrpc_frame_read(&p.dec, p.fd, &f, 5000);
+		cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "prefix %zu: %s", k, pbrpc_strerror(rc));
+		cr_assert_lt(tu_now_ms() - t0, 1000, "prefix %zu: close took too long", k);
+		peer_close(&p);
+	}
+	peer_ping_echo(&bystander, 1);
+	cr_assert_eq(atomic_load(&n_invoked), 1);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+Test(server, truncated_frame_then_close)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p, bystander;
+	peer_handshake(&bystander, t.addr);
+	peer_handshake(&p, t.addr);
+	uint8_t hdr[12];
+	pbrpc_frame_header_encode(&(pbrpc_frame_header){ .length = 100, .type = PBRPC_FRAME_REQUEST, .stream = 1 }, hdr);
+	peer_send_raw(&p, hdr, sizeof(hdr));
+	peer_send_raw(&p, "\0\x0e"
+			  "demo.Echo/Echo",
+		      16);
+	peer_close(&p);
+	usleep(20000);
+	peer_ping_echo(&bystander, 1);
+	cr_assert_eq(atomic_load(&n_invoked), 1, "the truncated call must not reach a handler");
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+Test(server, duplicate_call_id_closes_connection)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p, bystander;
+	peer_handshake(&bystander, t.addr);
+	peer_handshake(&p, t.addr);
+	peer_request(&p, 42, "hold");
+	peer_request(&p, 42, "again");
+	char msg[128];
+	peer_expect_goaway(&p, PBRPC_STATUS_INVALID_ARGUMENT, msg, sizeof(msg));
+	cr_assert_str_eq(msg, "call id 42 is already in flight");
+	peer_close(&p);
+	peer_ping_echo(&bystander, 1);
+	atomic_store(&release_req, 1); /* the orphaned handler answers into the void */
+	usleep(100000);
+	peer_ping_echo(&bystander, 2);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+Test(server, bad_frames_are_protocol_errors)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer bystander;
+	peer_handshake(&bystander, t.addr);
+	const pbrpc_frame_header bad[] = {
+		{ .type = PBRPC_FRAME_REQUEST, .stream = 0 },             /* call id 0 */
+		{ .type = 0x00 },                                         /* unknown types */
+		{ .type = 0x08 },
+		{ .type = 0xff, .stream = 1 },
+		{ .type = PBRPC_FRAME_REQUEST, .flags = 0x80, .stream = 1 }, /* undefined flag */
+		{ .type = PBRPC_FRAME_RESPONSE, .flags = 1, .stream = 1 },   /* servers get no replies */
+		{ .type = PBRPC_FRAME_CANCEL, .stream = 0 },
+		{ .type = PBRPC_FRAME_CANCEL, .stream = 1, .length = 4 },
+		{ .type = PBRPC_FRAME_PING, .length = 4 },
+		{ .type = PBRPC_FRAME_HELLO },                              /* a second HELLO */
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		peer p;
+		peer_handshake(&p, t.addr);
+		uint8_t buf[12 + 8] = { 0 };
+		pbrpc_frame_header_encode(&bad[i], buf);
+		peer_send_raw(&p, buf, 12 + bad[i].length);
+		peer_expect_goaway(&p, PBRPC_STATUS_INVALID_ARGUMENT, NULL, 0);
+		peer_close(&p);
+		peer_ping_echo(&bystander, (uint32_t)i + 1);
+	}
+	/* Every type byte outside 1..7 gets the same answer. */
+	for (unsigned type = 0x08; type <= 0xff; type++) {
+		peer p;
+		peer_handshake(&p, t.addr);
+		uint8_t hdr[12];
+		pbrpc_frame_header_encode(&(pbrpc_frame_header){ .type = (uint8_t)type }, hdr);
+		peer_send_raw(&p, hdr, sizeof(hdr));
+		peer_expect_goaway(&p, PBRPC_STATUS_INVALID_ARGUMENT, NULL, 0);
+		peer_close(&p);
+	}
+	/* Non-zero reserved header bits. */
+	peer p;
+	peer_handshake(&p, t.addr);
+	uint8_t hdr[12];
+	pbrpc_frame_header_encode(&(pbrpc_frame_header){ .type = PBRPC_FRAME_PING, .reserved = 1 }, hdr);
+	peer_send_raw(&p, hdr, sizeof(hdr));
+	peer_expect_goaway(&p, PBRPC_STATUS_INVALID_ARGUMENT, NULL, 0);
+	peer_close(&p);
+	peer_ping_echo(&bystander, 100);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+Test(server, ping_gets_pong)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	const uint8_t data[8] = { 1, 2, 3, 4, 5, 6, 7, 8 };
+	pbrpc_frame_header h = { .type = PBRPC_FRAME_PING };
+	cr_assert_eq(pbrpc_frame_write(p.fd, &h, data, 8, 1000), 0);
+	pbrpc_frame f;
+	cr_assert_eq(pbrpc_frame_read(&p.dec, p.fd, &f, 5000), 1);
+	cr_assert_eq(f.hdr.type, PBRPC_FRAME_PONG);
+	cr_assert_eq(f.hdr.length, 8);
+	cr_assert_eq(memcmp(f.payload, data, 8), 0);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+/* ---- calls in flight ---- */
+
+Test(server, thousand_calls_out_of_order)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	const int n = 1000;
+	for (int i = 1; i <= n; i++) {
+		char pl[32];
+		snprintf(pl, sizeof(pl), "hold-%d", i);
+		peer_request(&p, (uint32_t)i, pl);
+	}
+	wait_held(n);
+	atomic_store(&release_req, 1); /* answered newest first */
+	for (int k = 0; k < n; k++) {
+		uint32_t id;
+		char got[32], want[32];
+		cr_assert_eq(peer_response(&p, &id, NULL, 0, got, sizeof(got)), PBRPC_STATUS_OK);
+		cr_assert_eq(id, (uint32_t)(n - k), "reply %d has id %u", k, id);
+		snprintf(want, sizeof(want), "hold-%u", id);
+		cr_assert_str_eq(got, want);
+	}
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, call_ids_near_wrap)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	uint32_t ids[] = { 0xfffffffbu, 0xfffffffcu, 0xfffffffdu, 0xfffffffeu, 0xffffffffu, 1, 2, 3, 4, 5 };
+	for (size_t i = 0; i < 10; i++)
+		peer_ping_echo(&p, ids[i]);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, async_reply_from_other_thread)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	char got[64];
+	peer_request(&p, 1, "thread");
+	peer_ping_echo(&p, 2); /* answered while call 1 waits */
+	uint32_t id;
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, got, sizeof(got)), PBRPC_STATUS_OK);
+	cr_assert_eq(id, 1);
+	cr_assert_str_eq(got, "from-thread");
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, worker_pool)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .workers = 4 };
+	start_server(&t, NULL, &o);
+	peer p;
+	peer_handshake(&p, t.addr);
+	for (uint32_t i = 1; i <= 200; i++)
+		peer_request(&p, i, "w");
+	int seen[201] = { 0 };
+	for (int i = 0; i < 200; i++) {
+		uint32_t id;
+		char got[16];
+		cr_assert_eq(peer_response(&p, &id, NULL, 0, got, sizeof(got)), PBRPC_STATUS_OK);
+		cr_assert(id >= 1 && id <= 200 && !seen[id]);
+		seen[id] = 1;
+		cr_assert_str_eq(got, "w");
+	}
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, deadline_exceeded_when_handler_is_slow)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	pbrpc_wire_request extra = { .has_timeout = true, .timeout_us = 100000 };
+	int64_t t0 = tu_now_ms();
+	peer_request_ex(&p, 1, "demo.Echo/Echo", "hold", 0, &extra);
+	char msg[64];
+	uint32_t id;
+	cr_assert_eq(peer_response(&p, &id, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_DEADLINE_EXCEEDED);
+	int64_t dt = tu_now_ms() - t0;
+	cr_assert(dt >= 90 && dt < 3000, "deadline fired after %lld ms", (long long)dt);
+	cr_assert_neq(seen_deadline, 0);
+	/* The handler answers late: dropped, no second RESPONSE, connection fine. */
+	atomic_store(&release_req, 1);
+	usleep(50000);
+	peer_ping_echo(&p, 2);
+	/* Timeout 0: answered without dispatch. */
+	extra.timeout_us = 0;
+	int before = atomic_load(&n_invoked);
+	peer_request_ex(&p, 3, "demo.Echo/Echo", "x", 0, &extra);
+	cr_assert_eq(peer_response(&p, NULL, NULL, 0, NULL, 0), PBRPC_STATUS_DEADLINE_EXCEEDED);
+	cr_assert_eq(atomic_load(&n_invoked), before);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, cancel_answers_cancelled)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	peer_request(&p, 9, "hold");
+	wait_held(1);
+	pbrpc_frame_header h = { .type = PBRPC_FRAME_CANCEL, .stream = 9 };
+	cr_assert_eq(pbrpc_frame_write(p.fd, &h, NULL, 0, 1000), 0);
+	uint32_t id;
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_CANCELLED);
+	cr_assert_eq(id, 9);
+	cr_assert(pbrpc_call_cancelled(held[0].data));
+	atomic_store(&release_req, 1);
+	/* A CANCEL for an id not in flight is ignored. */
+	h.stream = 12345;
+	cr_assert_eq(pbrpc_frame_write(p.fd, &h, NULL, 0, 1000), 0);
+	peer_ping_echo(&p, 10);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, max_calls_enforced)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .max_calls = 2 };
+	start_server(&t, NULL, &o);
+	peer p;
+	peer_handshake(&p, t.addr);
+	cr_assert_eq(p.server_hello.max_calls, 2);
+	peer_request(&p, 1, "hold");
+	peer_request(&p, 2, "hold");
+	peer_request(&p, 3, "x");
+	char msg[128];
+	uint32_t id;
+	cr_assert_eq(peer_response(&p, &id, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_RESOURCE_EXHAUSTED);
+	cr_assert_eq(id, 3);
+	cr_assert_str_eq(msg, "too many calls in flight on this connection (limit 2)");
+	wait_held(2);
+	atomic_store(&release_req, 1);
+	cr_assert_eq(peer_response(&p, NULL, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+	cr_assert_eq(peer_response(&p, NULL, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+	peer_ping_echo(&p, 4);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, metadata_and_peer_credentials_reach_handler)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	pbrpc_metadata md[] = { { .key = "x-test", .value = "hello", .value_len = 5 } };
+	pbrpc_wire_request extra = { .metadata = md, .metadata_count = 1 };
+	peer_request_ex(&p, 1, "demo.Echo/Echo", "cred", 0, &extra);
+	cr_assert_eq(peer_response(&p, NULL, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+	cr_assert_str_eq(seen_md, "hello");
+	cr_assert_eq(seen_uid, getuid());
+	peer_close(&p);
+	stop_server(&t);
+}
+
+/* ---- connections and limits ---- */
+
+Test(server, max_connections_refused_with_reason)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .max_connections = 2 };
+	start_server(&t, NULL, &o);
+	peer a, b, c;
+	peer_handshake(&a, t.addr);
+	peer_handshake(&b, t.addr);
+	peer_open(&c, t.addr);
+	peer_read_hello(&c);
+	char msg[64];
+	peer_expect_goaway(&c, PBRPC_STATUS_RESOURCE_EXHAUSTED, msg, sizeof(msg));
+	cr_assert_str_eq(msg, "too many connections");
+	peer_close(&c);
+	peer_ping_echo(&a, 1);
+	peer_ping_echo(&b, 1);
+	peer_close(&a);
+	peer_close(&b);
+	stop_server(&t);
+}
+
+Test(server, handshake_timeout_closes_silent_client)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .handshake_timeout_ms = 200 };
+	start_server(&t, NULL, &o);
+	peer p;
+	peer_open(&p, t.addr);
+	int64_t t0 = tu_now_ms();
+	peer_read_hello(&p);
+	char msg[64];
+	peer_expect_goaway(&p, PBRPC_STATUS_UNAVAILABLE, msg, sizeof(msg));
+	cr_assert_str_eq(msg, "handshake timed out");
+	int64_t dt = tu_now_ms() - t0;
+	cr_assert(dt >= 150 && dt < 3000, "closed after %lld ms", (long long)dt);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, idle_timeout)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .idle_timeout_ms = 200 };
+	start_server(&t, NULL, &o);
+	peer p;
+	peer_handshake(&p, t.addr);
+	peer_ping_echo(&p, 1);
+	char msg[64];
+	peer_expect_goaway(&p, PBRPC_STATUS_UNAVAILABLE, msg, sizeof(msg));
+	cr_assert_str_eq(msg, "idle timeout");
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, client_that_never_reads_is_bounded)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .max_output_queue = 512 * 1024 };
+	start_server(&t, NULL, &o);
+	peer hog, bystander;
+	peer_handshake(&hog, t.addr);
+	peer_handshake(&bystander, t.addr);
+	tu_small_buffers(hog.fd);
+	/* Each request asks for a 256 KiB reply; the hog never reads them. */
+	pbrpc_frame_writer w;
+	pbrpc_frame_writer_init(&w);
+	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
+	req.payload.data = (uint8_t *)"big";
+	req.payload.len = 3;
+	for (uint32_t id = 1; id <= 200000; id++) {
+		pbrpc_wire_request r = { .call_id = id, .method = "demo.Echo/Echo", .method_len = 14 };
+		pbrpc_wire_write_request(&w, &r, &req.base, 0);
+	}
+	int64_t until = tu_now_ms() + 1500;
+	while (pbrpc_frame_writer_pending(&w) && tu_now_ms() < until) {
+		if (pbrpc_frame_writer_flush(&w, hog.fd, MSG_DONTWAIT) == 0)
+			usleep(5000);
+	}
+	cr_assert_gt(pbrpc_frame_writer_pending(&w), 0, "the server must stop reading from the hog");
+	pbrpc_frame_writer_fini(&w);
+	int invoked = atomic_load(&n_invoked);
+	cr_assert_lt(invoked, 200, "server kept reading: %d calls dispatched", invoked);
+	peer_ping_echo(&bystander, 1);
+	peer_close(&hog);
+	usleep(20000);
+	peer_ping_echo(&bystander, 2);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+Test(server, slow_reader_gets_every_reply_in_order)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .max_output_queue = 300 * 1024 };
+	start_server(&t, NULL, &o);
+	peer p;
+	peer_handshake(&p, t.addr);
+	tu_small_buffers(p.fd);
+	const uint32_t n = (uint32_t)tu_scale(40);
+	for (uint32_t id = 1; id <= n; id++)
+		peer_request(&p, id, "big"); /* 256 KiB replies, nobody reading yet */
+	usleep(100000);
+	for (uint32_t id = 1; id <= n; id++) {
+		uint32_t got;
+		cr_assert_eq(peer_response(&p, &got, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+		cr_assert_eq(got, id);
+	}
+	peer_ping_echo(&p, n + 1);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+Test(server, stale_socket_reclaimed_live_one_refused)
+{
+	char dir[] = "/tmp/pbrpc-test-XXXXXX";
+	cr_assert_not_null(mkdtemp(dir));
+	char path[100], ep[160];
+	snprintf(path, sizeof(path), "%s/s.sock", dir);
+	snprintf(ep, sizeof(ep), "unix:%s", path);
+	/* A stale socket file: bound, then its owner closed without unlinking. */
+	int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path);
+	cr_assert_eq(bind(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
+	close(fd);
+	pbrpc_server *a, *b;
+	cr_assert_eq(pbrpc_server_new(&a, NULL), 0);
+	cr_assert_geq(pbrpc_server_listen(a, ep), 0);
+	cr_assert_eq(pbrpc_server_new(&b, NULL), 0);
+	cr_assert_eq(pbrpc_server_listen(b, ep), -EADDRINUSE);
+	pbrpc_server_free(b);
+	pbrpc_server_free(a);
+	struct stat st;
+	cr_assert_eq(lstat(path, &st), -1, "the socket file is removed on free");
+	/* A regular file at the path is never deleted. */
+	FILE *f = fopen(path, "w");
+	fclose(f);
+	cr_assert_eq(pbrpc_server_new(&a, NULL), 0);
+	cr_assert_eq(pbrpc_server_listen(a, ep), -EEXIST);
+	pbrpc_server_free(a);
+	cr_assert_eq(lstat(path, &st), 0);
+	unlink(path);
+	rmdir(dir);
+}
+
+Test(server, socket_mode_applied)
+{
+	char dir[] = "/tmp/pbrpc-test-XXXXXX";
+	cr_assert_not_null(mkdtemp(dir));
+	char path[100], ep[160];
+	snprintf(path, sizeof(path), "%s/s.sock", dir);
+	snprintf(ep, sizeof(ep), "unix:%s", path);
+	pbrpc_server *srv;
+	pbrpc_server_opts o = { .socket_mode = 0600 };
+	cr_assert_eq(pbrpc_server_new(&srv, &o), 0);
+	cr_assert_geq(pbrpc_server_listen(srv, ep), 0);
+	struct stat st;
+	cr_assert_eq(stat(path, &st), 0);
+	cr_assert_eq(st.st_mode & 0777, 0600);
+	pbrpc_server_free(srv);
+	rmdir(dir);
+}
+
+Test(server, listen_errors_are_clear)
+{
+	pbrpc_server *srv;
+	cr_assert_eq(pbrpc_server_new(&srv, NULL), 0);
+	cr_assert_eq(pbrpc_server_listen(srv, "bogus"), PBRPC_EADDRESS);
+	cr_assert_eq(pbrpc_server_listen(srv, "tcp:127.0.0.1"), PBRPC_EADDRESS);
+	cr_assert_eq(pbrpc_server_listen(srv, "tcp:127.0.0.1:99999"), PBRPC_EADDRESS);
+	cr_assert_eq(pbrpc_server_listen(srv, "unix:/nonexistent-dir/x.sock"), -ENOENT);
+	char longp[200];
+	memset(longp, 'a', sizeof(longp));
+	memcpy(longp, "unix:/", 6);
+	longp[199] = 0;
+	cr_assert_eq(pbrpc_server_listen(srv, longp), -ENAMETOOLONG);
+	pbrpc_server_free(srv);
+}
+
+/* ---- shutdown ---- */
+
+Test(server, graceful_drain_finishes_calls_in_flight)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	peer_request(&p, 1, "thread"); /* answers after 20 ms */
+	usleep(5000);
+	pbrpc_server_shutdown(t.srv, 2000);
+	/* GOAWAY(OK) first; then the call's reply; a new call is refused. */
+	pbrpc_frame f;
+	cr_assert_eq(pbrpc_frame_read(&p.dec, p.fd, &f, 5000), 1);
+	cr_assert_eq(f.hdr.type, PBRPC_FRAME_GOAWAY);
+	peer_request(&p, 2, "late");
+	int got_ok = 0, got_unavail = 0;
+	for (int i = 0; i < 2; i++) {
+		uint32_t id = 0;
+		int st = peer_response(&p, &id, NULL, 0, NULL, 0);
+		if (id == 1 && st == PBRPC_STATUS_OK)
+			got_ok++;
+		if (id == 2 && st == PBRPC_STATUS_UNAVAILABLE)
+			got_unavail++;
+	}
+	cr_assert_eq(got_ok, 1);
+	cr_assert_eq(got_unavail, 1);
+	pthread_join(t.thr, NULL);
+	cr_assert_eq(t.rc, 0);
+	pbrpc_server_free(t.srv);
+	rmdir(t.dir);
+	peer_close(&p);
+}
+
+Test(server, forced_drain_answers_unavailable)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	peer_request(&p, 1, "hold");
+	wait_held(1);
+	int64_t t0 = tu_now_ms();
+	pbrpc_server_shutdown(t.srv, 100);
+	uint32_t id;
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_UNAVAILABLE);
+	cr_assert_eq(id, 1);
+	pthread_join(t.thr, NULL);
+	cr_assert_lt(tu_now_ms() - t0, 3000);
+	pbrpc_server_free(t.srv);
+	rmdir(t.dir);
+	peer_close(&p);
+}
