@@ -719,7 +719,10 @@ static int encode_message(encoder *enc, const schema_message *msg, json_object *
 
 	/* First map every key to a field, so that errors about keys come first
 	 * and the output is in field order whatever the order of the keys. */
-	json_object_object_foreach(obj, key, val) {
+	struct json_object_iterator it = json_object_iter_begin(obj), end = json_object_iter_end(obj);
+	for (; !json_object_iter_equal(&it, &end); json_object_iter_next(&it)) {
+		const char *key = json_object_iter_peek_name(&it);
+		json_object *val = json_object_iter_peek_value(&it);
 		const schema_field *f = schema_field_by_key(msg, key, strlen(key));
 		if (!f) {
 			rc = unknown_field(enc, msg, key);
@@ -1207,10 +1210,9 @@ static void compact_empty(json_object *v)
 	if (json_object_is_type(v, json_type_object)) {
 		if (json_object_object_length(v) == 0)
 			json_object_set_serializer(v, json_object_userdata_to_json_string, (void *)"{}", NULL);
-		json_object_object_foreach(v, key, child) {
-			(void)key;
-			compact_empty(child);
-		}
+		struct json_object_iterator it = json_object_iter_begin(v), end = json_object_iter_end(v);
+		for (; !json_object_iter_equal(&it, &end); json_object_iter_next(&it))
+			compact_empty(json_object_iter_peek_value(&it));
 	} else if (json_object_is_type(v, json_type_array)) {
 		size_t n = json_object_array_length(v);
 		if (n == 0)
