@@ -126,9 +126,13 @@ static void drop_discarded(pbrpc_frame_decoder *d)
 	d->head += n;
 	d->discard -= n;
 	n = d->discard < d->in_len ? (size_t)d->discard : d->in_len;
-	d->in += n;
-	d->in_len -= n;
-	d->discard -= n;
+	/* On the recv() path nothing was fed and d->in is NULL; NULL + 0 is
+	 * undefined in C (clang's UBSan reports it), so only move it for n > 0. */
+	if (n) {
+		d->in += n;
+		d->in_len -= n;
+		d->discard -= n;
+	}
 }
 
 static int check_header(pbrpc_frame_decoder *d, const uint8_t *p, pbrpc_frame_header *h)
