@@ -19,6 +19,26 @@
  * A client is safe to use from several threads at once. Calls made while the
  * connection is down reconnect (with backoff); calls in flight when it drops
  * fail with UNAVAILABLE.
+ *
+ * Connection loss and limits:
+ * - A synchronous call waits, within its deadline, for a connection (retrying
+ *   with backoff) and for a free call slot when the server's max_calls are all
+ *   in flight; if no connection comes up in time it fails with UNAVAILABLE and
+ *   the last connect error as the message.
+ * - An asynchronous call fails at once (its closure still runs from
+ *   pbrpc_client_process) with UNAVAILABLE while the reconnect backoff runs,
+ *   and with RESOURCE_EXHAUSTED when the server's max_calls are in flight.
+ *   When the backoff has elapsed it dials (blocking up to connect_timeout_ms).
+ * - A request larger than the server's max_frame fails locally with
+ *   RESOURCE_EXHAUSTED; nothing is sent.
+ * - After a graceful GOAWAY, calls in flight finish on the old connection and
+ *   new calls open a new one. A synchronous call the draining server answered
+ *   UNAVAILABLE (it arrived after the GOAWAY, so it never ran) is retried once
+ *   on the new connection.
+ *
+ * Replies to synchronous calls are read by the calling threads themselves (no
+ * I/O thread is involved); the PINGs of an idle server are answered at the
+ * next call, or at once by pbrpc_client_process / opts.io_thread.
  */
 #ifndef PBRPC_CLIENT_H
 #define PBRPC_CLIENT_H
@@ -67,11 +87,20 @@ PBRPC_EXPORT ProtobufCService *pbrpc_client_service_async(pbrpc_client *c,
 							   const ProtobufCServiceDescriptor *desc);
 
 /* Per-call options for the next stub call made by this thread (the generated
- * stubs have no room for them). Cleared by that call. */
+ * stubs have no room for them). Cleared by that call.
+ *
+ * The deadline is sent to the server as the remaining time. When it passes,
+ * the call fails with DEADLINE_EXCEEDED, a CANCEL tells the server, and the
+ * call's id stays reserved until the server's RESPONSE. A call whose deadline
+ * has already passed fails with DEADLINE_EXCEEDED without sending anything. */
 typedef struct pbrpc_call_opts {
 	int timeout_ms;                 /* 0: the client's default; < 0: none */
 	const pbrpc_metadata *metadata; /* copied when the call is made */
 	size_t metadata_count;
+	/* Absolute deadline, CLOCK_MONOTONIC nanoseconds (as pbrpc_call_deadline()
+	 * returns inside a handler, so a server can pass its caller's deadline on).
+	 * 0: unset; when set it takes precedence over timeout_ms. */
+	int64_t deadline_ns;
 } pbrpc_call_opts;
 
 PBRPC_EXPORT void pbrpc_client_next_call(const pbrpc_call_opts *opts);
