@@ -1,2 +1,2175 @@
-/* pbrpc client (being written). */
+/* pbrpc client: calls from any number of threads over one connection (plus
+ * connections still draining after a graceful GOAWAY).
+ *
+ * Threads. One mutex guards the client. Per connection, one thread at a time
+ * is the reader: it owns the decoder and reads the socket without holding the
+ * mutex (a blocking recv for a synchronous caller, MSG_DONTWAIT from
+ * pbrpc_client_process), then dispatches frames under the mutex. Other
+ * synchronous callers wait on their call's condvar: the reader copies their
+ * reply into the call record and wakes them, or, when it leaves, wakes one of
+ * them to take over (leader/follower). A reader that finds its own reply
+ * unpacks it straight from the decoder's buffer before giving up the role, so
+ * an uncontended call costs one sendmsg and one recvmsg and allocates nothing.
+ *
+ * Calls. Records come from slabs through a free list; call ids map to records
+ * through an open-addressing table. A record has two owners: the id (until the
+ * RESPONSE arrives or the connection is gone) and the caller (until the
+ * synchronous stub returns or the async closure has run). A call given up on
+ * (deadline, cancel) keeps its id reserved until the server answers it.
+ *
+ * Async completions wait in a queue for pbrpc_client_process(); an eventfd in
+ * the client's epoll set wakes a poller when another thread queues one.
+ */
 #include "pbrpc/client.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "pbrpc/endpoint.h"
+#include "pbrpc/frame.h"
+#include "pbrpc/wire.h"
+
+#define AGENT "pbrpc-c/0.1.0"
+#define NS_PER_MS 1000000LL
+#define NS_PER_S 1000000000LL
+
+#define DEFAULT_CONNECT_TIMEOUT_MS 5000
+#define DEFAULT_CALL_TIMEOUT_MS 30000
+#define DEFAULT_BACKOFF_MIN_MS 50
+#define DEFAULT_BACKOFF_MAX_MS 2000
+
+#define ARENA_MIN 4096u
+#define ARENA_KEEP_MAX (1u << 20) /* an arena keeps a buffer up to this size */
+#define IDLE_ARENAS_MAX 4
+#define CALL_BUF_KEEP (64u << 10) /* a free call record keeps a reply buffer up to this */
+#define WRITER_KEEP (256u << 10)
+#define BIG_FRAME (256u << 10) /* after a frame this big, free the idle decoder buffer */
+#define CALL_SLAB_SIZE 64
+#define TABLE_MIN 64u
+#define READ_BUDGET 16 /* non-blocking reads per connection per process() round */
+#define LOCAL_MSG_MAX 256
+
+/* ---- reply arena ------------------------------------------------------------
+ * A ProtobufCAllocator that bumps a pointer in a retained buffer; free is a
+ * no-op and the whole arena is reset after the closure returns. Overflow goes
+ * to malloc'd blocks, and the next reset grows the buffer (up to
+ * ARENA_KEEP_MAX) so that steady state allocates nothing. */
+
+typedef union arena_block {
+	union arena_block *next;
+	max_align_t align; /* the block's data follows, suitably aligned */
+} arena_block;
+
+typedef struct arena {
+	ProtobufCAllocator pa;
+	uint8_t *buf;
+	size_t cap, used, want;
+	arena_block *extra;
+	bool failed;
+	struct arena *next;
+} arena;
+
+static void *arena_alloc(void *data, size_t size)
+{
+	arena *a = data;
+	const size_t al = _Alignof(max_align_t);
+	if (size > SIZE_MAX / 2) {
+		a->failed = true;
+		return NULL;
+	}
+	size_t n = (size + al - 1) & ~(al - 1);
+	if (n == 0)
+		n = al;
+	a->want += n;
+	if (a->cap - a->used >= n) {
+		void *p = a->buf + a->used;
+		a->used += n;
+		return p;
+	}
+	arena_block *b = malloc(sizeof(*b) + n);
+	if (!b) {
+		a->failed = true;
+		return NULL;
+	}
+	b->next = a->extra;
+	a->extra = b;
+	return b + 1;
+}
+
+static void arena_free(void *data, void *p)
+{
+	(void)data;
+	(void)p;
+}
+
+static void arena_reset(arena *a)
+{
+	while (a->extra) {
+		arena_block *b = a->extra;
+		a->extra = b->next;
+		free(b);
+	}
+	if (a->want > a->cap && a->cap < ARENA_KEEP_MAX) {
+		size_t cap = a->cap ? a->cap : ARENA_MIN;
+		while (cap < a->want && cap < ARENA_KEEP_MAX)
+			cap *= 2;
+		uint8_t *nb = malloc(cap);
+		if (nb) {
+			free(a->buf);
+			a->buf = nb;
+			a->cap = cap;
+		}
+	}
+	a->used = a->want = 0;
+	a->failed = false;
+}
+
+static void arena_destroy(arena *a)
+{
+	if (!a)
+		return;
+	arena_reset(a);
+	free(a->buf);
+	free(a);
+}
+
+/* ---- thread-local state ---- */
+
+typedef struct tls_state {
+	int status;
+	unsigned gen; /* bumped by every set_status */
+	char msg[PBRPC_WIRE_MESSAGE_MAX + 1];
+	uint32_t last_call;
+	bool has_next;
+	pbrpc_call_opts next;
+	pbrpc_client *in_process; /* the client whose process() runs on this thread */
+} tls_state;
+
+static _Thread_local tls_state tls;
+
+static void set_status(int status, const char *msg, size_t len)
+{
+	if (!msg)
+		len = 0;
+	if (len > PBRPC_WIRE_MESSAGE_MAX)
+		len = PBRPC_WIRE_MESSAGE_MAX;
+	tls.status = status;
+	tls.gen++;
+	if (len && msg != tls.msg)
+		memmove(tls.msg, msg, len);
+	tls.msg[len] = '\0';
+}
+
+__attribute__((format(printf, 2, 3))) static void set_statusf(int status, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(tls.msg, sizeof(tls.msg), fmt, ap);
+	va_end(ap);
+	tls.status = status;
+	tls.gen++;
+}
+
+static pbrpc_call_opts take_opts(void)
+{
+	pbrpc_call_opts o = { 0 };
+	if (tls.has_next) {
+		o = tls.next;
+		tls.has_next = false;
+	}
+	return o;
+}
+
+/* ---- objects ---- */
+
+enum { CALL_SYNC, CALL_ASYNC };
+#define REF_TABLE 0x1u /* the id is reserved: no RESPONSE yet */
+#define REF_OWNER 0x2u /* the caller (sync) or the pending closure (async) */
+
+struct conn;
+
+typedef struct call {
+	uint32_t id;
+	uint8_t kind;
+	uint8_t refs;
+	bool done;       /* status is final */
+	bool abandoned;  /* timed out or cancelled; a late RESPONSE is dropped */
+	bool retry;      /* UNAVAILABLE from a draining server: never ran */
+	bool retried;
+	bool in_decoder; /* reply bytes are in rconn's decoder; the caller is its reader */
+	bool waiting;    /* on conn->waiters */
+	bool timed;      /* on the client's timer list */
+	struct conn *conn;  /* while REF_TABLE */
+	struct conn *rconn; /* while in_decoder */
+	struct call *cprev, *cnext; /* conn->calls */
+	struct call *tprev, *tnext; /* client timers (async calls with a deadline) */
+	struct call *next;          /* free list, done queue */
+	struct call *wnext;         /* conn->waiters */
+	int64_t deadline;           /* CLOCK_MONOTONIC ns; 0: none */
+	int status;
+	int err; /* local error code; 0 when the status came from the server */
+	const char *msg;
+	size_t msg_len;
+	const uint8_t *body;
+	size_t body_len;
+	uint8_t *buf; /* reply copy: message, then body */
+	size_t cap;
+	const ProtobufCMessageDescriptor *out_desc;
+	ProtobufCClosure closure;
+	void *closure_data;
+	pthread_cond_t cond;
+	char lmsg[LOCAL_MSG_MAX];
+} call;
+
+typedef struct call_slab {
+	struct call_slab *next;
+	call calls[CALL_SLAB_SIZE];
+} call_slab;
+
+typedef struct conn {
+	int fd;
+	pbrpc_frame_decoder dec;
+	pbrpc_frame_writer w;
+	pbrpc_wire_hello hello;
+	uint32_t max_frame; /* the server's: largest REQUEST payload we may send */
+	uint32_t max_calls; /* the server's; 0: no limit */
+	uint32_t inflight;  /* ids reserved on this connection, abandoned ones included */
+	uint32_t async_inflight;
+	int refs; /* threads doing I/O on it without the mutex */
+	bool dead, draining, goaway_ok, reading, pumping, epollout, big_frame;
+	int64_t rcvtimeo; /* cached SO_RCVTIMEO in ns; 0: none */
+	call *calls;
+	call *waiters; /* sync callers that may become the reader */
+	struct conn *next;
+} conn;
+
+typedef struct method_name {
+	const char *s;
+	size_t len;
+} method_name;
+
+typedef struct svc {
+	ProtobufCService base;
+	pbrpc_client *c;
+	bool async;
+	struct svc *next;
+	method_name m[];
+} svc;
+
+struct pbrpc_client {
+	pthread_mutex_t mu;
+	pthread_cond_t cond; /* connection state changed, a call slot freed */
+	pthread_condattr_t cattr;
+	pbrpc_endpoint ep;
+	char ep_str[PBRPC_ENDPOINT_STRLEN];
+	uint32_t max_frame;
+	int connect_timeout_ms, call_timeout_ms, backoff_min_ms, backoff_max_ms;
+
+	conn *cur;   /* takes new calls; NULL when disconnected or draining */
+	conn *conns; /* every open connection */
+	bool connecting, closing, stopping;
+	int slot_waiters;
+	int64_t next_attempt;
+	int backoff_ms;
+	int last_err;
+	char last_msg[LOCAL_MSG_MAX];
+	uint64_t rng;
+	pbrpc_wire_hello hello;
+
+	uint32_t next_id;
+	call **table;
+	uint32_t table_mask, table_count;
+	call *free_calls;
+	call_slab *slabs;
+	arena *arenas;
+	unsigned idle_arenas;
+
+	call *done_head, *done_tail;
+	size_t async_pending;
+	call *timers_head, *timers_tail;
+
+	int epfd, efd;
+	bool efd_signaled;
+	int proc_efd_only; /* process() callers waiting on the eventfd alone */
+	pthread_t io;
+	bool io_started;
+	svc *services;
+};
+
+/* ---- small helpers ---- */
+
+static int ms_until(int64_t deadline)
+{
+	if (!deadline)
+		return -1;
+	int64_t ns = deadline - pbrpc__now_ns();
+	if (ns <= 0)
+		return 0;
+	int64_t ms = (ns + NS_PER_MS - 1) / NS_PER_MS;
+	return ms > INT_MAX ? INT_MAX : (int)ms;
+}
+
+static void cond_wait_until(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline)
+{
+	if (!deadline) {
+		pthread_cond_wait(cv, mu);
+		return;
+	}
+	struct timespec ts = { .tv_sec = deadline / NS_PER_S, .tv_nsec = deadline % NS_PER_S };
+	pthread_cond_timedwait(cv, mu, &ts);
+}
+
+static int wait_fd(int fd, short events, int64_t deadline)
+{
+	struct pollfd p = { .fd = fd, .events = events };
+	int r;
+	do
+		r = poll(&p, 1, ms_until(deadline));
+	while (r < 0 && errno == EINTR);
+	if (r < 0)
+		return -errno;
+	return r == 0 ? -ETIMEDOUT : 0;
+}
+
+static uint64_t rng_next(pbrpc_client *c)
+{
+	uint64_t x = c->rng;
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	return c->rng = x;
+}
+
+__attribute__((format(printf, 4, 5))) static void call_fail(call *x, int status, int err, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(x->lmsg, sizeof(x->lmsg), fmt, ap);
+	va_end(ap);
+	x->status = status;
+	x->err = err;
+	x->msg = x->lmsg;
+	x->msg_len = n < 0 ? 0 : ((size_t)n < sizeof(x->lmsg) ? (size_t)n : sizeof(x->lmsg) - 1);
+	x->body = NULL;
+	x->body_len = 0;
+}
+
+static void efd_signal(pbrpc_client *c)
+{
+	if (c->efd_signaled)
+		return;
+	uint64_t one = 1;
+	if (write(c->efd, &one, sizeof(one)) == (ssize_t)sizeof(one))
+		c->efd_signaled = true;
+}
+
+/* ---- call records ---- */
+
+static int grow_calls(pbrpc_client *c)
+{
+	call_slab *s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	for (int i = 0; i < CALL_SLAB_SIZE; i++) {
+		pthread_cond_init(&s->calls[i].cond, &c->cattr);
+		s->calls[i].next = c->free_calls;
+		c->free_calls = &s->calls[i];
+	}
+	s->next = c->slabs;
+	c->slabs = s;
+	return 0;
+}
+
+static call *call_get(pbrpc_client *c, int kind)
+{
+	if (!c->free_calls && grow_calls(c) < 0)
+		return NULL;
+	call *x = c->free_calls;
+	c->free_calls = x->next;
+	x->id = 0;
+	x->kind = (uint8_t)kind;
+	x->refs = REF_OWNER;
+	x->done = x->abandoned = x->retry = x->retried = x->in_decoder = x->waiting = x->timed = false;
+	x->conn = x->rconn = NULL;
+	x->cprev = x->cnext = x->tprev = x->tnext = x->next = x->wnext = NULL;
+	x->deadline = 0;
+	x->status = PBRPC_STATUS_OK;
+	x->err = 0;
+	x->msg = NULL;
+	x->msg_len = 0;
+	x->body = NULL;
+	x->body_len = 0;
+	x->out_desc = NULL;
+	x->closure = NULL;
+	x->closure_data = NULL;
+	return x;
+}
+
+static void call_put(pbrpc_client *c, call *x)
+{
+	if (x->cap > CALL_BUF_KEEP) {
+		free(x->buf);
+		x->buf = NULL;
+		x->cap = 0;
+	}
+	x->next = c->free_calls;
+	c->free_calls = x;
+}
+
+static void call_release(pbrpc_client *c, call *x)
+{
+	x->refs &= (uint8_t)~REF_OWNER;
+	if (!x->refs)
+		call_put(c, x);
+}
+
+static int store_reply(call *x, const pbrpc_wire_response *r)
+{
+	size_t need = r->message_len + r->body_len;
+	if (need > x->cap) {
+		size_t cap = x->cap ? x->cap : 256;
+		while (cap < need)
+			cap *= 2;
+		uint8_t *nb = malloc(cap);
+		if (!nb)
+			return -ENOMEM;
+		free(x->buf);
+		x->buf = nb;
+		x->cap = cap;
+	}
+	if (r->message_len)
+		memcpy(x->buf, r->message, r->message_len);
+	if (r->body_len)
+		memcpy(x->buf + r->message_len, r->body, r->body_len);
+	x->msg = (const char *)x->buf;
+	x->msg_len = r->message_len;
+	x->body = x->buf + r->message_len;
+	x->body_len = r->body_len;
+	return 0;
+}
+
+/* ---- id table: open addressing, linear probing, backward-shift deletion ---- */
+
+static call *table_find(const pbrpc_client *c, uint32_t id)
+{
+	for (uint32_t i = id & c->table_mask;; i = (i + 1) & c->table_mask) {
+		call *x = c->table[i];
+		if (!x || x->id == id)
+			return x;
+	}
+}
+
+static void table_put(call **t, uint32_t mask, call *x)
+{
+	uint32_t i = x->id & mask;
+	while (t[i])
+		i = (i + 1) & mask;
+	t[i] = x;
+}
+
+/* Makes room for one more entry (load factor at most 1/2). */
+static int table_reserve(pbrpc_client *c)
+{
+	uint32_t cap = c->table_mask + 1;
+	if ((c->table_count + 1) * 2 <= cap)
+		return 0;
+	if (cap > (UINT32_MAX >> 2))
+		return -ENOMEM;
+	uint32_t ncap = cap * 2;
+	call **nt = calloc(ncap, sizeof(*nt));
+	if (!nt)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < cap; i++)
+		if (c->table[i])
+			table_put(nt, ncap - 1, c->table[i]);
+	free(c->table);
+	c->table = nt;
+	c->table_mask = ncap - 1;
+	return 0;
+}
+
+static void table_remove(pbrpc_client *c, uint32_t id)
+{
+	uint32_t m = c->table_mask, i = id & m;
+	while (c->table[i]->id != id)
+		i = (i + 1) & m;
+	c->table_count--;
+	for (uint32_t j = i;;) {
+		c->table[i] = NULL;
+		for (;;) {
+			j = (j + 1) & m;
+			if (!c->table[j])
+				return;
+			uint32_t home = c->table[j]->id & m;
+			/* The entry at j may stay unless its home lies cyclically in (i, j]. */
+			bool stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+			if (!stays)
+				break;
+		}
+		c->table[i] = c->table[j];
+		i = j;
+	}
+}
+
+/* Next call id: non-zero, wraps around 2^32, never one still reserved. */
+static uint32_t alloc_id(pbrpc_client *c)
+{
+	for (;;) {
+		uint32_t id = c->next_id++;
+		if (id != 0 && !table_find(c, id))
+			return id;
+	}
+}
+
+/* ---- timers for async calls, sorted by deadline ---- */
+
+static void timer_add(pbrpc_client *c, call *x)
+{
+	call *p = c->timers_tail;
+	while (p && p->deadline > x->deadline)
+		p = p->tprev;
+	x->tprev = p;
+	x->tnext = p ? p->tnext : c->timers_head;
+	if (x->tnext)
+		x->tnext->tprev = x;
+	else
+		c->timers_tail = x;
+	if (p)
+		p->tnext = x;
+	else
+		c->timers_head = x;
+	x->timed = true;
+}
+
+static void timer_del(pbrpc_client *c, call *x)
+{
+	if (!x->timed)
+		return;
+	if (x->tprev)
+		x->tprev->tnext = x->tnext;
+	else
+		c->timers_head = x->tnext;
+	if (x->tnext)
+		x->tnext->tprev = x->tprev;
+	else
+		c->timers_tail = x->tprev;
+	x->tprev = x->tnext = NULL;
+	x->timed = false;
+}
+
+/* ---- completion ---- */
+
+static void done_push(pbrpc_client *c, call *x)
+{
+	x->next = NULL;
+	if (c->done_tail)
+		c->done_tail->next = x;
+	else
+		c->done_head = x;
+	c->done_tail = x;
+	if (tls.in_process != c)
+		efd_signal(c);
+}
+
+/* x's status is final: wake its synchronous caller or queue its closure. */
+static void call_finish(pbrpc_client *c, call *x)
+{
+	x->done = true;
+	if (x->kind == CALL_SYNC) {
+		pthread_cond_signal(&x->cond);
+	} else {
+		timer_del(c, x);
+		done_push(c, x);
+	}
+}
+
+/* ---- connections ---- */
+
+__attribute__((format(printf, 5, 6))) static void conn_fail(pbrpc_client *c, conn *k, int status, int err,
+							    const char *fmt, ...);
+
+static void conn_destroy(pbrpc_client *c, conn *k)
+{
+	for (conn **p = &c->conns; *p; p = &(*p)->next) {
+		if (*p == k) {
+			*p = k->next;
+			break;
+		}
+	}
+	if (k->fd >= 0)
+		close(k->fd);
+	pbrpc_frame_decoder_fini(&k->dec);
+	pbrpc_frame_writer_fini(&k->w);
+	free(k);
+}
+
+static void conn_unref(pbrpc_client *c, conn *k)
+{
+	if (--k->refs == 0 && k->dead)
+		conn_destroy(c, k);
+}
+
+/* Releases x's id (RESPONSE received or connection gone). */
+static void call_unlink(pbrpc_client *c, call *x)
+{
+	conn *k = x->conn;
+	table_remove(c, x->id);
+	if (x->cprev)
+		x->cprev->cnext = x->cnext;
+	else
+		k->calls = x->cnext;
+	if (x->cnext)
+		x->cnext->cprev = x->cprev;
+	x->cprev = x->cnext = NULL;
+	x->conn = NULL;
+	x->refs &= (uint8_t)~REF_TABLE;
+	k->inflight--;
+	if (x->kind == CALL_ASYNC)
+		k->async_inflight--;
+	if (c->slot_waiters)
+		pthread_cond_broadcast(&c->cond);
+	if (k->draining && k->inflight == 0)
+		conn_fail(c, k, PBRPC_STATUS_OK, 0, "server finished draining");
+}
+
+/* Closes k and fails every call still in flight on it with `status`. The fd
+ * is closed at once, or by the last thread doing I/O on it (which the
+ * shutdown() wakes). */
+static void conn_fail(pbrpc_client *c, conn *k, int status, int err, const char *fmt, ...)
+{
+	if (k->dead)
+		return;
+	char msg[LOCAL_MSG_MAX];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+
+	k->dead = true;
+	if (c->cur == k) {
+		c->cur = NULL;
+		c->next_attempt = 0; /* a lost connection is re-dialled at the next call */
+	}
+	if (status != PBRPC_STATUS_OK) {
+		c->last_err = err;
+		snprintf(c->last_msg, sizeof(c->last_msg), "%s", msg);
+	}
+	while (k->calls) {
+		call *x = k->calls;
+		call_unlink(c, x);
+		if (x->abandoned) {
+			if (!x->refs)
+				call_put(c, x);
+			continue;
+		}
+		call_fail(x, status, err, "%s", msg);
+		call_finish(c, x);
+	}
+	epoll_ctl(c->epfd, EPOLL_CTL_DEL, k->fd, NULL);
+	if (k->refs)
+		shutdown(k->fd, SHUT_RDWR);
+	else
+		conn_destroy(c, k);
+	pthread_cond_broadcast(&c->cond);
+}
+
+static void read_nb(pbrpc_client *c, conn *k, int budget);
+
+static void reader_enter(conn *k)
+{
+	k->reading = true;
+	k->refs++;
+}
+
+static void reader_leave(pbrpc_client *c, conn *k)
+{
+	k->reading = false;
+	if (!k->dead) {
+		size_t pending = pbrpc_frame_decoder_pending(&k->dec);
+		if (k->big_frame && pending == 0) {
+			pbrpc_frame_decoder_release(&k->dec);
+			k->big_frame = false;
+		}
+		if (c->slot_waiters)
+			pthread_cond_broadcast(&c->cond); /* one of them may read now */
+		if (k->waiters)
+			pthread_cond_signal(&k->waiters->cond);
+		else if (c->proc_efd_only || (pending && k->async_inflight && tls.in_process != c))
+			efd_signal(c); /* a poller must take over the reading */
+	}
+	conn_unref(c, k);
+}
+
+/* A write failed: the server may have said why before closing, so read what
+ * it sent (when nobody else is reading), then fail the connection. */
+static void write_error(pbrpc_client *c, conn *k, int err)
+{
+	k->refs++;
+	if (!k->reading) {
+		reader_enter(k);
+		read_nb(c, k, 4);
+		reader_leave(c, k);
+	}
+	conn_fail(c, k, PBRPC_STATUS_UNAVAILABLE, err, "connection lost: write failed: %s", pbrpc_strerror(err));
+	conn_unref(c, k);
+}
+
+/* Sends what is queued without blocking. Leftover bytes are flushed later by
+ * the connection's reader, a waiting caller or process() (EPOLLOUT). */
+static int conn_flush(pbrpc_client *c, conn *k)
+{
+	if (k->dead)
+		return PBRPC_ECLOSED;
+	if (pbrpc_frame_writer_pending(&k->w)) {
+		ssize_t n = pbrpc_frame_writer_flush(&k->w, k->fd, MSG_DONTWAIT);
+		if (n < 0) {
+			write_error(c, k, (int)n);
+			return (int)n;
+		}
+	}
+	bool left = pbrpc_frame_writer_pending(&k->w) > 0;
+	if (left != k->epollout) {
+		struct epoll_event ev = { .events = EPOLLIN | (left ? EPOLLOUT : 0), .data.ptr = k };
+		if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, k->fd, &ev) == 0)
+			k->epollout = left;
+	}
+	if (!left)
+		pbrpc_frame_writer_trim(&k->w, WRITER_KEEP);
+	return 0;
+}
+
+__attribute__((format(printf, 3, 4))) static void protocol_error(pbrpc_client *c, conn *k, const char *fmt, ...)
+{
+	char msg[LOCAL_MSG_MAX];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (pbrpc_wire_write_goaway(&k->w, PBRPC_STATUS_INVALID_ARGUMENT, msg) == 0)
+		pbrpc_frame_writer_flush(&k->w, k->fd, MSG_DONTWAIT);
+	conn_fail(c, k, PBRPC_STATUS_UNAVAILABLE, PBRPC_EPROTO, "protocol error by the server: %s", msg);
+}
+
+static void decoder_error(pbrpc_client *c, conn *k, int r)
+{
+	if (r == PBRPC_ETOOBIG) {
+		const pbrpc_frame_header *h = pbrpc_frame_decoder_rejected(&k->dec);
+		unsigned len = h ? h->length : 0;
+		char m[96];
+		snprintf(m, sizeof(m), "frame of %u bytes is above the limit of %u", len, c->max_frame);
+		if (pbrpc_wire_write_goaway(&k->w, PBRPC_STATUS_RESOURCE_EXHAUSTED, m) == 0)
+			pbrpc_frame_writer_flush(&k->w, k->fd, MSG_DONTWAIT);
+		conn_fail(c, k, PBRPC_STATUS_UNAVAILABLE, PBRPC_ETOOBIG,
+			  "server sent a %u-byte frame, above this client's limit of %u", len, c->max_frame);
+	} else if (r == PBRPC_EPROTO) {
+		protocol_error(c, k, "reserved bits set in a frame header");
+	} else {
+		conn_fail(c, k, PBRPC_STATUS_UNAVAILABLE, r, "connection lost: %s", pbrpc_strerror(r));
+	}
+}
+
+static void read_error(pbrpc_client *c, conn *k, int r)
+{
+	if (r == PBRPC_EOF)
+		conn_fail(c, k, PBRPC_STATUS_UNAVAILABLE, r, "connection closed by server");
+	else if (r == PBRPC_ETRUNCATED)
+		conn_fail(c, k, PBRPC_STATUS_UNAVAILABLE, r, "connection closed by server in the middle of a frame");
+	else
+		conn_fail(c, k, PBRPC_STATUS_UNAVAILABLE, r, "connection lost: read failed: %s", pbrpc_strerror(r));
+}
+
+/* ---- dispatch (locked, by the connection's reader) ---- */
+
+/* Returns true when f is the RESPONSE of `me`, the reader's own call: its
+ * payload is left in the decoder and the reader keeps its role. */
+static bool handle_response(pbrpc_client *c, conn *k, const pbrpc_frame *f, call *me)
+{
+	pbrpc_wire_response r;
+	if (pbrpc_wire_read_response(f, &r) < 0) {
+		protocol_error(c, k, "malformed RESPONSE for call %u", (unsigned)f->hdr.stream);
+		return false;
+	}
+	call *x = table_find(c, r.call_id);
+	if (!x || x->conn != k) {
+		protocol_error(c, k, "RESPONSE for unknown call id %u", (unsigned)r.call_id);
+		return false;
+	}
+	call_unlink(c, x);
+	if (x->abandoned) {
+		if (!x->refs)
+			call_put(c, x);
+		return false;
+	}
+	int st = (r.status < 0 || r.status >= PBRPC_STATUS_COUNT) ? PBRPC_STATUS_UNKNOWN : r.status;
+	x->status = st;
+	x->err = 0;
+	/* A REQUEST that reached a draining server after its GOAWAY was not run. */
+	x->retry = st == PBRPC_STATUS_UNAVAILABLE && k->goaway_ok && x->kind == CALL_SYNC && !x->retried;
+	if (x == me) {
+		x->msg = r.message;
+		x->msg_len = r.message_len;
+		x->body = r.body;
+		x->body_len = r.body_len;
+		x->in_decoder = true;
+		x->rconn = k;
+		x->done = true;
+		return true;
+	}
+	if (store_reply(x, &r) < 0)
+		call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory storing a %zu-byte reply",
+			  r.body_len);
+	call_finish(c, x);
+	return false;
+}
+
+static void handle_goaway(pbrpc_client *c, conn *k, const pbrpc_frame *f)
+{
+	int st;
+	const char *m;
+	size_t ml;
+	if (pbrpc_wire_read_goaway(f, &st, &m, &ml) < 0) {
+		protocol_error(c, k, "malformed GOAWAY");
+		return;
+	}
+	if (st != PBRPC_STATUS_OK) {
+		conn_fail(c, k, PBRPC_STATUS_UNAVAILABLE, PBRPC_EGOAWAY, "server sent GOAWAY: %s: %.*s",
+			  pbrpc_status_name(st), (int)ml, m);
+		return;
+	}
+	/* Drain: calls in flight finish here, new calls go to a new connection. */
+	k->goaway_ok = true;
+	k->draining = true;
+	if (c->cur == k) {
+		c->cur = NULL;
+		c->next_attempt = 0;
+	}
+	pthread_cond_broadcast(&c->cond);
+	if (k->inflight == 0)
+		conn_fail(c, k, PBRPC_STATUS_OK, 0, "server is draining");
+}
+
+static bool handle_frame(pbrpc_client *c, conn *k, const pbrpc_frame *f, call *me)
+{
+	if (pbrpc_wire_check_header(&f->hdr) < 0) {
+		protocol_error(c, k, "bad %s frame header (type 0x%02x, flags 0x%02x, stream %u, length %u)",
+			       pbrpc_wire_frame_name(f->hdr.type), f->hdr.type, f->hdr.flags,
+			       (unsigned)f->hdr.stream, (unsigned)f->hdr.length);
+		return false;
+	}
+	switch (f->hdr.type) {
+	case PBRPC_FRAME_RESPONSE:
+		return handle_response(c, k, f, me);
+	case PBRPC_FRAME_PING:
+		if (pbrpc_wire_write_ping(&k->w, PBRPC_FRAME_PONG, f->payload) == 0)
+			conn_flush(c, k);
+		return false;
+	case PBRPC_FRAME_PONG:
+		return false;
+	case PBRPC_FRAME_GOAWAY:
+		handle_goaway(c, k, f);
+		return false;
+	default:
+		protocol_error(c, k, "unexpected %s frame from the server", pbrpc_wire_frame_name(f->hdr.type));
+		return false;
+	}
+}
+
+/* Dispatches the complete frames in k's decoder. Returns true when it stopped
+ * at me's RESPONSE (see handle_response). */
+static bool dispatch_buffered(pbrpc_client *c, conn *k, call *me)
+{
+	while (!k->dead) {
+		pbrpc_frame f;
+		int r = pbrpc_frame_decoder_next(&k->dec, &f);
+		if (r == 0)
+			return false;
+		if (r < 0) {
+			decoder_error(c, k, r);
+			return false;
+		}
+		if (f.hdr.length > BIG_FRAME)
+			k->big_frame = true;
+		if (handle_frame(c, k, &f, me))
+			return true;
+	}
+	return false;
+}
+
+/* Non-blocking reads and dispatch, for process() and error paths. */
+static void read_nb(pbrpc_client *c, conn *k, int budget)
+{
+	for (int i = 0; i < budget; i++) {
+		dispatch_buffered(c, k, NULL);
+		if (k->dead)
+			return;
+		ssize_t n = pbrpc_frame_decoder_recv(&k->dec, k->fd, MSG_DONTWAIT);
+		if (n == 0)
+			return;
+		if (n < 0) {
+			read_error(c, k, (int)n);
+			return;
+		}
+	}
+	dispatch_buffered(c, k, NULL);
+}
+
+/* Sets SO_RCVTIMEO to `need` ns (0: none) unless the cached value is close
+ * enough, so that a stream of calls with the same timeout costs no syscall. */
+static void set_rcvtimeo(conn *k, int64_t need)
+{
+	int64_t cur = k->rcvtimeo;
+	if (need == 0) {
+		if (cur == 0)
+			return;
+	} else if (cur != 0) {
+		int64_t slack = need / 64;
+		if (slack > 20 * NS_PER_MS)
+			slack = 20 * NS_PER_MS;
+		if (slack < NS_PER_MS)
+			slack = NS_PER_MS;
+		if (cur <= need + slack && cur >= need / 2)
+			return;
+	}
+	struct timeval tv = { .tv_sec = (time_t)(need / NS_PER_S), .tv_usec = (suseconds_t)((need % NS_PER_S) / 1000) };
+	if (need && tv.tv_sec == 0 && tv.tv_usec == 0)
+		tv.tv_usec = 1; /* zero would mean "no timeout" */
+	if (setsockopt(k->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) == 0)
+		k->rcvtimeo = need;
+}
+
+/* One step of a synchronous reader: dispatch what is buffered, else flush
+ * pending output or block in recv until data arrives or the deadline. `me`
+ * (may be NULL) is the reader's own call. */
+static void reader_step(pbrpc_client *c, conn *k, call *me, int64_t deadline)
+{
+	if (dispatch_buffered(c, k, me) || k->dead || (me && me->done))
+		return;
+	if (pbrpc_frame_writer_pending(&k->w)) {
+		if (conn_flush(c, k) < 0)
+			return;
+		if (pbrpc_frame_writer_pending(&k->w)) {
+			/* Output is stuck: wait for either direction (the slow path). */
+			int ms = ms_until(deadline);
+			struct pollfd p = { .fd = k->fd, .events = POLLIN | POLLOUT };
+			ssize_t n = 0;
+			pthread_mutex_unlock(&c->mu);
+			int r = poll(&p, 1, ms < 0 || ms > 1000 ? 1000 : ms);
+			if (r > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)))
+				n = pbrpc_frame_decoder_recv(&k->dec, k->fd, MSG_DONTWAIT);
+			pthread_mutex_lock(&c->mu);
+			if (n < 0)
+				read_error(c, k, (int)n);
+			else if (n > 0)
+				dispatch_buffered(c, k, me);
+			return;
+		}
+	}
+	int64_t need = 0;
+	if (deadline) {
+		need = deadline - pbrpc__now_ns();
+		if (need <= 0)
+			return;
+	}
+	set_rcvtimeo(k, need);
+	pthread_mutex_unlock(&c->mu);
+	ssize_t n = pbrpc_frame_decoder_recv(&k->dec, k->fd, 0);
+	pthread_mutex_lock(&c->mu);
+	if (n < 0)
+		read_error(c, k, (int)n);
+	else if (n > 0)
+		dispatch_buffered(c, k, me);
+}
+
+/* A follower whose request is still queued waits for the socket to take it. */
+static void pump_write(pbrpc_client *c, conn *k, int64_t deadline)
+{
+	k->pumping = true;
+	k->refs++;
+	int ms = ms_until(deadline);
+	struct pollfd p = { .fd = k->fd, .events = POLLOUT };
+	pthread_mutex_unlock(&c->mu);
+	poll(&p, 1, ms < 0 || ms > 1000 ? 1000 : ms);
+	pthread_mutex_lock(&c->mu);
+	k->pumping = false;
+	if (!k->dead)
+		conn_flush(c, k);
+	conn_unref(c, k);
+}
+
+/* Gives up on x (deadline or cancel): its status is final now, a CANCEL tells
+ * the server, and its id stays reserved until the server's RESPONSE. */
+static void abandon(pbrpc_client *c, call *x, int status, int err, const char *what)
+{
+	conn *k = x->conn;
+	x->abandoned = true;
+	call_fail(x, status, err, "%s", what);
+	if (k && !k->dead && pbrpc_wire_write_cancel(&k->w, x->id) == 0)
+		conn_flush(c, k);
+	call_finish(c, x);
+}
+
+/* Waits (locked) until x is done: as the connection's reader or as a
+ * follower. If x->in_decoder on return, the caller is still x->rconn's reader
+ * and must call reader_leave() once it has used the reply bytes. */
+static void sync_wait(pbrpc_client *c, call *x)
+{
+	conn *k = x->conn;
+	k->refs++;
+	while (!x->done) {
+		if (x->deadline && pbrpc__now_ns() >= x->deadline) {
+			abandon(c, x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded");
+			break;
+		}
+		if (!k->reading) {
+			reader_enter(k);
+			reader_step(c, k, x, x->deadline);
+			if (x->in_decoder)
+				break;
+			reader_leave(c, k);
+			continue;
+		}
+		if (pbrpc_frame_writer_pending(&k->w) && !k->pumping && !k->dead) {
+			pump_write(c, k, x->deadline);
+			continue;
+		}
+		x->wnext = k->waiters;
+		k->waiters = x;
+		x->waiting = true;
+		cond_wait_until(&x->cond, &c->mu, x->deadline);
+		for (call **p = &k->waiters; *p; p = &(*p)->wnext) {
+			if (*p == x) {
+				*p = x->wnext;
+				break;
+			}
+		}
+		x->waiting = false;
+	}
+	/* We may have been woken to take over the reading: pass that on. */
+	if (!k->dead && !k->reading && k->waiters)
+		pthread_cond_signal(&k->waiters->cond);
+	conn_unref(c, k);
+}
+
+/* ---- connecting ---- */
+
+static int write_all(conn *k, int64_t deadline)
+{
+	while (pbrpc_frame_writer_pending(&k->w)) {
+		ssize_t n = pbrpc_frame_writer_flush(&k->w, k->fd, MSG_DONTWAIT);
+		if (n < 0)
+			return (int)n;
+		if (pbrpc_frame_writer_pending(&k->w)) {
+			int r = wait_fd(k->fd, POLLOUT, deadline);
+			if (r < 0)
+				return r;
+		}
+	}
+	return 0;
+}
+
+/* Reads the server's 8-byte preface, checking each byte as it arrives. */
+static int read_preface(int fd, int64_t deadline)
+{
+	uint8_t b[PBRPC_WIRE_PREFACE_SIZE];
+	size_t got = 0;
+	while (got < sizeof(b)) {
+		struct iovec iov = { b + got, sizeof(b) - got };
+		struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+		ssize_t n = pbrpc__recvmsg(fd, &m, MSG_DONTWAIT);
+		if (n > 0) {
+			for (size_t i = got; i < got + (size_t)n; i++)
+				if (b[i] != (uint8_t)PBRPC_WIRE_PREFACE[i])
+					return PBRPC_EBADMAGIC;
+			got += (size_t)n;
+			continue;
+		}
+		if (n == 0)
+			return got ? PBRPC_ETRUNCATED : PBRPC_EOF;
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN && errno != EWOULDBLOCK)
+			return -errno;
+		int r = wait_fd(fd, POLLIN, deadline);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+static void goaway_best_effort(conn *k, int status, const char *msg)
+{
+	if (pbrpc_wire_write_goaway(&k->w, status, msg) == 0)
+		pbrpc_frame_writer_flush(&k->w, k->fd, MSG_DONTWAIT);
+}
+
+static int handshake(pbrpc_client *c, conn *k, int64_t deadline, char *msg, size_t len)
+{
+	pbrpc_wire_hello h = { .version = PBRPC_WIRE_VERSION, .max_frame = c->max_frame };
+	snprintf(h.agent, sizeof(h.agent), "%s", AGENT);
+	int rc = pbrpc_wire_write_preface(&k->w, &h);
+	if (rc == 0)
+		rc = write_all(k, deadline);
+	if (rc < 0) {
+		snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(rc));
+		return rc;
+	}
+	rc = read_preface(k->fd, deadline);
+	pbrpc_frame f;
+	if (rc == 0)
+		rc = pbrpc_frame_read(&k->dec, k->fd, &f, ms_until(deadline));
+	if (rc == PBRPC_EBADMAGIC) {
+		snprintf(msg, len, "%s is not a pbrpc server (bad preface)", c->ep_str);
+		return rc;
+	}
+	if (rc == PBRPC_EOF || rc == PBRPC_ETRUNCATED) {
+		snprintf(msg, len, "connection closed by %s during the handshake", c->ep_str);
+		return rc;
+	}
+	if (rc < 0) {
+		snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(rc));
+		return rc;
+	}
+	if (pbrpc_wire_check_header(&f.hdr) < 0 ||
+	    (f.hdr.type != PBRPC_FRAME_HELLO && f.hdr.type != PBRPC_FRAME_GOAWAY)) {
+		goaway_best_effort(k, PBRPC_STATUS_INVALID_ARGUMENT, "expected HELLO");
+		snprintf(msg, len, "%s sent %s instead of HELLO", c->ep_str, pbrpc_wire_frame_name(f.hdr.type));
+		return PBRPC_EPROTO;
+	}
+	if (f.hdr.type == PBRPC_FRAME_GOAWAY) {
+		int st;
+		const char *m;
+		size_t ml;
+		if (pbrpc_wire_read_goaway(&f, &st, &m, &ml) < 0) {
+			snprintf(msg, len, "%s sent a malformed GOAWAY during the handshake", c->ep_str);
+			return PBRPC_EPROTO;
+		}
+		snprintf(msg, len, "%s refused the connection: GOAWAY %s: %.*s", c->ep_str, pbrpc_status_name(st),
+			 (int)ml, m);
+		return st == PBRPC_STATUS_FAILED_PRECONDITION ? PBRPC_EVERSION : PBRPC_EGOAWAY;
+	}
+	rc = pbrpc_wire_read_hello(&f, &k->hello);
+	if (rc == PBRPC_EVERSION) {
+		char m[96];
+		snprintf(m, sizeof(m), "unsupported protocol version %u, this peer speaks %d", (unsigned)k->hello.version,
+			 PBRPC_WIRE_VERSION);
+		goaway_best_effort(k, PBRPC_STATUS_FAILED_PRECONDITION, m);
+		snprintf(msg, len, "%s speaks protocol version %u, this client speaks %d", c->ep_str,
+			 (unsigned)k->hello.version, PBRPC_WIRE_VERSION);
+		return rc;
+	}
+	if (rc < 0) {
+		goaway_best_effort(k, PBRPC_STATUS_INVALID_ARGUMENT, "malformed HELLO");
+		snprintf(msg, len, "%s sent a malformed HELLO", c->ep_str);
+		return rc;
+	}
+	k->max_frame = k->hello.max_frame ? k->hello.max_frame : PBRPC_FRAME_MAX_DEFAULT;
+	if (k->max_frame > PBRPC_FRAME_MAX_LIMIT)
+		k->max_frame = PBRPC_FRAME_MAX_LIMIT;
+	k->max_calls = k->hello.max_calls;
+	return 0;
+}
+
+/* Connects and handshakes without the client's mutex (touches only c's
+ * read-only fields and the new connection). */
+static int conn_open(pbrpc_client *c, int timeout_ms, conn **out, char *msg, size_t len)
+{
+	int64_t deadline = timeout_ms >= 0 ? pbrpc__now_ns() + (int64_t)timeout_ms * NS_PER_MS : 0;
+	int fd = pbrpc_endpoint_connect(&c->ep, timeout_ms);
+	if (fd < 0) {
+		snprintf(msg, len, "cannot connect to %s: %s", c->ep_str, pbrpc_strerror(fd));
+		return fd;
+	}
+	conn *k = calloc(1, sizeof(*k));
+	if (!k) {
+		close(fd);
+		snprintf(msg, len, "out of memory");
+		return -ENOMEM;
+	}
+	k->fd = fd;
+	pbrpc_frame_decoder_init(&k->dec, c->max_frame);
+	pbrpc_frame_writer_init(&k->w);
+	int rc = handshake(c, k, deadline, msg, len);
+	if (rc < 0) {
+		close(fd);
+		pbrpc_frame_decoder_fini(&k->dec);
+		pbrpc_frame_writer_fini(&k->w);
+		free(k);
+		return rc;
+	}
+	*out = k;
+	return 0;
+}
+
+/* Dials a new connection (locked on entry and exit; one thread at a time).
+ * On failure the next attempt waits for a jittered, doubling backoff. */
+static int connect_locked(pbrpc_client *c, int64_t deadline)
+{
+	c->connecting = true;
+	int ms = c->connect_timeout_ms;
+	if (deadline) {
+		int left = ms_until(deadline);
+		if (left < 1)
+			left = 1;
+		if (ms < 0 || left < ms)
+			ms = left;
+	}
+	pthread_mutex_unlock(&c->mu);
+	conn *k = NULL;
+	char msg[LOCAL_MSG_MAX];
+	int rc = conn_open(c, ms, &k, msg, sizeof(msg));
+	pthread_mutex_lock(&c->mu);
+	c->connecting = false;
+	if (rc == 0) {
+		struct epoll_event ev = { .events = EPOLLIN, .data.ptr = k };
+		if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, k->fd, &ev) < 0) {
+			rc = -errno;
+			snprintf(msg, sizeof(msg), "cannot watch the connection: %s", pbrpc_strerror(rc));
+			close(k->fd);
+			pbrpc_frame_decoder_fini(&k->dec);
+			pbrpc_frame_writer_fini(&k->w);
+			free(k);
+		}
+	}
+	if (rc == 0) {
+		k->next = c->conns;
+		c->conns = k;
+		c->cur = k;
+		c->hello = k->hello;
+		c->backoff_ms = c->backoff_min_ms;
+		c->next_attempt = 0;
+		c->last_err = 0;
+		c->last_msg[0] = '\0';
+		if (c->proc_efd_only)
+			efd_signal(c);
+	} else {
+		c->last_err = rc;
+		snprintf(c->last_msg, sizeof(c->last_msg), "%s", msg);
+		int b = c->backoff_ms;
+		int span = b / 5; /* +-20% */
+		int64_t d = (int64_t)b - span + (int64_t)(rng_next(c) % (uint64_t)(2 * span + 1));
+		if (d > c->backoff_max_ms)
+			d = c->backoff_max_ms;
+		c->next_attempt = pbrpc__now_ns() + d * NS_PER_MS;
+		c->backoff_ms = b > c->backoff_max_ms / 2 ? c->backoff_max_ms : b * 2;
+	}
+	pthread_cond_broadcast(&c->cond);
+	return rc;
+}
+
+/* A connection for a synchronous call, waiting (within x's deadline) for a
+ * connection, a reconnect backoff or a free call slot. NULL: x has failed. */
+static conn *sync_conn(pbrpc_client *c, call *x)
+{
+	for (;;) {
+		if (c->closing) {
+			call_fail(x, PBRPC_STATUS_CANCELLED, PBRPC_ECLOSED, "client is shutting down");
+			return NULL;
+		}
+		int64_t now = pbrpc__now_ns();
+		bool expired = x->deadline && now >= x->deadline;
+		conn *k = c->cur;
+		if (k) {
+			if (!k->max_calls || k->inflight < k->max_calls)
+				return k;
+			if (expired) {
+				call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT,
+					  "deadline exceeded waiting for a call slot (the server allows %u in flight)",
+					  (unsigned)k->max_calls);
+				return NULL;
+			}
+			if (!k->reading) {
+				/* Nobody reads the replies that would free a slot. */
+				k->refs++;
+				reader_enter(k);
+				reader_step(c, k, NULL, x->deadline);
+				reader_leave(c, k);
+				conn_unref(c, k);
+				continue;
+			}
+			c->slot_waiters++;
+			cond_wait_until(&c->cond, &c->mu, x->deadline);
+			c->slot_waiters--;
+			continue;
+		}
+		if (expired) {
+			if (c->last_err)
+				call_fail(x, PBRPC_STATUS_UNAVAILABLE, c->last_err, "%s", c->last_msg);
+			else
+				call_fail(x, PBRPC_STATUS_UNAVAILABLE, -ETIMEDOUT,
+					  "no connection to %s before the deadline", c->ep_str);
+			return NULL;
+		}
+		if (c->connecting) {
+			cond_wait_until(&c->cond, &c->mu, x->deadline);
+			continue;
+		}
+		if (now < c->next_attempt) {
+			int64_t until = c->next_attempt;
+			if (x->deadline && x->deadline < until)
+				until = x->deadline;
+			cond_wait_until(&c->cond, &c->mu, until);
+			continue;
+		}
+		connect_locked(c, x->deadline);
+	}
+}
+
+/* A connection for an asynchronous call: fails fast (UNAVAILABLE) while the
+ * reconnect backoff runs, and with RESOURCE_EXHAUSTED when the server's
+ * max_calls are all in flight. */
+static conn *async_conn(pbrpc_client *c, call *x)
+{
+	for (;;) {
+		if (c->closing) {
+			call_fail(x, PBRPC_STATUS_CANCELLED, PBRPC_ECLOSED, "client is shutting down");
+			return NULL;
+		}
+		conn *k = c->cur;
+		if (k) {
+			if (k->max_calls && k->inflight >= k->max_calls) {
+				call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_EQUEUEFULL,
+					  "too many calls in flight: the server accepts at most %u", (unsigned)k->max_calls);
+				return NULL;
+			}
+			return k;
+		}
+		if (c->connecting) {
+			cond_wait_until(&c->cond, &c->mu, x->deadline);
+			if (x->deadline && pbrpc__now_ns() >= x->deadline) {
+				call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded while connecting");
+				return NULL;
+			}
+			continue;
+		}
+		int64_t now = pbrpc__now_ns();
+		if (now < c->next_attempt) {
+			call_fail(x, PBRPC_STATUS_UNAVAILABLE, c->last_err ? c->last_err : -ENOTCONN,
+				  "not connected (%s); next attempt in %lld ms", c->last_msg[0] ? c->last_msg : "no connection",
+				  (long long)((c->next_attempt - now + NS_PER_MS - 1) / NS_PER_MS));
+			return NULL;
+		}
+		if (connect_locked(c, x->deadline) < 0) {
+			call_fail(x, PBRPC_STATUS_UNAVAILABLE, c->last_err, "%s", c->last_msg);
+			return NULL;
+		}
+	}
+}
+
+/* ---- sending ---- */
+
+typedef struct call_args {
+	const char *method;
+	size_t method_len;
+	const ProtobufCMessage *msg; /* packed in place, or */
+	const uint8_t *raw;          /* already packed bytes */
+	size_t raw_len;
+	const pbrpc_metadata *md;
+	size_t md_count;
+	int64_t deadline;
+} call_args;
+
+static int64_t call_deadline(const pbrpc_client *c, const pbrpc_call_opts *o)
+{
+	if (o && o->deadline_ns)
+		return o->deadline_ns;
+	int ms = o && o->timeout_ms ? o->timeout_ms : c->call_timeout_ms;
+	if (ms < 0)
+		return 0;
+	return pbrpc__now_ns() + (int64_t)ms * NS_PER_MS;
+}
+
+static void args_init(call_args *a, const pbrpc_client *c, const char *method, size_t method_len,
+		      const pbrpc_call_opts *o)
+{
+	memset(a, 0, sizeof(*a));
+	a->method = method;
+	a->method_len = method_len;
+	if (o) {
+		a->md = o->metadata;
+		a->md_count = o->metadata ? o->metadata_count : 0;
+	}
+	a->deadline = call_deadline(c, o);
+}
+
+static size_t request_size(const pbrpc_wire_request *req, const ProtobufCMessage *msg)
+{
+	size_t n = 2 + req->method_len + (req->has_timeout ? 8 : 0);
+	if (req->metadata_count) {
+		n += 2;
+		for (size_t i = 0; i < req->metadata_count; i++) {
+			const pbrpc_metadata *m = &req->metadata[i];
+			n += 1 + (m->key_len ? m->key_len : strlen(m->key)) + 2 + m->value_len;
+		}
+	}
+	return n + (msg ? protobuf_c_message_get_packed_size(msg) : req->body_len);
+}
+
+/* Encodes x's REQUEST into k's writer, reserves its id and sends without
+ * blocking. Returns 0 (x is in flight, or already failed with the connection)
+ * or a negative code with x's status set (nothing was sent). */
+static int send_request(pbrpc_client *c, conn *k, call *x, const call_args *a)
+{
+	pbrpc_wire_request req = {
+		.method = a->method,
+		.method_len = a->method_len,
+		.metadata = a->md,
+		.metadata_count = a->md_count,
+		.body = a->raw,
+		.body_len = a->raw_len,
+	};
+	if (x->deadline) {
+		int64_t left = x->deadline - pbrpc__now_ns();
+		if (left <= 0) {
+			call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded before the call was sent");
+			return -ETIMEDOUT;
+		}
+		req.has_timeout = true;
+		req.timeout_us = (uint64_t)left / 1000;
+	}
+	if (table_reserve(c) < 0) {
+		call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
+		return -ENOMEM;
+	}
+	x->id = alloc_id(c);
+	req.call_id = x->id;
+	int rc = pbrpc_wire_write_request(&k->w, &req, a->msg, k->max_frame);
+	if (rc < 0) {
+		if (rc == PBRPC_ETOOBIG)
+			call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, rc, "request is %zu bytes, server accepts at most %u",
+				  request_size(&req, a->msg), (unsigned)k->max_frame);
+		else if (rc == PBRPC_EINVALID)
+			call_fail(x, PBRPC_STATUS_INVALID_ARGUMENT, rc, "invalid method name \"%.*s\" or metadata",
+				  (int)(a->method_len > 200 ? 200 : a->method_len), a->method);
+		else
+			call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, rc, "cannot encode the request: %s",
+				  pbrpc_strerror(rc));
+		x->id = 0;
+		return rc;
+	}
+	table_put(c->table, c->table_mask, x);
+	c->table_count++;
+	x->refs |= REF_TABLE;
+	x->conn = k;
+	x->cnext = k->calls;
+	if (k->calls)
+		k->calls->cprev = x;
+	k->calls = x;
+	k->inflight++;
+	if (x->kind == CALL_ASYNC)
+		k->async_inflight++;
+	tls.last_call = x->id;
+	conn_flush(c, k);
+	return 0;
+}
+
+/* Releases what a finished synchronous call holds (locked). */
+static void sync_release(pbrpc_client *c, call *x)
+{
+	if (x->in_decoder) {
+		x->in_decoder = false;
+		reader_leave(c, x->rconn);
+		x->rconn = NULL;
+	}
+	call_release(c, x);
+}
+
+/* Runs a synchronous call. Returns with the mutex held and x done, or NULL
+ * (out of memory). A call answered UNAVAILABLE by a draining server (it was
+ * not run) is retried once on a new connection. */
+static call *sync_call(pbrpc_client *c, const call_args *a)
+{
+	pthread_mutex_lock(&c->mu);
+	for (int attempt = 0;; attempt++) {
+		call *x = call_get(c, CALL_SYNC);
+		if (!x)
+			return NULL;
+		x->deadline = a->deadline;
+		x->retried = attempt > 0;
+		if (a->deadline && pbrpc__now_ns() >= a->deadline) {
+			/* Already expired: fail without sending a byte. */
+			call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded before the call was sent");
+			return x;
+		}
+		conn *k = sync_conn(c, x);
+		if (!k || send_request(c, k, x, a) < 0)
+			return x;
+		sync_wait(c, x);
+		if (!x->retry || attempt > 0)
+			return x;
+		sync_release(c, x);
+	}
+}
+
+/* Unpacks a reply; on failure sets this thread's status. */
+static const ProtobufCMessage *unpack_reply(const ProtobufCMessageDescriptor *d, arena *a, const uint8_t *body,
+					    size_t len)
+{
+	ProtobufCMessage *m = protobuf_c_message_unpack(d, a ? &a->pa : NULL, len, body);
+	if (!m) {
+		if (a && a->failed)
+			set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory unpacking a %s", d->name);
+		else
+			set_statusf(PBRPC_STATUS_INTERNAL, "reply is not a valid %s", d->name);
+	}
+	return m;
+}
+
+static void reply_free(const ProtobufCMessage *m, arena *a)
+{
+	if (a)
+		arena_reset(a);
+	else if (m)
+		protobuf_c_message_free_unpacked((ProtobufCMessage *)m, NULL);
+}
+
+static arena *arena_get(pbrpc_client *c)
+{
+	arena *a = c->arenas;
+	if (a) {
+		c->arenas = a->next;
+		c->idle_arenas--;
+		return a;
+	}
+	a = calloc(1, sizeof(*a));
+	if (!a)
+		return NULL;
+	a->pa.alloc = arena_alloc;
+	a->pa.free = arena_free;
+	a->pa.allocator_data = a;
+	return a;
+}
+
+static void arena_put(pbrpc_client *c, arena *a)
+{
+	if (!a)
+		return;
+	if (c->idle_arenas >= IDLE_ARENAS_MAX) {
+		arena_destroy(a);
+		return;
+	}
+	a->next = c->arenas;
+	c->arenas = a;
+	c->idle_arenas++;
+}
+
+/* ---- process ---- */
+
+/* Runs the queued async closures (locked on entry and exit; unlocked while
+ * they run). Returns how many ran. */
+static int run_done(pbrpc_client *c)
+{
+	call *list = c->done_head;
+	if (!list)
+		return 0;
+	c->done_head = c->done_tail = NULL;
+	arena *a = arena_get(c);
+	pthread_mutex_unlock(&c->mu);
+
+	pbrpc_client *outer = tls.in_process;
+	tls.in_process = NULL; /* calls made by closures must signal pollers */
+	int n = 0;
+	for (call *x = list; x; x = x->next) {
+		const ProtobufCMessage *reply = NULL;
+		if (x->status == PBRPC_STATUS_OK && x->out_desc) {
+			reply = unpack_reply(x->out_desc, a, x->body, x->body_len);
+			if (reply)
+				set_status(x->status, x->msg, x->msg_len);
+		} else {
+			set_status(x->status, x->msg, x->msg_len);
+		}
+		x->closure(reply, x->closure_data);
+		reply_free(reply, a);
+		n++;
+	}
+	tls.in_process = outer;
+
+	pthread_mutex_lock(&c->mu);
+	for (call *x = list, *next; x; x = next) {
+		next = x->next;
+		c->async_pending--;
+		call_release(c, x);
+	}
+	arena_put(c, a);
+	return n;
+}
+
+static void expire_timers(pbrpc_client *c)
+{
+	int64_t now = pbrpc__now_ns();
+	while (c->timers_head && c->timers_head->deadline <= now)
+		abandon(c, c->timers_head, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded");
+}
+
+static int process_run(pbrpc_client *c, int timeout_ms, bool forever)
+{
+	int64_t deadline = timeout_ms > 0 ? pbrpc__now_ns() + (int64_t)timeout_ms * NS_PER_MS : 0;
+	int ran = 0;
+	pbrpc_client *outer = tls.in_process;
+	tls.in_process = c;
+	pthread_mutex_lock(&c->mu);
+	for (;;) {
+		if (c->efd_signaled) {
+			uint64_t v;
+			ssize_t r = read(c->efd, &v, sizeof(v));
+			(void)r; /* EAGAIN: already drained */
+			c->efd_signaled = false;
+		}
+		expire_timers(c);
+		/* Watch the sockets unless each is being read by a synchronous caller
+		 * (then only its hand-over, through the eventfd, matters). */
+		bool watch = false;
+		for (conn *k = c->conns, *next; k; k = next) {
+			next = k->next;
+			if (k->dead)
+				continue;
+			k->refs++;
+			conn_flush(c, k);
+			if (!k->dead && !k->reading) {
+				reader_enter(k);
+				read_nb(c, k, READ_BUDGET);
+				reader_leave(c, k);
+				watch = true;
+			}
+			if (!k->dead && pbrpc_frame_writer_pending(&k->w))
+				watch = true;
+			conn_unref(c, k);
+		}
+		ran += run_done(c);
+		if (forever) {
+			if (c->stopping)
+				break;
+		} else if (ran > 0 || timeout_ms == 0 || (timeout_ms < 0 && c->async_pending == 0) ||
+			   (deadline && pbrpc__now_ns() >= deadline)) {
+			break;
+		}
+		int64_t wake = deadline;
+		if (c->timers_head && (!wake || c->timers_head->deadline < wake))
+			wake = c->timers_head->deadline;
+		int ms = ms_until(wake);
+		if (!watch)
+			c->proc_efd_only++;
+		pthread_mutex_unlock(&c->mu);
+		if (watch) {
+			struct epoll_event ev[8];
+			epoll_wait(c->epfd, ev, 8, ms);
+		} else {
+			struct pollfd p = { .fd = c->efd, .events = POLLIN };
+			poll(&p, 1, ms);
+		}
+		pthread_mutex_lock(&c->mu);
+		if (!watch)
+			c->proc_efd_only--;
+	}
+	pthread_mutex_unlock(&c->mu);
+	tls.in_process = outer;
+	return ran;
+}
+
+static void *io_main(void *arg)
+{
+	process_run(arg, -1, true);
+	return NULL;
+}
+
+/* ---- stubs ---- */
+
+static void sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, ProtobufCClosure closure,
+			void *closure_data)
+{
+	pbrpc_client *c = s->c;
+	const ProtobufCMessageDescriptor *out = s->base.descriptor->methods[idx].output;
+	pbrpc_call_opts o = take_opts();
+	call_args a;
+	args_init(&a, c, s->m[idx].s, s->m[idx].len, &o);
+	a.msg = input;
+
+	call *x = sync_call(c, &a);
+	if (!x) {
+		pthread_mutex_unlock(&c->mu);
+		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		closure(NULL, closure_data);
+		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		return;
+	}
+	arena *ar = x->status == PBRPC_STATUS_OK ? arena_get(c) : NULL;
+	pthread_mutex_unlock(&c->mu);
+
+	const ProtobufCMessage *reply = NULL;
+	if (x->status == PBRPC_STATUS_OK) {
+		reply = unpack_reply(out, ar, x->body, x->body_len);
+		if (reply)
+			set_status(x->status, x->msg, x->msg_len);
+	} else {
+		set_status(x->status, x->msg, x->msg_len);
+	}
+	pthread_mutex_lock(&c->mu);
+	sync_release(c, x);
+	pthread_mutex_unlock(&c->mu);
+
+	/* Keep this call's status for after the closure, which may make calls. */
+	int st = tls.status;
+	unsigned gen = tls.gen;
+	char saved[PBRPC_WIRE_MESSAGE_MAX + 1];
+	size_t saved_len = strlen(tls.msg);
+	memcpy(saved, tls.msg, saved_len);
+
+	closure(reply, closure_data);
+
+	if (tls.gen != gen)
+		set_status(st, saved, saved_len);
+	if (ar) {
+		arena_reset(ar);
+		pthread_mutex_lock(&c->mu);
+		arena_put(c, ar);
+		pthread_mutex_unlock(&c->mu);
+	} else if (reply) {
+		protobuf_c_message_free_unpacked((ProtobufCMessage *)reply, NULL);
+	}
+}
+
+static void async_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, ProtobufCClosure closure,
+			 void *closure_data)
+{
+	pbrpc_client *c = s->c;
+	pbrpc_call_opts o = take_opts();
+	call_args a;
+	args_init(&a, c, s->m[idx].s, s->m[idx].len, &o);
+	a.msg = input;
+	tls.last_call = 0;
+
+	pthread_mutex_lock(&c->mu);
+	call *x = call_get(c, CALL_ASYNC);
+	if (!x) {
+		pthread_mutex_unlock(&c->mu);
+		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		closure(NULL, closure_data);
+		return;
+	}
+	x->out_desc = s->base.descriptor->methods[idx].output;
+	x->closure = closure;
+	x->closure_data = closure_data;
+	x->deadline = a.deadline;
+	c->async_pending++;
+
+	conn *k = NULL;
+	int rc = -1;
+	if (a.deadline && pbrpc__now_ns() >= a.deadline)
+		call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded before the call was sent");
+	else if ((k = async_conn(c, x)) != NULL)
+		rc = send_request(c, k, x, &a);
+	if (rc < 0)
+		call_finish(c, x);
+	else if (!x->done && x->deadline)
+		timer_add(c, x);
+	pthread_mutex_unlock(&c->mu);
+}
+
+static void svc_invoke(ProtobufCService *service, unsigned idx, const ProtobufCMessage *input,
+		       ProtobufCClosure closure, void *closure_data)
+{
+	svc *s = (svc *)service;
+	if (idx >= s->base.descriptor->n_methods || !input) {
+		set_statusf(PBRPC_STATUS_INVALID_ARGUMENT, "no method %u in %s", idx, s->base.descriptor->name);
+		if (closure)
+			closure(NULL, closure_data);
+		return;
+	}
+	if (s->async)
+		async_invoke(s, idx, input, closure, closure_data);
+	else
+		sync_invoke(s, idx, input, closure, closure_data);
+}
+
+static void svc_destroy(ProtobufCService *service)
+{
+	(void)service; /* owned by the client, freed with it */
+}
+
+static ProtobufCService *service_get(pbrpc_client *c, const ProtobufCServiceDescriptor *desc, bool async)
+{
+	if (!c || !desc || !desc->name)
+		return NULL;
+	pthread_mutex_lock(&c->mu);
+	for (svc *s = c->services; s; s = s->next) {
+		if (s->base.descriptor == desc && s->async == async) {
+			pthread_mutex_unlock(&c->mu);
+			return &s->base;
+		}
+	}
+	size_t nl = strlen(desc->name), size = sizeof(svc) + desc->n_methods * sizeof(method_name);
+	for (unsigned i = 0; i < desc->n_methods; i++)
+		size += nl + 1 + strlen(desc->methods[i].name) + 1;
+	svc *s = calloc(1, size);
+	if (!s) {
+		pthread_mutex_unlock(&c->mu);
+		return NULL;
+	}
+	char *p = (char *)&s->m[desc->n_methods];
+	for (unsigned i = 0; i < desc->n_methods; i++) {
+		int n = sprintf(p, "%s/%s", desc->name, desc->methods[i].name);
+		s->m[i].s = p;
+		s->m[i].len = (size_t)n;
+		p += n + 1;
+	}
+	s->base.descriptor = desc;
+	s->base.invoke = svc_invoke;
+	s->base.destroy = svc_destroy;
+	s->c = c;
+	s->async = async;
+	s->next = c->services;
+	c->services = s;
+	pthread_mutex_unlock(&c->mu);
+	return &s->base;
+}
+
+/* ---- public API ---- */
+
+static void client_teardown(pbrpc_client *c)
+{
+	while (c->conns) {
+		conn *k = c->conns;
+		if (k->fd >= 0 && !k->dead)
+			epoll_ctl(c->epfd, EPOLL_CTL_DEL, k->fd, NULL);
+		conn_destroy(c, k);
+	}
+	while (c->slabs) {
+		call_slab *s = c->slabs;
+		c->slabs = s->next;
+		for (int i = 0; i < CALL_SLAB_SIZE; i++) {
+			pthread_cond_destroy(&s->calls[i].cond);
+			free(s->calls[i].buf);
+		}
+		free(s);
+	}
+	while (c->arenas) {
+		arena *a = c->arenas;
+		c->arenas = a->next;
+		arena_destroy(a);
+	}
+	while (c->services) {
+		svc *s = c->services;
+		c->services = s->next;
+		free(s);
+	}
+	free(c->table);
+	if (c->efd >= 0)
+		close(c->efd);
+	if (c->epfd >= 0)
+		close(c->epfd);
+	pthread_cond_destroy(&c->cond);
+	pthread_condattr_destroy(&c->cattr);
+	pthread_mutex_destroy(&c->mu);
+	free(c);
+}
+
+PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, const pbrpc_client_opts *opts)
+{
+	if (!out)
+		return PBRPC_EINVALID;
+	*out = NULL;
+	pbrpc_client_opts o = { 0 };
+	if (opts)
+		o = *opts;
+	pbrpc_client *c = calloc(1, sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	c->epfd = c->efd = -1;
+	pthread_mutex_init(&c->mu, NULL);
+	pthread_condattr_init(&c->cattr);
+	pthread_condattr_setclock(&c->cattr, CLOCK_MONOTONIC);
+	pthread_cond_init(&c->cond, &c->cattr);
+
+	int rc = pbrpc_endpoint_parse(endpoint, &c->ep);
+	if (rc < 0)
+		goto err_client;
+	snprintf(c->ep_str, sizeof(c->ep_str), "%s", endpoint);
+	c->max_frame = o.max_frame ? o.max_frame : PBRPC_FRAME_MAX_DEFAULT;
+	if (c->max_frame > PBRPC_FRAME_MAX_LIMIT)
+		c->max_frame = PBRPC_FRAME_MAX_LIMIT;
+	c->connect_timeout_ms = o.connect_timeout_ms ? o.connect_timeout_ms : DEFAULT_CONNECT_TIMEOUT_MS;
+	c->call_timeout_ms = o.call_timeout_ms ? o.call_timeout_ms : DEFAULT_CALL_TIMEOUT_MS;
+	c->backoff_min_ms = o.backoff_min_ms > 0 ? o.backoff_min_ms : DEFAULT_BACKOFF_MIN_MS;
+	c->backoff_max_ms = o.backoff_max_ms > 0 ? o.backoff_max_ms : DEFAULT_BACKOFF_MAX_MS;
+	if (c->backoff_max_ms < c->backoff_min_ms)
+		c->backoff_max_ms = c->backoff_min_ms;
+	c->backoff_ms = c->backoff_min_ms;
+	c->next_id = 1;
+	c->rng = (uint64_t)pbrpc__now_ns() ^ ((uint64_t)(uintptr_t)c << 16) ^ 0x9e3779b97f4a7c15ull;
+	if (!c->rng)
+		c->rng = 1;
+
+	c->table = calloc(TABLE_MIN, sizeof(*c->table));
+	if (!c->table) {
+		rc = -ENOMEM;
+		goto err_client;
+	}
+	c->table_mask = TABLE_MIN - 1;
+	c->epfd = epoll_create1(EPOLL_CLOEXEC);
+	c->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (c->epfd < 0 || c->efd < 0) {
+		rc = -errno;
+		goto err_client;
+	}
+	struct epoll_event ev = { .events = EPOLLIN, .data.ptr = NULL };
+	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, c->efd, &ev) < 0) {
+		rc = -errno;
+		goto err_client;
+	}
+	if (!o.lazy) {
+		pthread_mutex_lock(&c->mu);
+		rc = connect_locked(c, 0);
+		pthread_mutex_unlock(&c->mu);
+		if (rc < 0)
+			goto err_client;
+	}
+	if (o.io_thread) {
+		rc = -pthread_create(&c->io, NULL, io_main, c);
+		if (rc < 0)
+			goto err_client;
+		c->io_started = true;
+	}
+	*out = c;
+	return 0;
+
+err_client:
+	client_teardown(c);
+	return rc;
+}
+
+PBRPC_EXPORT void pbrpc_client_free(pbrpc_client *c)
+{
+	if (!c)
+		return;
+	pthread_mutex_lock(&c->mu);
+	c->stopping = true;
+	efd_signal(c);
+	pthread_mutex_unlock(&c->mu);
+	if (c->io_started)
+		pthread_join(c->io, NULL);
+
+	pbrpc_client *outer = tls.in_process;
+	tls.in_process = c;
+	pthread_mutex_lock(&c->mu);
+	c->closing = true;
+	for (conn *k = c->conns, *next; k; k = next) {
+		next = k->next;
+		conn_fail(c, k, PBRPC_STATUS_CANCELLED, PBRPC_ECLOSED, "client closed");
+	}
+	while (c->done_head)
+		run_done(c);
+	pthread_mutex_unlock(&c->mu);
+	tls.in_process = outer;
+	client_teardown(c);
+}
+
+PBRPC_EXPORT ProtobufCService *pbrpc_client_service(pbrpc_client *c, const ProtobufCServiceDescriptor *desc)
+{
+	return service_get(c, desc, false);
+}
+
+PBRPC_EXPORT ProtobufCService *pbrpc_client_service_async(pbrpc_client *c, const ProtobufCServiceDescriptor *desc)
+{
+	return service_get(c, desc, true);
+}
+
+PBRPC_EXPORT void pbrpc_client_next_call(const pbrpc_call_opts *opts)
+{
+	tls.has_next = opts != NULL;
+	if (opts)
+		tls.next = *opts;
+}
+
+PBRPC_EXPORT int pbrpc_client_status(const char **message)
+{
+	if (message)
+		*message = tls.msg;
+	return tls.status;
+}
+
+PBRPC_EXPORT uint32_t pbrpc_client_last_call(void)
+{
+	return tls.last_call;
+}
+
+PBRPC_EXPORT int pbrpc_client_cancel(pbrpc_client *c, uint32_t call_id)
+{
+	if (!c || call_id == 0)
+		return PBRPC_EINVALID;
+	pthread_mutex_lock(&c->mu);
+	call *x = table_find(c, call_id);
+	if (!x || x->kind != CALL_ASYNC || x->abandoned) {
+		pthread_mutex_unlock(&c->mu);
+		return PBRPC_EINVALID;
+	}
+	abandon(c, x, PBRPC_STATUS_CANCELLED, PBRPC_ECLOSED, "call cancelled by the client");
+	pthread_mutex_unlock(&c->mu);
+	return 0;
+}
+
+PBRPC_EXPORT int pbrpc_client_fd(pbrpc_client *c)
+{
+	return c ? c->epfd : PBRPC_EINVALID;
+}
+
+PBRPC_EXPORT int pbrpc_client_process(pbrpc_client *c, int timeout_ms)
+{
+	if (!c)
+		return PBRPC_EINVALID;
+	return process_run(c, timeout_ms, false);
+}
+
+PBRPC_EXPORT size_t pbrpc_client_pending(pbrpc_client *c)
+{
+	if (!c)
+		return 0;
+	pthread_mutex_lock(&c->mu);
+	size_t n = c->async_pending;
+	pthread_mutex_unlock(&c->mu);
+	return n;
+}
+
+PBRPC_EXPORT int pbrpc_client_drain(pbrpc_client *c, int timeout_ms)
+{
+	int64_t deadline = timeout_ms >= 0 ? pbrpc__now_ns() + (int64_t)timeout_ms * NS_PER_MS : 0;
+	for (;;) {
+		if (pbrpc_client_pending(c) == 0)
+			return 0;
+		int ms = -1;
+		if (deadline) {
+			ms = ms_until(deadline);
+			if (ms == 0 && timeout_ms != 0)
+				return -ETIMEDOUT;
+		}
+		int r = process_run(c, ms, false);
+		if (r < 0)
+			return r;
+		if (timeout_ms == 0)
+			return pbrpc_client_pending(c) ? -ETIMEDOUT : 0;
+	}
+}
+
+static void result_fill(pbrpc_call_result *res, int status, const char *msg)
+{
+	if (!res)
+		return;
+	res->status = status;
+	size_t n = msg ? strnlen(msg, sizeof(res->message) - 1) : 0;
+	if (n)
+		memcpy(res->message, msg, n);
+	res->message[n] = '\0';
+}
+
+/* Return code of a finished explicit call. */
+static int call_rc(const call *x)
+{
+	if (x->err)
+		return x->err;
+	return x->status == PBRPC_STATUS_OK ? 0 : PBRPC_ESTATUS;
+}
+
+PBRPC_EXPORT int pbrpc_client_call(pbrpc_client *c, const char *method, const ProtobufCMessage *request,
+				   const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
+				   const pbrpc_call_opts *opts, pbrpc_call_result *result)
+{
+	if (reply)
+		*reply = NULL;
+	if (!c || !method || !request) {
+		set_statusf(PBRPC_STATUS_INVALID_ARGUMENT, "missing client, method or request");
+		result_fill(result, tls.status, tls.msg);
+		return PBRPC_EINVALID;
+	}
+	call_args a;
+	args_init(&a, c, method, strlen(method), opts);
+	a.msg = request;
+	call *x = sync_call(c, &a);
+	if (!x) {
+		pthread_mutex_unlock(&c->mu);
+		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		result_fill(result, tls.status, tls.msg);
+		return -ENOMEM;
+	}
+	int rc = call_rc(x);
+	set_status(x->status, x->msg, x->msg_len);
+	if (rc == 0 && reply_desc && reply) {
+		pthread_mutex_unlock(&c->mu);
+		*reply = protobuf_c_message_unpack(reply_desc, NULL, x->body_len, x->body);
+		pthread_mutex_lock(&c->mu);
+		if (!*reply) {
+			set_statusf(PBRPC_STATUS_INTERNAL, "reply is not a valid %s", reply_desc->name);
+			rc = PBRPC_EDECODE;
+		}
+	}
+	sync_release(c, x);
+	pthread_mutex_unlock(&c->mu);
+	result_fill(result, tls.status, tls.msg);
+	return rc;
+}
+
+PBRPC_EXPORT int pbrpc_client_call_raw(pbrpc_client *c, const char *method, const void *request,
+				       size_t request_len, uint8_t **reply, size_t *reply_len,
+				       const pbrpc_call_opts *opts, pbrpc_call_result *result)
+{
+	if (reply)
+		*reply = NULL;
+	if (reply_len)
+		*reply_len = 0;
+	if (!c || !method || (!request && request_len)) {
+		set_statusf(PBRPC_STATUS_INVALID_ARGUMENT, "missing client, method or request");
+		result_fill(result, tls.status, tls.msg);
+		return PBRPC_EINVALID;
+	}
+	call_args a;
+	args_init(&a, c, method, strlen(method), opts);
+	a.raw = request;
+	a.raw_len = request_len;
+	call *x = sync_call(c, &a);
+	if (!x) {
+		pthread_mutex_unlock(&c->mu);
+		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		result_fill(result, tls.status, tls.msg);
+		return -ENOMEM;
+	}
+	int rc = call_rc(x);
+	set_status(x->status, x->msg, x->msg_len);
+	if (rc == 0 && reply) {
+		uint8_t *p = malloc(x->body_len ? x->body_len : 1);
+		if (p) {
+			if (x->body_len)
+				memcpy(p, x->body, x->body_len);
+			*reply = p;
+			if (reply_len)
+				*reply_len = x->body_len;
+		} else {
+			set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory copying a %zu-byte reply", x->body_len);
+			rc = -ENOMEM;
+		}
+	}
+	sync_release(c, x);
+	pthread_mutex_unlock(&c->mu);
+	result_fill(result, tls.status, tls.msg);
+	return rc;
+}
+
+PBRPC_EXPORT void pbrpc_client_server_hello(pbrpc_client *c, pbrpc_wire_hello *out)
+{
+	if (!c) {
+		memset(out, 0, sizeof(*out));
+		return;
+	}
+	pthread_mutex_lock(&c->mu);
+	*out = c->hello;
+	pthread_mutex_unlock(&c->mu);
+}
