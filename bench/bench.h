@@ -89,10 +89,12 @@ typedef struct bench_system {
 	 * an fd-owning handle or NULL. */
 	void *(*open_idle)(const bench_target *t);
 	void (*close)(void *conn);
+	void (*close_idle)(void *conn);
 } bench_system;
 
 extern const bench_system bench_raw;    /* baseline A */
 extern const bench_system bench_rawpb;  /* baseline B */
+extern const bench_system bench_epoll;  /* B's client, one-thread epoll server */
 extern const bench_system bench_pbrpc;  /* pbrpc client + pbrpc server */
 extern const bench_system bench_wire;   /* minimal frame/wire client + pbrpc server */
 

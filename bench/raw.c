@@ -6,6 +6,11 @@
  *               unpacks it, builds a demo.EchoReply with the same payload and
  *               packs that; the client packs and unpacks likewise (protobuf-c,
  *               default allocator).
+ *   E (epoll):  B's client and messages, served by one thread with an epoll
+ *               loop instead of a thread per connection: the system calls an
+ *               event-loop server cannot avoid (epoll_wait, read, write per
+ *               request), and nothing else. A diagnostic for pbrpc's server,
+ *               which has the same shape.
  *
  * Blocking sockets, one thread per connection on the server, one write per
  * message (prefix and body from one buffer) and reads into a per-connection
@@ -17,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -85,6 +91,25 @@ static const uint8_t *read_msg(rbuf *b, int fd, uint32_t *len)
 	return body;
 }
 
+/* Non-blocking variant for the epoll server: the next message if it is
+ * complete in the buffer, else NULL (and room reserved for the rest). */
+static const uint8_t *next_msg(rbuf *b, uint32_t *len)
+{
+	if (b->tail - b->head < 4) {
+		rbuf_reserve(b, 4);
+		return NULL;
+	}
+	const uint8_t *h = b->p + b->head;
+	uint32_t n = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+	if (b->tail - b->head < 4 + (size_t)n) {
+		rbuf_reserve(b, 4 + (size_t)n);
+		return NULL;
+	}
+	b->head += 4 + (size_t)n;
+	*len = n;
+	return h + 4;
+}
+
 static void put_len(uint8_t *p, size_t n)
 {
 	p[0] = (uint8_t)(n >> 24);
@@ -115,6 +140,30 @@ struct sconn {
 	bool pb;
 };
 
+/* Answers one request; returns 0 or -1 when the peer is gone. */
+static int answer(int fd, bool pb, const uint8_t *body, uint32_t len, uint8_t **out, size_t *out_cap)
+{
+	bench_server_tick();
+	if (!pb)
+		return bench_write_all(fd, body - 4, 4 + (size_t)len);
+	Demo__EchoRequest *req = demo__echo_request__unpack(NULL, len, body);
+	if (!req)
+		bench_die("raw+pb server: bad request");
+	Demo__EchoReply rep = DEMO__ECHO_REPLY__INIT;
+	rep.payload = req->payload;
+	size_t n = demo__echo_reply__get_packed_size(&rep);
+	if (*out_cap < 4 + n) {
+		*out_cap = 4 + n;
+		*out = realloc(*out, *out_cap);
+		if (!*out)
+			bench_die("out of memory");
+	}
+	demo__echo_reply__pack(&rep, *out + 4);
+	put_len(*out, n);
+	demo__echo_request__free_unpacked(req, NULL);
+	return bench_write_all(fd, *out, 4 + n);
+}
+
 static void *conn_main(void *arg)
 {
 	struct sconn *sc = arg;
@@ -124,31 +173,9 @@ static void *conn_main(void *arg)
 	uint32_t len;
 	const uint8_t *body;
 
-	while ((body = read_msg(&in, sc->fd, &len))) {
-		bench_server_tick();
-		if (!sc->pb) {
-			if (bench_write_all(sc->fd, body - 4, 4 + (size_t)len) < 0)
-				break;
-			continue;
-		}
-		Demo__EchoRequest *req = demo__echo_request__unpack(NULL, len, body);
-		if (!req)
-			bench_die("raw+pb server: bad request");
-		Demo__EchoReply rep = DEMO__ECHO_REPLY__INIT;
-		rep.payload = req->payload;
-		size_t n = demo__echo_reply__get_packed_size(&rep);
-		if (out_cap < 4 + n) {
-			out_cap = 4 + n;
-			out = realloc(out, out_cap);
-			if (!out)
-				bench_die("out of memory");
-		}
-		demo__echo_reply__pack(&rep, out + 4);
-		put_len(out, n);
-		demo__echo_request__free_unpacked(req, NULL);
-		if (bench_write_all(sc->fd, out, 4 + n) < 0)
+	while ((body = read_msg(&in, sc->fd, &len)))
+		if (answer(sc->fd, sc->pb, body, len, &out, &out_cap) < 0)
 			break;
-	}
 	close(sc->fd);
 	free(in.p);
 	free(out);
@@ -189,6 +216,64 @@ static void serve_raw(int lfd, const bench_target *t)
 static void serve_rawpb(int lfd, const bench_target *t)
 {
 	serve(lfd, t, true);
+}
+
+/* E: one thread, level-triggered epoll; reads with MSG_DONTWAIT, one read per
+ * wake-up, answers every complete request with a blocking write. */
+struct econn {
+	int fd;
+	rbuf in;
+};
+
+static void serve_epoll(int lfd, const bench_target *t)
+{
+	int ep = epoll_create1(EPOLL_CLOEXEC);
+	struct epoll_event ev = { .events = EPOLLIN, .data.ptr = NULL };
+	if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev) < 0)
+		bench_die("epoll: %s", strerror(errno));
+	uint8_t *out = NULL;
+	size_t out_cap = 0;
+	struct epoll_event evs[64];
+	for (;;) {
+		int n = epoll_wait(ep, evs, 64, -1);
+		for (int i = 0; i < n; i++) {
+			struct econn *c = evs[i].data.ptr;
+			if (!c) {
+				int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+				if (fd < 0)
+					continue;
+				bench_tune_socket(fd, t->tcp);
+				c = calloc(1, sizeof(*c));
+				if (!c)
+					bench_die("out of memory");
+				c->fd = fd;
+				rbuf_reserve(&c->in, 4);
+				struct epoll_event ce = { .events = EPOLLIN, .data.ptr = c };
+				epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ce);
+				continue;
+			}
+			ssize_t r;
+			do
+				r = recv(c->fd, c->in.p + c->in.tail, c->in.cap - c->in.tail, MSG_DONTWAIT);
+			while (r < 0 && errno == EINTR);
+			if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+				continue;
+			bool gone = r <= 0;
+			if (!gone) {
+				c->in.tail += (size_t)r;
+				uint32_t len;
+				const uint8_t *body;
+				while (!gone && (body = next_msg(&c->in, &len)))
+					gone = answer(c->fd, true, body, len, &out, &out_cap) < 0;
+			}
+			if (gone) {
+				epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+				close(c->fd);
+				free(c->in.p);
+				free(c);
+			}
+		}
+	}
 }
 
 /* Idle test: accept and hold, nothing per connection but the fd. */
@@ -373,6 +458,7 @@ const bench_system bench_raw = {
 	.batch = batch,
 	.open_idle = open_idle,
 	.close = close_conn,
+	.close_idle = close_conn,
 };
 
 const bench_system bench_rawpb = {
@@ -385,4 +471,18 @@ const bench_system bench_rawpb = {
 	.batch = batch,
 	.open_idle = open_idle,
 	.close = close_conn,
+	.close_idle = close_conn,
+};
+
+const bench_system bench_epoll = {
+	.key = "epoll",
+	.name = "E epoll+pb",
+	.serve = serve_epoll,
+	.serve_idle = serve_idle,
+	.open = open_rawpb,
+	.call = call,
+	.batch = batch,
+	.open_idle = open_idle,
+	.close = close_conn,
+	.close_idle = close_conn,
 };

@@ -129,12 +129,13 @@ static int wire_frame(struct wconn *c, pbrpc_frame *f)
 /* Connects and exchanges prefaces and HELLOs. */
 static struct wconn *wire_dial(const bench_target *t)
 {
+	bench_hook_sockets = true; /* buffer sizes before connect(), as the baselines */
 	int fd = pbrpc_endpoint_connect(&t->ep, 5000);
+	bench_hook_sockets = false;
 	if (fd < 0) {
 		fprintf(stderr, "pbrpc-bench: connect %s: %s\n", t->endpoint, pbrpc_strerror(fd));
 		return NULL;
 	}
-	bench_tune_socket(fd, t->tcp);
 	struct wconn *c = calloc(1, sizeof(*c));
 	if (!c)
 		goto err_fd;
@@ -266,6 +267,7 @@ const bench_system bench_wire = {
 	.batch = wire_batch,
 	.open_idle = wire_open_idle,
 	.close = wire_close,
+	.close_idle = wire_close,
 };
 
 /* ---- "pbrpc": the library's client ---- */
@@ -357,4 +359,5 @@ const bench_system bench_pbrpc = {
 	.batch = pbrpc_batch,
 	.open_idle = wire_open_idle,
 	.close = pbrpc_close,
+	.close_idle = wire_close,
 };

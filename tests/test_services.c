@@ -11,6 +11,7 @@
 
 #include "demo_services.h"
 #include "health.pb-c.h"
+#include "pbrpc/client.h"
 #include "pbrpc/server.h"
 #include "reflection.pb-c.h"
 #include "reftest.pb-c.h"
@@ -647,6 +648,135 @@ Test(kv_workers, concurrent_writers)
 	cr_expect_eq(r->n_entries, KV_PUTS);
 	demo__list_reply__free_unpacked(r, NULL);
 	rp_close(&c);
+}
+
+/* The user's view: the generated stubs over pbrpc_client_service(). */
+typedef struct stub_ctx {
+	int calls;
+	int status;
+	char message[128];
+	bool flag;
+	char value[64];
+	size_t n_entries;
+	char keys[8][16];
+} stub_ctx;
+
+static void stub_done(stub_ctx *ctx, const void *reply)
+{
+	const char *msg = NULL;
+	ctx->calls++;
+	ctx->status = pbrpc_client_status(&msg);
+	snprintf(ctx->message, sizeof(ctx->message), "%s", msg ? msg : "");
+	cr_expect_eq(reply != NULL, ctx->status == PBRPC_STATUS_OK);
+}
+
+static void on_put(const Demo__PutReply *r, void *data)
+{
+	stub_done(data, r);
+	if (r)
+		((stub_ctx *)data)->flag = r->created;
+}
+
+static void on_get(const Demo__GetReply *r, void *data)
+{
+	stub_done(data, r);
+	if (r)
+		snprintf(((stub_ctx *)data)->value, sizeof(((stub_ctx *)data)->value), "%.*s", (int)r->value.len,
+			 (const char *)r->value.data);
+}
+
+static void on_delete(const Demo__DeleteReply *r, void *data)
+{
+	stub_done(data, r);
+	if (r)
+		((stub_ctx *)data)->flag = r->deleted;
+}
+
+static void on_list(const Demo__ListReply *r, void *data)
+{
+	stub_ctx *ctx = data;
+	stub_done(ctx, r);
+	for (size_t i = 0; r && i < r->n_entries && i < 8; i++)
+		snprintf(ctx->keys[i], sizeof(ctx->keys[i]), "%s", r->entries[i]->key);
+	ctx->n_entries = r ? r->n_entries : 0;
+}
+
+static void on_health(const Pbrpc__HealthCheckResponse *r, void *data)
+{
+	stub_done(data, r);
+	if (r)
+		((stub_ctx *)data)->flag = r->status == PBRPC__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+}
+
+static void stub_put(ProtobufCService *kv, const char *key, const char *val, stub_ctx *ctx)
+{
+	Demo__PutRequest req = DEMO__PUT_REQUEST__INIT;
+	req.key = (char *)key;
+	req.value.data = (uint8_t *)val;
+	req.value.len = strlen(val);
+	memset(ctx, 0, sizeof(*ctx));
+	demo__kv__put(kv, &req, on_put, ctx);
+	cr_assert_eq(ctx->calls, 1, "the synchronous stub returns after its closure ran");
+}
+
+Test(kv, through_generated_stubs)
+{
+	pbrpc_client *c;
+	int rc = pbrpc_client_connect(&c, T.ep, NULL);
+	cr_assert_eq(rc, 0, "connect: %s", pbrpc_strerror(rc));
+	ProtobufCService *kv = pbrpc_client_service(c, &demo__kv__descriptor);
+	ProtobufCService *health = pbrpc_client_service(c, &pbrpc__health__descriptor);
+	cr_assert(kv && health);
+	stub_ctx ctx;
+
+	stub_put(kv, "k1", "v1", &ctx);
+	cr_expect_eq(ctx.status, PBRPC_STATUS_OK, "%s", ctx.message);
+	cr_expect(ctx.flag);
+	stub_put(kv, "k1", "v2", &ctx);
+	cr_expect_not(ctx.flag);
+	stub_put(kv, "k0", "v0", &ctx);
+	stub_put(kv, "", "v", &ctx);
+	cr_expect_eq(ctx.status, PBRPC_STATUS_INVALID_ARGUMENT);
+
+	Demo__GetRequest get = DEMO__GET_REQUEST__INIT;
+	get.key = "k1";
+	memset(&ctx, 0, sizeof(ctx));
+	demo__kv__get(kv, &get, on_get, &ctx);
+	cr_expect_eq(ctx.status, PBRPC_STATUS_OK, "%s", ctx.message);
+	cr_expect_str_eq(ctx.value, "v2");
+
+	get.key = "nope";
+	memset(&ctx, 0, sizeof(ctx));
+	demo__kv__get(kv, &get, on_get, &ctx);
+	cr_expect_eq(ctx.calls, 1);
+	cr_expect_eq(ctx.status, PBRPC_STATUS_NOT_FOUND);
+	cr_expect_str_eq(ctx.message, "no key \"nope\"");
+	const char *msg = NULL;
+	cr_expect_eq(pbrpc_client_status(&msg), PBRPC_STATUS_NOT_FOUND, "status after the stub returned");
+	cr_expect_str_eq(msg ? msg : "", "no key \"nope\"");
+
+	Demo__ListRequest list = DEMO__LIST_REQUEST__INIT;
+	list.prefix = "k";
+	memset(&ctx, 0, sizeof(ctx));
+	demo__kv__list(kv, &list, on_list, &ctx);
+	cr_assert_eq(ctx.n_entries, 2);
+	cr_expect_str_eq(ctx.keys[0], "k0");
+	cr_expect_str_eq(ctx.keys[1], "k1");
+
+	Demo__DeleteRequest del = DEMO__DELETE_REQUEST__INIT;
+	del.key = "k0";
+	memset(&ctx, 0, sizeof(ctx));
+	demo__kv__delete(kv, &del, on_delete, &ctx);
+	cr_expect(ctx.flag);
+
+	Pbrpc__HealthCheckRequest hreq = PBRPC__HEALTH_CHECK_REQUEST__INIT;
+	hreq.service = "demo.Kv";
+	memset(&ctx, 0, sizeof(ctx));
+	pbrpc__health__check(health, &hreq, on_health, &ctx);
+	cr_expect_eq(ctx.status, PBRPC_STATUS_OK, "%s", ctx.message);
+	cr_expect(ctx.flag);
+
+	pbrpc_client_free(c);
 }
 
 /* ---- demo.Echo ---- */
