@@ -1,0 +1,808 @@
+/* pbrpc: a command-line client for any pbrpc server, driven by reflection.
+ *
+ *   pbrpc list ENDPOINT
+ *   pbrpc describe ENDPOINT SYMBOL
+ *   pbrpc call ENDPOINT METHOD [JSON | -]
+ *   pbrpc health ENDPOINT [SERVICE]
+ *
+ * Argument parsing and the calls live here; the schema (schema.c) and the
+ * JSON codec (pbjson.c) are pure and tested on their own. docs/CLI.md is the
+ * user's manual, including the exit statuses defined below.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <json-c/json.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "health.pb-c.h"
+#include "pbjson.h"
+#include "pbrpc/pbrpc.h"
+#include "reflection.pb-c.h"
+#include "schema.h"
+
+/* Exit statuses. RPC statuses map to 64 + status (65..80) so that scripts can
+ * tell them apart; everything the client decides on its own stays below 64. */
+enum {
+	EXIT_NOT_SERVING = 1, /* health: the answer was not SERVING */
+	EXIT_USAGE = 2,       /* bad arguments, endpoint or JSON request */
+	EXIT_CONNECT = 3,     /* no pbrpc server could be reached */
+	EXIT_LOCAL = 4,       /* the server's schema or reply made no sense; out of memory */
+	EXIT_STATUS_BASE = 64,
+};
+
+#define DEFAULT_TIMEOUT_MS 30000
+#define MAX_METADATA 64
+#define MAX_STDIN (64u << 20)
+
+typedef struct cli {
+	const char *endpoint;
+	int64_t timeout_ms;   /* < 0: none */
+	int64_t deadline_ms;  /* CLOCK_MONOTONIC; meaningful when timeout_ms >= 0 */
+	pbrpc_metadata metadata[MAX_METADATA];
+	size_t metadata_count;
+	unsigned json_flags;
+	pbrpc_client *client;
+} cli;
+
+typedef struct command {
+	const char *name;
+	int min_args, max_args; /* not counting ENDPOINT */
+	const char *synopsis;
+	const char *help;
+	int (*run)(cli *c, int argc, char **argv);
+} command;
+
+static void die_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static void die_msg(const char *fmt, ...)
+{
+	va_list ap;
+	fputs("pbrpc: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- option values ---- */
+
+/* "500ms", "2s", "1.5m", "1h", "30" (seconds), "infinity". Returns 0 with
+ * *ms set (-1: none) or -1. */
+static int parse_duration(const char *s, int64_t *ms)
+{
+	static const struct {
+		const char *unit;
+		double ms;
+	} units[] = { { "ms", 1 }, { "s", 1000 }, { "", 1000 }, { "m", 60000 }, { "h", 3600000 } };
+	char *end;
+
+	if (strcmp(s, "infinity") == 0) {
+		*ms = -1;
+		return 0;
+	}
+	errno = 0;
+	double v = strtod(s, &end);
+	if (end == s || errno || !isfinite(v) || v <= 0 || s[0] == '+' || strpbrk(s, "xXnNiI"))
+		return -1;
+	for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+		if (strcmp(end, units[i].unit) != 0)
+			continue;
+		double total = ceil(v * units[i].ms);
+		if (total > 1e12)
+			return -1;
+		*ms = (int64_t)total;
+		return 0;
+	}
+	return -1;
+}
+
+static bool metadata_key_valid(const char *k, size_t len)
+{
+	if (len == 0 || len > PBRPC_WIRE_METADATA_KEY_MAX)
+		return false;
+	for (size_t i = 0; i < len; i++) {
+		char ch = k[i];
+		if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '-' || ch == '_' || ch == '.'))
+			return false;
+	}
+	return true;
+}
+
+static int add_metadata(cli *c, const char *arg)
+{
+	const char *eq = strchr(arg, '=');
+	if (!eq) {
+		die_msg("invalid metadata \"%s\": expected KEY=VALUE", arg);
+		return -1;
+	}
+	size_t klen = (size_t)(eq - arg);
+	if (!metadata_key_valid(arg, klen)) {
+		die_msg("invalid metadata key \"%.*s\": use 1 to 255 lowercase letters, digits, '-', '_' and '.'",
+			(int)klen, arg);
+		return -1;
+	}
+	if (klen >= 6 && strncmp(arg, "pbrpc-", 6) == 0) {
+		die_msg("invalid metadata key \"%.*s\": keys starting with \"pbrpc-\" are reserved", (int)klen, arg);
+		return -1;
+	}
+	if (strlen(eq + 1) > PBRPC_WIRE_METADATA_VALUE_MAX) {
+		die_msg("metadata value for \"%.*s\" is longer than %d bytes", (int)klen, arg,
+			PBRPC_WIRE_METADATA_VALUE_MAX);
+		return -1;
+	}
+	if (c->metadata_count == MAX_METADATA) {
+		die_msg("too many --metadata options (at most %d)", MAX_METADATA);
+		return -1;
+	}
+	c->metadata[c->metadata_count++] = (pbrpc_metadata){
+		.key = arg, .key_len = klen, .value = eq + 1, .value_len = strlen(eq + 1),
+	};
+	return 0;
+}
+
+/* ---- connecting and calling ---- */
+
+static int64_t remaining_ms(const cli *c)
+{
+	return c->timeout_ms < 0 ? -1 : c->deadline_ms - now_ms();
+}
+
+static int connect_client(cli *c)
+{
+	pbrpc_endpoint ep;
+	pbrpc_client_opts opts = { 0 };
+	int rc = pbrpc_endpoint_parse(c->endpoint, &ep);
+
+	if (rc == PBRPC_EADDRESS || rc == -ENAMETOOLONG) {
+		die_msg("invalid endpoint \"%s\": %s", c->endpoint,
+			rc == PBRPC_EADDRESS ? "expected unix:/path, unix:@name, tcp:host:port or tcp:[v6]:port"
+					     : "socket path too long");
+		return EXIT_USAGE;
+	}
+	if (rc < 0) {
+		die_msg("cannot connect to %s: %s", c->endpoint,
+			rc == -EADDRNOTAVAIL ? "host name does not resolve" : pbrpc_strerror(rc));
+		return EXIT_CONNECT;
+	}
+	int64_t left = remaining_ms(c);
+	if (left >= 0)
+		opts.connect_timeout_ms = left > 0 ? (int)(left < 5000 ? left : 5000) : 1;
+	rc = pbrpc_client_connect(&c->client, c->endpoint, &opts);
+	if (rc == 0)
+		return 0;
+	if (rc == PBRPC_EADDRESS) {
+		die_msg("invalid endpoint \"%s\": expected unix:/path, unix:@name, tcp:host:port or tcp:[v6]:port",
+			c->endpoint);
+		return EXIT_USAGE;
+	}
+	die_msg("cannot connect to %s: %s%s", c->endpoint, pbrpc_strerror(rc),
+		rc == -ENOENT || rc == -ECONNREFUSED ? " (is pbrpc-server running?)" : "");
+	return EXIT_CONNECT;
+}
+
+/* Fills the per-call options from the command line. Returns false when the
+ * deadline has already passed (res is then DEADLINE_EXCEEDED). */
+static bool call_opts(const cli *c, pbrpc_call_opts *opts, pbrpc_call_result *res)
+{
+	int64_t left = remaining_ms(c);
+	*opts = (pbrpc_call_opts){
+		.timeout_ms = left < 0 ? -1 : (int)(left > INT32_MAX ? INT32_MAX : left),
+		.metadata = c->metadata,
+		.metadata_count = c->metadata_count,
+	};
+	if (left == 0 || (left < 0 && c->timeout_ms >= 0)) {
+		res->status = PBRPC_STATUS_DEADLINE_EXCEEDED;
+		snprintf(res->message, sizeof(res->message), "timed out after %lld ms", (long long)c->timeout_ms);
+		return false;
+	}
+	return true;
+}
+
+/* Prints "pbrpc: STATUS: message" and returns the exit status for it. */
+static int report_status(const pbrpc_call_result *res, const char *hint)
+{
+	int status = res->status >= 0 && res->status < PBRPC_STATUS_COUNT ? res->status : PBRPC_STATUS_UNKNOWN;
+	if (res->message[0])
+		die_msg("%s: %s%s", pbrpc_status_name(status), res->message, hint ? hint : "");
+	else
+		die_msg("%s%s", pbrpc_status_name(status), hint ? hint : "");
+	return EXIT_STATUS_BASE + status;
+}
+
+/* A call that did not end with a status OK: either the server (or the
+ * library on its behalf) reported a status, or something failed locally. */
+static int report_call(const char *method, int rc, const pbrpc_call_result *res, const char *hint)
+{
+	if (res->status != PBRPC_STATUS_OK)
+		return report_status(res, hint);
+	die_msg("%s: %s", method, pbrpc_strerror(rc));
+	return EXIT_LOCAL;
+}
+
+static int call_typed(cli *c, const char *method, const ProtobufCMessage *req,
+		      const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply, pbrpc_call_result *res)
+{
+	pbrpc_call_opts opts;
+	*reply = NULL;
+	memset(res, 0, sizeof(*res));
+	if (!call_opts(c, &opts, res))
+		return PBRPC_ESTATUS;
+	return pbrpc_client_call(c->client, method, req, reply_desc, reply, &opts, res);
+}
+
+static int call_raw(cli *c, const char *method, const uint8_t *req, size_t req_len, uint8_t **reply,
+		    size_t *reply_len, pbrpc_call_result *res)
+{
+	pbrpc_call_opts opts;
+	*reply = NULL;
+	*reply_len = 0;
+	memset(res, 0, sizeof(*res));
+	if (!call_opts(c, &opts, res))
+		return PBRPC_ESTATUS;
+	return pbrpc_client_call_raw(c->client, method, req, req_len, reply, reply_len, &opts, res);
+}
+
+static const char *reflection_hint(const pbrpc_call_result *res)
+{
+	if (res->status == PBRPC_STATUS_UNIMPLEMENTED && strstr(res->message, "pbrpc.Reflection"))
+		return " (the server does not enable reflection, which this command needs)";
+	return NULL;
+}
+
+/* Describe(symbol) into a schema. Returns 0, or an exit status after
+ * printing the error. */
+static int describe(cli *c, const char *symbol, schema **out, pbrpc_call_result *res)
+{
+	Pbrpc__DescribeRequest req = PBRPC__DESCRIBE_REQUEST__INIT;
+	Pbrpc__DescribeReply *reply;
+	char err[256];
+	req.symbol = (char *)symbol;
+
+	*out = NULL;
+	int rc = call_typed(c, "pbrpc.Reflection/Describe", &req.base, &pbrpc__describe_reply__descriptor,
+			    (ProtobufCMessage **)&reply, res);
+	if (rc != 0)
+		return -1;
+	rc = schema_new(out, reply, err, sizeof(err));
+	protobuf_c_message_free_unpacked(&reply->base, NULL);
+	if (rc < 0) {
+		die_msg("the server's schema for %s is unusable: %s", symbol, err);
+		return EXIT_LOCAL;
+	}
+	return 0;
+}
+
+/* ---- commands ---- */
+
+static int cmd_list(cli *c, int argc, char **argv)
+{
+	Pbrpc__ListServicesRequest req = PBRPC__LIST_SERVICES_REQUEST__INIT;
+	Pbrpc__ListServicesReply *reply;
+	pbrpc_call_result res;
+
+	int rc = call_typed(c, "pbrpc.Reflection/ListServices", &req.base, &pbrpc__list_services_reply__descriptor,
+			    (ProtobufCMessage **)&reply, &res);
+	if (rc != 0)
+		return report_call("pbrpc.Reflection/ListServices", rc, &res, reflection_hint(&res));
+	for (size_t i = 0; i < reply->n_services; i++) {
+		const Pbrpc__ServiceInfo *svc = reply->services[i];
+		printf("%s\n", svc->name);
+		for (size_t j = 0; j < svc->n_methods; j++) {
+			const Pbrpc__MethodInfo *m = svc->methods[j];
+			printf("  %s/%s(%s) returns (%s)\n", svc->name, m->name, m->input_type, m->output_type);
+		}
+	}
+	protobuf_c_message_free_unpacked(&reply->base, NULL);
+	return 0;
+}
+
+static void print_sep(bool *first)
+{
+	if (!*first)
+		putchar('\n');
+	*first = false;
+}
+
+static void print_message_once(const schema *s, const char *name, bool *done, bool *first)
+{
+	const schema_message *m = name ? schema_find_message(s, name) : NULL;
+	if (!m)
+		return;
+	size_t i = (size_t)(m - schema_message_at(s, 0));
+	if (done[i])
+		return;
+	done[i] = true;
+	print_sep(first);
+	schema_print_message(stdout, m);
+}
+
+static int cmd_describe(cli *c, int argc, char **argv)
+{
+	const char *symbol = argv[0][0] == '.' ? argv[0] + 1 : argv[0];
+	pbrpc_call_result res;
+	schema *s;
+	bool first = true;
+
+	int rc = describe(c, symbol, &s, &res);
+	if (rc < 0)
+		return report_call("pbrpc.Reflection/Describe", rc, &res, reflection_hint(&res));
+	if (rc > 0)
+		return rc;
+
+	size_t n_messages = schema_message_count(s);
+	bool *done = calloc(n_messages + 1, 1);
+	if (!done) {
+		schema_free(s);
+		die_msg("out of memory");
+		return EXIT_LOCAL;
+	}
+	/* What was asked for comes first, then everything it reaches. */
+	const schema_method *m = schema_find_method(s, symbol);
+	const schema_service *svc = schema_find_service(s, symbol);
+	const schema_enum *asked_enum = schema_find_enum(s, symbol);
+	if (m) {
+		char svc_name[PBRPC_WIRE_METHOD_MAX + 1];
+		snprintf(svc_name, sizeof(svc_name), "%.*s", (int)(strchr(symbol, '/') - symbol), symbol);
+		print_sep(&first);
+		schema_print_method(stdout, schema_find_service(s, svc_name), m);
+		print_message_once(s, m->input_type, done, &first);
+		print_message_once(s, m->output_type, done, &first);
+	} else if (svc) {
+		print_sep(&first);
+		schema_print_service(stdout, svc);
+	} else if (asked_enum) {
+		print_sep(&first);
+		schema_print_enum(stdout, asked_enum);
+	}
+	print_message_once(s, symbol, done, &first);
+	for (size_t i = 0; i < n_messages; i++)
+		print_message_once(s, schema_message_at(s, i)->name, done, &first);
+	for (size_t i = 0; i < schema_enum_count(s); i++) {
+		if (schema_enum_at(s, i) == asked_enum)
+			continue;
+		print_sep(&first);
+		schema_print_enum(stdout, schema_enum_at(s, i));
+	}
+	free(done);
+	schema_free(s);
+	return 0;
+}
+
+static int read_all(FILE *f, char **out, size_t *out_len)
+{
+	size_t len = 0, cap = 4096;
+	char *data = malloc(cap);
+	while (data) {
+		size_t n = fread(data + len, 1, cap - len - 1, f);
+		len += n;
+		if (n == 0)
+			break;
+		if (len + 1 == cap) {
+			char *p = cap >= MAX_STDIN ? NULL : realloc(data, cap * 2);
+			if (!p) {
+				free(data);
+				return cap >= MAX_STDIN ? -EFBIG : -ENOMEM;
+			}
+			data = p;
+			cap *= 2;
+		}
+	}
+	if (!data)
+		return -ENOMEM;
+	if (ferror(f)) {
+		int e = errno;
+		free(data);
+		return -(e ? e : EIO);
+	}
+	data[len] = '\0';
+	*out = data;
+	*out_len = len;
+	return 0;
+}
+
+/* "demo.Kv.Get" is accepted for "demo.Kv/Get", as grpcurl does. */
+static int normalize_method(const char *arg, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s", arg[0] == '.' ? arg + 1 : arg);
+	if (!strchr(buf, '/')) {
+		char *dot = strrchr(buf, '.');
+		if (dot)
+			*dot = '/';
+	}
+	if (strlen(arg) >= len || !pbrpc_wire_method_valid(buf, strlen(buf))) {
+		die_msg("invalid method \"%s\": expected package.Service/Method, e.g. demo.Kv/Get", arg);
+		return -1;
+	}
+	return 0;
+}
+
+/* Reflection does not know the method. Let the server say why in its own
+ * words: send the call with a body that no protobuf parser accepts (a
+ * truncated varint), so that a method that does exist after all is refused
+ * with INVALID_ARGUMENT instead of running. */
+static int report_unknown_method(cli *c, const char *method, const pbrpc_call_result *describe_res)
+{
+	static const uint8_t invalid_body[] = { 0xff };
+	pbrpc_call_result res;
+	uint8_t *reply;
+	size_t reply_len;
+
+	int rc = call_raw(c, method, invalid_body, sizeof(invalid_body), &reply, &reply_len, &res);
+	free(reply);
+	if (rc != 0 && res.status == PBRPC_STATUS_UNIMPLEMENTED)
+		return report_status(&res, NULL);
+	return report_status(describe_res, NULL);
+}
+
+static int load_request(int argc, char **argv, json_object **req)
+{
+	char err[256];
+	char *text = argc > 1 ? argv[1] : "{}";
+	size_t len = strlen(text);
+	bool from_stdin = argc > 1 && strcmp(argv[1], "-") == 0;
+
+	if (from_stdin) {
+		int rc = read_all(stdin, &text, &len);
+		if (rc < 0) {
+			die_msg("cannot read the request from stdin: %s",
+				rc == -EFBIG ? "larger than 64 MiB" : strerror(-rc));
+			return EXIT_USAGE;
+		}
+	}
+	int rc = pbjson_parse(text, len, req, err, sizeof(err));
+	if (from_stdin)
+		free(text);
+	if (rc < 0) {
+		die_msg("invalid JSON request: %s", err);
+		return EXIT_USAGE;
+	}
+	if (!json_object_is_type(*req, json_type_object)) {
+		die_msg("invalid JSON request: expected a JSON object ({...}), got %s",
+			json_type_to_name(json_object_get_type(*req)));
+		json_object_put(*req);
+		*req = NULL;
+		return EXIT_USAGE;
+	}
+	return 0;
+}
+
+static int cmd_call(cli *c, int argc, char **argv)
+{
+	char method[PBRPC_WIRE_METHOD_MAX + 1];
+	char err[512];
+	json_object *req = NULL, *out = NULL;
+	pbrpc_call_result res;
+	schema *s = NULL;
+	uint8_t *body = NULL, *reply = NULL;
+	size_t body_len, reply_len;
+	int rc, ret;
+
+	if (normalize_method(argv[0], method, sizeof(method)) < 0)
+		return EXIT_USAGE;
+	if ((ret = load_request(argc, argv, &req)) != 0)
+		return ret;
+	if ((ret = connect_client(c)) != 0)
+		goto out;
+
+	rc = describe(c, method, &s, &res);
+	if (rc < 0 && res.status == PBRPC_STATUS_NOT_FOUND) {
+		ret = report_unknown_method(c, method, &res);
+		goto out;
+	}
+	if (rc < 0) {
+		ret = report_call("pbrpc.Reflection/Describe", rc, &res, reflection_hint(&res));
+		goto out;
+	}
+	if ((ret = rc) != 0)
+		goto out;
+	const schema_method *m = schema_find_method(s, method);
+	if (!m || !m->input || !m->output) {
+		die_msg("the server's reflection does not describe %s%s", method,
+			m ? "'s request and reply types" : "");
+		ret = EXIT_LOCAL;
+		goto out;
+	}
+
+	if (pbjson_encode(m->input, req, &body, &body_len, err, sizeof(err)) < 0) {
+		die_msg("%s", err);
+		ret = EXIT_USAGE;
+		goto out;
+	}
+	rc = call_raw(c, method, body, body_len, &reply, &reply_len, &res);
+	if (rc != 0) {
+		ret = report_call(method, rc, &res, NULL);
+		goto out;
+	}
+	if (pbjson_decode(m->output, reply, reply_len, c->json_flags, &out, err, sizeof(err)) < 0) {
+		die_msg("cannot decode the reply as %s: %s", m->output->name, err);
+		ret = EXIT_LOCAL;
+		goto out;
+	}
+	printf("%s\n", pbjson_to_string(out));
+	ret = 0;
+out:
+	json_object_put(out);
+	json_object_put(req);
+	free(reply);
+	free(body);
+	schema_free(s);
+	return ret;
+}
+
+static int cmd_health(cli *c, int argc, char **argv)
+{
+	Pbrpc__HealthCheckRequest req = PBRPC__HEALTH_CHECK_REQUEST__INIT;
+	Pbrpc__HealthCheckResponse *reply;
+	pbrpc_call_result res;
+	req.service = argc > 0 ? argv[0] : "";
+
+	int rc = call_typed(c, "pbrpc.Health/Check", &req.base, &pbrpc__health_check_response__descriptor,
+			    (ProtobufCMessage **)&reply, &res);
+	if (rc != 0) {
+		const char *hint = NULL;
+		if (res.status == PBRPC_STATUS_UNIMPLEMENTED && strstr(res.message, "pbrpc.Health"))
+			hint = " (the server does not enable pbrpc.Health)";
+		return report_call("pbrpc.Health/Check", rc, &res, hint);
+	}
+	const ProtobufCEnumValue *v =
+		protobuf_c_enum_descriptor_get_value(&pbrpc__health_check_response__serving_status__descriptor,
+						     reply->status);
+	if (v)
+		printf("%s\n", v->name);
+	else
+		printf("%d\n", (int)reply->status);
+	int serving = reply->status == PBRPC__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+	protobuf_c_message_free_unpacked(&reply->base, NULL);
+	return serving ? 0 : EXIT_NOT_SERVING;
+}
+
+static const command commands[] = {
+	{ "list", 0, 0, "list [ENDPOINT]",
+	  "Lists the services the server offers and their methods, one per line:\n"
+	  "  demo.Kv\n"
+	  "    demo.Kv/Get(demo.GetRequest) returns (demo.GetReply)\n"
+	  "Uses pbrpc.Reflection/ListServices.\n",
+	  cmd_list },
+	{ "describe", 1, 1, "describe [ENDPOINT] SYMBOL",
+	  "Shows the schema of SYMBOL as proto-like text: a service (demo.Kv), a method\n"
+	  "(demo.Kv/Get), a message (demo.GetRequest) or an enum, followed by every\n"
+	  "message and enum it uses. Fields whose JSON name differs from their name\n"
+	  "say so in a comment. Uses pbrpc.Reflection/Describe; an unknown symbol\n"
+	  "fails with NOT_FOUND.\n",
+	  cmd_describe },
+	{ "call", 1, 2, "call [ENDPOINT] METHOD [JSON | -]",
+	  "Calls METHOD (demo.Kv/Get, or demo.Kv.Get) with a request given as JSON:\n"
+	  "the JSON argument, \"-\" to read it from stdin, or {} when omitted. The reply\n"
+	  "is printed as JSON. Both follow protobuf's JSON mapping: keys in lowerCamelCase\n"
+	  "(the .proto names are accepted too), bytes as base64, 64-bit integers as\n"
+	  "strings, enums by name, NaN and Infinity as strings. Fields holding their\n"
+	  "default value are not printed unless --emit-defaults is given.\n"
+	  "The schema comes from pbrpc.Reflection/Describe.\n"
+	  "\n"
+	  "  pbrpc call unix:/tmp/kv.sock demo.Kv/Put '{\"key\": \"a\", \"value\": \"aGk=\"}'\n"
+	  "  echo '{\"key\": \"a\"}' | pbrpc call unix:/tmp/kv.sock demo.Kv/Get -\n",
+	  cmd_call },
+	{ "health", 0, 1, "health [ENDPOINT] [SERVICE]",
+	  "Asks pbrpc.Health/Check whether the server, or SERVICE (demo.Kv), is able to\n"
+	  "serve, and prints SERVING or NOT_SERVING. Exits 0 when SERVING, 1 otherwise;\n"
+	  "an unknown SERVICE fails with NOT_FOUND (exit 69).\n",
+	  cmd_health },
+};
+
+#define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
+
+static const char usage_text[] =
+	"Usage: pbrpc [OPTIONS] COMMAND [ARGS...]\n"
+	"\n"
+	"A command-line client for pbrpc servers; it learns their services through\n"
+	"pbrpc.Reflection, so it needs no generated code.\n"
+	"\n"
+	"Commands:\n"
+	"%s"
+	"  help [COMMAND]                      show this text, or a command's\n"
+	"\n"
+	"Options:\n"
+	"  -t, --timeout DURATION     give up after DURATION, counted over the whole\n"
+	"                             command: 500ms, 2s, 1.5m, 1h or infinity\n"
+	"                             (default 30s)\n"
+	"  -m, --metadata KEY=VALUE   send request metadata (repeatable); KEY is\n"
+	"                             lowercase letters, digits, '-', '_' and '.'\n"
+	"      --emit-defaults        call: also print fields at their default value\n"
+	"  -h, --help                 show this help and exit\n"
+	"  -V, --version              show the version and exit\n"
+	"\n"
+	"ENDPOINT is unix:/path, unix:@abstract-name, tcp:host:port or tcp:[v6]:port.\n"
+	"When it is omitted, or given as \"-\", $PBRPC_ENDPOINT is used.\n"
+	"\n"
+	"Exit status:\n"
+	"  0       success (health: SERVING)\n"
+	"  1       health: the answer was not SERVING\n"
+	"  2       usage error: bad arguments, endpoint or JSON request\n"
+	"  3       cannot connect: no pbrpc server at ENDPOINT\n"
+	"  4       the server's schema or reply could not be understood\n"
+	"  64+N    the call failed with RPC status N, printed on stderr as\n"
+	"          \"pbrpc: STATUS: message\": 65 CANCELLED, 66 UNKNOWN,\n"
+	"          67 INVALID_ARGUMENT, 68 DEADLINE_EXCEEDED, 69 NOT_FOUND,\n"
+	"          70 ALREADY_EXISTS, 71 PERMISSION_DENIED, 72 RESOURCE_EXHAUSTED,\n"
+	"          73 FAILED_PRECONDITION, 74 ABORTED, 75 OUT_OF_RANGE,\n"
+	"          76 UNIMPLEMENTED, 77 INTERNAL, 78 UNAVAILABLE, 79 DATA_LOSS,\n"
+	"          80 UNAUTHENTICATED\n"
+	"\n"
+	"See docs/CLI.md for more.\n";
+
+static void print_usage(FILE *out)
+{
+	char list[1024] = "";
+	size_t o = 0;
+	for (size_t i = 0; i < N_COMMANDS; i++) {
+		int n = snprintf(list + o, sizeof(list) - o, "  %-36s%s\n", commands[i].synopsis,
+				 commands[i].name[0] == 'l' ? "list services and methods"
+				 : commands[i].name[0] == 'd' ? "show a schema"
+				 : commands[i].name[0] == 'c' ? "call a method with a JSON request"
+							      : "check that a service is serving");
+		o += n > 0 ? (size_t)n : 0;
+	}
+	fprintf(out, usage_text, list);
+}
+
+static const command *find_command(const char *name)
+{
+	for (size_t i = 0; i < N_COMMANDS; i++)
+		if (strcmp(commands[i].name, name) == 0)
+			return &commands[i];
+	return NULL;
+}
+
+static int cmd_help(int argc, char **argv)
+{
+	if (argc == 0) {
+		print_usage(stdout);
+		return 0;
+	}
+	const command *cmd = find_command(argv[0]);
+	if (!cmd) {
+		die_msg("unknown command \"%s\" (commands: list, describe, call, health, help)", argv[0]);
+		return EXIT_USAGE;
+	}
+	printf("Usage: pbrpc [OPTIONS] %s\n\n%s", cmd->synopsis, cmd->help);
+	return 0;
+}
+
+/* An ENDPOINT argument contains ':'; a method, symbol or service never does. */
+static bool looks_like_endpoint(const char *arg)
+{
+	return strcmp(arg, "-") == 0 || strchr(arg, ':') != NULL;
+}
+
+/* Takes the endpoint off the front of the arguments or from $PBRPC_ENDPOINT,
+ * then checks the number of remaining arguments. */
+static int take_endpoint(cli *c, const command *cmd, int *argc, char ***argv)
+{
+	const char *env = getenv("PBRPC_ENDPOINT");
+	if (env && !env[0])
+		env = NULL;
+
+	if (*argc > 0 && (looks_like_endpoint((*argv)[0]) || *argc > cmd->max_args || (!env && *argc > cmd->min_args))) {
+		c->endpoint = (*argv)[0];
+		(*argc)--;
+		(*argv)++;
+		if (strcmp(c->endpoint, "-") == 0)
+			c->endpoint = env;
+	} else {
+		c->endpoint = env;
+	}
+	if (!c->endpoint) {
+		die_msg("%s: no ENDPOINT given and $PBRPC_ENDPOINT is not set (usage: pbrpc %s)", cmd->name,
+			cmd->synopsis);
+		return EXIT_USAGE;
+	}
+	if (*argc < cmd->min_args || *argc > cmd->max_args) {
+		die_msg("%s: %s arguments (usage: pbrpc %s)", cmd->name, *argc < cmd->min_args ? "missing" : "too many",
+			cmd->synopsis);
+		return EXIT_USAGE;
+	}
+	return 0;
+}
+
+static int finish_stdout(int ret)
+{
+	if (fflush(stdout) != 0 || ferror(stdout)) {
+		if (errno != EPIPE)
+			die_msg("cannot write output: %s", strerror(errno));
+		return ret ? ret : EXIT_LOCAL;
+	}
+	return ret;
+}
+
+int main(int argc, char **argv)
+{
+	enum { OPT_EMIT_DEFAULTS = 0x100 };
+	static const struct option longopts[] = {
+		{ "timeout", required_argument, NULL, 't' },
+		{ "metadata", required_argument, NULL, 'm' },
+		{ "emit-defaults", no_argument, NULL, OPT_EMIT_DEFAULTS },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	cli c = { .timeout_ms = DEFAULT_TIMEOUT_MS };
+	int opt;
+
+	opterr = 0;
+	while ((opt = getopt_long(argc, argv, ":t:m:hV", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 't':
+			if (parse_duration(optarg, &c.timeout_ms) < 0) {
+				die_msg("invalid --timeout \"%s\": expected a duration such as 500ms, 2s, 1m or infinity",
+					optarg);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'm':
+			if (add_metadata(&c, optarg) < 0)
+				return EXIT_USAGE;
+			break;
+		case OPT_EMIT_DEFAULTS:
+			c.json_flags |= PBJSON_EMIT_DEFAULTS;
+			break;
+		case 'h':
+			print_usage(stdout);
+			return finish_stdout(0);
+		case 'V':
+			printf("pbrpc %s\n", PBRPC_VERSION_STRING);
+			return finish_stdout(0);
+		case ':':
+			die_msg("option %s needs a value (see pbrpc --help)", argv[optind - 1]);
+			return EXIT_USAGE;
+		default:
+			if (optopt)
+				die_msg("unknown option -%c (see pbrpc --help)", optopt);
+			else
+				die_msg("unknown option %s (see pbrpc --help)", argv[optind - 1]);
+			return EXIT_USAGE;
+		}
+	}
+	argc -= optind;
+	argv += optind;
+	if (argc == 0) {
+		print_usage(stderr);
+		return EXIT_USAGE;
+	}
+	if (strcmp(argv[0], "help") == 0)
+		return finish_stdout(cmd_help(argc - 1, argv + 1));
+	const command *cmd = find_command(argv[0]);
+	if (!cmd) {
+		die_msg("unknown command \"%s\" (commands: list, describe, call, health, help)", argv[0]);
+		return EXIT_USAGE;
+	}
+	argc--;
+	argv++;
+	int ret = take_endpoint(&c, cmd, &argc, &argv);
+	if (ret != 0)
+		return ret;
+	c.deadline_ms = now_ms() + (c.timeout_ms > 0 ? c.timeout_ms : 0);
+
+	if (cmd->run == cmd_call) {
+		ret = cmd_call(&c, argc, argv); /* parses the JSON before connecting */
+	} else {
+		ret = connect_client(&c);
+		if (ret == 0)
+			ret = cmd->run(&c, argc, argv);
+	}
+	pbrpc_client_free(c.client);
+	return finish_stdout(ret);
+}
