@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+# End-to-end tests of the `pbrpc` command-line client against a running
+# pbrpc-server: what it prints, on which stream, and its exit statuses.
+# Usage: test_cli.sh PBRPC_SERVER PBRPC. Reports TAP on stdout.
+set -u
+
+server_bin=${1:?usage: test_cli.sh PBRPC_SERVER PBRPC}
+pbrpc=${2:?usage: test_cli.sh PBRPC_SERVER PBRPC}
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/pbrpc-cli-test.XXXXXX")
+server_pid=
+cleanup() {
+	if [ -n "$server_pid" ]; then
+		kill "$server_pid" 2>/dev/null
+		wait "$server_pid" 2>/dev/null
+	fi
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+ep="unix:$tmp/s.sock"
+"$server_bin" --listen "$ep" >"$tmp/server.out" 2>"$tmp/server.err" &
+server_pid=$!
+for _ in $(seq 100); do
+	grep -q '^listening on ' "$tmp/server.out" 2>/dev/null && break
+	sleep 0.05
+done
+if ! grep -qx "listening on $ep" "$tmp/server.out"; then
+	echo "Bail out! pbrpc-server did not start: $(cat "$tmp/server.out" "$tmp/server.err")"
+	exit 1
+fi
+
+n=0
+failed=0
+
+# expect NAME STATUS STDOUT STDERR COMMAND...
+# STDOUT and STDERR are compared exactly, or as a shell glob when they start
+# with '~'. Standard input comes from $STDIN (a string), else /dev/null.
+expect() {
+	local name=$1 want_status=$2 want_out=$3 want_err=$4 status out err ok=1
+	shift 4
+	n=$((n + 1))
+	if [ -n "${STDIN+x}" ]; then
+		printf '%s' "$STDIN" | "$@" >"$tmp/out" 2>"$tmp/err"
+		status=$?
+	else
+		"$@" >"$tmp/out" 2>"$tmp/err" </dev/null
+		status=$?
+	fi
+	out=$(cat "$tmp/out")
+	err=$(cat "$tmp/err")
+	[ "$status" = "$want_status" ] || ok=0
+	match "$out" "$want_out" || ok=0
+	match "$err" "$want_err" || ok=0
+	if [ $ok = 1 ]; then
+		echo "ok $n - $name"
+	else
+		failed=$((failed + 1))
+		echo "not ok $n - $name"
+		{
+			echo "command: $*"
+			echo "status: $status (want $want_status)"
+			echo "stdout:"; printf '%s\n' "$out"
+			echo "want stdout:"; printf '%s\n' "$want_out"
+			echo "stderr:"; printf '%s\n' "$err"
+			echo "want stderr:"; printf '%s\n' "$want_err"
+		} | sed 's/^/# /'
+	fi
+}
+
+match() {
+	case $2 in
+	"~"*) [[ $1 == ${2#"~"} ]] ;;
+	*) [ "$1" = "$2" ] ;;
+	esac
+}
+
+# ---- reflection ----
+
+expect "list" 0 "demo.Kv
+  demo.Kv/Put(demo.PutRequest) returns (demo.PutReply)
+  demo.Kv/Get(demo.GetRequest) returns (demo.GetReply)
+  demo.Kv/Delete(demo.DeleteRequest) returns (demo.DeleteReply)
+  demo.Kv/List(demo.ListRequest) returns (demo.ListReply)
+demo.Echo
+  demo.Echo/Echo(demo.EchoRequest) returns (demo.EchoReply)
+pbrpc.Health
+  pbrpc.Health/Check(pbrpc.HealthCheckRequest) returns (pbrpc.HealthCheckResponse)
+pbrpc.Reflection
+  pbrpc.Reflection/ListServices(pbrpc.ListServicesRequest) returns (pbrpc.ListServicesReply)
+  pbrpc.Reflection/Describe(pbrpc.DescribeRequest) returns (pbrpc.DescribeReply)" "" \
+	"$pbrpc" list "$ep"
+
+expect "describe a method" 0 "rpc demo.Kv/Put(demo.PutRequest) returns (demo.PutReply);
+
+message demo.PutRequest {
+  string key = 1;
+  bytes value = 2;
+}
+
+message demo.PutReply {
+  bool created = 1;
+}" "" "$pbrpc" describe "$ep" demo.Kv/Put
+
+expect "describe a service" 0 "service demo.Echo {
+  rpc Echo(demo.EchoRequest) returns (demo.EchoReply);
+}
+
+message demo.EchoRequest {
+  bytes payload = 1;
+  uint32 delay_ms = 2;  // JSON: \"delayMs\"
+  uint32 fail_status = 3;  // JSON: \"failStatus\"
+  string fail_message = 4;  // JSON: \"failMessage\"
+}
+
+message demo.EchoReply {
+  bytes payload = 1;
+}" "" "$pbrpc" describe "$ep" demo.Echo
+
+expect "describe a message with an enum" 0 "message pbrpc.HealthCheckResponse {
+  pbrpc.HealthCheckResponse.ServingStatus status = 1;
+}
+
+enum pbrpc.HealthCheckResponse.ServingStatus {
+  UNKNOWN = 0;
+  SERVING = 1;
+  NOT_SERVING = 2;
+}" "" "$pbrpc" describe "$ep" pbrpc.HealthCheckResponse
+
+expect "describe an unknown symbol" 69 "" "~pbrpc: NOT_FOUND: *demo.Nope*" \
+	"$pbrpc" describe "$ep" demo.Nope
+
+# ---- calls ----
+
+expect "call Put" 0 '{
+  "created": true
+}' "" "$pbrpc" call "$ep" demo.Kv/Put '{"key":"a","value":"aGk="}'
+
+expect "call Put again: defaults are omitted" 0 '{}' "" \
+	"$pbrpc" call "$ep" demo.Kv/Put '{"key":"a","value":"aGk="}'
+
+expect "call Put with --emit-defaults" 0 '{
+  "created": false
+}' "" "$pbrpc" call --emit-defaults "$ep" demo.Kv/Put '{"key":"a","value":"aGk="}'
+
+expect "call Get" 0 '{
+  "value": "aGk="
+}' "" "$pbrpc" call "$ep" demo.Kv/Get '{"key":"a"}'
+
+STDIN='{"key": "b/c", "value": "_-8"}' \
+expect "call with the request on stdin, url-safe base64" 0 '{
+  "created": true
+}' "" "$pbrpc" call "$ep" demo.Kv/Put -
+
+expect "call List, options after the arguments, dotted method" 0 '{
+  "entries": [
+    {
+      "key": "a",
+      "value": "aGk="
+    },
+    {
+      "key": "b/c",
+      "value": "/+8="
+    }
+  ]
+}' "" "$pbrpc" call "$ep" demo.Kv.List --timeout 5s
+
+expect "call with omitted JSON means {}" 0 '{}' "" "$pbrpc" call "$ep" demo.Echo/Echo
+
+expect "call Echo with bytes and metadata" 0 '{
+  "payload": "AAEC//4="
+}' "" "$pbrpc" call -m trace-id=42 --metadata x=y "$ep" demo.Echo/Echo '{"payload":"AAEC//4="}'
+
+expect "call Echo with the .proto field names" 0 '{
+  "payload": "aGk="
+}' "" "$pbrpc" call "$ep" demo.Echo/Echo '{"payload":"aGk=","delay_ms":1,"fail_status":0}'
+
+expect "Get of a missing key: NOT_FOUND" 69 "" "~pbrpc: NOT_FOUND: *" \
+	"$pbrpc" call "$ep" demo.Kv/Get '{"key":"nope"}'
+
+expect "a status from the handler" 71 "" "pbrpc: PERMISSION_DENIED: go away" \
+	"$pbrpc" call "$ep" demo.Echo/Echo '{"failStatus": 7, "failMessage": "go away"}'
+
+expect "unknown method: UNIMPLEMENTED" 76 "" "pbrpc: UNIMPLEMENTED: unknown method demo.Kv/Nope" \
+	"$pbrpc" call "$ep" demo.Kv/Nope
+
+expect "unknown service: UNIMPLEMENTED" 76 "" "pbrpc: UNIMPLEMENTED: unknown service demo.Nope" \
+	"$pbrpc" call "$ep" demo.Nope/Get '{"key":"a"}'
+
+start=$(date +%s%N)
+expect "timeout: DEADLINE_EXCEEDED" 68 "" "~pbrpc: DEADLINE_EXCEEDED*" \
+	"$pbrpc" call --timeout 200ms "$ep" demo.Echo/Echo '{"delayMs": 2000}'
+elapsed_ms=$((($(date +%s%N) - start) / 1000000))
+n=$((n + 1))
+if [ "$elapsed_ms" -lt 1500 ]; then
+	echo "ok $n - the timeout returns early (${elapsed_ms} ms)"
+else
+	failed=$((failed + 1))
+	echo "not ok $n - the timeout returns early (${elapsed_ms} ms)"
+fi
+
+# ---- bad requests, caught before or without calling ----
+
+expect "invalid JSON" 2 "" "pbrpc: invalid JSON request: unexpected end of input" \
+	"$pbrpc" call "$ep" demo.Kv/Put '{"key":'
+expect "invalid JSON character" 2 "" "pbrpc: invalid JSON request: unexpected character at offset 7" \
+	"$pbrpc" call "$ep" demo.Kv/Put '{"key":x}'
+expect "JSON that is not an object" 2 "" \
+	"pbrpc: invalid JSON request: expected a JSON object ({...}), got array" \
+	"$pbrpc" call "$ep" demo.Kv/Put '[]'
+expect "unknown field" 2 "" 'pbrpc: unknown field "kee" in demo.PutRequest (fields: key, value)' \
+	"$pbrpc" call "$ep" demo.Kv/Put '{"kee":"a"}'
+expect "wrong type" 2 "" 'pbrpc: field "key" of demo.PutRequest: expected a string, got number 5' \
+	"$pbrpc" call "$ep" demo.Kv/Put '{"key":5}'
+expect "bad base64" 2 "" 'pbrpc: field "value" of demo.PutRequest: expected a base64 string, got string "a!"' \
+	"$pbrpc" call "$ep" demo.Kv/Put '{"value":"a!"}'
+expect "out of range" 2 "" \
+	'pbrpc: field "delayMs" of demo.EchoRequest: expected uint32 (0 to 4294967295), got number -1' \
+	"$pbrpc" call "$ep" demo.Echo/Echo '{"delayMs":-1}'
+expect "invalid method name" 2 "" \
+	'pbrpc: invalid method "Put": expected package.Service/Method, e.g. demo.Kv/Get' \
+	"$pbrpc" call "$ep" Put
+
+# ---- health ----
+
+expect "health of the server" 0 "SERVING" "" "$pbrpc" health "$ep"
+expect "health of a service" 0 "SERVING" "" "$pbrpc" health "$ep" demo.Kv
+expect "health of an unknown service" 69 "" "~pbrpc: NOT_FOUND: *" "$pbrpc" health "$ep" demo.Nope
+
+# ---- endpoints ----
+
+PBRPC_ENDPOINT=$ep expect "endpoint from \$PBRPC_ENDPOINT" 0 "SERVING" "" "$pbrpc" health
+PBRPC_ENDPOINT=$ep expect "endpoint '-' from \$PBRPC_ENDPOINT" 0 '{
+  "value": "aGk="
+}' "" "$pbrpc" call - demo.Kv/Get '{"key":"a"}'
+PBRPC_ENDPOINT=$ep expect "\$PBRPC_ENDPOINT with a service" 0 "SERVING" "" "$pbrpc" health demo.Echo
+expect "no endpoint at all" 2 "" \
+	"pbrpc: describe: no ENDPOINT given and \$PBRPC_ENDPOINT is not set (usage: pbrpc describe [ENDPOINT] SYMBOL)" \
+	env -u PBRPC_ENDPOINT "$pbrpc" describe demo.Kv
+expect "invalid endpoint" 2 "" \
+	'pbrpc: invalid endpoint "x": expected unix:/path, unix:@name, tcp:host:port or tcp:[v6]:port' \
+	"$pbrpc" list x
+expect "unreachable server" 3 "" \
+	"pbrpc: cannot connect to unix:$tmp/nope.sock: No such file or directory (is pbrpc-server running?)" \
+	"$pbrpc" list "unix:$tmp/nope.sock"
+expect "unreachable server, call" 3 "" \
+	"pbrpc: cannot connect to unix:$tmp/nope.sock: No such file or directory (is pbrpc-server running?)" \
+	"$pbrpc" call "unix:$tmp/nope.sock" demo.Kv/Get '{"key":"a"}'
+
+# ---- usage ----
+
+expect "--version" 0 "~pbrpc [0-9]*.[0-9]*.[0-9]*" "" "$pbrpc" --version
+expect "--help" 0 "~Usage: pbrpc [[]OPTIONS[]] COMMAND*64+N*" "" "$pbrpc" --help
+expect "help call" 0 "~Usage: pbrpc [[]OPTIONS[]] call [[]ENDPOINT[]] METHOD*" "" "$pbrpc" help call
+expect "no command" 2 "" "~Usage: pbrpc*" "$pbrpc"
+expect "unknown command" 2 "" \
+	'pbrpc: unknown command "frob" (commands: list, describe, call, health, help)' "$pbrpc" frob
+expect "unknown option" 2 "" "pbrpc: unknown option --frob (see pbrpc --help)" "$pbrpc" --frob list "$ep"
+expect "bad --timeout" 2 "" \
+	'pbrpc: invalid --timeout "soon": expected a duration such as 500ms, 2s, 1m or infinity' \
+	"$pbrpc" --timeout soon list "$ep"
+expect "bad --metadata" 2 "" \
+	"pbrpc: invalid metadata key \"Trace\": use 1 to 255 lowercase letters, digits, '-', '_' and '.'" \
+	"$pbrpc" --metadata Trace=1 list "$ep"
+expect "too many arguments" 2 "" "pbrpc: list: too many arguments (usage: pbrpc list [ENDPOINT])" \
+	"$pbrpc" list "$ep" extra
+
+echo "1..$n"
+[ $failed = 0 ]
