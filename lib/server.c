@@ -749,7 +749,8 @@ static void *worker_main(void *arg)
 static void dispatch(pbrpc_server *srv, struct call *call)
 {
 	srv->stats.calls_started++;
-	if (!srv->n_workers) {
+	/* Built-in services read server state: they stay on the loop thread. */
+	if (!srv->n_workers || srv->services[call->m->service].owned) {
 		invoke(srv, call);
 		return;
 	}
@@ -1486,8 +1487,8 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 		o->handshake_timeout_ms = 10000;
 	if (!o->max_output_queue)
 		o->max_output_queue = 4u << 20;
-	if (!opts || !opts->log_level)
-		o->log_level = opts && opts->log ? opts->log_level : PBRPC_LOG_WARN;
+	if (!o->log_level)
+		o->log_level = PBRPC_LOG_WARN;
 	srv->overall_serving = true;
 	srv->sweep.kind = TIMER_SWEEP;
 	srv->sweep.idx = SIZE_MAX;

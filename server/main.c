@@ -27,16 +27,17 @@
 static pbrpc_server *volatile g_srv;
 static volatile sig_atomic_t g_signal;
 
-static const char *const level_names[] = { "error", "warn", "info", "debug" };
+static const char *const level_names[] = { [PBRPC_LOG_ERROR] = "error", [PBRPC_LOG_WARN] = "warn",
+					    [PBRPC_LOG_INFO] = "info", [PBRPC_LOG_DEBUG] = "debug" };
 static pbrpc_log_level g_log_level = PBRPC_LOG_INFO;
 
-/* Filters here too: opts.log_level 0 (ERROR) means "the default" (WARN) to the
- * library, so --log-level error relies on this check. */
+/* The library filters by opts.log_level already; our own events (logf_) are
+ * filtered here. */
 static void log_cb(void *user, pbrpc_log_level level, const char *msg)
 {
 	if (level > g_log_level)
 		return;
-	const char *name = (unsigned)level < 4 ? level_names[level] : "?";
+	const char *name = level >= PBRPC_LOG_ERROR && level <= PBRPC_LOG_DEBUG ? level_names[level] : "?";
 	fprintf(stderr, PROG ": %s: %s\n", name, msg);
 }
 
@@ -120,7 +121,7 @@ static uint32_t parse_size(const char *opt, const char *s)
 
 static pbrpc_log_level parse_level(const char *opt, const char *s)
 {
-	for (unsigned i = 0; i < 4; i++)
+	for (unsigned i = PBRPC_LOG_ERROR; i <= PBRPC_LOG_DEBUG; i++)
 		if (strcmp(s, level_names[i]) == 0)
 			return (pbrpc_log_level)i;
 	bad_option(opt, s, "expected error, warn, info or debug");

@@ -41,11 +41,12 @@ extern "C" {
 
 typedef struct pbrpc_server pbrpc_server;
 
+/* Zero is not a level, so that a zeroed options struct means the default. */
 typedef enum pbrpc_log_level {
-	PBRPC_LOG_ERROR = 0,
-	PBRPC_LOG_WARN = 1,
-	PBRPC_LOG_INFO = 2,
-	PBRPC_LOG_DEBUG = 3,
+	PBRPC_LOG_ERROR = 1,
+	PBRPC_LOG_WARN = 2,
+	PBRPC_LOG_INFO = 3,
+	PBRPC_LOG_DEBUG = 4,
 } pbrpc_log_level;
 
 /* A log sink: one event per call, no trailing newline. */
@@ -59,7 +60,9 @@ typedef struct pbrpc_server_opts {
 	int handshake_timeout_ms;    /* default 10000; < 0 none */
 	int idle_timeout_ms;         /* close connections idle this long; default none */
 	size_t max_output_queue;     /* per connection, bytes; default 4 MiB */
-	unsigned workers;            /* > 0: run handlers on a pool of this many threads */
+	unsigned workers;            /* > 0: run handlers on a pool of this many threads
+	                              * (the built-in Health and Reflection always run
+	                              * on the loop thread) */
 	unsigned socket_mode;        /* chmod for unix:/path sockets; default from umask */
 	pbrpc_log_cb log;            /* default: none (the library never prints) */
 	void *log_user;
@@ -135,7 +138,9 @@ typedef struct pbrpc_server_stats {
 
 PBRPC_EXPORT void pbrpc_server_get_stats(const pbrpc_server *srv, pbrpc_server_stats *out);
 
-/* ---- inside a handler: closure_data is the call ---- */
+/* ---- inside a handler: closure_data is the call ----
+ * These may be called from whichever thread is handling the call, until the
+ * closure has been called; pbrpc_call_cancelled() from any thread. */
 
 /* Sets the status the next closure(NULL, closure_data) reports, with a
  * printf-style message (may be NULL). With a non-OK status, a reply passed to
