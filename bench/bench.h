@@ -26,6 +26,8 @@
  * by this process since it started (children inherit the counts at fork). */
 uint64_t bench_allocs(void);
 uint64_t bench_frees(void);
+/* False in sanitizer builds, where the counts above are always 0. */
+extern const bool bench_counts_allocs;
 
 /* Socket buffer size applied to benchmark sockets (SO_SNDBUF and SO_RCVBUF);
  * 0 leaves the kernel's defaults. */

@@ -23,6 +23,30 @@
 
 #include "bench.h"
 
+/* Sanitizers bring their own allocator: leave malloc alone under them. */
+#if defined(__SANITIZE_ADDRESS__)
+#define BENCH_NO_MALLOC_HOOK 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(memory_sanitizer) || __has_feature(thread_sanitizer)
+#define BENCH_NO_MALLOC_HOOK 1
+#endif
+#endif
+
+#ifdef BENCH_NO_MALLOC_HOOK
+const bool bench_counts_allocs = false;
+
+uint64_t bench_allocs(void)
+{
+	return 0;
+}
+
+uint64_t bench_frees(void)
+{
+	return 0;
+}
+#else
+const bool bench_counts_allocs = true;
+
 extern void *__libc_malloc(size_t size);
 extern void *__libc_calloc(size_t n, size_t size);
 extern void *__libc_realloc(void *p, size_t size);
@@ -123,6 +147,7 @@ void *valloc(size_t size)
 	count_alloc();
 	return __libc_memalign((size_t)sysconf(_SC_PAGESIZE), size);
 }
+#endif /* BENCH_NO_MALLOC_HOOK */
 
 /* ---- sockets ---- */
 

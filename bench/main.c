@@ -1076,8 +1076,9 @@ int main(int argc, char **argv)
 	else
 		printf("Socket buffers: the kernel's defaults");
 	printf(" on every socket of every system; TCP_NODELAY on every TCP socket. Each figure is the median of %d "
-	       "runs%s.\n\n",
-	       cfg.rounds, cfg.calls ? " (fixed call count)" : "");
+	       "runs%s.%s\n\n",
+	       cfg.rounds, cfg.calls ? " (fixed call count)" : "",
+	       bench_counts_allocs ? "" : " **Sanitizer build: heap allocations were not counted.**");
 	if (cfg.seq)
 		print_seq();
 	if (cfg.conc)
