@@ -18,7 +18,7 @@ PBRPC_EXPORT const char *pbrpc_strerror(int err)
 	default:
 		break;
 	}
-	if (err < 0) {
+	if (err < 0 && err > -4096) {
 		const char *s = strerrordesc_np(-err);
 		if (s)
 			return s;
@@ -39,7 +39,7 @@ PBRPC_EXPORT const char *pbrpc_errname(int err)
 	default:
 		break;
 	}
-	if (err < 0) {
+	if (err < 0 && err > -4096) {
 		const char *s = strerrorname_np(-err);
 		if (s)
 			return s;

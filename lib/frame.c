@@ -80,7 +80,11 @@ PBRPC_EXPORT void pbrpc_frame_decoder_fini(pbrpc_frame_decoder *d)
 }
 
 /* Makes room for `need` bytes after tail, compacting or growing the buffer. */
-static int decoder_reserve(pbrpc_frame_decoder *d, size_t need)
+/* Makes room for `need` bytes after tail, compacting or growing the buffer.
+ * Growth doubles, but never past `frame` bytes in all when the frame being
+ * assembled is known to be that long (0: unknown), so memory follows the
+ * bytes a peer actually sends, not the length it announces. */
+static int decoder_reserve(pbrpc_frame_decoder *d, size_t need, size_t frame)
 {
 	size_t used = d->tail - d->head;
 	if (d->cap - d->tail >= need)
@@ -94,6 +98,8 @@ static int decoder_reserve(pbrpc_frame_decoder *d, size_t need)
 	size_t cap = d->cap ? d->cap : DECODER_CHUNK;
 	while (cap < used + need)
 		cap *= 2;
+	if (frame && cap > frame && frame >= used + need)
+		cap = frame;
 	if (d->head > 0) {
 		memmove(d->buf, d->buf + d->head, used);
 		d->tail = used;
@@ -163,7 +169,7 @@ PBRPC_EXPORT int pbrpc_frame_decoder_stash(pbrpc_frame_decoder *d)
 		if (!d->in_len)
 			return 0;
 	}
-	if (decoder_reserve(d, d->in_len) < 0)
+	if (decoder_reserve(d, d->in_len, 0) < 0)
 		return -ENOMEM;
 	take_input(d, d->in_len);
 	return 0;
@@ -204,14 +210,14 @@ PBRPC_EXPORT int pbrpc_frame_decoder_next(pbrpc_frame_decoder *d, pbrpc_frame *o
 			d->in_len -= total;
 			return 1;
 		}
-		if (decoder_reserve(d, total) < 0)
+		if (decoder_reserve(d, d->in_len, total) < 0)
 			return -ENOMEM;
 		take_input(d, d->in_len);
 		return 0;
 	}
 
 	if (buffered < PBRPC_FRAME_HEADER_SIZE) {
-		if (decoder_reserve(d, PBRPC_FRAME_HEADER_SIZE - buffered) < 0)
+		if (decoder_reserve(d, PBRPC_FRAME_HEADER_SIZE - buffered, 0) < 0)
 			return -ENOMEM;
 		buffered += take_input(d, PBRPC_FRAME_HEADER_SIZE - buffered);
 		if (buffered < PBRPC_FRAME_HEADER_SIZE)
@@ -225,7 +231,8 @@ PBRPC_EXPORT int pbrpc_frame_decoder_next(pbrpc_frame_decoder *d, pbrpc_frame *o
 	}
 	size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)h.length;
 	if (buffered < total) {
-		if (decoder_reserve(d, total - buffered) < 0)
+		size_t avail = total - buffered < d->in_len ? total - buffered : d->in_len;
+		if (avail && decoder_reserve(d, avail, d->head + total) < 0)
 			return -ENOMEM;
 		buffered += take_input(d, total - buffered);
 		if (buffered < total)
@@ -270,18 +277,23 @@ PBRPC_EXPORT ssize_t pbrpc_frame_decoder_recv(pbrpc_frame_decoder *d, int fd, in
 {
 	if (d->in_len)
 		return PBRPC_EINVALID;
-	/* Read at least the rest of the frame in progress, and a chunk besides. */
-	size_t want = DECODER_CHUNK / 2;
+	/* Read a chunk, or for a large frame in progress as much again as we
+	 * hold of it (doubling as its bytes arrive, never past its end). */
+	size_t want = DECODER_CHUNK / 2, frame = 0;
 	size_t buffered = d->tail - d->head;
 	if (buffered >= PBRPC_FRAME_HEADER_SIZE && !d->discard) {
 		uint32_t len = pbrpc__get_u32(d->buf + d->head);
-		if (len <= d->max_payload && PBRPC_FRAME_HEADER_SIZE + (size_t)len > buffered &&
-		    PBRPC_FRAME_HEADER_SIZE + (size_t)len - buffered > want)
-			want = PBRPC_FRAME_HEADER_SIZE + (size_t)len - buffered;
+		size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)len;
+		if (len <= d->max_payload && total > buffered) {
+			size_t rest = total - buffered;
+			size_t grow = buffered > want ? buffered : want;
+			want = rest < grow ? rest : grow;
+			frame = total;
+		}
 	}
 	if (d->head == d->tail)
 		d->head = d->tail = 0;
-	if (decoder_reserve(d, want) < 0)
+	if (decoder_reserve(d, want, frame ? d->head + frame : 0) < 0)
 		return -ENOMEM;
 
 	struct iovec iov = { d->buf + d->tail, d->cap - d->tail };
@@ -382,6 +394,8 @@ PBRPC_EXPORT int pbrpc_frame_writer_append_raw(pbrpc_frame_writer *w, const void
 {
 	if (w->open != SIZE_MAX)
 		return PBRPC_EINVALID;
+	if (len == 0)
+		return 0;
 	if (writer_reserve(w, len) < 0)
 		return -ENOMEM;
 	memcpy(w->buf + w->tail, data, len);
@@ -408,6 +422,8 @@ PBRPC_EXPORT ssize_t pbrpc_frame_writer_flush(pbrpc_frame_writer *w, int fd, int
 				break;
 			return total ? (ssize_t)total : -errno;
 		}
+		if (n == 0)
+			break; /* no progress: treat as would-block rather than spin */
 		w->head += (size_t)n;
 		total += (size_t)n;
 	}

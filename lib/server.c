@@ -1168,8 +1168,8 @@ static void conn_read(struct conn *c)
 		if ((size_t)n < SCRATCH_SIZE / 2)
 			break; /* the socket is very likely drained */
 	}
-	if (c->state != CONN_CLOSED)
-		pbrpc_frame_decoder_release(&c->dec);
+	/* A buffer grown for a large frame is kept while the connection is busy
+	 * (the next large frame reuses it); the sweep timer frees it once idle. */
 	flush_dirty(srv);
 }
 
