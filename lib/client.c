@@ -249,7 +249,8 @@ typedef struct conn {
 	uint32_t inflight;  /* ids reserved on this connection, abandoned ones included */
 	uint32_t async_inflight;
 	int refs; /* threads doing I/O on it without the mutex */
-	bool dead, draining, goaway_ok, reading, pumping, epollout, big_frame;
+	bool dead, draining, goaway_ok, reading, pumping, big_frame;
+	bool in_epoll, epollout;
 	int64_t rcvtimeo; /* cached SO_RCVTIMEO in ns; 0: none */
 	call *calls;
 	call *waiters; /* sync callers that may become the reader */
@@ -302,6 +303,7 @@ struct pbrpc_client {
 	call *timers_head, *timers_tail;
 
 	int epfd, efd;
+	bool watching; /* sockets are in epfd: async calls or a poller exist */
 	bool efd_signaled;
 	int proc_efd_only; /* process() callers waiting on the eventfd alone */
 	pthread_t io;
@@ -678,7 +680,9 @@ static void conn_fail(pbrpc_client *c, conn *k, int status, int err, const char 
 		call_fail(x, status, err, "%s", msg);
 		call_finish(c, x);
 	}
-	epoll_ctl(c->epfd, EPOLL_CTL_DEL, k->fd, NULL);
+	if (k->in_epoll)
+		epoll_ctl(c->epfd, EPOLL_CTL_DEL, k->fd, NULL);
+	k->in_epoll = false;
 	if (k->refs)
 		shutdown(k->fd, SHUT_RDWR);
 	else
@@ -741,7 +745,7 @@ static int conn_flush(pbrpc_client *c, conn *k)
 		}
 	}
 	bool left = pbrpc_frame_writer_pending(&k->w) > 0;
-	if (left != k->epollout) {
+	if (k->in_epoll && left != k->epollout) {
 		struct epoll_event ev = { .events = EPOLLIN | (left ? EPOLLOUT : 0), .data.ptr = k };
 		if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, k->fd, &ev) == 0)
 			k->epollout = left;
@@ -749,6 +753,30 @@ static int conn_flush(pbrpc_client *c, conn *k)
 	if (!left)
 		pbrpc_frame_writer_trim(&k->w, WRITER_KEEP);
 	return 0;
+}
+
+/* Puts the sockets into the epoll set from now on. A client used only
+ * synchronously keeps them out: each reply would also run epoll's wakeup. */
+static void watch_enable(pbrpc_client *c)
+{
+	if (c->watching)
+		return;
+	c->watching = true;
+	for (conn *k = c->conns, *next; k; k = next) {
+		next = k->next;
+		if (k->dead)
+			continue;
+		bool out = pbrpc_frame_writer_pending(&k->w) > 0;
+		struct epoll_event ev = { .events = EPOLLIN | (out ? EPOLLOUT : 0), .data.ptr = k };
+		if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, k->fd, &ev) == 0) {
+			k->in_epoll = true;
+			k->epollout = out;
+		} else {
+			int err = -errno;
+			conn_fail(c, k, PBRPC_STATUS_UNAVAILABLE, err, "cannot watch the connection: %s",
+				  pbrpc_strerror(err));
+		}
+	}
 }
 
 __attribute__((format(printf, 3, 4))) static void protocol_error(pbrpc_client *c, conn *k, const char *fmt, ...)
@@ -1028,8 +1056,10 @@ static void sync_wait(pbrpc_client *c, call *x)
 {
 	conn *k = x->conn;
 	k->refs++;
-	while (!x->done) {
-		if (x->deadline && pbrpc__now_ns() >= x->deadline) {
+	/* The deadline was checked when the request was sent; the reader's
+	 * recv timeout and the followers' timed wait catch it from there. */
+	for (bool first = true; !x->done; first = false) {
+		if (!first && x->deadline && pbrpc__now_ns() >= x->deadline) {
 			abandon(c, x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded");
 			break;
 		}
@@ -1232,9 +1262,11 @@ static int connect_locked(pbrpc_client *c, int64_t deadline)
 	int rc = conn_open(c, ms, &k, msg, sizeof(msg));
 	pthread_mutex_lock(&c->mu);
 	c->connecting = false;
-	if (rc == 0) {
+	if (rc == 0 && c->watching) {
 		struct epoll_event ev = { .events = EPOLLIN, .data.ptr = k };
-		if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, k->fd, &ev) < 0) {
+		if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, k->fd, &ev) == 0) {
+			k->in_epoll = true;
+		} else {
 			rc = -errno;
 			snprintf(msg, sizeof(msg), "cannot watch the connection: %s", pbrpc_strerror(rc));
 			close(k->fd);
@@ -1270,20 +1302,21 @@ static int connect_locked(pbrpc_client *c, int64_t deadline)
 }
 
 /* A connection for a synchronous call, waiting (within x's deadline) for a
- * connection, a reconnect backoff or a free call slot. NULL: x has failed. */
-static conn *sync_conn(pbrpc_client *c, call *x)
+ * connection, a reconnect backoff or a free call slot. *now is refreshed
+ * whenever it waits. NULL: x has failed. */
+static conn *sync_conn(pbrpc_client *c, call *x, int64_t *now_io)
 {
-	for (;;) {
+	for (bool waited = false;; waited = true) {
 		if (c->closing) {
 			call_fail(x, PBRPC_STATUS_CANCELLED, PBRPC_ECLOSED, "client is shutting down");
 			return NULL;
 		}
-		int64_t now = pbrpc__now_ns();
-		bool expired = x->deadline && now >= x->deadline;
 		conn *k = c->cur;
+		if (k && (!k->max_calls || k->inflight < k->max_calls))
+			return k; /* the fast path reads no clock */
+		int64_t now = *now_io = waited ? pbrpc__now_ns() : *now_io;
+		bool expired = x->deadline && now >= x->deadline;
 		if (k) {
-			if (!k->max_calls || k->inflight < k->max_calls)
-				return k;
 			if (expired) {
 				call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT,
 					  "deadline exceeded waiting for a call slot (the server allows %u in flight)",
@@ -1330,7 +1363,7 @@ static conn *sync_conn(pbrpc_client *c, call *x)
 /* A connection for an asynchronous call: fails fast (UNAVAILABLE) while the
  * reconnect backoff runs, and with RESOURCE_EXHAUSTED when the server's
  * max_calls are all in flight. */
-static conn *async_conn(pbrpc_client *c, call *x)
+static conn *async_conn(pbrpc_client *c, call *x, int64_t *now_io)
 {
 	for (;;) {
 		if (c->closing) {
@@ -1348,20 +1381,23 @@ static conn *async_conn(pbrpc_client *c, call *x)
 		}
 		if (c->connecting) {
 			cond_wait_until(&c->cond, &c->mu, x->deadline);
-			if (x->deadline && pbrpc__now_ns() >= x->deadline) {
+			*now_io = pbrpc__now_ns();
+			if (x->deadline && *now_io >= x->deadline) {
 				call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded while connecting");
 				return NULL;
 			}
 			continue;
 		}
-		int64_t now = pbrpc__now_ns();
+		int64_t now = *now_io;
 		if (now < c->next_attempt) {
 			call_fail(x, PBRPC_STATUS_UNAVAILABLE, c->last_err ? c->last_err : -ENOTCONN,
 				  "not connected (%s); next attempt in %lld ms", c->last_msg[0] ? c->last_msg : "no connection",
 				  (long long)((c->next_attempt - now + NS_PER_MS - 1) / NS_PER_MS));
 			return NULL;
 		}
-		if (connect_locked(c, x->deadline) < 0) {
+		int rc = connect_locked(c, x->deadline);
+		*now_io = pbrpc__now_ns();
+		if (rc < 0) {
 			call_fail(x, PBRPC_STATUS_UNAVAILABLE, c->last_err, "%s", c->last_msg);
 			return NULL;
 		}
@@ -1379,16 +1415,17 @@ typedef struct call_args {
 	const pbrpc_metadata *md;
 	size_t md_count;
 	int64_t deadline;
+	int64_t start; /* clock when the call was made */
 } call_args;
 
-static int64_t call_deadline(const pbrpc_client *c, const pbrpc_call_opts *o)
+static int64_t call_deadline(const pbrpc_client *c, const pbrpc_call_opts *o, int64_t now)
 {
 	if (o && o->deadline_ns)
 		return o->deadline_ns;
 	int ms = o && o->timeout_ms ? o->timeout_ms : c->call_timeout_ms;
 	if (ms < 0)
 		return 0;
-	return pbrpc__now_ns() + (int64_t)ms * NS_PER_MS;
+	return now + (int64_t)ms * NS_PER_MS;
 }
 
 static void args_init(call_args *a, const pbrpc_client *c, const char *method, size_t method_len,
@@ -1401,7 +1438,8 @@ static void args_init(call_args *a, const pbrpc_client *c, const char *method, s
 		a->md = o->metadata;
 		a->md_count = o->metadata ? o->metadata_count : 0;
 	}
-	a->deadline = call_deadline(c, o);
+	a->start = pbrpc__now_ns();
+	a->deadline = call_deadline(c, o, a->start);
 }
 
 static size_t request_size(const pbrpc_wire_request *req, const ProtobufCMessage *msg)
@@ -1418,9 +1456,10 @@ static size_t request_size(const pbrpc_wire_request *req, const ProtobufCMessage
 }
 
 /* Encodes x's REQUEST into k's writer, reserves its id and sends without
- * blocking. Returns 0 (x is in flight, or already failed with the connection)
- * or a negative code with x's status set (nothing was sent). */
-static int send_request(pbrpc_client *c, conn *k, call *x, const call_args *a)
+ * blocking. `now` is a recent clock reading. Returns 0 (x is in flight, or
+ * already failed with the connection) or a negative code with x's status set
+ * (nothing was sent). */
+static int send_request(pbrpc_client *c, conn *k, call *x, const call_args *a, int64_t now)
 {
 	pbrpc_wire_request req = {
 		.method = a->method,
@@ -1431,7 +1470,7 @@ static int send_request(pbrpc_client *c, conn *k, call *x, const call_args *a)
 		.body_len = a->raw_len,
 	};
 	if (x->deadline) {
-		int64_t left = x->deadline - pbrpc__now_ns();
+		int64_t left = x->deadline - now;
 		if (left <= 0) {
 			call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded before the call was sent");
 			return -ETIMEDOUT;
@@ -1491,6 +1530,7 @@ static void sync_release(pbrpc_client *c, call *x)
  * not run) is retried once on a new connection. */
 static call *sync_call(pbrpc_client *c, const call_args *a)
 {
+	int64_t now = a->start;
 	pthread_mutex_lock(&c->mu);
 	for (int attempt = 0;; attempt++) {
 		call *x = call_get(c, CALL_SYNC);
@@ -1498,13 +1538,15 @@ static call *sync_call(pbrpc_client *c, const call_args *a)
 			return NULL;
 		x->deadline = a->deadline;
 		x->retried = attempt > 0;
-		if (a->deadline && pbrpc__now_ns() >= a->deadline) {
+		if (attempt > 0)
+			now = pbrpc__now_ns();
+		if (a->deadline && now >= a->deadline) {
 			/* Already expired: fail without sending a byte. */
 			call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded before the call was sent");
 			return x;
 		}
-		conn *k = sync_conn(c, x);
-		if (!k || send_request(c, k, x, a) < 0)
+		conn *k = sync_conn(c, x, &now);
+		if (!k || send_request(c, k, x, a, now) < 0)
 			return x;
 		sync_wait(c, x);
 		if (!x->retry || attempt > 0)
@@ -1620,6 +1662,7 @@ static int process_run(pbrpc_client *c, int timeout_ms, bool forever)
 	pbrpc_client *outer = tls.in_process;
 	tls.in_process = c;
 	pthread_mutex_lock(&c->mu);
+	watch_enable(c);
 	for (;;) {
 		if (c->efd_signaled) {
 			uint64_t v;
@@ -1766,10 +1809,11 @@ static void async_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pr
 
 	conn *k = NULL;
 	int rc = -1;
-	if (a.deadline && pbrpc__now_ns() >= a.deadline)
+	int64_t now = a.start;
+	if (a.deadline && now >= a.deadline)
 		call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded before the call was sent");
-	else if ((k = async_conn(c, x)) != NULL)
-		rc = send_request(c, k, x, &a);
+	else if ((k = async_conn(c, x, &now)) != NULL)
+		rc = send_request(c, k, x, &a, now);
 	if (rc < 0)
 		call_finish(c, x);
 	else if (!x->done && x->deadline)
@@ -1831,6 +1875,8 @@ static ProtobufCService *service_get(pbrpc_client *c, const ProtobufCServiceDesc
 	s->async = async;
 	s->next = c->services;
 	c->services = s;
+	if (async)
+		watch_enable(c);
 	pthread_mutex_unlock(&c->mu);
 	return &s->base;
 }
@@ -1841,7 +1887,7 @@ static void client_teardown(pbrpc_client *c)
 {
 	while (c->conns) {
 		conn *k = c->conns;
-		if (k->fd >= 0 && !k->dead)
+		if (k->in_epoll)
 			epoll_ctl(c->epfd, EPOLL_CTL_DEL, k->fd, NULL);
 		conn_destroy(c, k);
 	}
@@ -1928,6 +1974,7 @@ PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, 
 		rc = -errno;
 		goto err_client;
 	}
+	c->watching = o.io_thread;
 	if (!o.lazy) {
 		pthread_mutex_lock(&c->mu);
 		rc = connect_locked(c, 0);
@@ -2021,7 +2068,12 @@ PBRPC_EXPORT int pbrpc_client_cancel(pbrpc_client *c, uint32_t call_id)
 
 PBRPC_EXPORT int pbrpc_client_fd(pbrpc_client *c)
 {
-	return c ? c->epfd : PBRPC_EINVALID;
+	if (!c)
+		return PBRPC_EINVALID;
+	pthread_mutex_lock(&c->mu);
+	watch_enable(c);
+	pthread_mutex_unlock(&c->mu);
+	return c->epfd;
 }
 
 PBRPC_EXPORT int pbrpc_client_process(pbrpc_client *c, int timeout_ms)
