@@ -1150,16 +1150,25 @@ static int handshake(pbrpc_client *c, conn *k, int64_t deadline, char *msg, size
 	pbrpc_wire_hello h = { .version = PBRPC_WIRE_VERSION, .max_frame = c->max_frame };
 	snprintf(h.agent, sizeof(h.agent), "%s", AGENT);
 	int rc = pbrpc_wire_write_preface(&k->w, &h);
-	if (rc == 0)
-		rc = write_all(k, deadline);
 	if (rc < 0) {
-		snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(rc));
+		snprintf(msg, len, "out of memory");
 		return rc;
+	}
+	/* If the server refuses us it may close before reading our preface: a
+	 * failed write still reads what it sent, which says why. */
+	int wrc = write_all(k, deadline);
+	if (wrc == -ETIMEDOUT) {
+		snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(wrc));
+		return wrc;
 	}
 	rc = read_preface(k->fd, deadline);
 	pbrpc_frame f;
 	if (rc == 0)
 		rc = pbrpc_frame_read(&k->dec, k->fd, &f, ms_until(deadline));
+	if (wrc < 0 && (rc < 0 || f.hdr.type != PBRPC_FRAME_GOAWAY)) {
+		snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(wrc));
+		return wrc;
+	}
 	if (rc == PBRPC_EBADMAGIC) {
 		snprintf(msg, len, "%s is not a pbrpc server (bad preface)", c->ep_str);
 		return rc;
@@ -1510,7 +1519,10 @@ static int send_request(pbrpc_client *c, conn *k, call *x, const call_args *a, i
 	if (x->kind == CALL_ASYNC)
 		k->async_inflight++;
 	tls.last_call = x->id;
-	conn_flush(c, k);
+	/* A failed flush wrote none of the queued bytes, so the server never saw
+	 * this request: a synchronous call may try again on a new connection. */
+	if (conn_flush(c, k) < 0 && x->done && x->kind == CALL_SYNC)
+		x->retry = !x->retried;
 	return 0;
 }
 
@@ -1526,8 +1538,9 @@ static void sync_release(pbrpc_client *c, call *x)
 }
 
 /* Runs a synchronous call. Returns with the mutex held and x done, or NULL
- * (out of memory). A call answered UNAVAILABLE by a draining server (it was
- * not run) is retried once on a new connection. */
+ * (out of memory). A call the server cannot have run (answered UNAVAILABLE by
+ * a draining server, or its REQUEST could not be written) is retried once on
+ * a new connection. */
 static call *sync_call(pbrpc_client *c, const call_args *a)
 {
 	int64_t now = a->start;
@@ -1548,7 +1561,8 @@ static call *sync_call(pbrpc_client *c, const call_args *a)
 		conn *k = sync_conn(c, x, &now);
 		if (!k || send_request(c, k, x, a, now) < 0)
 			return x;
-		sync_wait(c, x);
+		if (!x->done) /* else the connection failed while sending */
+			sync_wait(c, x);
 		if (!x->retry || attempt > 0)
 			return x;
 		sync_release(c, x);

@@ -1110,6 +1110,28 @@ Test(client, server_closes_mid_call_then_reconnect)
 	fake_free(fs);
 }
 
+Test(client, write_to_closed_connection_retries)
+{
+	fake *fs = fake_new(NULL, false);
+	pbrpc_client *c = connect_ok(fs, NULL);
+	ProtobufCService *svc = pbrpc_client_service(c, &demo__echo__descriptor);
+	ProtobufCService *asvc = pbrpc_client_service_async(c, &demo__echo__descriptor);
+	Demo__EchoRequest req;
+	echo_req(&req, "close");
+	result a = { 0 };
+	demo__echo__echo(asvc, &req, on_reply, &a);
+	usleep(100000); /* closed by the server, not noticed by the client yet */
+	/* The write fails, so the server never saw the request: it is retried. */
+	result r = echo(svc, "retried");
+	cr_assert_eq(r.status, PBRPC_STATUS_OK, "%d %s", r.status, r.msg);
+	cr_assert_str_eq(r.payload, "retried");
+	cr_assert_eq(fake_get(fs, &fs->conns), 2);
+	cr_assert_eq(pbrpc_client_drain(c, 1000), 0);
+	cr_assert_eq(a.status, PBRPC_STATUS_UNAVAILABLE);
+	pbrpc_client_free(c);
+	fake_free(fs);
+}
+
 Test(client, goaway_error_fails_calls)
 {
 	fake *fs = fake_new(NULL, false);
