@@ -52,7 +52,9 @@
 #define DEFAULT_BACKOFF_MAX_MS 2000
 
 #define ARENA_MIN 4096u
-#define ARENA_KEEP_MAX (1u << 20) /* an arena keeps a buffer up to this size */
+#define ARENA_KEEP_MAX (1u << 20)     /* a pooled arena keeps a buffer up to this size */
+#define THREAD_ARENA_KEEP (256u << 10) /* a thread's own arena, up to this */
+#define UNPACK_LOCKED_MAX 1024u        /* replies up to this are unpacked under the lock */
 #define IDLE_ARENAS_MAX 4
 #define CALL_BUF_KEEP (64u << 10) /* a free call record keeps a reply buffer up to this */
 #define WRITER_KEEP (256u << 10)
@@ -77,6 +79,7 @@ typedef struct arena {
 	ProtobufCAllocator pa;
 	uint8_t *buf;
 	size_t cap, used, want;
+	size_t keep; /* largest buffer kept across resets */
 	arena_block *extra;
 	bool failed;
 	struct arena *next;
@@ -122,9 +125,9 @@ static void arena_reset(arena *a)
 		a->extra = b->next;
 		free(b);
 	}
-	if (a->want > a->cap && a->cap < ARENA_KEEP_MAX) {
+	if (a->want > a->cap && a->cap < a->keep) {
 		size_t cap = a->cap ? a->cap : ARENA_MIN;
-		while (cap < a->want && cap < ARENA_KEEP_MAX)
+		while (cap < a->want && cap < a->keep)
 			cap *= 2;
 		uint8_t *nb = malloc(cap);
 		if (nb) {
@@ -146,19 +149,41 @@ static void arena_destroy(arena *a)
 	free(a);
 }
 
-/* ---- thread-local state ---- */
+static arena *arena_new(size_t keep)
+{
+	arena *a = calloc(1, sizeof(*a));
+	if (!a)
+		return NULL;
+	a->pa.alloc = arena_alloc;
+	a->pa.free = arena_free;
+	a->pa.allocator_data = a;
+	a->keep = keep;
+	return a;
+}
 
-typedef struct tls_state {
+/* ---- thread-local state ----
+ * The fields every call touches sit in a small initial-exec block (a plain
+ * %fs-relative access, no __tls_get_addr call); the status message buffer
+ * and the next call's options are touched only when used. */
+
+typedef struct tls_hot {
 	int status;
-	unsigned gen; /* bumped by every set_status */
-	char msg[PBRPC_WIRE_MESSAGE_MAX + 1];
+	unsigned gen; /* bumped by every status change */
+	uint32_t msg_len;
 	uint32_t last_call;
 	bool has_next;
-	pbrpc_call_opts next;
+	bool arena_busy;
 	pbrpc_client *in_process; /* the client whose process() runs on this thread */
-} tls_state;
+	arena *arena;             /* this thread's arena for synchronous replies */
+} tls_hot;
 
-static _Thread_local tls_state tls;
+typedef struct tls_cold {
+	char msg[PBRPC_WIRE_MESSAGE_MAX + 1];
+	pbrpc_call_opts next;
+} tls_cold;
+
+static _Thread_local tls_hot th __attribute__((tls_model("initial-exec")));
+static _Thread_local tls_cold tc;
 
 static void set_status(int status, const char *msg, size_t len)
 {
@@ -166,31 +191,89 @@ static void set_status(int status, const char *msg, size_t len)
 		len = 0;
 	if (len > PBRPC_WIRE_MESSAGE_MAX)
 		len = PBRPC_WIRE_MESSAGE_MAX;
-	tls.status = status;
-	tls.gen++;
-	if (len && msg != tls.msg)
-		memmove(tls.msg, msg, len);
-	tls.msg[len] = '\0';
+	th.status = status;
+	th.gen++;
+	th.msg_len = (uint32_t)len;
+	if (len) {
+		if (msg != tc.msg)
+			memmove(tc.msg, msg, len);
+		tc.msg[len] = '\0';
+	}
 }
 
 __attribute__((format(printf, 2, 3))) static void set_statusf(int status, const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(tls.msg, sizeof(tls.msg), fmt, ap);
+	int n = vsnprintf(tc.msg, sizeof(tc.msg), fmt, ap);
 	va_end(ap);
-	tls.status = status;
-	tls.gen++;
+	th.status = status;
+	th.gen++;
+	th.msg_len = n < 0 ? 0 : (n < (int)sizeof(tc.msg) ? (uint32_t)n : (uint32_t)sizeof(tc.msg) - 1);
+}
+
+static const char *status_msg(void)
+{
+	return th.msg_len ? tc.msg : "";
 }
 
 static pbrpc_call_opts take_opts(void)
 {
 	pbrpc_call_opts o = { 0 };
-	if (tls.has_next) {
-		o = tls.next;
-		tls.has_next = false;
+	if (th.has_next) {
+		o = tc.next;
+		th.has_next = false;
 	}
 	return o;
+}
+
+/* Each thread keeps one arena for the replies of its synchronous calls, so
+ * the fast path takes no lock for it; the key frees it when the thread ends. */
+static pthread_key_t arena_key;
+static pthread_once_t arena_key_once = PTHREAD_ONCE_INIT;
+static bool arena_key_ok;
+
+static void arena_key_free(void *a)
+{
+	arena_destroy(a);
+}
+
+static void arena_key_init(void)
+{
+	arena_key_ok = pthread_key_create(&arena_key, arena_key_free) == 0;
+}
+
+__attribute__((destructor)) static void arena_key_fini(void)
+{
+	if (arena_key_ok)
+		pthread_key_delete(arena_key); /* the library may be unloaded */
+}
+
+/* This thread's arena, or NULL when an outer call's closure still uses it
+ * (a call made from a closure) or on allocation failure. */
+static arena *thread_arena_take(void)
+{
+	if (th.arena_busy)
+		return NULL;
+	if (!th.arena) {
+		pthread_once(&arena_key_once, arena_key_init);
+		arena *a = arena_key_ok ? arena_new(THREAD_ARENA_KEEP) : NULL;
+		if (!a)
+			return NULL;
+		if (pthread_setspecific(arena_key, a) != 0) {
+			arena_destroy(a);
+			return NULL;
+		}
+		th.arena = a;
+	}
+	th.arena_busy = true;
+	return th.arena;
+}
+
+static void thread_arena_give(arena *a)
+{
+	arena_reset(a);
+	th.arena_busy = false;
 }
 
 /* ---- objects ---- */
@@ -582,7 +665,7 @@ static void done_push(pbrpc_client *c, call *x)
 	else
 		c->done_head = x;
 	c->done_tail = x;
-	if (tls.in_process != c)
+	if (th.in_process != c)
 		efd_signal(c);
 }
 
@@ -711,7 +794,7 @@ static void reader_leave(pbrpc_client *c, conn *k)
 			pthread_cond_broadcast(&c->cond); /* one of them may read now */
 		if (k->waiters)
 			pthread_cond_signal(&k->waiters->cond);
-		else if (c->proc_efd_only || (pending && k->async_inflight && tls.in_process != c))
+		else if (c->proc_efd_only || (pending && k->async_inflight && th.in_process != c))
 			efd_signal(c); /* a poller must take over the reading */
 	}
 	conn_unref(c, k);
@@ -983,7 +1066,9 @@ static void set_rcvtimeo(conn *k, int64_t need)
  * (may be NULL) is the reader's own call. */
 static void reader_step(pbrpc_client *c, conn *k, call *me, int64_t deadline)
 {
-	if (dispatch_buffered(c, k, me) || k->dead || (me && me->done))
+	if (pbrpc_frame_decoder_pending(&k->dec) && dispatch_buffered(c, k, me))
+		return;
+	if (k->dead || (me && me->done))
 		return;
 	if (pbrpc_frame_writer_pending(&k->w)) {
 		if (conn_flush(c, k) < 0)
@@ -1029,7 +1114,7 @@ static void pump_write(pbrpc_client *c, conn *k, int64_t deadline)
 	int ms = ms_until(deadline);
 	struct pollfd p = { .fd = k->fd, .events = POLLOUT };
 	pthread_mutex_unlock(&c->mu);
-	poll(&p, 1, ms < 0 || ms > 1000 ? 1000 : ms);
+	poll(&p, 1, ms < 0 || ms > 200 ? 200 : ms); /* then look at our call again */
 	pthread_mutex_lock(&c->mu);
 	k->pumping = false;
 	if (!k->dead)
@@ -1518,7 +1603,6 @@ static int send_request(pbrpc_client *c, conn *k, call *x, const call_args *a, i
 	k->inflight++;
 	if (x->kind == CALL_ASYNC)
 		k->async_inflight++;
-	tls.last_call = x->id;
 	/* A failed flush wrote none of the queued bytes, so the server never saw
 	 * this request: a synchronous call may try again on a new connection. */
 	if (conn_flush(c, k) < 0 && x->done && x->kind == CALL_SYNC)
@@ -1599,13 +1683,7 @@ static arena *arena_get(pbrpc_client *c)
 		c->idle_arenas--;
 		return a;
 	}
-	a = calloc(1, sizeof(*a));
-	if (!a)
-		return NULL;
-	a->pa.alloc = arena_alloc;
-	a->pa.free = arena_free;
-	a->pa.allocator_data = a;
-	return a;
+	return arena_new(ARENA_KEEP_MAX);
 }
 
 static void arena_put(pbrpc_client *c, arena *a)
@@ -1634,8 +1712,8 @@ static int run_done(pbrpc_client *c)
 	arena *a = arena_get(c);
 	pthread_mutex_unlock(&c->mu);
 
-	pbrpc_client *outer = tls.in_process;
-	tls.in_process = NULL; /* calls made by closures must signal pollers */
+	pbrpc_client *outer = th.in_process;
+	th.in_process = NULL; /* calls made by closures must signal pollers */
 	int n = 0;
 	for (call *x = list; x; x = x->next) {
 		const ProtobufCMessage *reply = NULL;
@@ -1650,7 +1728,7 @@ static int run_done(pbrpc_client *c)
 		reply_free(reply, a);
 		n++;
 	}
-	tls.in_process = outer;
+	th.in_process = outer;
 
 	pthread_mutex_lock(&c->mu);
 	for (call *x = list, *next; x; x = next) {
@@ -1673,8 +1751,8 @@ static int process_run(pbrpc_client *c, int timeout_ms, bool forever)
 {
 	int64_t deadline = timeout_ms > 0 ? pbrpc__now_ns() + (int64_t)timeout_ms * NS_PER_MS : 0;
 	int ran = 0;
-	pbrpc_client *outer = tls.in_process;
-	tls.in_process = c;
+	pbrpc_client *outer = th.in_process;
+	th.in_process = c;
 	pthread_mutex_lock(&c->mu);
 	watch_enable(c);
 	for (;;) {
@@ -1731,7 +1809,7 @@ static int process_run(pbrpc_client *c, int timeout_ms, bool forever)
 			c->proc_efd_only--;
 	}
 	pthread_mutex_unlock(&c->mu);
-	tls.in_process = outer;
+	th.in_process = outer;
 	return ran;
 }
 
@@ -1756,42 +1834,59 @@ static void sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pro
 	call *x = sync_call(c, &a);
 	if (!x) {
 		pthread_mutex_unlock(&c->mu);
+		th.last_call = 0;
 		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
 		closure(NULL, closure_data);
 		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
 		return;
 	}
-	arena *ar = x->status == PBRPC_STATUS_OK ? arena_get(c) : NULL;
-	pthread_mutex_unlock(&c->mu);
-
+	th.last_call = x->id;
 	const ProtobufCMessage *reply = NULL;
+	arena *ar = NULL;
+	bool pooled = false;
 	if (x->status == PBRPC_STATUS_OK) {
-		reply = unpack_reply(out, ar, x->body, x->body_len);
+		ar = thread_arena_take();
+		if (!ar) {
+			ar = arena_get(c);
+			pooled = true;
+		}
+		/* A small reply is unpacked under the lock we hold anyway; a big one
+		 * without it (the call record, or the reader role for bytes still in
+		 * the decoder, keeps them in place). */
+		if (x->body_len > UNPACK_LOCKED_MAX) {
+			pthread_mutex_unlock(&c->mu);
+			reply = unpack_reply(out, ar, x->body, x->body_len);
+			pthread_mutex_lock(&c->mu);
+		} else {
+			reply = unpack_reply(out, ar, x->body, x->body_len);
+		}
 		if (reply)
 			set_status(x->status, x->msg, x->msg_len);
 	} else {
 		set_status(x->status, x->msg, x->msg_len);
 	}
-	pthread_mutex_lock(&c->mu);
 	sync_release(c, x);
 	pthread_mutex_unlock(&c->mu);
 
 	/* Keep this call's status for after the closure, which may make calls. */
-	int st = tls.status;
-	unsigned gen = tls.gen;
+	int st = th.status;
+	unsigned gen = th.gen;
+	size_t saved_len = th.msg_len;
 	char saved[PBRPC_WIRE_MESSAGE_MAX + 1];
-	size_t saved_len = strlen(tls.msg);
-	memcpy(saved, tls.msg, saved_len);
+	if (saved_len)
+		memcpy(saved, tc.msg, saved_len);
 
 	closure(reply, closure_data);
 
-	if (tls.gen != gen)
+	if (th.gen != gen)
 		set_status(st, saved, saved_len);
-	if (ar) {
+	if (ar && pooled) {
 		arena_reset(ar);
 		pthread_mutex_lock(&c->mu);
 		arena_put(c, ar);
 		pthread_mutex_unlock(&c->mu);
+	} else if (ar) {
+		thread_arena_give(ar);
 	} else if (reply) {
 		protobuf_c_message_free_unpacked((ProtobufCMessage *)reply, NULL);
 	}
@@ -1805,7 +1900,7 @@ static void async_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pr
 	call_args a;
 	args_init(&a, c, s->m[idx].s, s->m[idx].len, &o);
 	a.msg = input;
-	tls.last_call = 0;
+	th.last_call = 0;
 
 	pthread_mutex_lock(&c->mu);
 	call *x = call_get(c, CALL_ASYNC);
@@ -1832,6 +1927,7 @@ static void async_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pr
 		call_finish(c, x);
 	else if (!x->done && x->deadline)
 		timer_add(c, x);
+	th.last_call = x->id;
 	pthread_mutex_unlock(&c->mu);
 }
 
@@ -2021,8 +2117,8 @@ PBRPC_EXPORT void pbrpc_client_free(pbrpc_client *c)
 	if (c->io_started)
 		pthread_join(c->io, NULL);
 
-	pbrpc_client *outer = tls.in_process;
-	tls.in_process = c;
+	pbrpc_client *outer = th.in_process;
+	th.in_process = c;
 	pthread_mutex_lock(&c->mu);
 	c->closing = true;
 	for (conn *k = c->conns, *next; k; k = next) {
@@ -2032,7 +2128,7 @@ PBRPC_EXPORT void pbrpc_client_free(pbrpc_client *c)
 	while (c->done_head)
 		run_done(c);
 	pthread_mutex_unlock(&c->mu);
-	tls.in_process = outer;
+	th.in_process = outer;
 	client_teardown(c);
 }
 
@@ -2048,21 +2144,21 @@ PBRPC_EXPORT ProtobufCService *pbrpc_client_service_async(pbrpc_client *c, const
 
 PBRPC_EXPORT void pbrpc_client_next_call(const pbrpc_call_opts *opts)
 {
-	tls.has_next = opts != NULL;
+	th.has_next = opts != NULL;
 	if (opts)
-		tls.next = *opts;
+		tc.next = *opts;
 }
 
 PBRPC_EXPORT int pbrpc_client_status(const char **message)
 {
 	if (message)
-		*message = tls.msg;
-	return tls.status;
+		*message = status_msg();
+	return th.status;
 }
 
 PBRPC_EXPORT uint32_t pbrpc_client_last_call(void)
 {
-	return tls.last_call;
+	return th.last_call;
 }
 
 PBRPC_EXPORT int pbrpc_client_cancel(pbrpc_client *c, uint32_t call_id)
@@ -2154,7 +2250,7 @@ PBRPC_EXPORT int pbrpc_client_call(pbrpc_client *c, const char *method, const Pr
 		*reply = NULL;
 	if (!c || !method || !request) {
 		set_statusf(PBRPC_STATUS_INVALID_ARGUMENT, "missing client, method or request");
-		result_fill(result, tls.status, tls.msg);
+		result_fill(result, th.status, status_msg());
 		return PBRPC_EINVALID;
 	}
 	call_args a;
@@ -2164,9 +2260,10 @@ PBRPC_EXPORT int pbrpc_client_call(pbrpc_client *c, const char *method, const Pr
 	if (!x) {
 		pthread_mutex_unlock(&c->mu);
 		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-		result_fill(result, tls.status, tls.msg);
+		result_fill(result, th.status, status_msg());
 		return -ENOMEM;
 	}
+	th.last_call = x->id;
 	int rc = call_rc(x);
 	set_status(x->status, x->msg, x->msg_len);
 	if (rc == 0 && reply_desc && reply) {
@@ -2180,7 +2277,7 @@ PBRPC_EXPORT int pbrpc_client_call(pbrpc_client *c, const char *method, const Pr
 	}
 	sync_release(c, x);
 	pthread_mutex_unlock(&c->mu);
-	result_fill(result, tls.status, tls.msg);
+	result_fill(result, th.status, status_msg());
 	return rc;
 }
 
@@ -2194,7 +2291,7 @@ PBRPC_EXPORT int pbrpc_client_call_raw(pbrpc_client *c, const char *method, cons
 		*reply_len = 0;
 	if (!c || !method || (!request && request_len)) {
 		set_statusf(PBRPC_STATUS_INVALID_ARGUMENT, "missing client, method or request");
-		result_fill(result, tls.status, tls.msg);
+		result_fill(result, th.status, status_msg());
 		return PBRPC_EINVALID;
 	}
 	call_args a;
@@ -2205,9 +2302,10 @@ PBRPC_EXPORT int pbrpc_client_call_raw(pbrpc_client *c, const char *method, cons
 	if (!x) {
 		pthread_mutex_unlock(&c->mu);
 		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-		result_fill(result, tls.status, tls.msg);
+		result_fill(result, th.status, status_msg());
 		return -ENOMEM;
 	}
+	th.last_call = x->id;
 	int rc = call_rc(x);
 	set_status(x->status, x->msg, x->msg_len);
 	if (rc == 0 && reply) {
@@ -2225,7 +2323,7 @@ PBRPC_EXPORT int pbrpc_client_call_raw(pbrpc_client *c, const char *method, cons
 	}
 	sync_release(c, x);
 	pthread_mutex_unlock(&c->mu);
-	result_fill(result, tls.status, tls.msg);
+	result_fill(result, th.status, status_msg());
 	return rc;
 }
 
