@@ -74,8 +74,10 @@ typedef struct pbrpc_client_opts {
  * PBRPC_EVERSION. On failure *out is NULL. */
 PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, const pbrpc_client_opts *opts);
 
-/* Fails every call in flight with CANCELLED (their closures run here), closes
- * the connection, and frees the client and every service it handed out. */
+/* Fails every asynchronous call in flight with CANCELLED (their closures run
+ * here), stops the I/O thread, closes the connection, and frees the client
+ * and every service it handed out. No other thread may be inside a call on
+ * this client, or call it afterwards. NULL is a no-op. */
 PBRPC_EXPORT void pbrpc_client_free(pbrpc_client *c);
 
 /* A ProtobufCService whose methods call the server; pass it to the generated
