@@ -1038,8 +1038,10 @@ static void handle_frame(struct conn *c, const pbrpc_frame *f)
 	case PBRPC_FRAME_PONG:
 		break;
 	case PBRPC_FRAME_GOAWAY:
-		/* The client is leaving; answer what is in flight, then close. */
+		/* The client is leaving; answer what is in flight, then close
+		 * (conn_flush closes a draining connection once it is idle). */
 		c->draining = true;
+		mark_dirty(c);
 		break;
 	default:
 		snprintf(text, sizeof(text), "unexpected %s frame from a client", pbrpc_wire_frame_name(f->hdr.type));

@@ -699,6 +699,28 @@ Test(server, bad_frames_are_protocol_errors)
 	stop_server(&t);
 }
 
+Test(server, client_goaway_closes_after_calls_in_flight)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	peer_request(&p, 1, "thread"); /* answered 20 ms later */
+	pbrpc_frame_writer w;
+	pbrpc_frame_writer_init(&w);
+	pbrpc_wire_write_goaway(&w, PBRPC_STATUS_OK, "bye");
+	peer_send_writer(&p, &w);
+	pbrpc_frame_writer_fini(&w);
+	uint32_t id;
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+	cr_assert_eq(id, 1);
+	pbrpc_frame f;
+	int rc = pbrpc_frame_read(&p.dec, p.fd, &f, 5000);
+	cr_assert_eq(rc, PBRPC_EOF, "server closes once idle, got %s", pbrpc_strerror(rc));
+	peer_close(&p);
+	stop_server(&t);
+}
+
 Test(server, ping_gets_pong)
 {
 	tsrv t;
