@@ -945,6 +945,33 @@ static void run_all(void)
 	fprintf(stderr, "\n");
 }
 
+/* CPU seconds all processes spent busy (/proc/stat), to tell how much of the
+ * machine other work took during the run. */
+static double machine_busy_s(void)
+{
+	unsigned long long v[8] = { 0 };
+	FILE *f = fopen("/proc/stat", "r");
+	if (!f)
+		return 0;
+	int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+		       &v[6], &v[7]);
+	fclose(f);
+	if (n != 8)
+		return 0;
+	/* user nice system idle iowait irq softirq steal: all but idle, iowait */
+	return (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static double own_cpu_s(void)
+{
+	struct rusage self, kids;
+	getrusage(RUSAGE_SELF, &self);
+	getrusage(RUSAGE_CHILDREN, &kids);
+	return (double)(self.ru_utime.tv_sec + self.ru_stime.tv_sec + kids.ru_utime.tv_sec + kids.ru_stime.tv_sec) +
+	       (double)(self.ru_utime.tv_usec + self.ru_stime.tv_usec + kids.ru_utime.tv_usec + kids.ru_stime.tv_usec) *
+		       1e-6;
+}
+
 static void usage(FILE *f)
 {
 	fprintf(f,
@@ -1094,7 +1121,10 @@ int main(int argc, char **argv)
 	memset(samples, 0, MAX_SAMPLES * sizeof(*samples)); /* fault it in now, not while measuring */
 	bench_payload = payload;
 
+	double busy0 = machine_busy_s(), own0 = own_cpu_s(), t0 = now_s();
 	run_all();
+	double others = (machine_busy_s() - busy0) - (own_cpu_s() - own0);
+	double others_pct = 100 * others / ((now_s() - t0) * CPU_COUNT(&all_cpus));
 
 	if (bench_sockbuf > 0)
 		printf("Socket buffers: SO_SNDBUF and SO_RCVBUF set to %d bytes", bench_sockbuf);
@@ -1104,6 +1134,8 @@ int main(int argc, char **argv)
 	       "runs%s.%s\n\n",
 	       cfg.rounds, cfg.calls ? " (fixed call count)" : "",
 	       bench_counts_allocs ? "" : " **Sanitizer build: heap allocations were not counted.**");
+	printf("Other processes took %.0f%% of the CPUs while this ran%s.\n\n", others_pct < 0 ? 0 : others_pct,
+	       others_pct > 5 ? ": **the figures are skewed by that work**" : "");
 	if (cfg.seq)
 		print_seq();
 	if (cfg.conc)
