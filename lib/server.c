@@ -629,6 +629,22 @@ static void wake(pbrpc_server *srv)
 	(void)n;
 }
 
+/* Hands a finished call to the loop thread (from any other thread). The call
+ * stops being a valid closure_data here: a second closure call is ignored. */
+static void cq_push(pbrpc_server *srv, struct call *call)
+{
+	call->magic = 0;
+	pthread_mutex_lock(&srv->cq_mu);
+	call->next = NULL;
+	if (srv->cq_tail)
+		srv->cq_tail->next = call;
+	else
+		srv->cq_head = call;
+	srv->cq_tail = call;
+	pthread_mutex_unlock(&srv->cq_mu);
+	wake(srv);
+}
+
 /* The closure handed to every handler. */
 static void call_closure(const ProtobufCMessage *msg, void *closure_data)
 {
@@ -671,16 +687,7 @@ static void call_closure(const ProtobufCMessage *msg, void *closure_data)
 			call->done_len = 0;
 		}
 	}
-	call->magic = 0;
-	pthread_mutex_lock(&srv->cq_mu);
-	call->next = NULL;
-	if (srv->cq_tail)
-		srv->cq_tail->next = call;
-	else
-		srv->cq_head = call;
-	srv->cq_tail = call;
-	pthread_mutex_unlock(&srv->cq_mu);
-	wake(srv);
+	cq_push(srv, call);
 }
 
 /* Delivers completions handed over by other threads. */
@@ -727,16 +734,7 @@ static void *worker_main(void *arg)
 		if (atomic_load(&call->cancelled)) {
 			/* Expired or cancelled while queued: never dispatched. */
 			call->not_run = true;
-			call->magic = 0;
-			pthread_mutex_lock(&srv->cq_mu);
-			call->next = NULL;
-			if (srv->cq_tail)
-				srv->cq_tail->next = call;
-			else
-				srv->cq_head = call;
-			srv->cq_tail = call;
-			pthread_mutex_unlock(&srv->cq_mu);
-			wake(srv);
+			cq_push(srv, call);
 		} else {
 			invoke(srv, call);
 		}
