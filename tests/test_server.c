@@ -4,6 +4,7 @@
  * connected at the same time keeps being served. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -82,7 +83,11 @@ static void t_echo(Demo__Echo_Service *svc, const Demo__EchoRequest *req, Demo__
 	} else if (strcmp(p, "cred") == 0) {
 		pid_t pid;
 		gid_t gid;
-		pbrpc_call_peer_cred(data, &pid, &seen_uid, &gid);
+		uid_t uid;
+		if (pbrpc_call_peer_cred(data, &pid, &uid, &gid) == 0)
+			seen_uid = uid;
+		else
+			cr_assert_eq(pbrpc_call_peer_cred(data, &pid, &uid, &gid), -ENOTSUP);
 		reply_with(closure, data, "cred");
 	} else if (strcmp(p, "null") == 0) {
 		closure(NULL, data);
@@ -1022,6 +1027,55 @@ Test(server, slow_reader_gets_every_reply_in_order)
 		cr_assert_eq(got, id);
 	}
 	peer_ping_echo(&p, n + 1);
+	peer_close(&p);
+	stop_server(&t);
+}
+
+static int count_fds(void)
+{
+	int n = 0;
+	for (int fd = 0; fd < 4096; fd++)
+		if (fcntl(fd, F_GETFD) >= 0)
+			n++;
+	return n;
+}
+
+Test(server, fd_count_returns_to_baseline)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer warm;
+	peer_handshake(&warm, t.addr);
+	peer_ping_echo(&warm, 1);
+	peer_close(&warm);
+	usleep(50000);
+	int base = count_fds();
+	peer p[20];
+	for (int i = 0; i < 20; i++) {
+		peer_handshake(&p[i], t.addr);
+		peer_request(&p[i], 1, i % 2 ? "hold" : "x"); /* some with calls in flight */
+	}
+	cr_assert_geq(count_fds(), base + 40, "client and server ends are open");
+	for (int i = 0; i < 20; i++)
+		peer_close(&p[i]);
+	int64_t until = tu_now_ms() + 3000;
+	while (count_fds() > base && tu_now_ms() < until)
+		usleep(10000);
+	cr_assert_eq(count_fds(), base, "the server closed every connection it accepted");
+	atomic_store(&release_req, 1);
+	stop_server(&t);
+}
+
+Test(server, peer_credentials_absent_on_tcp)
+{
+	tsrv t;
+	start_server(&t, "tcp:127.0.0.1:0", NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	seen_uid = (uid_t)12345;
+	peer_request(&p, 1, "cred");
+	cr_assert_eq(peer_response(&p, NULL, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+	cr_assert_eq(seen_uid, (uid_t)12345, "no credentials over TCP");
 	peer_close(&p);
 	stop_server(&t);
 }
