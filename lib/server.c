@@ -126,6 +126,7 @@ static int timer_start(struct heap *h, struct timer *t, int64_t when)
 
 struct arena_big {
 	struct arena_big *next;
+	size_t size;
 	max_align_t data[];
 };
 
@@ -133,6 +134,10 @@ struct arena {
 	uint8_t *buf;
 	size_t cap, used, overflow;
 	struct arena_big *bigs;
+	/* The loop's one spare large block, shared by every call's arena: a
+	 * stream of 1 MiB requests reuses it instead of allocating each time.
+	 * Only the loop thread allocates from or resets an arena. */
+	struct arena_big **spare;
 };
 
 static void *arena_alloc(void *ud, size_t size)
@@ -152,12 +157,20 @@ static void *arena_alloc(void *ud, size_t size)
 		a->used += size;
 		return p;
 	}
-	struct arena_big *b = malloc(sizeof(*b) + size);
-	if (!b)
-		return NULL;
+	struct arena_big *b;
+	if (a->spare && *a->spare && (*a->spare)->size >= size) {
+		b = *a->spare;
+		*a->spare = NULL;
+	} else {
+		b = malloc(sizeof(*b) + size);
+		if (!b)
+			return NULL;
+		b->size = size;
+	}
 	b->next = a->bigs;
 	a->bigs = b;
-	a->overflow += size;
+	if (size <= ARENA_KEEP)
+		a->overflow += size;
 	return b->data;
 }
 
@@ -168,13 +181,19 @@ static void arena_free(void *ud, void *p)
 }
 
 /* Forgets everything allocated; grows the buffer (up to ARENA_KEEP) when the
- * last use overflowed, so that the same shape of request fits next time. */
+ * last use overflowed, so that the same shape of request fits next time. The
+ * largest big block becomes the loop's spare. */
 static void arena_reset(struct arena *a)
 {
 	while (a->bigs) {
-		struct arena_big *n = a->bigs->next;
-		free(a->bigs);
-		a->bigs = n;
+		struct arena_big *b = a->bigs;
+		a->bigs = b->next;
+		if (a->spare && b->size > ARENA_KEEP && (!*a->spare || (*a->spare)->size < b->size)) {
+			free(*a->spare);
+			*a->spare = b;
+		} else {
+			free(b);
+		}
 	}
 	if (a->overflow && a->used + a->overflow <= ARENA_KEEP) {
 		size_t cap = a->cap ? a->cap : ARENA_FIRST;
@@ -191,6 +210,7 @@ static void arena_reset(struct arena *a)
 
 static void arena_fini(struct arena *a)
 {
+	a->spare = NULL; /* the spare goes with the server, not with this call */
 	arena_reset(a);
 	free(a->buf);
 	a->buf = NULL;
@@ -310,6 +330,7 @@ struct pbrpc_server {
 
 	struct call *free_calls;
 	size_t n_free_calls;
+	struct arena_big *spare_big; /* see struct arena */
 	struct call *live;
 
 	pthread_mutex_t cq_mu;
@@ -322,13 +343,17 @@ struct pbrpc_server {
 	pthread_t *workers;
 	unsigned n_workers;
 
+	int64_t now;               /* CLOCK_MONOTONIC at the last wake-up */
+	struct call *dispatching;  /* the call whose handler runs inline right now */
 	atomic_int shutdown_req; /* drain ms + 2; 0 = none, 1 = wait forever */
 	bool shutting_down;
 	bool shutdown_done;
 	pbrpc_server_stats stats;
 };
 
-static _Thread_local pbrpc_server *tl_loop;
+/* Which server's loop runs on this thread (closures compare it to take the
+ * direct path). initial-exec: read on every reply, no __tls_get_addr call. */
+static _Thread_local pbrpc_server *tl_loop __attribute__((tls_model("initial-exec")));
 
 /* ---- logging ---- */
 
@@ -506,6 +531,7 @@ static struct call *call_get(pbrpc_server *srv)
 		call->alloc.alloc = arena_alloc;
 		call->alloc.free = arena_free;
 		call->alloc.allocator_data = &call->arena;
+		call->arena.spare = &srv->spare_big;
 		call->timer.kind = TIMER_CALL;
 	}
 	call->magic = CALL_MAGIC;
@@ -671,6 +697,8 @@ static void call_closure(const ProtobufCMessage *msg, void *closure_data)
 
 	if (tl_loop == srv) {
 		call->magic = 0;
+		if (srv->dispatching == call)
+			srv->dispatching = NULL; /* answered inside the handler */
 		call_answer(call, status, text, status == PBRPC_STATUS_OK ? msg : NULL, NULL, 0);
 		call_put(srv, call);
 		return;
@@ -751,9 +779,17 @@ static void dispatch(pbrpc_server *srv, struct call *call)
 	srv->stats.calls_started++;
 	/* Built-in services read server state: they stay on the loop thread. */
 	if (!srv->n_workers || srv->services[call->m->service].owned) {
+		/* Most handlers answer before returning: arm the deadline timer
+		 * only for those that did not. */
+		srv->dispatching = call;
 		invoke(srv, call);
+		if (srv->dispatching == call && call->deadline_ns && !call->answered)
+			timer_start(&srv->timers, &call->timer, call->deadline_ns);
+		srv->dispatching = NULL;
 		return;
 	}
+	if (call->deadline_ns)
+		timer_start(&srv->timers, &call->timer, call->deadline_ns);
 	pthread_mutex_lock(&srv->wq_mu);
 	call->next = NULL;
 	if (srv->wq_tail)
@@ -978,8 +1014,7 @@ static void handle_request(struct conn *c, const pbrpc_frame *f)
 	call->cred = c->cred;
 	if (req.has_timeout) {
 		int64_t us = req.timeout_us > (uint64_t)INT64_MAX / 2000 ? INT64_MAX / 2000 : (int64_t)req.timeout_us;
-		call->deadline_ns = pbrpc__now_ns() + us * 1000;
-		timer_start(&srv->timers, &call->timer, call->deadline_ns);
+		call->deadline_ns = srv->now + us * 1000;
 	}
 	dispatch(srv, call);
 }
@@ -1192,7 +1227,7 @@ static void conn_read(struct conn *c)
 			conn_close(c);
 			break;
 		}
-		c->last_active = pbrpc__now_ns();
+		c->last_active = srv->now;
 		if (p) {
 			size_t len = (size_t)n;
 			if (c->state == CONN_PREFACE) {
@@ -1355,6 +1390,11 @@ static void run_timers(pbrpc_server *srv)
 				}
 			}
 			scratch_sweep(srv);
+			if (!srv->live) {
+				/* No call holds big blocks: the spare goes too. */
+				free(srv->spare_big);
+				srv->spare_big = NULL;
+			}
 			timer_start(&srv->timers, t, now + SWEEP_INTERVAL_NS);
 			break;
 		case TIMER_DRAIN:
@@ -1440,6 +1480,7 @@ PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 		tl_loop = prev;
 		return -errno;
 	}
+	srv->now = pbrpc__now_ns();
 	bool closed_any = false;
 	for (int i = 0; i < n; i++) {
 		enum src_kind *kind = evs[i].data.ptr;
@@ -1660,6 +1701,7 @@ PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
 	for (size_t i = 0; i < srv->methods_cap; i++)
 		free(srv->methods[i].name);
 	free(srv->methods);
+	free(srv->spare_big);
 	free(srv->timers.v);
 	free(srv->scratch);
 	close(srv->wake.fd);
