@@ -1755,9 +1755,9 @@ PBRPC_EXPORT int pbrpc_server_add_service(pbrpc_server *srv, ProtobufCService *s
 	return add_service(srv, service, false);
 }
 
-PBRPC_EXPORT int pbrpc_server_enable_health(pbrpc_server *srv)
+/* Registers a built-in service the server owns (destroyed with it). */
+static int add_builtin(pbrpc_server *srv, ProtobufCService *s)
 {
-	ProtobufCService *s = pbrpc__health_service_new(srv);
 	if (!s)
 		return -ENOMEM;
 	int rc = add_service(srv, s, true);
@@ -1766,15 +1766,14 @@ PBRPC_EXPORT int pbrpc_server_enable_health(pbrpc_server *srv)
 	return rc;
 }
 
+PBRPC_EXPORT int pbrpc_server_enable_health(pbrpc_server *srv)
+{
+	return add_builtin(srv, pbrpc__health_service_new(srv));
+}
+
 PBRPC_EXPORT int pbrpc_server_enable_reflection(pbrpc_server *srv)
 {
-	ProtobufCService *s = pbrpc__reflection_service_new(srv);
-	if (!s)
-		return -ENOMEM;
-	int rc = add_service(srv, s, true);
-	if (rc < 0)
-		protobuf_c_service_destroy(s);
-	return rc;
+	return add_builtin(srv, pbrpc__reflection_service_new(srv));
 }
 
 PBRPC_EXPORT int pbrpc_server_set_serving(pbrpc_server *srv, const char *service, bool serving)
