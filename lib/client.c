@@ -51,14 +51,22 @@
 #define DEFAULT_BACKOFF_MIN_MS 50
 #define DEFAULT_BACKOFF_MAX_MS 2000
 
+/* Buffers: each is kept at the size of the largest recent message, so that a
+ * busy connection allocates nothing per call, however large its messages.
+ * Above the SMALL sizes below a buffer is "large": the client notes the time
+ * (the start of the latest call, c->now) whenever it uses one, and gives
+ * every large buffer back once none was used for BIG_IDLE_NS: at the start of
+ * the next call, or from pbrpc_client_process() (which wakes up for it). The
+ * fast path pays one store and one compare per call. */
 #define ARENA_MIN 4096u
-#define ARENA_KEEP_MAX (1u << 20)     /* a pooled arena keeps a buffer up to this size */
-#define THREAD_ARENA_KEEP (256u << 10) /* a thread's own arena, up to this */
+#define ARENA_KEEP_MAX (32u << 20)     /* an arena keeps a buffer up to this size */
+#define ARENA_SMALL (256u << 10)       /* an arena buffer above this is large */
 #define UNPACK_LOCKED_MAX 1024u        /* replies up to this are unpacked under the lock */
 #define IDLE_ARENAS_MAX 4
-#define CALL_BUF_KEEP (64u << 10) /* a free call record keeps a reply buffer up to this */
-#define WRITER_KEEP (256u << 10)
-#define BIG_FRAME (256u << 10) /* after a frame this big, free the idle decoder buffer */
+#define CALL_BUF_SMALL (64u << 10) /* a call record's reply buffer above this is large */
+#define WRITER_SMALL (256u << 10)  /* the writer is trimmed to this when idle */
+#define BIG_FRAME (256u << 10)     /* a decoder that held a frame this big is large */
+#define BIG_IDLE_NS NS_PER_S       /* large buffers go after this long unused */
 #define CALL_SLAB_SIZE 64
 #define TABLE_MIN 64u
 #define READ_BUDGET 16 /* non-blocking reads per connection per process() round */
@@ -80,6 +88,7 @@ typedef struct arena {
 	uint8_t *buf;
 	size_t cap, used, want;
 	size_t keep; /* largest buffer kept across resets */
+	int64_t big_at; /* when a buffer above ARENA_SMALL was last used */
 	arena_block *extra;
 	bool failed;
 	struct arena *next;
@@ -138,6 +147,16 @@ static void arena_reset(arena *a)
 	}
 	a->used = a->want = 0;
 	a->failed = false;
+}
+
+/* Drops a large buffer (the arena is reset and empty). */
+static void arena_shrink(arena *a)
+{
+	if (a->cap > ARENA_SMALL) {
+		free(a->buf);
+		a->buf = NULL;
+		a->cap = 0;
+	}
 }
 
 static void arena_destroy(arena *a)
@@ -250,14 +269,17 @@ __attribute__((destructor)) static void arena_key_fini(void)
 }
 
 /* This thread's arena, or NULL when an outer call's closure still uses it
- * (a call made from a closure) or on allocation failure. */
-static arena *thread_arena_take(void)
+ * (a call made from a closure) or on allocation failure. A large buffer not
+ * used for BIG_IDLE_NS before `now` is dropped first. */
+static arena *thread_arena_take(int64_t now)
 {
 	if (th.arena_busy)
 		return NULL;
+	if (th.arena && th.arena->cap > ARENA_SMALL && now - th.arena->big_at >= BIG_IDLE_NS)
+		arena_shrink(th.arena);
 	if (!th.arena) {
 		pthread_once(&arena_key_once, arena_key_init);
-		arena *a = arena_key_ok ? arena_new(THREAD_ARENA_KEEP) : NULL;
+		arena *a = arena_key_ok ? arena_new(ARENA_KEEP_MAX) : NULL;
 		if (!a)
 			return NULL;
 		if (pthread_setspecific(arena_key, a) != 0) {
@@ -270,9 +292,12 @@ static arena *thread_arena_take(void)
 	return th.arena;
 }
 
-static void thread_arena_give(arena *a)
+/* `now`: the start of the call that used it. */
+static void thread_arena_give(arena *a, int64_t now)
 {
 	arena_reset(a);
+	if (a->cap > ARENA_SMALL)
+		a->big_at = now;
 	th.arena_busy = false;
 }
 
@@ -332,7 +357,7 @@ typedef struct conn {
 	uint32_t inflight;  /* ids reserved on this connection, abandoned ones included */
 	uint32_t async_inflight;
 	int refs; /* threads doing I/O on it without the mutex */
-	bool dead, draining, goaway_ok, reading, pumping, big_frame;
+	bool dead, draining, goaway_ok, reading, pumping;
 	bool in_epoll, epollout;
 	int64_t rcvtimeo; /* cached SO_RCVTIMEO in ns; 0: none */
 	call *calls;
@@ -380,6 +405,8 @@ struct pbrpc_client {
 	call_slab *slabs;
 	arena *arenas;
 	unsigned idle_arenas;
+	int64_t now;    /* start of the latest call (or process() round) */
+	int64_t big_at; /* a large buffer was last used then; 0: none is held */
 
 	call *done_head, *done_tail;
 	size_t async_pending;
@@ -503,13 +530,16 @@ static call *call_get(pbrpc_client *c, int kind)
 	return x;
 }
 
+/* Notes that a large buffer was just used (see BIG_IDLE_NS). */
+static inline void big_touch(pbrpc_client *c)
+{
+	c->big_at = c->now;
+}
+
 static void call_put(pbrpc_client *c, call *x)
 {
-	if (x->cap > CALL_BUF_KEEP) {
-		free(x->buf);
-		x->buf = NULL;
-		x->cap = 0;
-	}
+	if (x->cap > CALL_BUF_SMALL)
+		big_touch(c);
 	x->next = c->free_calls;
 	c->free_calls = x;
 }
@@ -786,10 +816,6 @@ static void reader_leave(pbrpc_client *c, conn *k)
 	k->reading = false;
 	if (!k->dead) {
 		size_t pending = pbrpc_frame_decoder_pending(&k->dec);
-		if (k->big_frame && pending == 0) {
-			pbrpc_frame_decoder_release(&k->dec);
-			k->big_frame = false;
-		}
 		if (c->slot_waiters)
 			pthread_cond_broadcast(&c->cond); /* one of them may read now */
 		if (k->waiters)
@@ -833,8 +859,8 @@ static int conn_flush(pbrpc_client *c, conn *k)
 		if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, k->fd, &ev) == 0)
 			k->epollout = left;
 	}
-	if (!left)
-		pbrpc_frame_writer_trim(&k->w, WRITER_KEEP);
+	if (!left && k->w.cap > WRITER_SMALL)
+		big_touch(c); /* kept while busy: see BIG_IDLE_NS */
 	return 0;
 }
 
@@ -1012,7 +1038,7 @@ static bool dispatch_buffered(pbrpc_client *c, conn *k, call *me)
 			return false;
 		}
 		if (f.hdr.length > BIG_FRAME)
-			k->big_frame = true;
+			big_touch(c);
 		if (handle_frame(c, k, &f, me))
 			return true;
 	}
@@ -1498,6 +1524,47 @@ static conn *async_conn(pbrpc_client *c, call *x, int64_t *now_io)
 	}
 }
 
+/* ---- large buffers ---- */
+
+/* Gives back the large buffers nobody is using (locked): decoders of
+ * connections no thread reads, empty writers, pooled arenas, free call
+ * records. One still in use is looked at again BIG_IDLE_NS later. */
+static void release_big(pbrpc_client *c)
+{
+	bool left = false;
+	for (conn *k = c->conns; k; k = k->next) {
+		if (k->dead)
+			continue;
+		if (k->dec.cap > BIG_FRAME) {
+			if (!k->reading && pbrpc_frame_decoder_pending(&k->dec) == 0)
+				pbrpc_frame_decoder_release(&k->dec);
+			else
+				left = true;
+		}
+		pbrpc_frame_writer_trim(&k->w, WRITER_SMALL);
+		if (k->w.cap > WRITER_SMALL)
+			left = true;
+	}
+	for (arena *a = c->arenas; a; a = a->next)
+		arena_shrink(a);
+	for (call *x = c->free_calls; x; x = x->next) {
+		if (x->cap > CALL_BUF_SMALL) {
+			free(x->buf);
+			x->buf = NULL;
+			x->cap = 0;
+		}
+	}
+	c->big_at = left ? c->now : 0;
+}
+
+/* At the start of a call or a process() round (locked): `now` is the clock. */
+static inline void big_check(pbrpc_client *c, int64_t now)
+{
+	c->now = now;
+	if (c->big_at && now - c->big_at >= BIG_IDLE_NS)
+		release_big(c);
+}
+
 /* ---- sending ---- */
 
 typedef struct call_args {
@@ -1629,6 +1696,7 @@ static call *sync_call(pbrpc_client *c, const call_args *a)
 {
 	int64_t now = a->start;
 	pthread_mutex_lock(&c->mu);
+	big_check(c, now);
 	for (int attempt = 0;; attempt++) {
 		call *x = call_get(c, CALL_SYNC);
 		if (!x)
@@ -1694,6 +1762,8 @@ static void arena_put(pbrpc_client *c, arena *a)
 		arena_destroy(a);
 		return;
 	}
+	if (a->cap > ARENA_SMALL)
+		big_touch(c);
 	a->next = c->arenas;
 	c->arenas = a;
 	c->idle_arenas++;
@@ -1743,6 +1813,7 @@ static int run_done(pbrpc_client *c)
 static void expire_timers(pbrpc_client *c)
 {
 	int64_t now = pbrpc__now_ns();
+	big_check(c, now);
 	while (c->timers_head && c->timers_head->deadline <= now)
 		abandon(c, c->timers_head, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded");
 }
@@ -1793,6 +1864,8 @@ static int process_run(pbrpc_client *c, int timeout_ms, bool forever)
 		int64_t wake = deadline;
 		if (c->timers_head && (!wake || c->timers_head->deadline < wake))
 			wake = c->timers_head->deadline;
+		if (c->big_at && (!wake || c->big_at + BIG_IDLE_NS < wake))
+			wake = c->big_at + BIG_IDLE_NS; /* to give large buffers back */
 		int ms = ms_until(wake);
 		if (!watch)
 			c->proc_efd_only++;
@@ -1845,7 +1918,7 @@ static void sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pro
 	arena *ar = NULL;
 	bool pooled = false;
 	if (x->status == PBRPC_STATUS_OK) {
-		ar = thread_arena_take();
+		ar = thread_arena_take(a.start);
 		if (!ar) {
 			ar = arena_get(c);
 			pooled = true;
@@ -1886,7 +1959,7 @@ static void sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pro
 		arena_put(c, ar);
 		pthread_mutex_unlock(&c->mu);
 	} else if (ar) {
-		thread_arena_give(ar);
+		thread_arena_give(ar, a.start);
 	} else if (reply) {
 		protobuf_c_message_free_unpacked((ProtobufCMessage *)reply, NULL);
 	}
@@ -1903,6 +1976,7 @@ static void async_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pr
 	th.last_call = 0;
 
 	pthread_mutex_lock(&c->mu);
+	big_check(c, a.start);
 	call *x = call_get(c, CALL_ASYNC);
 	if (!x) {
 		pthread_mutex_unlock(&c->mu);
@@ -2062,6 +2136,7 @@ PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, 
 	if (c->backoff_max_ms < c->backoff_min_ms)
 		c->backoff_max_ms = c->backoff_min_ms;
 	c->backoff_ms = c->backoff_min_ms;
+	c->now = pbrpc__now_ns();
 	c->next_id = 1;
 	c->rng = (uint64_t)pbrpc__now_ns() ^ ((uint64_t)(uintptr_t)c << 16) ^ 0x9e3779b97f4a7c15ull;
 	if (!c->rng)

@@ -1341,3 +1341,70 @@ Test(client, sync_fast_path_allocates_nothing)
 	fake_free(fs);
 #endif
 }
+
+static void on_count_len(const Demo__EchoReply *reply, void *data)
+{
+	size_t *len = data;
+	*len = reply ? reply->payload.len : 0;
+}
+
+/* n synchronous echoes of `size` bytes; returns the allocations they made
+ * (0 under ASan, which owns malloc). */
+static long count_big_echoes(ProtobufCService *svc, uint8_t *buf, size_t size, int n)
+{
+	Demo__EchoRequest req;
+	demo__echo_request__init(&req);
+	req.payload.data = buf;
+	req.payload.len = size;
+	size_t got = 0;
+#if HAVE_ALLOC_COUNT
+	alloc_count = 0;
+	alloc_counting = true;
+#endif
+	for (int i = 0; i < n; i++) {
+		got = 0;
+		demo__echo__echo(svc, &req, on_count_len, &got);
+		if (got != size)
+			break;
+	}
+#if HAVE_ALLOC_COUNT
+	alloc_counting = false;
+#endif
+	cr_assert_eq(got, size, "echo of %zu bytes: status %d", size, pbrpc_client_status(NULL));
+#if HAVE_ALLOC_COUNT
+	return alloc_count;
+#else
+	return 0;
+#endif
+}
+
+/* Large messages: the decoder, writer and reply arena are kept while the
+ * connection is busy (no allocation per call), and given back after a
+ * second without large messages. Under ASan only the calls are checked. */
+Test(client, sync_large_messages_allocate_nothing_while_busy)
+{
+	if (tu_short_io())
+		cr_skip_test("megabytes in pieces of a few bytes take too long");
+	fake *fs = fake_new(NULL, false);
+	pbrpc_client *c = connect_ok(fs, NULL);
+	ProtobufCService *svc = pbrpc_client_service(c, &demo__echo__descriptor);
+	size_t sizes[] = { 64u << 10, 1u << 20 };
+	uint8_t *buf = calloc(1, 1u << 20);
+	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+		count_big_echoes(svc, buf, sizes[i], 3); /* warm-up */
+		long n = count_big_echoes(svc, buf, sizes[i], 20);
+		cr_assert_eq(n, 0, "%ld allocations in 20 calls of %zu bytes", n, sizes[i]);
+	}
+	/* Idle for over a second: the next call gives the large buffers back, so
+	 * the one after it has to allocate again. */
+	usleep(1100 * 1000);
+	count_big_echoes(svc, buf, 32, 1);
+	long n = count_big_echoes(svc, buf, 1u << 20, 1);
+	if (HAVE_ALLOC_COUNT)
+		cr_assert_gt(n, 0, "large buffers kept after an idle second");
+	n = count_big_echoes(svc, buf, 1u << 20, 5);
+	cr_assert_eq(n, 0, "%ld allocations in 5 calls of 1 MiB after regrowing", n);
+	free(buf);
+	pbrpc_client_free(c);
+	fake_free(fs);
+}
