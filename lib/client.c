@@ -368,6 +368,7 @@ typedef struct conn {
 typedef struct method_name {
 	const char *s;
 	size_t len;
+	bool valid; /* checked once here, not on every call */
 } method_name;
 
 typedef struct svc {
@@ -1576,7 +1577,8 @@ typedef struct call_args {
 	const pbrpc_metadata *md;
 	size_t md_count;
 	int64_t deadline;
-	int64_t start; /* clock when the call was made */
+	int64_t start;       /* clock when the call was made */
+	bool method_checked; /* the name came from a checked service */
 } call_args;
 
 static int64_t call_deadline(const pbrpc_client *c, const pbrpc_call_opts *o, int64_t now)
@@ -1629,6 +1631,7 @@ static int send_request(pbrpc_client *c, conn *k, call *x, const call_args *a, i
 		.metadata_count = a->md_count,
 		.body = a->raw,
 		.body_len = a->raw_len,
+		.method_checked = a->method_checked,
 	};
 	if (x->deadline) {
 		int64_t left = x->deadline - now;
@@ -1902,6 +1905,7 @@ static void sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pro
 	pbrpc_call_opts o = take_opts();
 	call_args a;
 	args_init(&a, c, s->m[idx].s, s->m[idx].len, &o);
+	a.method_checked = s->m[idx].valid;
 	a.msg = input;
 
 	call *x = sync_call(c, &a);
@@ -1972,6 +1976,7 @@ static void async_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pr
 	pbrpc_call_opts o = take_opts();
 	call_args a;
 	args_init(&a, c, s->m[idx].s, s->m[idx].len, &o);
+	a.method_checked = s->m[idx].valid;
 	a.msg = input;
 	th.last_call = 0;
 
@@ -2050,6 +2055,7 @@ static ProtobufCService *service_get(pbrpc_client *c, const ProtobufCServiceDesc
 		int n = sprintf(p, "%s/%s", desc->name, desc->methods[i].name);
 		s->m[i].s = p;
 		s->m[i].len = (size_t)n;
+		s->m[i].valid = pbrpc_wire_method_valid(p, (size_t)n);
 		p += n + 1;
 	}
 	s->base.descriptor = desc;

@@ -946,7 +946,7 @@ static void handle_request(struct conn *c, const pbrpc_frame *f)
 	}
 	if (rc == PBRPC_EINVALID) {
 		reply_status(c, req.call_id, PBRPC_STATUS_INVALID_ARGUMENT,
-			     "invalid method name or metadata key in request");
+			     "invalid metadata key in request");
 		return;
 	}
 	if (c->draining || srv->shutting_down) {
@@ -959,6 +959,10 @@ static void handle_request(struct conn *c, const pbrpc_frame *f)
 		return;
 	}
 	const struct method_entry *m = method_find(srv, req.method, req.method_len);
+	if (!m && !pbrpc_wire_method_valid(req.method, req.method_len)) {
+		reply_status(c, req.call_id, PBRPC_STATUS_INVALID_ARGUMENT, "invalid method name in request");
+		return;
+	}
 	if (!m) {
 		const char *slash = memchr(req.method, '/', req.method_len);
 		size_t svc_len = (size_t)(slash - req.method);

@@ -89,7 +89,7 @@ static bool key_valid(const char *k, size_t len)
 PBRPC_EXPORT int pbrpc_wire_write_request(pbrpc_frame_writer *w, const pbrpc_wire_request *req,
 					  const ProtobufCMessage *msg, uint32_t max_payload)
 {
-	if (!pbrpc_wire_method_valid(req->method, req->method_len))
+	if (!req->method_checked && !pbrpc_wire_method_valid(req->method, req->method_len))
 		return PBRPC_EINVALID;
 
 	size_t md_len = 0;
@@ -211,7 +211,7 @@ PBRPC_EXPORT int pbrpc_wire_read_request(const pbrpc_frame *f, pbrpc_wire_reques
 	}
 	out->body = p;
 	out->body_len = avail;
-	if (!pbrpc_wire_method_valid(out->method, out->method_len) || !keys_ok)
+	if (!keys_ok)
 		return PBRPC_EINVALID;
 	return 0;
 }

@@ -72,6 +72,10 @@ typedef struct pbrpc_wire_request {
 	size_t metadata_raw_len;
 	const uint8_t *body; /* packed request message */
 	size_t body_len;
+	/* Encoding: the caller has already checked `method` with
+	 * pbrpc_wire_method_valid() (e.g. once per service), so the per-call
+	 * check is skipped. */
+	bool method_checked;
 } pbrpc_wire_request;
 
 typedef struct pbrpc_wire_response {
@@ -116,8 +120,10 @@ PBRPC_EXPORT int pbrpc_wire_write_request(pbrpc_frame_writer *w, const pbrpc_wir
 
 /* Parses a REQUEST frame's payload (the frame's type must be REQUEST).
  * Returns 0; PBRPC_EPROTO when the layout is broken (lengths past the end,
- * unknown flags); PBRPC_EINVALID when it parses but the method name or a
- * metadata key is not valid. out->call_id is set in every case. */
+ * unknown flags); PBRPC_EINVALID when it parses but a metadata key is not
+ * valid. out->call_id is set in every case. The method name is NOT checked:
+ * a receiver that looks names up in a table of valid names need only call
+ * pbrpc_wire_method_valid() when the lookup misses. */
 PBRPC_EXPORT int pbrpc_wire_read_request(const pbrpc_frame *f, pbrpc_wire_request *out);
 
 /* Iterates the metadata of a decoded request. *pos starts at 0. Returns 1 with
