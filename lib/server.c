@@ -188,7 +188,7 @@ static void arena_reset(struct arena *a)
 	while (a->bigs) {
 		struct arena_big *b = a->bigs;
 		a->bigs = b->next;
-		if (a->spare && b->size > ARENA_KEEP && (!*a->spare || (*a->spare)->size < b->size)) {
+		if (a->spare && (!*a->spare || (*a->spare)->size < b->size)) {
 			free(*a->spare);
 			*a->spare = b;
 		} else {
