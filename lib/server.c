@@ -44,7 +44,7 @@
 
 /* ---- timers: a binary min-heap of embedded nodes ---- */
 
-enum timer_kind { TIMER_CALL, TIMER_CONN, TIMER_SWEEP, TIMER_DRAIN };
+enum timer_kind { TIMER_CALL, TIMER_CONN, TIMER_STALL, TIMER_SWEEP, TIMER_DRAIN };
 
 struct timer {
 	int64_t when;
@@ -268,6 +268,7 @@ struct conn {
 	struct call **tab; /* open addressing on call id */
 	uint32_t tab_cap, n_calls;
 	struct timer timer; /* handshake, then idle */
+	struct timer stall; /* reading paused and the peer reads nothing */
 	int64_t last_active;
 	struct conn *prev, *next;
 	struct conn *dirty_next;
@@ -823,6 +824,7 @@ static void conn_close(struct conn *c)
 	close(c->fd);
 	c->fd = -1;
 	timer_stop(&c->srv->timers, &c->timer);
+	timer_stop(&c->srv->timers, &c->stall);
 	c->srv->stats.connections_open--;
 }
 
@@ -869,12 +871,19 @@ static void conn_flush(struct conn *c)
 		conn_close(c);
 		return;
 	}
+	pbrpc_server *srv = c->srv;
 	size_t pending = pbrpc_frame_writer_pending(&c->out);
-	if (pending > c->srv->o.max_output_queue)
+	if (pending > srv->o.max_output_queue) {
+		/* A peer that reads nothing for write_stall_timeout_ms is dropped;
+		 * any progress starts the wait again. */
+		if ((!c->read_paused || n > 0) && srv->o.write_stall_timeout_ms > 0)
+			timer_start(&srv->timers, &c->stall,
+				    srv->now + (int64_t)srv->o.write_stall_timeout_ms * 1000000);
 		c->read_paused = true;
-	else if (c->read_paused && pending <= c->srv->o.max_output_queue / 2) {
+	} else if (c->read_paused && pending <= srv->o.max_output_queue / 2) {
 		c->read_paused = false;
 		c->resume = true; /* requests stashed while paused wait in the decoder */
+		timer_stop(&srv->timers, &c->stall);
 	}
 	if (c->draining && c->n_calls == 0 && pending == 0) {
 		conn_close(c);
@@ -1299,6 +1308,8 @@ static void accept_conns(pbrpc_server *srv, struct listener *l)
 		c->state = CONN_PREFACE;
 		c->timer.kind = TIMER_CONN;
 		c->timer.idx = SIZE_MAX;
+		c->stall.kind = TIMER_STALL;
+		c->stall.idx = SIZE_MAX;
 		c->last_active = pbrpc__now_ns();
 		c->peer_max_frame = PBRPC_FRAME_MAX_DEFAULT;
 		pbrpc_frame_decoder_init(&c->dec, srv->o.max_frame);
@@ -1382,6 +1393,16 @@ static void run_timers(pbrpc_server *srv)
 				timer_start(&srv->timers, t, c->last_active + (int64_t)srv->o.idle_timeout_ms * 1000000);
 				if (t->when <= now)
 					timer_start(&srv->timers, t, now + (int64_t)srv->o.idle_timeout_ms * 1000000);
+			}
+			break;
+		}
+		case TIMER_STALL: {
+			struct conn *c = container_of(t, struct conn, stall);
+			if (c->read_paused) {
+				char text[128];
+				snprintf(text, sizeof(text), "client read none of its %zu queued reply bytes for %d ms",
+					 pbrpc_frame_writer_pending(&c->out), srv->o.write_stall_timeout_ms);
+				conn_fail(c, PBRPC_STATUS_RESOURCE_EXHAUSTED, text);
 			}
 			break;
 		}
@@ -1581,6 +1602,8 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 		o->handshake_timeout_ms = 10000;
 	if (!o->max_output_queue)
 		o->max_output_queue = 4u << 20;
+	if (!o->write_stall_timeout_ms)
+		o->write_stall_timeout_ms = 30000;
 	if (!o->log_level)
 		o->log_level = PBRPC_LOG_WARN;
 	srv->overall_serving = true;

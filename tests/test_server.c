@@ -1009,6 +1009,33 @@ Test(server, client_that_never_reads_is_bounded)
 	stop_server(&t);
 }
 
+Test(server, peer_that_never_reads_is_dropped_after_stall_timeout)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .max_output_queue = 256 * 1024, .write_stall_timeout_ms = 300 };
+	start_server(&t, NULL, &o);
+	peer hog, bystander;
+	peer_handshake(&hog, t.addr);
+	peer_handshake(&bystander, t.addr);
+	tu_small_buffers(hog.fd);
+	for (uint32_t id = 1; id <= 8; id++)
+		peer_request(&hog, id, "big");
+	int64_t t0 = tu_now_ms();
+	pbrpc_server_stats st;
+	int64_t until = t0 + 5000;
+	do {
+		usleep(20000);
+		peer_ping_echo(&bystander, (uint32_t)(tu_now_ms() - t0) + 1);
+		pbrpc_server_get_stats(t.srv, &st);
+	} while (st.connections_open > 1 && tu_now_ms() < until);
+	cr_assert_eq(st.connections_open, 1, "the hog was dropped, the bystander kept");
+	int64_t dt = tu_now_ms() - t0;
+	cr_assert(dt >= 250, "dropped after %lld ms, before the stall timeout", (long long)dt);
+	peer_close(&hog);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
 Test(server, slow_reader_gets_every_reply_in_order)
 {
 	tsrv t;

@@ -59,7 +59,11 @@ typedef struct pbrpc_server_opts {
 	uint32_t max_connections;    /* default 4096; one more is refused with GOAWAY */
 	int handshake_timeout_ms;    /* default 10000; < 0 none */
 	int idle_timeout_ms;         /* close connections idle this long; default none */
-	size_t max_output_queue;     /* per connection, bytes; default 4 MiB */
+	size_t max_output_queue;     /* per connection, bytes; default 4 MiB. Above
+	                              * it the server stops reading the connection */
+	int write_stall_timeout_ms;  /* ...and drops it if the peer then reads none
+	                              * of its replies for this long; default 30000,
+	                              * < 0 never */
 	unsigned workers;            /* > 0: run handlers on a pool of this many threads
 	                              * (the built-in Health and Reflection always run
 	                              * on the loop thread) */
