@@ -586,6 +586,66 @@ Test(e2e, garbage_peer_does_not_disturb_a_client)
 	server_stop(&s, 0);
 }
 
+typedef struct churn {
+	const char *addr;
+	atomic_bool stop;
+	int connects, failures;
+} churn;
+
+static void *churn_main(void *arg)
+{
+	churn *ch = arg;
+	while (!atomic_load(&ch->stop)) {
+		pbrpc_client *c;
+		if (pbrpc_client_connect(&c, ch->addr, NULL) < 0) {
+			ch->failures++;
+			continue;
+		}
+		ProtobufCService *echo = pbrpc_client_service(c, &demo__echo__descriptor);
+		outcome o = { 0 };
+		echo_call(echo, "churn", 0, &o);
+		if (o.status != PBRPC_STATUS_OK)
+			ch->failures++;
+		pbrpc_client_free(c);
+		ch->connects++;
+	}
+	return NULL;
+}
+
+/* RELIABILITY 43: connections come and go for 3 s while calls run. */
+Test(e2e, reconnect_churn_while_calls_run)
+{
+	e2e_server s;
+	server_start(&s, unix_endpoint(), NULL);
+	churn ch = { .addr = s.addr };
+	pthread_t t;
+	pthread_create(&t, NULL, churn_main, &ch);
+	pbrpc_client *c;
+	cr_assert_eq(pbrpc_client_connect(&c, s.addr, NULL), 0);
+	ProtobufCService *echo = pbrpc_client_service(c, &demo__echo__descriptor);
+	int calls = 0;
+	int64_t until = tu_now_ms() + 3000;
+	while (tu_now_ms() < until) {
+		outcome o = { 0 };
+		echo_call(echo, "steady", 0, &o);
+		cr_assert_eq(o.status, PBRPC_STATUS_OK, "call %d: %s", calls, o.message);
+		calls++;
+	}
+	atomic_store(&ch.stop, true);
+	pthread_join(t, NULL);
+	cr_assert_eq(ch.failures, 0);
+	cr_assert_gt(ch.connects, 10, "only %d connections churned", ch.connects);
+	pbrpc_server_stats st;
+	int64_t settle = tu_now_ms() + 2000;
+	do {
+		usleep(10000);
+		pbrpc_server_get_stats(s.srv, &st); /* a racy read is fine for polling */
+	} while (st.connections_open != 1 && tu_now_ms() < settle);
+	cr_assert_eq(st.connections_open, 1, "churned connections are all closed");
+	pbrpc_client_free(c);
+	server_stop(&s, 1000);
+}
+
 Test(e2e, not_a_pbrpc_server)
 {
 	/* A listener that answers with something else entirely. */
