@@ -72,6 +72,9 @@ static void t_echo(Demo__Echo_Service *svc, const Demo__EchoRequest *req, Demo__
 		held[i].closure = closure;
 		held[i].data = data;
 		snprintf(held[i].payload, sizeof(held[i].payload), "%s", p);
+	} else if (strcmp(p, "sleep") == 0) {
+		usleep(300000); /* blocks its worker */
+		reply_with(closure, data, "slept");
 	} else if (strcmp(p, "thread") == 0) {
 		struct held *h = calloc(1, sizeof(*h));
 		h->closure = closure;
@@ -820,6 +823,30 @@ Test(server, worker_pool)
 		seen[id] = 1;
 		cr_assert_str_eq(got, "w");
 	}
+	peer_close(&p);
+	stop_server(&t);
+}
+
+/* RELIABILITY 22: a call whose deadline passes while it waits for a worker
+ * is answered DEADLINE_EXCEEDED and never reaches its handler. */
+Test(server, call_expiring_in_worker_queue_is_never_dispatched)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .workers = 1 };
+	start_server(&t, NULL, &o);
+	peer p;
+	peer_handshake(&p, t.addr);
+	peer_request(&p, 1, "sleep");
+	usleep(20000);
+	pbrpc_wire_request extra = { .has_timeout = true, .timeout_us = 50000 };
+	peer_request_ex(&p, 2, "demo.Echo/Echo", "queued", 0, &extra);
+	uint32_t id;
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_DEADLINE_EXCEEDED);
+	cr_assert_eq(id, 2);
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+	cr_assert_eq(id, 1);
+	peer_ping_echo(&p, 3); /* the worker has moved past call 2 */
+	cr_assert_eq(atomic_load(&n_invoked), 2, "call 2 never ran: only calls 1 and 3 did");
 	peer_close(&p);
 	stop_server(&t);
 }
