@@ -236,14 +236,15 @@ static const char *status_msg(void)
 	return th.msg_len ? tc.msg : "";
 }
 
-static pbrpc_call_opts take_opts(void)
+/* The options set by pbrpc_client_next_call(), copied to *buf, or NULL (the
+ * common case: no copy, and tc is not touched). */
+static const pbrpc_call_opts *take_opts(pbrpc_call_opts *buf)
 {
-	pbrpc_call_opts o = { 0 };
-	if (th.has_next) {
-		o = tc.next;
-		th.has_next = false;
-	}
-	return o;
+	if (__builtin_expect(!th.has_next, 1))
+		return NULL;
+	*buf = tc.next;
+	th.has_next = false;
+	return buf;
 }
 
 /* Each thread keeps one arena for the replies of its synchronous calls, so
@@ -333,11 +334,12 @@ typedef struct call {
 	size_t msg_len;
 	const uint8_t *body;
 	size_t body_len;
-	uint8_t *buf; /* reply copy: message, then body */
-	size_t cap;
 	const ProtobufCMessageDescriptor *out_desc;
 	ProtobufCClosure closure;
 	void *closure_data;
+	/* call_get() zeroes everything above; what follows is kept. */
+	uint8_t *buf; /* reply copy: message, then body */
+	size_t cap;
 	pthread_cond_t cond;
 	char lmsg[LOCAL_MSG_MAX];
 } call;
@@ -424,6 +426,18 @@ struct pbrpc_client {
 
 /* ---- small helpers ---- */
 
+/* pbrpc_frame_writer_pending() and pbrpc_frame_decoder_pending() without the
+ * calls into frame.c (the same library): the fast path asks several times. */
+static inline size_t w_pending(const pbrpc_frame_writer *w)
+{
+	return w->tail - w->head;
+}
+
+static inline size_t dec_pending(const pbrpc_frame_decoder *d)
+{
+	return d->tail - d->head + d->in_len + (size_t)d->discard;
+}
+
 static int ms_until(int64_t deadline)
 {
 	if (!deadline)
@@ -491,7 +505,7 @@ static void efd_signal(pbrpc_client *c)
 
 /* ---- call records ---- */
 
-static int grow_calls(pbrpc_client *c)
+__attribute__((noinline)) static int grow_calls(pbrpc_client *c)
 {
 	call_slab *s = calloc(1, sizeof(*s));
 	if (!s)
@@ -512,12 +526,16 @@ static call *call_get(pbrpc_client *c, int kind)
 		return NULL;
 	call *x = c->free_calls;
 	c->free_calls = x->next;
+	/* Everything above `buf`, in layout order so that the compiler merges
+	 * the stores (a memset here becomes `rep stos`); buf, cap, cond stay. */
 	x->id = 0;
 	x->kind = (uint8_t)kind;
 	x->refs = REF_OWNER;
 	x->done = x->abandoned = x->retry = x->retried = x->in_decoder = x->waiting = x->timed = false;
 	x->conn = x->rconn = NULL;
-	x->cprev = x->cnext = x->tprev = x->tnext = x->next = x->wnext = NULL;
+	x->cprev = x->cnext = NULL;
+	x->tprev = x->tnext = NULL;
+	x->next = x->wnext = NULL;
 	x->deadline = 0;
 	x->status = PBRPC_STATUS_OK;
 	x->err = 0;
@@ -596,12 +614,19 @@ static void table_put(call **t, uint32_t mask, call *x)
 	t[i] = x;
 }
 
+__attribute__((noinline)) static int table_grow(pbrpc_client *c);
+
 /* Makes room for one more entry (load factor at most 1/2). */
-static int table_reserve(pbrpc_client *c)
+static inline int table_reserve(pbrpc_client *c)
+{
+	if ((c->table_count + 1) * 2 <= c->table_mask + 1)
+		return 0;
+	return table_grow(c);
+}
+
+static int table_grow(pbrpc_client *c)
 {
 	uint32_t cap = c->table_mask + 1;
-	if ((c->table_count + 1) * 2 <= cap)
-		return 0;
 	if (cap > (UINT32_MAX >> 2))
 		return -ENOMEM;
 	uint32_t ncap = cap * 2;
@@ -816,7 +841,7 @@ static void reader_leave(pbrpc_client *c, conn *k)
 {
 	k->reading = false;
 	if (!k->dead) {
-		size_t pending = pbrpc_frame_decoder_pending(&k->dec);
+		size_t pending = dec_pending(&k->dec);
 		if (c->slot_waiters)
 			pthread_cond_broadcast(&c->cond); /* one of them may read now */
 		if (k->waiters)
@@ -847,14 +872,14 @@ static int conn_flush(pbrpc_client *c, conn *k)
 {
 	if (k->dead)
 		return PBRPC_ECLOSED;
-	if (pbrpc_frame_writer_pending(&k->w)) {
+	if (w_pending(&k->w)) {
 		ssize_t n = pbrpc_frame_writer_flush(&k->w, k->fd, MSG_DONTWAIT);
 		if (n < 0) {
 			write_error(c, k, (int)n);
 			return (int)n;
 		}
 	}
-	bool left = pbrpc_frame_writer_pending(&k->w) > 0;
+	bool left = w_pending(&k->w) > 0;
 	if (k->in_epoll && left != k->epollout) {
 		struct epoll_event ev = { .events = EPOLLIN | (left ? EPOLLOUT : 0), .data.ptr = k };
 		if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, k->fd, &ev) == 0)
@@ -876,7 +901,7 @@ static void watch_enable(pbrpc_client *c)
 		next = k->next;
 		if (k->dead)
 			continue;
-		bool out = pbrpc_frame_writer_pending(&k->w) > 0;
+		bool out = w_pending(&k->w) > 0;
 		struct epoll_event ev = { .events = EPOLLIN | (out ? EPOLLOUT : 0), .data.ptr = k };
 		if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, k->fd, &ev) == 0) {
 			k->in_epoll = true;
@@ -1091,16 +1116,16 @@ static void set_rcvtimeo(conn *k, int64_t need)
 /* One step of a synchronous reader: dispatch what is buffered, else flush
  * pending output or block in recv until data arrives or the deadline. `me`
  * (may be NULL) is the reader's own call. */
-static void reader_step(pbrpc_client *c, conn *k, call *me, int64_t deadline)
+static void reader_step(pbrpc_client *c, conn *k, call *me, int64_t deadline, int64_t now)
 {
-	if (pbrpc_frame_decoder_pending(&k->dec) && dispatch_buffered(c, k, me))
+	if (dec_pending(&k->dec) && dispatch_buffered(c, k, me))
 		return;
 	if (k->dead || (me && me->done))
 		return;
-	if (pbrpc_frame_writer_pending(&k->w)) {
+	if (w_pending(&k->w)) {
 		if (conn_flush(c, k) < 0)
 			return;
-		if (pbrpc_frame_writer_pending(&k->w)) {
+		if (w_pending(&k->w)) {
 			/* Output is stuck: wait for either direction (the slow path). */
 			int ms = ms_until(deadline);
 			struct pollfd p = { .fd = k->fd, .events = POLLIN | POLLOUT };
@@ -1119,7 +1144,7 @@ static void reader_step(pbrpc_client *c, conn *k, call *me, int64_t deadline)
 	}
 	int64_t need = 0;
 	if (deadline) {
-		need = deadline - pbrpc__now_ns();
+		need = deadline - (now ? now : pbrpc__now_ns());
 		if (need <= 0)
 			return;
 	}
@@ -1164,12 +1189,13 @@ static void abandon(pbrpc_client *c, call *x, int status, int err, const char *w
 /* Waits (locked) until x is done: as the connection's reader or as a
  * follower. If x->in_decoder on return, the caller is still x->rconn's reader
  * and must call reader_leave() once it has used the reply bytes. */
-static void sync_wait(pbrpc_client *c, call *x)
+static void sync_wait(pbrpc_client *c, call *x, int64_t now)
 {
 	conn *k = x->conn;
 	k->refs++;
-	/* The deadline was checked when the request was sent; the reader's
-	 * recv timeout and the followers' timed wait catch it from there. */
+	/* The deadline was checked when the request was sent (at `now`, which
+	 * also sets the first recv timeout); the reader's recv timeout and the
+	 * followers' timed wait catch it from there. */
 	for (bool first = true; !x->done; first = false) {
 		if (!first && x->deadline && pbrpc__now_ns() >= x->deadline) {
 			abandon(c, x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded");
@@ -1177,13 +1203,13 @@ static void sync_wait(pbrpc_client *c, call *x)
 		}
 		if (!k->reading) {
 			reader_enter(k);
-			reader_step(c, k, x, x->deadline);
+			reader_step(c, k, x, x->deadline, first ? now : 0);
 			if (x->in_decoder)
 				break;
 			reader_leave(c, k);
 			continue;
 		}
-		if (pbrpc_frame_writer_pending(&k->w) && !k->pumping && !k->dead) {
+		if (w_pending(&k->w) && !k->pumping && !k->dead) {
 			pump_write(c, k, x->deadline);
 			continue;
 		}
@@ -1209,11 +1235,11 @@ static void sync_wait(pbrpc_client *c, call *x)
 
 static int write_all(conn *k, int64_t deadline)
 {
-	while (pbrpc_frame_writer_pending(&k->w)) {
+	while (w_pending(&k->w)) {
 		ssize_t n = pbrpc_frame_writer_flush(&k->w, k->fd, MSG_DONTWAIT);
 		if (n < 0)
 			return (int)n;
-		if (pbrpc_frame_writer_pending(&k->w)) {
+		if (w_pending(&k->w)) {
 			int r = wait_fd(k->fd, POLLOUT, deadline);
 			if (r < 0)
 				return r;
@@ -1448,7 +1474,7 @@ static conn *sync_conn(pbrpc_client *c, call *x, int64_t *now_io)
 				/* Nobody reads the replies that would free a slot. */
 				k->refs++;
 				reader_enter(k);
-				reader_step(c, k, NULL, x->deadline);
+				reader_step(c, k, NULL, x->deadline, 0);
 				reader_leave(c, k);
 				conn_unref(c, k);
 				continue;
@@ -1537,7 +1563,7 @@ static void release_big(pbrpc_client *c)
 		if (k->dead)
 			continue;
 		if (k->dec.cap > BIG_FRAME) {
-			if (!k->reading && pbrpc_frame_decoder_pending(&k->dec) == 0)
+			if (!k->reading && dec_pending(&k->dec) == 0)
 				pbrpc_frame_decoder_release(&k->dec);
 			else
 				left = true;
@@ -1624,15 +1650,21 @@ static size_t request_size(const pbrpc_wire_request *req, const ProtobufCMessage
  * (nothing was sent). */
 static int send_request(pbrpc_client *c, conn *k, call *x, const call_args *a, int64_t now)
 {
-	pbrpc_wire_request req = {
-		.method = a->method,
-		.method_len = a->method_len,
-		.metadata = a->md,
-		.metadata_count = a->md_count,
-		.body = a->raw,
-		.body_len = a->raw_len,
-		.method_checked = a->method_checked,
-	};
+	/* Field by field: an initializer that zeroes the rest compiles to
+	 * `rep stos`, slow to start for a hundred bytes. */
+	pbrpc_wire_request req;
+	req.call_id = 0;
+	req.method = a->method;
+	req.method_len = a->method_len;
+	req.has_timeout = false;
+	req.timeout_us = 0;
+	req.metadata = a->md;
+	req.metadata_count = a->md_count;
+	req.metadata_raw = NULL;
+	req.metadata_raw_len = 0;
+	req.body = a->raw;
+	req.body_len = a->raw_len;
+	req.method_checked = a->method_checked;
 	if (x->deadline) {
 		int64_t left = x->deadline - now;
 		if (left <= 0) {
@@ -1697,8 +1729,14 @@ static void sync_release(pbrpc_client *c, call *x)
  * a new connection. */
 static call *sync_call(pbrpc_client *c, const call_args *a)
 {
+	/* `now` serves the deadline checks and the first recv timeout until the
+	 * call waits for something: the clock is read again only after waiting
+	 * (for the mutex too, so the timeout stays within a few microseconds). */
 	int64_t now = a->start;
-	pthread_mutex_lock(&c->mu);
+	if (pthread_mutex_trylock(&c->mu) != 0) {
+		pthread_mutex_lock(&c->mu);
+		now = pbrpc__now_ns();
+	}
 	big_check(c, now);
 	for (int attempt = 0;; attempt++) {
 		call *x = call_get(c, CALL_SYNC);
@@ -1717,7 +1755,7 @@ static call *sync_call(pbrpc_client *c, const call_args *a)
 		if (!k || send_request(c, k, x, a, now) < 0)
 			return x;
 		if (!x->done) /* else the connection failed while sending */
-			sync_wait(c, x);
+			sync_wait(c, x, now);
 		if (!x->retry || attempt > 0)
 			return x;
 		sync_release(c, x);
@@ -1852,7 +1890,7 @@ static int process_run(pbrpc_client *c, int timeout_ms, bool forever)
 				reader_leave(c, k);
 				watch = true;
 			}
-			if (!k->dead && pbrpc_frame_writer_pending(&k->w))
+			if (!k->dead && w_pending(&k->w))
 				watch = true;
 			conn_unref(c, k);
 		}
@@ -1897,14 +1935,32 @@ static void *io_main(void *arg)
 
 /* ---- stubs ---- */
 
+/* Runs a closure and then restores this thread's status and message (set by
+ * the call whose reply it gets) if the closure changed them. Out of line: the
+ * copy needs a message-sized buffer, and a successful call has no message. */
+__attribute__((noinline)) static void closure_keep_status(ProtobufCClosure closure, const ProtobufCMessage *reply,
+							  void *closure_data)
+{
+	int st = th.status;
+	unsigned gen = th.gen;
+	size_t saved_len = th.msg_len;
+	char saved[PBRPC_WIRE_MESSAGE_MAX + 1];
+	memcpy(saved, tc.msg, saved_len);
+
+	closure(reply, closure_data);
+
+	if (th.gen != gen)
+		set_status(st, saved, saved_len);
+}
+
 static void sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, ProtobufCClosure closure,
 			void *closure_data)
 {
 	pbrpc_client *c = s->c;
 	const ProtobufCMessageDescriptor *out = s->base.descriptor->methods[idx].output;
-	pbrpc_call_opts o = take_opts();
+	pbrpc_call_opts o;
 	call_args a;
-	args_init(&a, c, s->m[idx].s, s->m[idx].len, &o);
+	args_init(&a, c, s->m[idx].s, s->m[idx].len, take_opts(&o));
 	a.method_checked = s->m[idx].valid;
 	a.msg = input;
 
@@ -1945,18 +2001,17 @@ static void sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pro
 	sync_release(c, x);
 	pthread_mutex_unlock(&c->mu);
 
-	/* Keep this call's status for after the closure, which may make calls. */
-	int st = th.status;
-	unsigned gen = th.gen;
-	size_t saved_len = th.msg_len;
-	char saved[PBRPC_WIRE_MESSAGE_MAX + 1];
-	if (saved_len)
-		memcpy(saved, tc.msg, saved_len);
-
-	closure(reply, closure_data);
-
-	if (th.gen != gen)
-		set_status(st, saved, saved_len);
+	/* Keep this call's status for after the closure, which may make calls:
+	 * the status and, in the rare case there is one, the message. */
+	if (__builtin_expect(th.msg_len != 0, 0)) {
+		closure_keep_status(closure, reply, closure_data);
+	} else {
+		int st = th.status;
+		unsigned gen = th.gen;
+		closure(reply, closure_data);
+		if (th.gen != gen)
+			set_status(st, NULL, 0);
+	}
 	if (ar && pooled) {
 		arena_reset(ar);
 		pthread_mutex_lock(&c->mu);
@@ -1969,13 +2024,14 @@ static void sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, Pro
 	}
 }
 
-static void async_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, ProtobufCClosure closure,
-			 void *closure_data)
+/* Out of line so that svc_invoke stays a check and a jump on the sync path. */
+__attribute__((noinline)) static void async_invoke(svc *s, unsigned idx, const ProtobufCMessage *input,
+						   ProtobufCClosure closure, void *closure_data)
 {
 	pbrpc_client *c = s->c;
-	pbrpc_call_opts o = take_opts();
+	pbrpc_call_opts o;
 	call_args a;
-	args_init(&a, c, s->m[idx].s, s->m[idx].len, &o);
+	args_init(&a, c, s->m[idx].s, s->m[idx].len, take_opts(&o));
 	a.method_checked = s->m[idx].valid;
 	a.msg = input;
 	th.last_call = 0;

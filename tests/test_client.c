@@ -696,6 +696,37 @@ Test(client, nested_call_in_closure)
 	fake_free(fs);
 }
 
+static void nested_fail_cb(const Demo__EchoReply *reply, void *data)
+{
+	ProtobufCService *svc = data;
+	cr_assert_not_null(reply);
+	Demo__EchoRequest req;
+	echo_req(&req, "x");
+	req.fail_status = PBRPC_STATUS_ABORTED;
+	req.fail_message = "inner failed";
+	result r = { 0 };
+	demo__echo__echo(svc, &req, on_reply, &r);
+	cr_assert_eq(r.status, PBRPC_STATUS_ABORTED);
+	cr_assert_str_eq(r.msg, "inner failed");
+}
+
+Test(client, nested_call_keeps_outer_ok_status)
+{
+	/* The outer call succeeded (no message to save): a failing call made by
+	 * its closure must not leave its status or message behind. */
+	fake *fs = fake_new(NULL, false);
+	pbrpc_client *c = connect_ok(fs, NULL);
+	ProtobufCService *svc = pbrpc_client_service(c, &demo__echo__descriptor);
+	Demo__EchoRequest req;
+	echo_req(&req, "outer");
+	demo__echo__echo(svc, &req, (Demo__EchoReply_Closure)nested_fail_cb, svc);
+	const char *m = NULL;
+	cr_assert_eq(pbrpc_client_status(&m), PBRPC_STATUS_OK);
+	cr_assert_str_eq(m, "");
+	pbrpc_client_free(c);
+	fake_free(fs);
+}
+
 Test(client, metadata_and_explicit_calls)
 {
 	fake *fs = fake_new(NULL, false);
