@@ -175,8 +175,20 @@ static long metadata_block_len(const uint8_t *p, size_t avail, bool *keys_ok)
 
 PBRPC_EXPORT int pbrpc_wire_read_request(const pbrpc_frame *f, pbrpc_wire_request *out)
 {
-	memset(out, 0, sizeof(*out));
+	/* Field by field: a memset of the struct compiles to `rep stos`, slow to
+	 * start, on a path every call takes. */
 	out->call_id = f->hdr.stream;
+	out->method = NULL;
+	out->method_len = 0;
+	out->has_timeout = false;
+	out->timeout_us = 0;
+	out->metadata = NULL;
+	out->metadata_count = 0;
+	out->metadata_raw = NULL;
+	out->metadata_raw_len = 0;
+	out->body = NULL;
+	out->body_len = 0;
+	out->method_checked = false;
 	if (f->hdr.type != PBRPC_FRAME_REQUEST || f->hdr.stream == 0 ||
 	    (f->hdr.flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA)))
 		return PBRPC_EPROTO;
@@ -286,8 +298,12 @@ PBRPC_EXPORT int pbrpc_wire_write_response(pbrpc_frame_writer *w, const pbrpc_wi
 
 PBRPC_EXPORT int pbrpc_wire_read_response(const pbrpc_frame *f, pbrpc_wire_response *out)
 {
-	memset(out, 0, sizeof(*out));
 	out->call_id = f->hdr.stream;
+	out->status = PBRPC_STATUS_UNKNOWN;
+	out->message = NULL;
+	out->message_len = 0;
+	out->body = NULL;
+	out->body_len = 0;
 	if (f->hdr.type != PBRPC_FRAME_RESPONSE || f->hdr.stream == 0 || f->hdr.flags != PBRPC_RESPONSE_END)
 		return PBRPC_EPROTO;
 	if (f->hdr.length < 4)
