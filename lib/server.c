@@ -313,6 +313,7 @@ struct pbrpc_server {
 	uint8_t *scratch;
 	size_t scratch_cap;  /* SCRATCH_SIZE, or a large request's size while they arrive */
 	size_t scratch_used; /* largest read since the last sweep */
+	size_t scratch_want; /* twice the largest request just received whole */
 
 	struct service_entry *services;
 	size_t n_services;
@@ -940,6 +941,9 @@ static bool service_known(const pbrpc_server *srv, const char *name, size_t len)
 static void handle_request(struct conn *c, const pbrpc_frame *f)
 {
 	pbrpc_server *srv = c->srv;
+	size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)f->hdr.length;
+	if (total > srv->scratch_cap / 2 && 2 * total > srv->scratch_want)
+		srv->scratch_want = 2 * total; /* see scratch_fit() */
 	pbrpc_wire_request req;
 	char text[PBRPC_WIRE_METHOD_MAX + 128];
 	int rc = pbrpc_wire_read_request(f, &req);
@@ -1167,22 +1171,17 @@ static void decode_frames(struct conn *c)
 }
 
 /* A request larger than the scratch buffer is split between it and the
- * connection's decoder: a copy and a second read, and at 1 MiB over TCP a
- * third more CPU on both sides (docs/BENCHMARKS.md). Grow towards twice the
- * size of such requests (reads that ask for more than is queued take all of it
- * in one go, as a baseline's 2x buffer does), at most by four times what a read
- * actually brought (memory follows the bytes peers send, not the lengths they
- * announce); the sweep gives the memory back once they stop. */
-static void scratch_fit(pbrpc_server *srv, const uint8_t *p, size_t len, size_t pending)
+ * connection's decoder: a copy and more, smaller reads, and at 1 MiB over TCP
+ * a third more CPU on both sides (docs/BENCHMARKS.md). Once such a request has
+ * arrived whole (so memory follows bytes a peer sent, not lengths it
+ * announced), the scratch buffer grows to twice its size, so that the next one
+ * is read in one go, as a baseline's 2x buffer does; the sweep gives the
+ * memory back once large requests stop. Called when the scratch buffer holds
+ * nothing still needed. */
+static void scratch_fit(pbrpc_server *srv)
 {
-	if (pending < PBRPC_FRAME_HEADER_SIZE || pending > len)
-		return;
-	pbrpc_frame_header h;
-	pbrpc_frame_header_decode(p + len - pending, &h);
-	size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)h.length;
-	if (h.type != PBRPC_FRAME_REQUEST || h.length > srv->o.max_frame)
-		return;
-	size_t want = 2 * total < 4 * len ? 2 * total : 4 * len;
+	size_t want = srv->scratch_want;
+	srv->scratch_want = 0;
 	if (want <= srv->scratch_cap)
 		return;
 	uint8_t *nb = malloc(want);
@@ -1256,11 +1255,10 @@ static void conn_read(struct conn *c)
 			decode_frames(c);
 			if ((size_t)n > srv->scratch_used)
 				srv->scratch_used = (size_t)n;
-			if (c->state != CONN_CLOSED)
-				scratch_fit(srv, p, len, pbrpc_frame_decoder_pending(&c->dec));
 		} else {
 			decode_frames(c);
 		}
+		scratch_fit(srv);
 		if ((size_t)n < srv->scratch_cap / 2)
 			break; /* the socket is very likely drained */
 	}
