@@ -303,6 +303,21 @@ struct call {
 	bool not_run;
 };
 
+/* A FIFO of calls linked through call->next; the caller holds its lock. */
+struct call_queue {
+	struct call *head, *tail;
+};
+
+static void queue_push(struct call_queue *q, struct call *call)
+{
+	call->next = NULL;
+	if (q->tail)
+		q->tail->next = call;
+	else
+		q->head = call;
+	q->tail = call;
+}
+
 struct pbrpc_server {
 	pbrpc_server_opts o;
 	int epfd;
@@ -336,11 +351,11 @@ struct pbrpc_server {
 	struct call *live;
 
 	pthread_mutex_t cq_mu;
-	struct call *cq_head, *cq_tail;
+	struct call_queue cq;
 
 	pthread_mutex_t wq_mu;
 	pthread_cond_t wq_cv;
-	struct call *wq_head, *wq_tail;
+	struct call_queue wq;
 	bool wq_stop;
 	pthread_t *workers;
 	unsigned n_workers;
@@ -665,12 +680,7 @@ static void cq_push(pbrpc_server *srv, struct call *call)
 {
 	call->magic = 0;
 	pthread_mutex_lock(&srv->cq_mu);
-	call->next = NULL;
-	if (srv->cq_tail)
-		srv->cq_tail->next = call;
-	else
-		srv->cq_head = call;
-	srv->cq_tail = call;
+	queue_push(&srv->cq, call);
 	pthread_mutex_unlock(&srv->cq_mu);
 	wake(srv);
 }
@@ -726,8 +736,8 @@ static void call_closure(const ProtobufCMessage *msg, void *closure_data)
 static void drain_completions(pbrpc_server *srv)
 {
 	pthread_mutex_lock(&srv->cq_mu);
-	struct call *call = srv->cq_head;
-	srv->cq_head = srv->cq_tail = NULL;
+	struct call *call = srv->cq.head;
+	srv->cq.head = srv->cq.tail = NULL;
 	pthread_mutex_unlock(&srv->cq_mu);
 	while (call) {
 		struct call *next = call->next;
@@ -754,14 +764,14 @@ static void *worker_main(void *arg)
 	pbrpc_server *srv = arg;
 	pthread_mutex_lock(&srv->wq_mu);
 	for (;;) {
-		while (!srv->wq_head && !srv->wq_stop)
+		while (!srv->wq.head && !srv->wq_stop)
 			pthread_cond_wait(&srv->wq_cv, &srv->wq_mu);
 		if (srv->wq_stop)
 			break;
-		struct call *call = srv->wq_head;
-		srv->wq_head = call->next;
-		if (!srv->wq_head)
-			srv->wq_tail = NULL;
+		struct call *call = srv->wq.head;
+		srv->wq.head = call->next;
+		if (!srv->wq.head)
+			srv->wq.tail = NULL;
 		pthread_mutex_unlock(&srv->wq_mu);
 		if (atomic_load(&call->cancelled)) {
 			/* Expired or cancelled while queued: never dispatched. */
@@ -793,12 +803,7 @@ static void dispatch(pbrpc_server *srv, struct call *call)
 	if (call->deadline_ns)
 		timer_start(&srv->timers, &call->timer, call->deadline_ns);
 	pthread_mutex_lock(&srv->wq_mu);
-	call->next = NULL;
-	if (srv->wq_tail)
-		srv->wq_tail->next = call;
-	else
-		srv->wq_head = call;
-	srv->wq_tail = call;
+	queue_push(&srv->wq, call);
 	pthread_cond_signal(&srv->wq_cv);
 	pthread_mutex_unlock(&srv->wq_mu);
 }
@@ -1707,7 +1712,7 @@ PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
 	}
 	/* Calls waiting for a closure, completed ones not yet collected, pooled ones. */
 	pthread_mutex_lock(&srv->cq_mu);
-	srv->cq_head = srv->cq_tail = NULL;
+	srv->cq.head = srv->cq.tail = NULL;
 	pthread_mutex_unlock(&srv->cq_mu);
 	while (srv->live) {
 		struct call *call = srv->live;
