@@ -2379,30 +2379,55 @@ static int call_rc(const call *x)
 	return x->status == PBRPC_STATUS_OK ? 0 : PBRPC_ESTATUS;
 }
 
+/* Shared start of pbrpc_client_call and _call_raw: runs the synchronous call
+ * and sets this thread's status from it. Returns the finished call with c->mu
+ * held (finish with explicit_end), or NULL with *rc and *result set. */
+static call *explicit_begin(pbrpc_client *c, call_args *a, pbrpc_call_result *result, int *rc)
+{
+	call *x = sync_call(c, a);
+	if (!x) {
+		pthread_mutex_unlock(&c->mu);
+		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		result_fill(result, th.status, status_msg());
+		*rc = -ENOMEM;
+		return NULL;
+	}
+	th.last_call = x->id;
+	*rc = call_rc(x);
+	set_status(x->status, x->msg, x->msg_len);
+	return x;
+}
+
+static int explicit_end(pbrpc_client *c, call *x, pbrpc_call_result *result, int rc)
+{
+	sync_release(c, x);
+	pthread_mutex_unlock(&c->mu);
+	result_fill(result, th.status, status_msg());
+	return rc;
+}
+
+static int explicit_bad_args(pbrpc_call_result *result)
+{
+	set_statusf(PBRPC_STATUS_INVALID_ARGUMENT, "missing client, method or request");
+	result_fill(result, th.status, status_msg());
+	return PBRPC_EINVALID;
+}
+
 PBRPC_EXPORT int pbrpc_client_call(pbrpc_client *c, const char *method, const ProtobufCMessage *request,
 				   const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
 				   const pbrpc_call_opts *opts, pbrpc_call_result *result)
 {
 	if (reply)
 		*reply = NULL;
-	if (!c || !method || !request) {
-		set_statusf(PBRPC_STATUS_INVALID_ARGUMENT, "missing client, method or request");
-		result_fill(result, th.status, status_msg());
-		return PBRPC_EINVALID;
-	}
+	if (!c || !method || !request)
+		return explicit_bad_args(result);
 	call_args a;
 	args_init(&a, c, method, strlen(method), opts);
 	a.msg = request;
-	call *x = sync_call(c, &a);
-	if (!x) {
-		pthread_mutex_unlock(&c->mu);
-		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-		result_fill(result, th.status, status_msg());
-		return -ENOMEM;
-	}
-	th.last_call = x->id;
-	int rc = call_rc(x);
-	set_status(x->status, x->msg, x->msg_len);
+	int rc;
+	call *x = explicit_begin(c, &a, result, &rc);
+	if (!x)
+		return rc;
 	if (rc == 0 && reply_desc && reply) {
 		pthread_mutex_unlock(&c->mu);
 		*reply = protobuf_c_message_unpack(reply_desc, NULL, x->body_len, x->body);
@@ -2412,10 +2437,7 @@ PBRPC_EXPORT int pbrpc_client_call(pbrpc_client *c, const char *method, const Pr
 			rc = PBRPC_EDECODE;
 		}
 	}
-	sync_release(c, x);
-	pthread_mutex_unlock(&c->mu);
-	result_fill(result, th.status, status_msg());
-	return rc;
+	return explicit_end(c, x, result, rc);
 }
 
 PBRPC_EXPORT int pbrpc_client_call_raw(pbrpc_client *c, const char *method, const void *request,
@@ -2426,25 +2448,16 @@ PBRPC_EXPORT int pbrpc_client_call_raw(pbrpc_client *c, const char *method, cons
 		*reply = NULL;
 	if (reply_len)
 		*reply_len = 0;
-	if (!c || !method || (!request && request_len)) {
-		set_statusf(PBRPC_STATUS_INVALID_ARGUMENT, "missing client, method or request");
-		result_fill(result, th.status, status_msg());
-		return PBRPC_EINVALID;
-	}
+	if (!c || !method || (!request && request_len))
+		return explicit_bad_args(result);
 	call_args a;
 	args_init(&a, c, method, strlen(method), opts);
 	a.raw = request;
 	a.raw_len = request_len;
-	call *x = sync_call(c, &a);
-	if (!x) {
-		pthread_mutex_unlock(&c->mu);
-		set_statusf(PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-		result_fill(result, th.status, status_msg());
-		return -ENOMEM;
-	}
-	th.last_call = x->id;
-	int rc = call_rc(x);
-	set_status(x->status, x->msg, x->msg_len);
+	int rc;
+	call *x = explicit_begin(c, &a, result, &rc);
+	if (!x)
+		return rc;
 	if (rc == 0 && reply) {
 		uint8_t *p = malloc(x->body_len ? x->body_len : 1);
 		if (p) {
@@ -2458,10 +2471,7 @@ PBRPC_EXPORT int pbrpc_client_call_raw(pbrpc_client *c, const char *method, cons
 			rc = -ENOMEM;
 		}
 	}
-	sync_release(c, x);
-	pthread_mutex_unlock(&c->mu);
-	result_fill(result, th.status, status_msg());
-	return rc;
+	return explicit_end(c, x, result, rc);
 }
 
 PBRPC_EXPORT void pbrpc_client_server_hello(pbrpc_client *c, pbrpc_wire_hello *out)
