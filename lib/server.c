@@ -1361,13 +1361,19 @@ static void finish_drain(pbrpc_server *srv)
 	for (struct conn *c = srv->conns; c; c = c->next) {
 		if (c->state == CONN_CLOSED)
 			continue;
-		for (uint32_t i = 0; i < c->tab_cap; i++)
-			if (c->tab[i]) {
-				atomic_store(&c->tab[i]->cancelled, true);
-				call_answer(c->tab[i], PBRPC_STATUS_UNAVAILABLE, "server shut down before the call completed",
-					    NULL, NULL, 0);
-				i = (uint32_t)-1; /* the table shifted; rescan */
+		/* Answering deletes from the table, whose backward shift may move a
+		 * later entry into slot i: look at slot i again before moving on.
+		 * Slots already passed stay empty, so one pass answers them all. */
+		for (uint32_t i = 0; i < c->tab_cap && c->n_calls;) {
+			struct call *call = c->tab[i];
+			if (!call) {
+				i++;
+				continue;
 			}
+			atomic_store(&call->cancelled, true);
+			call_answer(call, PBRPC_STATUS_UNAVAILABLE, "server shut down before the call completed", NULL, NULL,
+				    0);
+		}
 		pbrpc_frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
 		conn_close(c);
 	}

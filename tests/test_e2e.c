@@ -330,9 +330,7 @@ Test(e2e, sixty_four_concurrent_clients)
 		pthread_join(t[i], NULL);
 		cr_assert_eq(w[i].ok, w[i].calls, "client %d: %d of %d calls ok", i, w[i].ok, w[i].calls);
 	}
-	pbrpc_server_stats st;
 	server_stop(&s, 1000);
-	(void)st;
 }
 
 Test(e2e, one_client_shared_by_eight_threads_with_worker_pool)

@@ -1241,13 +1241,17 @@ Test(server, forced_drain_answers_unavailable)
 	start_server(&t, NULL, NULL);
 	peer p;
 	peer_handshake(&p, t.addr);
-	peer_request(&p, 1, "hold");
-	wait_held(1);
+	/* Many calls, so that answering them shifts entries around the call table. */
+	enum { N = 300 };
+	for (uint32_t i = 1; i <= N; i++)
+		peer_request(&p, i * 2654435761u % 0xfffffffbu + 1, "hold");
+	wait_held(N);
 	int64_t t0 = tu_now_ms();
 	pbrpc_server_shutdown(t.srv, 100);
-	uint32_t id;
-	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_UNAVAILABLE);
-	cr_assert_eq(id, 1);
+	for (int k = 0; k < N; k++) {
+		uint32_t id;
+		cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_UNAVAILABLE, "reply %d", k);
+	}
 	pthread_join(t.thr, NULL);
 	cr_assert_lt(tu_now_ms() - t0, 3000);
 	pbrpc_server_free(t.srv);
