@@ -14,6 +14,7 @@
 #include "bench.h"
 #include "echo.pb-c.h"
 #include "pbrpc/pbrpc.h"
+#include "proto/wire.h"
 
 #define METHOD "demo.Echo/Echo"
 
@@ -101,27 +102,27 @@ static void bump_free(void *ud, void *p)
 struct wconn {
 	int fd;
 	uint32_t next_id;
-	pbrpc_frame_decoder dec;
-	pbrpc_frame_writer out;
+	pbrpc__frame_decoder dec;
+	pbrpc__frame_writer out;
 	struct bump arena;
 	ProtobufCAllocator alloc;
 };
 
 static int wire_flush(struct wconn *c)
 {
-	while (pbrpc_frame_writer_pending(&c->out))
-		if (pbrpc_frame_writer_flush(&c->out, c->fd, 0) < 0)
+	while (pbrpc__frame_writer_pending(&c->out))
+		if (pbrpc__frame_writer_flush(&c->out, c->fd, 0) < 0)
 			return -1;
 	return 0;
 }
 
-static int wire_frame(struct wconn *c, pbrpc_frame *f)
+static int wire_frame(struct wconn *c, pbrpc__frame *f)
 {
 	for (;;) {
-		int rc = pbrpc_frame_decoder_next(&c->dec, f);
+		int rc = pbrpc__frame_decoder_next(&c->dec, f);
 		if (rc == 1)
 			return 0;
-		if (rc < 0 || pbrpc_frame_decoder_recv(&c->dec, c->fd, 0) <= 0)
+		if (rc < 0 || pbrpc__frame_decoder_recv(&c->dec, c->fd, 0) <= 0)
 			return -1;
 	}
 }
@@ -141,24 +142,24 @@ static struct wconn *wire_dial(const bench_target *t)
 		goto err_fd;
 	c->fd = fd;
 	c->next_id = 1;
-	pbrpc_frame_decoder_init(&c->dec, 0);
-	pbrpc_frame_writer_init(&c->out);
-	pbrpc_wire_hello hello = { .version = PBRPC_WIRE_VERSION, .agent = "pbrpc-bench" };
-	if (pbrpc_wire_write_preface(&c->out, &hello) < 0 || wire_flush(c) < 0)
+	pbrpc__frame_decoder_init(&c->dec, 0);
+	pbrpc__frame_writer_init(&c->out);
+	pbrpc_hello hello = { .version = PBRPC_WIRE_VERSION, .agent = "pbrpc-bench" };
+	if (pbrpc__wire_write_preface(&c->out, &hello) < 0 || wire_flush(c) < 0)
 		goto err_c;
 	uint8_t pre[PBRPC_WIRE_PREFACE_SIZE];
 	if (recv(fd, pre, sizeof(pre), MSG_WAITALL) != (ssize_t)sizeof(pre) ||
 	    memcmp(pre, PBRPC_WIRE_PREFACE, sizeof(pre)) != 0)
 		goto err_c;
-	pbrpc_frame f;
-	pbrpc_wire_hello srv_hello;
-	if (wire_frame(c, &f) < 0 || pbrpc_wire_read_hello(&f, &srv_hello) < 0)
+	pbrpc__frame f;
+	pbrpc_hello srv_hello;
+	if (wire_frame(c, &f) < 0 || pbrpc__wire_read_hello(&f, &srv_hello) < 0)
 		goto err_c;
 	return c;
 
 err_c:
-	pbrpc_frame_decoder_fini(&c->dec);
-	pbrpc_frame_writer_fini(&c->out);
+	pbrpc__frame_decoder_fini(&c->dec);
+	pbrpc__frame_writer_fini(&c->out);
 	free(c);
 err_fd:
 	close(fd);
@@ -172,8 +173,8 @@ static void wire_close(void *conn)
 	if (!c)
 		return;
 	close(c->fd);
-	pbrpc_frame_decoder_fini(&c->dec);
-	pbrpc_frame_writer_fini(&c->out);
+	pbrpc__frame_decoder_fini(&c->dec);
+	pbrpc__frame_writer_fini(&c->out);
 	free(c->arena.p);
 	free(c);
 }
@@ -201,17 +202,17 @@ static int wire_send(struct wconn *c, size_t size)
 	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
 	req.payload.data = (uint8_t *)bench_payload;
 	req.payload.len = size;
-	pbrpc_wire_request r = { .call_id = c->next_id++, .method = METHOD, .method_len = sizeof(METHOD) - 1 };
+	pbrpc__wire_request r = { .call_id = c->next_id++, .method = METHOD, .method_len = sizeof(METHOD) - 1 };
 	if (c->next_id == 0)
 		c->next_id = 1;
-	return pbrpc_wire_write_request(&c->out, &r, &req.base, 0) < 0 ? -1 : 0;
+	return pbrpc__wire_write_request(&c->out, &r, &req.base, 0) < 0 ? -1 : 0;
 }
 
 static int wire_recv(struct wconn *c, size_t size)
 {
-	pbrpc_frame f;
-	pbrpc_wire_response r;
-	if (wire_frame(c, &f) < 0 || f.hdr.type != PBRPC_FRAME_RESPONSE || pbrpc_wire_read_response(&f, &r) < 0 ||
+	pbrpc__frame f;
+	pbrpc__wire_response r;
+	if (wire_frame(c, &f) < 0 || f.hdr.type != PBRPC_FRAME_RESPONSE || pbrpc__wire_read_response(&f, &r) < 0 ||
 	    r.status != PBRPC_STATUS_OK)
 		return -1;
 	c->arena.used = 0;
@@ -251,8 +252,8 @@ static void *wire_open_idle(const bench_target *t)
 	if (c) {
 		/* Give back what the handshake used on our side; only the server's
 		 * memory is measured, but 10,000 of these add up here too. */
-		pbrpc_frame_decoder_fini(&c->dec);
-		pbrpc_frame_writer_fini(&c->out);
+		pbrpc__frame_decoder_fini(&c->dec);
+		pbrpc__frame_writer_fini(&c->out);
 	}
 	return c;
 }

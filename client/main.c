@@ -112,7 +112,7 @@ static int parse_duration(const char *s, int64_t *ms)
 
 static bool metadata_key_valid(const char *k, size_t len)
 {
-	if (len == 0 || len > PBRPC_WIRE_METADATA_KEY_MAX)
+	if (len == 0 || len > PBRPC_METADATA_KEY_MAX)
 		return false;
 	for (size_t i = 0; i < len; i++) {
 		char ch = k[i];
@@ -139,9 +139,9 @@ static int add_metadata(cli *c, const char *arg)
 		die_msg("invalid metadata key \"%.*s\": keys starting with \"pbrpc-\" are reserved", (int)klen, arg);
 		return -1;
 	}
-	if (strlen(eq + 1) > PBRPC_WIRE_METADATA_VALUE_MAX) {
+	if (strlen(eq + 1) > PBRPC_METADATA_VALUE_MAX) {
 		die_msg("metadata value for \"%.*s\" is longer than %d bytes", (int)klen, arg,
-			PBRPC_WIRE_METADATA_VALUE_MAX);
+			PBRPC_METADATA_VALUE_MAX);
 		return -1;
 	}
 	if (c->metadata_count == MAX_METADATA) {
@@ -355,7 +355,7 @@ static int cmd_describe(cli *c, int argc, char **argv)
 	const schema_service *svc = schema_find_service(s, symbol);
 	const schema_enum *asked_enum = schema_find_enum(s, symbol);
 	if (m) {
-		char svc_name[PBRPC_WIRE_METHOD_MAX + 1];
+		char svc_name[PBRPC_METHOD_MAX + 1];
 		snprintf(svc_name, sizeof(svc_name), "%.*s", (int)(strchr(symbol, '/') - symbol), symbol);
 		print_sep(&first);
 		schema_print_method(stdout, schema_find_service(s, svc_name), m);
@@ -423,7 +423,7 @@ static int normalize_method(const char *arg, char *buf, size_t len)
 		if (dot)
 			*dot = '/';
 	}
-	if (strlen(arg) >= len || !pbrpc_wire_method_valid(buf, strlen(buf))) {
+	if (strlen(arg) >= len || !pbrpc_method_valid(buf, strlen(buf))) {
 		die_msg("invalid method \"%s\": expected package.Service/Method, e.g. demo.Kv/Get", arg);
 		return -1;
 	}
@@ -482,7 +482,7 @@ static int load_request(int argc, char **argv, json_object **req)
 
 static int cmd_call(cli *c, int argc, char **argv)
 {
-	char method[PBRPC_WIRE_METHOD_MAX + 1];
+	char method[PBRPC_METHOD_MAX + 1];
 	char err[512];
 	json_object *req = NULL, *out = NULL;
 	pbrpc_call_result res;
@@ -763,7 +763,7 @@ int main(int argc, char **argv)
 			print_usage(stdout);
 			return finish_stdout(0);
 		case 'V':
-			printf("pbrpc %s\n", PBRPC_VERSION_STRING);
+			printf("pbrpc %s\n", PBRPC_VERSION);
 			return finish_stdout(0);
 		case ':':
 			die_msg("option %s needs a value (see pbrpc --help)", argv[optind - 1]);

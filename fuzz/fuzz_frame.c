@@ -3,7 +3,7 @@
  * Input layout:
  *   byte 0        configuration: bits 0-2 pick the decoder's maximum payload
  *                 (max_table); bit 3 re-encodes with begin/commit instead of
- *                 append; bit 4 reads through pbrpc_frame_decoder_recv() and an
+ *                 append; bit 4 reads through pbrpc__frame_decoder_recv() and an
  *                 in-memory I/O shim instead of feed(); bits 5-6 repeat the
  *                 stream (rep_table) so that small inputs make streams long
  *                 enough to wrap and compact the decoder's 64 KiB buffer
@@ -35,7 +35,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
-#include "pbrpc/frame.h"
+#include "proto/frame.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -98,11 +98,11 @@ typedef struct model {
 	bool dead; /* EPROTO seen */
 	uint32_t max;
 	bool in_place;
-	pbrpc_frame_decoder d;
-	pbrpc_frame_writer w;
+	pbrpc__frame_decoder d;
+	pbrpc__frame_writer w;
 } model;
 
-static bool header_eq(const pbrpc_frame_header *a, const pbrpc_frame_header *b)
+static bool header_eq(const pbrpc__frame_header *a, const pbrpc__frame_header *b)
 {
 	return a->length == b->length && a->type == b->type && a->flags == b->flags &&
 	       a->reserved == b->reserved && a->stream == b->stream;
@@ -110,40 +110,40 @@ static bool header_eq(const pbrpc_frame_header *a, const pbrpc_frame_header *b)
 
 /* Queues the frame again and checks that the writer produced the very bytes
  * the frame was decoded from. */
-static void reencode(model *m, const pbrpc_frame *f, const uint8_t *orig)
+static void reencode(model *m, const pbrpc__frame *f, const uint8_t *orig)
 {
-	pbrpc_frame_writer *w = &m->w;
-	size_t before = pbrpc_frame_writer_pending(w);
+	pbrpc__frame_writer *w = &m->w;
+	size_t before = pbrpc__frame_writer_pending(w);
 	if (m->in_place) {
-		uint8_t *p = pbrpc_frame_writer_begin(w, &f->hdr, f->hdr.length);
+		uint8_t *p = pbrpc__frame_writer_begin(w, &f->hdr, f->hdr.length);
 		CHECK(p != NULL, "begin(%u) failed", f->hdr.length);
 		if (f->hdr.length)
 			memcpy(p, f->payload, f->hdr.length);
-		CHECK(pbrpc_frame_writer_commit(w, f->hdr.length) == 0, "commit failed");
+		CHECK(pbrpc__frame_writer_commit(w, f->hdr.length) == 0, "commit failed");
 	} else {
-		int rc = pbrpc_frame_writer_append(w, &f->hdr, f->payload, f->hdr.length);
+		int rc = pbrpc__frame_writer_append(w, &f->hdr, f->payload, f->hdr.length);
 		CHECK(rc == 0, "append: %s", pbrpc_strerror(rc));
 	}
 	size_t total = HS + (size_t)f->hdr.length;
-	CHECK(pbrpc_frame_writer_pending(w) == before + total, "writer queued %zu, want %zu",
-	      pbrpc_frame_writer_pending(w) - before, total);
+	CHECK(pbrpc__frame_writer_pending(w) == before + total, "writer queued %zu, want %zu",
+	      pbrpc__frame_writer_pending(w) - before, total);
 	CHECK(memcmp(w->buf + w->tail - total, orig, total) == 0, "re-encoded frame differs");
 }
 
 /* Calls next() until it wants more bytes, checking each outcome. */
 static void drain(model *m, const uint8_t *chunk, size_t n)
 {
-	pbrpc_frame_decoder *d = &m->d;
+	pbrpc__frame_decoder *d = &m->d;
 	for (;;) {
-		pbrpc_frame f;
-		pbrpc_frame_header want;
+		pbrpc__frame f;
+		pbrpc__frame_header want;
 		size_t cap_before = d->cap;
-		int rc = pbrpc_frame_decoder_next(d, &f);
+		int rc = pbrpc__frame_decoder_next(d, &f);
 		if (rc == 0)
 			return;
 		CHECK(m->off + HS <= m->delivered, "%s with only %lld bytes after offset %llu", pbrpc_strerror(rc),
 		      (long long)(m->delivered - m->off), (unsigned long long)m->off);
-		pbrpc_frame_header_decode(m->stream + m->off, &want);
+		pbrpc__frame_header_decode(m->stream + m->off, &want);
 		if (rc == 1) {
 			CHECK(header_eq(&f.hdr, &want), "frame at %llu: header differs", (unsigned long long)m->off);
 			CHECK(f.hdr.reserved == 0, "reserved %#x accepted", f.hdr.reserved);
@@ -158,7 +158,7 @@ static void drain(model *m, const uint8_t *chunk, size_t n)
 			reencode(m, &f, m->stream + m->off);
 			m->off += HS + f.hdr.length;
 		} else if (rc == PBRPC_ETOOBIG) {
-			const pbrpc_frame_header *rej = pbrpc_frame_decoder_rejected(d);
+			const pbrpc__frame_header *rej = pbrpc__frame_decoder_rejected(d);
 			CHECK(rej != NULL, "ETOOBIG without rejected()");
 			CHECK(header_eq(rej, &want), "rejected header at %llu differs", (unsigned long long)m->off);
 			CHECK(want.length > m->max && want.reserved == 0, "rejected a legal header");
@@ -166,13 +166,13 @@ static void drain(model *m, const uint8_t *chunk, size_t n)
 			 * had or the size of one read */
 			CHECK(d->cap <= cap_before || d->cap <= 64 * KiB, "buffer grew from %zu to %zu bytes rejecting %u",
 			      cap_before, d->cap, want.length);
-			CHECK(pbrpc_frame_decoder_skip(d) == 0, "skip failed");
-			CHECK(pbrpc_frame_decoder_skip(d) == PBRPC_EINVALID, "second skip accepted");
+			CHECK(pbrpc__frame_decoder_skip(d) == 0, "skip failed");
+			CHECK(pbrpc__frame_decoder_skip(d) == PBRPC_EINVALID, "second skip accepted");
 			m->off += HS + (uint64_t)want.length;
 		} else {
 			CHECK(rc == PBRPC_EPROTO, "unexpected %d (%s)", rc, pbrpc_strerror(rc));
 			CHECK(want.reserved != 0, "EPROTO for a legal header");
-			CHECK(pbrpc_frame_decoder_rejected(d) == NULL, "EPROTO left a rejected header");
+			CHECK(pbrpc__frame_decoder_rejected(d) == NULL, "EPROTO left a rejected header");
 			m->dead = true;
 			return;
 		}
@@ -196,7 +196,7 @@ static void run_feed(model *m, schedule *sc)
 		uint8_t *chunk = malloc(n ? n : 1);
 		CHECK(chunk != NULL, "malloc");
 		memcpy(chunk, m->stream + m->delivered, n);
-		pbrpc_frame_decoder_feed(&m->d, chunk, n);
+		pbrpc__frame_decoder_feed(&m->d, chunk, n);
 		m->delivered += n;
 		drain(m, chunk, n);
 		free(chunk);
@@ -246,17 +246,17 @@ static ssize_t no_sendmsg(int fd, const struct msghdr *msg, int flags)
 	return -1;
 }
 
-static const pbrpc_frame_io mem_io = { mem_recvmsg, no_sendmsg };
+static const pbrpc__io mem_io = { mem_recvmsg, no_sendmsg };
 
 static void run_recv(model *m, schedule *sc)
 {
 	src.m = m;
 	src.sc = sc;
-	pbrpc_frame_io_set(&mem_io);
+	pbrpc__io_set(&mem_io);
 	/* memory stays bounded by the maximum, however the stream is cut */
 	uint64_t cap_bound = 2 * ((uint64_t)HS + m->max + 64 * KiB);
 	for (;;) {
-		ssize_t n = pbrpc_frame_decoder_recv(&m->d, -1, MSG_DONTWAIT);
+		ssize_t n = pbrpc__frame_decoder_recv(&m->d, -1, MSG_DONTWAIT);
 		CHECK(m->d.cap <= cap_bound, "buffer of %zu bytes with max %u", m->d.cap, m->max);
 		if (n < 0) {
 			CHECK(m->delivered == m->len, "recv: %s before the end", pbrpc_strerror((int)n));
@@ -268,7 +268,7 @@ static void run_recv(model *m, schedule *sc)
 		if (m->dead)
 			break;
 	}
-	pbrpc_frame_io_set(NULL);
+	pbrpc__io_set(NULL);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -298,8 +298,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		.max = max_table[data[0] & 7],
 		.in_place = data[0] & 8,
 	};
-	pbrpc_frame_decoder_init(&m.d, m.max);
-	pbrpc_frame_writer_init(&m.w);
+	pbrpc__frame_decoder_init(&m.d, m.max);
+	pbrpc__frame_writer_init(&m.w);
 	CHECK(m.d.max_payload == m.max, "max_payload %u, want %u", m.d.max_payload, m.max);
 
 	if (data[0] & 16)
@@ -308,15 +308,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		run_feed(&m, &sc);
 
 	if (!m.dead) {
-		CHECK(pbrpc_frame_decoder_pending(&m.d) == model_left(&m), "pending %zu, model says %llu",
-		      pbrpc_frame_decoder_pending(&m.d), (unsigned long long)model_left(&m));
+		CHECK(pbrpc__frame_decoder_pending(&m.d) == model_left(&m), "pending %zu, model says %llu",
+		      pbrpc__frame_decoder_pending(&m.d), (unsigned long long)model_left(&m));
 		if (m.off >= m.delivered) {
-			pbrpc_frame_decoder_release(&m.d);
+			pbrpc__frame_decoder_release(&m.d);
 			CHECK(m.d.buf == NULL, "release kept a buffer at a frame boundary");
 		}
 	}
-	pbrpc_frame_decoder_fini(&m.d);
-	pbrpc_frame_writer_fini(&m.w);
+	pbrpc__frame_decoder_fini(&m.d);
+	pbrpc__frame_writer_fini(&m.w);
 	free(copy);
 	return 0;
 }

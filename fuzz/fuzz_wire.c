@@ -4,7 +4,7 @@
  * Input: type (1 byte), flags (1 byte), stream (4 bytes, big-endian), then the
  * payload. Invariants checked beyond "no crash, no UB, no leak":
  * - views returned by a parser lie inside the payload;
- * - a REQUEST that parses re-encodes (pbrpc_wire_write_request) to a frame
+ * - a REQUEST that parses re-encodes (pbrpc__wire_write_request) to a frame
  *   that parses to the same fields, and its metadata iterates to exactly the
  *   bytes of the block;
  * - a RESPONSE and a GOAWAY that parse re-encode to the same bytes. */
@@ -12,8 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
-#include "pbrpc/wire.h"
+#include "util/bytes.h"
+#include "proto/wire.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -32,18 +32,18 @@ static int inside(const void *p, size_t len, const uint8_t *base, size_t n)
 }
 
 /* Decodes the single frame a writer holds. */
-static void writer_frame(pbrpc_frame_writer *w, pbrpc_frame *f)
+static void writer_frame(pbrpc__frame_writer *w, pbrpc__frame *f)
 {
-	CHECK(pbrpc_frame_writer_pending(w) >= PBRPC_FRAME_HEADER_SIZE);
-	pbrpc_frame_header_decode(w->buf + w->head, &f->hdr);
-	CHECK(PBRPC_FRAME_HEADER_SIZE + (size_t)f->hdr.length == pbrpc_frame_writer_pending(w));
+	CHECK(pbrpc__frame_writer_pending(w) >= PBRPC_FRAME_HEADER_SIZE);
+	pbrpc__frame_header_decode(w->buf + w->head, &f->hdr);
+	CHECK(PBRPC_FRAME_HEADER_SIZE + (size_t)f->hdr.length == pbrpc__frame_writer_pending(w));
 	f->payload = w->buf + w->head + PBRPC_FRAME_HEADER_SIZE;
 }
 
-static void fuzz_request(const pbrpc_frame *f)
+static void fuzz_request(const pbrpc__frame *f)
 {
-	pbrpc_wire_request r;
-	int rc = pbrpc_wire_read_request(f, &r);
+	pbrpc__wire_request r;
+	int rc = pbrpc__wire_read_request(f, &r);
 	CHECK(r.call_id == f->hdr.stream);
 	if (rc != 0)
 		return;
@@ -55,7 +55,7 @@ static void fuzz_request(const pbrpc_frame *f)
 	pbrpc_metadata md[64];
 	size_t count = 0, pos = 0, bytes = r.metadata_raw_len ? 2 : 0;
 	pbrpc_metadata m;
-	while (pbrpc_wire_metadata_next(&r, &pos, &m)) {
+	while (pbrpc__wire_metadata_next(&r, &pos, &m)) {
 		CHECK(inside(m.key, m.key_len, r.metadata_raw, r.metadata_raw_len));
 		CHECK(inside(m.value, m.value_len, r.metadata_raw, r.metadata_raw_len));
 		bytes += 1 + m.key_len + 2 + m.value_len;
@@ -63,66 +63,66 @@ static void fuzz_request(const pbrpc_frame *f)
 			md[count++] = m;
 	}
 	CHECK(bytes == r.metadata_raw_len);
-	if (!pbrpc_wire_method_valid(r.method, r.method_len) || count == 64 || (r.metadata_raw_len && count == 0))
+	if (!pbrpc_method_valid(r.method, r.method_len) || count == 64 || (r.metadata_raw_len && count == 0))
 		return;
 
 	/* Round trip through the encoder. */
-	pbrpc_wire_request e = r;
+	pbrpc__wire_request e = r;
 	e.metadata = md;
 	e.metadata_count = count;
-	pbrpc_frame_writer w;
-	pbrpc_frame_writer_init(&w);
-	CHECK(pbrpc_wire_write_request(&w, &e, NULL, 0) == 0);
-	pbrpc_frame g;
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	CHECK(pbrpc__wire_write_request(&w, &e, NULL, 0) == 0);
+	pbrpc__frame g;
 	writer_frame(&w, &g);
-	pbrpc_wire_request back;
-	CHECK(pbrpc_wire_read_request(&g, &back) == 0);
+	pbrpc__wire_request back;
+	CHECK(pbrpc__wire_read_request(&g, &back) == 0);
 	CHECK(back.call_id == r.call_id && back.has_timeout == r.has_timeout && back.timeout_us == r.timeout_us);
 	CHECK(back.method_len == r.method_len && memcmp(back.method, r.method, r.method_len) == 0);
 	CHECK(back.body_len == r.body_len && (r.body_len == 0 || memcmp(back.body, r.body, r.body_len) == 0));
 	CHECK(back.metadata_raw_len == r.metadata_raw_len &&
 	      (r.metadata_raw_len == 0 || memcmp(back.metadata_raw, r.metadata_raw, r.metadata_raw_len) == 0));
-	pbrpc_frame_writer_fini(&w);
+	pbrpc__frame_writer_fini(&w);
 }
 
-static void fuzz_response(const pbrpc_frame *f)
+static void fuzz_response(const pbrpc__frame *f)
 {
-	pbrpc_wire_response r;
-	if (pbrpc_wire_read_response(f, &r) != 0)
+	pbrpc__wire_response r;
+	if (pbrpc__wire_read_response(f, &r) != 0)
 		return;
 	CHECK(inside(r.message, r.message_len, f->payload, f->hdr.length));
 	CHECK(inside(r.body, r.body_len, f->payload, f->hdr.length));
-	if (r.message_len > PBRPC_WIRE_MESSAGE_MAX)
+	if (r.message_len > PBRPC_STATUS_MESSAGE_MAX)
 		return; /* the encoder cuts long messages */
-	pbrpc_frame_writer w;
-	pbrpc_frame_writer_init(&w);
-	CHECK(pbrpc_wire_write_response(&w, &r, NULL, 0) == 0);
-	pbrpc_frame g;
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	CHECK(pbrpc__wire_write_response(&w, &r, NULL, 0) == 0);
+	pbrpc__frame g;
 	writer_frame(&w, &g);
 	CHECK(g.hdr.length == f->hdr.length && memcmp(g.payload, f->payload, f->hdr.length) == 0);
-	pbrpc_frame_writer_fini(&w);
+	pbrpc__frame_writer_fini(&w);
 }
 
-static void fuzz_goaway(const pbrpc_frame *f)
+static void fuzz_goaway(const pbrpc__frame *f)
 {
 	int status;
 	const char *msg;
 	size_t len;
-	if (pbrpc_wire_read_goaway(f, &status, &msg, &len) != 0)
+	if (pbrpc__wire_read_goaway(f, &status, &msg, &len) != 0)
 		return;
 	CHECK(inside(msg, len, f->payload, f->hdr.length));
-	if (len > PBRPC_WIRE_MESSAGE_MAX || memchr(msg, 0, len))
+	if (len > PBRPC_STATUS_MESSAGE_MAX || memchr(msg, 0, len))
 		return; /* the encoder takes a C string and cuts long ones */
 	char *text = malloc(len + 1);
 	memcpy(text, msg, len);
 	text[len] = 0;
-	pbrpc_frame_writer w;
-	pbrpc_frame_writer_init(&w);
-	CHECK(pbrpc_wire_write_goaway(&w, status, text) == 0);
-	pbrpc_frame g;
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	CHECK(pbrpc__wire_write_goaway(&w, status, text) == 0);
+	pbrpc__frame g;
 	writer_frame(&w, &g);
 	CHECK(g.hdr.length == f->hdr.length && memcmp(g.payload, f->payload, f->hdr.length) == 0);
-	pbrpc_frame_writer_fini(&w);
+	pbrpc__frame_writer_fini(&w);
 	free(text);
 }
 
@@ -130,7 +130,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	if (size < 6)
 		return 0;
-	pbrpc_frame f;
+	pbrpc__frame f;
 	memset(&f, 0, sizeof(f));
 	f.hdr.type = data[0];
 	f.hdr.flags = data[1];
@@ -141,7 +141,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	memcpy(payload, data + 6, size - 6);
 	f.payload = payload;
 
-	(void)pbrpc_wire_check_header(&f.hdr);
+	(void)pbrpc__wire_check_header(&f.hdr);
 	switch (f.hdr.type % 4) {
 	case 0:
 		f.hdr.type = PBRPC_FRAME_REQUEST;
@@ -157,8 +157,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		break;
 	default: {
 		f.hdr.type = PBRPC_FRAME_HELLO;
-		pbrpc_wire_hello h;
-		(void)pbrpc_wire_read_hello(&f, &h);
+		pbrpc_hello h;
+		(void)pbrpc__wire_read_hello(&f, &h);
 		CHECK(memchr(h.agent, 0, sizeof(h.agent)) != NULL);
 		break;
 	}

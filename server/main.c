@@ -114,7 +114,7 @@ static uint32_t parse_size(const char *opt, const char *s)
 		bad_option(opt, s, "not a size (digits with an optional K or M suffix)");
 	if (v == 0)
 		bad_option(opt, s, "must be at least 1");
-	if (v > PBRPC_FRAME_MAX_LIMIT / mul)
+	if (v > PBRPC_MAX_FRAME_LIMIT / mul)
 		bad_option(opt, s, "larger than the protocol's limit of 2147483647 bytes");
 	return (uint32_t)(v * mul);
 }
@@ -257,7 +257,7 @@ static void parse_args(int argc, char **argv, config *cfg)
 			usage(stdout);
 			exit(0);
 		case 'V':
-			printf(PROG " " PBRPC_VERSION_STRING "\n");
+			printf(PROG " " PBRPC_VERSION "\n");
 			exit(0);
 		case ':':
 			if (optopt && strncmp(argv[optind - 1], "--", 2) != 0)

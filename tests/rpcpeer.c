@@ -9,10 +9,10 @@
 
 #include "pbrpc/endpoint.h"
 
-static int flush_all(pbrpc_frame_writer *w, int fd)
+static int flush_all(pbrpc__frame_writer *w, int fd)
 {
-	while (pbrpc_frame_writer_pending(w) > 0) {
-		ssize_t n = pbrpc_frame_writer_flush(w, fd, 0);
+	while (pbrpc__frame_writer_pending(w) > 0) {
+		ssize_t n = pbrpc__frame_writer_flush(w, fd, 0);
 		if (n < 0)
 			return (int)n;
 	}
@@ -34,14 +34,14 @@ int rp_open(rp_conn *c, const char *endpoint)
 	struct timeval tv = { .tv_sec = 5 };
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 
-	pbrpc_frame_writer w;
-	pbrpc_frame_writer_init(&w);
-	pbrpc_wire_hello hello = { .version = PBRPC_WIRE_VERSION };
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	pbrpc_hello hello = { .version = PBRPC_WIRE_VERSION };
 	snprintf(hello.agent, sizeof(hello.agent), "pbrpc-tests");
-	rc = pbrpc_wire_write_preface(&w, &hello);
+	rc = pbrpc__wire_write_preface(&w, &hello);
 	if (rc == 0)
 		rc = flush_all(&w, fd);
-	pbrpc_frame_writer_fini(&w);
+	pbrpc__frame_writer_fini(&w);
 	if (rc < 0)
 		goto err;
 
@@ -51,19 +51,19 @@ int rp_open(rp_conn *c, const char *endpoint)
 		rc = n < 0 ? -errno : PBRPC_EBADMAGIC;
 		goto err;
 	}
-	pbrpc_frame_decoder_init(&c->dec, 0);
-	pbrpc_frame f;
-	rc = pbrpc_frame_read(&c->dec, fd, &f, 5000);
+	pbrpc__frame_decoder_init(&c->dec, 0);
+	pbrpc__frame f;
+	rc = pbrpc__frame_read(&c->dec, fd, &f, 5000);
 	if (rc < 0)
 		goto err_dec;
-	rc = pbrpc_wire_read_hello(&f, &c->hello);
+	rc = pbrpc__wire_read_hello(&f, &c->hello);
 	if (rc < 0)
 		goto err_dec;
 	c->fd = fd;
 	return 0;
 
 err_dec:
-	pbrpc_frame_decoder_fini(&c->dec);
+	pbrpc__frame_decoder_fini(&c->dec);
 err:
 	close(fd);
 	return rc;
@@ -74,24 +74,24 @@ void rp_close(rp_conn *c)
 	if (c->fd < 0)
 		return;
 	close(c->fd);
-	pbrpc_frame_decoder_fini(&c->dec);
+	pbrpc__frame_decoder_fini(&c->dec);
 	c->fd = -1;
 }
 
 int64_t rp_send(rp_conn *c, const char *method, const ProtobufCMessage *req)
 {
-	pbrpc_wire_request r = {
+	pbrpc__wire_request r = {
 		.call_id = c->next_id++,
 		.method = method,
 		.method_len = strlen(method),
 	};
-	pbrpc_frame_writer w;
-	pbrpc_frame_writer_init(&w);
-	uint32_t max = c->hello.max_frame ? c->hello.max_frame : PBRPC_FRAME_MAX_LIMIT;
-	int rc = pbrpc_wire_write_request(&w, &r, req, max);
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	uint32_t max = c->hello.max_frame ? c->hello.max_frame : PBRPC_MAX_FRAME_LIMIT;
+	int rc = pbrpc__wire_write_request(&w, &r, req, max);
 	if (rc == 0)
 		rc = flush_all(&w, c->fd);
-	pbrpc_frame_writer_fini(&w);
+	pbrpc__frame_writer_fini(&w);
 	return rc < 0 ? rc : (int64_t)r.call_id;
 }
 
@@ -102,14 +102,14 @@ int rp_recv(rp_conn *c, int timeout_ms, const ProtobufCMessageDescriptor *reply_
 	if (reply)
 		*reply = NULL;
 	for (;;) {
-		pbrpc_frame f;
-		int rc = pbrpc_frame_read(&c->dec, c->fd, &f, timeout_ms);
+		pbrpc__frame f;
+		int rc = pbrpc__frame_read(&c->dec, c->fd, &f, timeout_ms);
 		if (rc < 0)
 			return rc;
 		if (f.hdr.type == PBRPC_FRAME_GOAWAY) {
 			const char *msg;
 			size_t len;
-			if (pbrpc_wire_read_goaway(&f, &res->status, &msg, &len) == 0)
+			if (pbrpc__wire_read_goaway(&f, &res->status, &msg, &len) == 0)
 				snprintf(res->message, sizeof(res->message), "%.*s", (int)len, msg);
 			if (res->status != PBRPC_STATUS_OK)
 				return PBRPC_EGOAWAY;
@@ -117,8 +117,8 @@ int rp_recv(rp_conn *c, int timeout_ms, const ProtobufCMessageDescriptor *reply_
 		}
 		if (f.hdr.type != PBRPC_FRAME_RESPONSE)
 			continue;
-		pbrpc_wire_response r;
-		rc = pbrpc_wire_read_response(&f, &r);
+		pbrpc__wire_response r;
+		rc = pbrpc__wire_read_response(&f, &r);
 		if (rc < 0)
 			return rc;
 		res->id = r.call_id;

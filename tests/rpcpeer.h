@@ -9,14 +9,14 @@
 #include <protobuf-c/protobuf-c.h>
 #include <stdint.h>
 
-#include "pbrpc/frame.h"
-#include "pbrpc/wire.h"
+#include "proto/frame.h"
+#include "proto/wire.h"
 
 typedef struct rp_conn {
 	int fd;
 	uint32_t next_id;
-	pbrpc_frame_decoder dec;
-	pbrpc_wire_hello hello; /* the server's */
+	pbrpc__frame_decoder dec;
+	pbrpc_hello hello; /* the server's */
 } rp_conn;
 
 typedef struct rp_result {

@@ -25,8 +25,8 @@
 
 #include "echo.pb-c.h"
 #include "pbrpc/client.h"
-#include "pbrpc/frame.h"
-#include "pbrpc/wire.h"
+#include "proto/frame.h"
+#include "proto/wire.h"
 #include "testutil.h"
 
 /* ---- counting allocator: proves the synchronous fast path allocates nothing.
@@ -112,7 +112,7 @@ typedef struct fake {
 	bool last_has_timeout;
 	uint64_t last_timeout_us;
 	char last_md[64];
-	pbrpc_wire_hello client_hello;
+	pbrpc_hello client_hello;
 } fake;
 
 typedef struct held {
@@ -124,8 +124,8 @@ typedef struct held {
 typedef struct fconn {
 	fake *fs;
 	int fd;
-	pbrpc_frame_writer w;
-	pbrpc_frame_decoder d;
+	pbrpc__frame_writer w;
+	pbrpc__frame_decoder d;
 	held held[MAX_IDS];
 	int nheld;
 	bool draining;
@@ -138,16 +138,16 @@ typedef struct fconn {
 
 static void fc_flush(fconn *fc)
 {
-	pbrpc_frame_writer_flush(&fc->w, fc->fd, 0);
+	pbrpc__frame_writer_flush(&fc->w, fc->fd, 0);
 }
 
 static void fc_answer(fconn *fc, uint32_t id, int status, const char *msg, const ProtobufCBinaryData *payload)
 {
-	pbrpc_wire_response r = { .call_id = id, .status = status, .message = msg, .message_len = msg ? strlen(msg) : 0 };
+	pbrpc__wire_response r = { .call_id = id, .status = status, .message = msg, .message_len = msg ? strlen(msg) : 0 };
 	Demo__EchoReply rep = DEMO__ECHO_REPLY__INIT;
 	if (payload)
 		rep.payload = *payload;
-	pbrpc_wire_write_response(&fc->w, &r, status == 0 ? &rep.base : NULL, 0);
+	pbrpc__wire_write_response(&fc->w, &r, status == 0 ? &rep.base : NULL, 0);
 	fc_flush(fc);
 }
 
@@ -177,15 +177,15 @@ static bool fc_is_held(fconn *fc, uint32_t id)
 
 static void fc_goaway(fconn *fc, int status, const char *msg)
 {
-	pbrpc_wire_write_goaway(&fc->w, status, msg);
+	pbrpc__wire_write_goaway(&fc->w, status, msg);
 	fc_flush(fc);
 }
 
-static void fc_request(fconn *fc, const pbrpc_frame *f)
+static void fc_request(fconn *fc, const pbrpc__frame *f)
 {
 	fake *fs = fc->fs;
-	pbrpc_wire_request req;
-	int rc = pbrpc_wire_read_request(f, &req);
+	pbrpc__wire_request req;
+	int rc = pbrpc__wire_read_request(f, &req);
 	pthread_mutex_lock(&fs->mu);
 	fs->requests++;
 	if (fc_is_held(fc, req.call_id))
@@ -193,7 +193,7 @@ static void fc_request(fconn *fc, const pbrpc_frame *f)
 	fs->last_has_timeout = req.has_timeout;
 	fs->last_timeout_us = req.timeout_us;
 	size_t ml = 0;
-	const void *md = rc == 0 ? pbrpc_wire_metadata_get(&req, "x-test", &ml) : NULL;
+	const void *md = rc == 0 ? pbrpc__wire_metadata_get(&req, "x-test", &ml) : NULL;
 	snprintf(fs->last_md, sizeof(fs->last_md), "%.*s", md ? (int)ml : 0, md ? (const char *)md : "");
 	pthread_mutex_unlock(&fs->mu);
 
@@ -239,20 +239,20 @@ static void fc_request(fconn *fc, const pbrpc_frame *f)
 		fc->closing = true;
 	} else if (!strcmp(cmd, "badbody")) {
 		static const uint8_t junk[] = { 0x0a, 0x7f, 0x01 }; /* length 127, 1 byte present */
-		pbrpc_wire_response r = { .call_id = req.call_id, .body = junk, .body_len = sizeof(junk) };
-		pbrpc_wire_write_response(&fc->w, &r, NULL, 0);
+		pbrpc__wire_response r = { .call_id = req.call_id, .body = junk, .body_len = sizeof(junk) };
+		pbrpc__wire_write_response(&fc->w, &r, NULL, 0);
 		fc_flush(fc);
 	} else if (!strcmp(cmd, "unknown-id")) {
 		fc_answer(fc, req.call_id + 1000, 0, NULL, &m->payload);
 		fc_hold(fc, req.call_id, 0, false);
 	} else if (!strcmp(cmd, "badframe")) {
-		pbrpc_frame_header h = { .type = 0x09 };
-		pbrpc_frame_writer_append(&fc->w, &h, "x", 1);
+		pbrpc__frame_header h = { .type = 0x09 };
+		pbrpc__frame_writer_append(&fc->w, &h, "x", 1);
 		fc_flush(fc);
 		fc_hold(fc, req.call_id, 0, false);
 	} else if (!strcmp(cmd, "ping")) {
 		memcpy(fc->ping, "pingpong", 8);
-		pbrpc_wire_write_ping(&fc->w, PBRPC_FRAME_PING, fc->ping);
+		pbrpc__wire_write_ping(&fc->w, PBRPC_FRAME_PING, fc->ping);
 		fc_flush(fc);
 		fc_hold(fc, req.call_id, 0, true);
 	} else if (!strcmp(cmd, "drain")) {
@@ -276,10 +276,10 @@ static void fc_request(fconn *fc, const pbrpc_frame *f)
 	demo__echo_request__free_unpacked(m, NULL);
 }
 
-static void fc_frame(fconn *fc, const pbrpc_frame *f)
+static void fc_frame(fconn *fc, const pbrpc__frame *f)
 {
 	fake *fs = fc->fs;
-	if (pbrpc_wire_check_header(&f->hdr) < 0) {
+	if (pbrpc__wire_check_header(&f->hdr) < 0) {
 		pthread_mutex_lock(&fs->mu);
 		fs->bad_frames++;
 		pthread_mutex_unlock(&fs->mu);
@@ -321,7 +321,7 @@ static void fc_frame(fconn *fc, const pbrpc_frame *f)
 		size_t ml;
 		pthread_mutex_lock(&fs->mu);
 		fs->goaways++;
-		if (pbrpc_wire_read_goaway(f, &st, &m, &ml) == 0)
+		if (pbrpc__wire_read_goaway(f, &st, &m, &ml) == 0)
 			fs->goaway_status = st;
 		pthread_mutex_unlock(&fs->mu);
 		fc->closing = true;
@@ -350,16 +350,16 @@ static void fc_loop(fconn *fc)
 		}
 		if (fc->draining && fc->nheld == 0)
 			break;
-		pbrpc_frame f;
+		pbrpc__frame f;
 		int r;
-		while (!fc->closing && (r = pbrpc_frame_decoder_next(&fc->d, &f)) > 0)
+		while (!fc->closing && (r = pbrpc__frame_decoder_next(&fc->d, &f)) > 0)
 			fc_frame(fc, &f);
 		if (r < 0 || fc->closing)
 			break;
 		struct pollfd p = { .fd = fc->fd, .events = POLLIN };
 		if (poll(&p, 1, 5) <= 0)
 			continue;
-		if (pbrpc_frame_decoder_recv(&fc->d, fc->fd, MSG_DONTWAIT) < 0)
+		if (pbrpc__frame_decoder_recv(&fc->d, fc->fd, MSG_DONTWAIT) < 0)
 			break;
 	}
 }
@@ -369,8 +369,8 @@ static void *fake_conn_main(void *arg)
 	fconn *fc = arg;
 	fake *fs = fc->fs;
 	int fd = fc->fd;
-	pbrpc_frame_writer_init(&fc->w);
-	pbrpc_frame_decoder_init(&fc->d, 0);
+	pbrpc__frame_writer_init(&fc->w);
+	pbrpc__frame_decoder_init(&fc->d, 0);
 
 	if (fs->cfg.bad_preface) {
 		static const char junk[] = "HTTP/1.1 400 Bad Request\r\n\r\n";
@@ -378,18 +378,18 @@ static void *fake_conn_main(void *arg)
 		goto out;
 	}
 	if (fs->cfg.goaway_hello) {
-		pbrpc_frame_writer_append_raw(&fc->w, PBRPC_WIRE_PREFACE, PBRPC_WIRE_PREFACE_SIZE);
-		pbrpc_wire_write_goaway(&fc->w, PBRPC_STATUS_RESOURCE_EXHAUSTED, "too many connections");
+		pbrpc__frame_writer_append_raw(&fc->w, PBRPC_WIRE_PREFACE, PBRPC_WIRE_PREFACE_SIZE);
+		pbrpc__wire_write_goaway(&fc->w, PBRPC_STATUS_RESOURCE_EXHAUSTED, "too many connections");
 		fc_flush(fc);
 		goto out;
 	}
-	pbrpc_wire_hello h = {
+	pbrpc_hello h = {
 		.version = fs->cfg.version ? fs->cfg.version : 1,
 		.max_frame = fs->cfg.max_frame,
 		.max_calls = fs->cfg.max_calls,
 	};
 	snprintf(h.agent, sizeof(h.agent), "fake/1");
-	pbrpc_wire_write_preface(&fc->w, &h);
+	pbrpc__wire_write_preface(&fc->w, &h);
 	fc_flush(fc);
 
 	uint8_t pre[PBRPC_WIRE_PREFACE_SIZE];
@@ -402,23 +402,23 @@ static void *fake_conn_main(void *arg)
 	}
 	if (memcmp(pre, PBRPC_WIRE_PREFACE, sizeof(pre)) != 0)
 		goto out;
-	pbrpc_frame f;
-	if (pbrpc_frame_read(&fc->d, fd, &f, 2000) != 1)
+	pbrpc__frame f;
+	if (pbrpc__frame_read(&fc->d, fd, &f, 2000) != 1)
 		goto out;
 	pthread_mutex_lock(&fs->mu);
-	pbrpc_wire_read_hello(&f, &fs->client_hello);
+	pbrpc__wire_read_hello(&f, &fs->client_hello);
 	pthread_mutex_unlock(&fs->mu);
 	if (fs->cfg.version > 1) {
 		/* The client should say why it leaves: GOAWAY(FAILED_PRECONDITION). */
-		if (pbrpc_frame_read(&fc->d, fd, &f, 2000) == 1)
+		if (pbrpc__frame_read(&fc->d, fd, &f, 2000) == 1)
 			fc_frame(fc, &f);
 		goto out;
 	}
 	fc_loop(fc);
 out:
 	shutdown(fd, SHUT_RDWR);
-	pbrpc_frame_writer_fini(&fc->w);
-	pbrpc_frame_decoder_fini(&fc->d);
+	pbrpc__frame_writer_fini(&fc->w);
+	pbrpc__frame_decoder_fini(&fc->d);
 	free(fc);
 	return NULL;
 }
@@ -599,7 +599,7 @@ Test(client, sync_roundtrip)
 	cr_assert_eq(pbrpc_client_status(&m), PBRPC_STATUS_OK);
 	cr_assert_neq(pbrpc_client_last_call(), 0);
 
-	pbrpc_wire_hello h;
+	pbrpc_hello h;
 	pbrpc_client_server_hello(c, &h);
 	cr_assert_eq(h.version, 1);
 	cr_assert_eq(h.max_frame, 1u << 20);
@@ -609,8 +609,8 @@ Test(client, sync_roundtrip)
 	pthread_mutex_lock(&fs->mu);
 	cr_assert_eq(fs->client_hello.version, 1);
 	cr_assert_eq(fs->client_hello.max_calls, 0);
-	cr_assert_eq(fs->client_hello.max_frame, PBRPC_FRAME_MAX_DEFAULT);
-	cr_assert_str_eq(fs->client_hello.agent, "pbrpc-c/0.1.0");
+	cr_assert_eq(fs->client_hello.max_frame, PBRPC_MAX_FRAME_DEFAULT);
+	cr_assert_str_eq(fs->client_hello.agent, "pbrpc-c/" PBRPC_VERSION);
 	cr_assert(fs->last_has_timeout, "the default 30 s timeout is sent");
 	cr_assert(fs->last_timeout_us > 29000000 && fs->last_timeout_us <= 30000000, "timeout_us %llu",
 		  (unsigned long long)fs->last_timeout_us);

@@ -18,6 +18,7 @@
 
 #include "echo.pb-c.h"
 #include "health.pb-c.h"
+#include "pbrpc/common.h"
 #include "rpcpeer.h"
 
 typedef struct child {
@@ -321,7 +322,7 @@ Test(daemon, help_and_version)
 	read_all(d.out, out, sizeof(out));
 	finish(&d);
 	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0);
-	cr_expect_str_eq(out, "pbrpc-server 0.1.0\n");
+	cr_expect_str_eq(out, "pbrpc-server " PBRPC_VERSION "\n");
 
 	spawn(&d, (const char *[]){ "--help", NULL }, -1, 0);
 	st = wait_exit(&d, 5000);

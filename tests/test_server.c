@@ -19,7 +19,7 @@
 #include "echo.pb-c.h"
 #include "pbrpc/endpoint.h"
 #include "pbrpc/server.h"
-#include "pbrpc/wire.h"
+#include "proto/wire.h"
 #include "testutil.h"
 
 /* ---- a test service: demo.Echo with behaviours chosen by the payload ---- */
@@ -172,8 +172,8 @@ static void stop_server(tsrv *t)
 
 typedef struct peer {
 	int fd;
-	pbrpc_frame_decoder dec;
-	pbrpc_wire_hello server_hello;
+	pbrpc__frame_decoder dec;
+	pbrpc_hello server_hello;
 } peer;
 
 static int peer_open(peer *p, const char *addr)
@@ -184,7 +184,7 @@ static int peer_open(peer *p, const char *addr)
 	cr_assert_geq(p->fd, 0, "connect %s: %s", addr, pbrpc_strerror(p->fd));
 	struct timeval tv = { .tv_sec = 5 };
 	setsockopt(p->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-	pbrpc_frame_decoder_init(&p->dec, 64u << 20);
+	pbrpc__frame_decoder_init(&p->dec, 64u << 20);
 	return p->fd;
 }
 
@@ -193,22 +193,22 @@ static void peer_send_raw(peer *p, const void *data, size_t len)
 	tu_write_full(p->fd, data, len);
 }
 
-static void peer_send_writer(peer *p, pbrpc_frame_writer *w)
+static void peer_send_writer(peer *p, pbrpc__frame_writer *w)
 {
-	while (pbrpc_frame_writer_pending(w)) {
-		ssize_t n = pbrpc_frame_writer_flush(w, p->fd, 0);
+	while (pbrpc__frame_writer_pending(w)) {
+		ssize_t n = pbrpc__frame_writer_flush(w, p->fd, 0);
 		cr_assert_geq(n, 0, "flush: %s", pbrpc_strerror((int)n));
 	}
 }
 
 static void peer_send_hello(peer *p, uint32_t version)
 {
-	pbrpc_frame_writer w;
-	pbrpc_frame_writer_init(&w);
-	pbrpc_wire_hello h = { .version = version, .max_frame = 64u << 20, .agent = "test" };
-	cr_assert_eq(pbrpc_wire_write_preface(&w, &h), 0);
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	pbrpc_hello h = { .version = version, .max_frame = 64u << 20, .agent = "test" };
+	cr_assert_eq(pbrpc__wire_write_preface(&w, &h), 0);
 	peer_send_writer(p, &w);
-	pbrpc_frame_writer_fini(&w);
+	pbrpc__frame_writer_fini(&w);
 }
 
 /* Reads the server's preface and HELLO. */
@@ -217,9 +217,9 @@ static void peer_read_hello(peer *p)
 	uint8_t pre[PBRPC_WIRE_PREFACE_SIZE];
 	cr_assert_eq(tu_read_full(p->fd, pre, sizeof(pre)), sizeof(pre));
 	cr_assert_eq(memcmp(pre, PBRPC_WIRE_PREFACE, sizeof(pre)), 0);
-	pbrpc_frame f;
-	cr_assert_eq(pbrpc_frame_read(&p->dec, p->fd, &f, 5000), 1);
-	cr_assert_eq(pbrpc_wire_read_hello(&f, &p->server_hello), 0);
+	pbrpc__frame f;
+	cr_assert_eq(pbrpc__frame_read(&p->dec, p->fd, &f, 5000), 1);
+	cr_assert_eq(pbrpc__wire_read_hello(&f, &p->server_hello), 0);
 }
 
 static void peer_handshake(peer *p, const char *addr)
@@ -232,11 +232,11 @@ static void peer_handshake(peer *p, const char *addr)
 static void peer_close(peer *p)
 {
 	close(p->fd);
-	pbrpc_frame_decoder_fini(&p->dec);
+	pbrpc__frame_decoder_fini(&p->dec);
 }
 
 static void peer_request_ex(peer *p, uint32_t id, const char *method, const char *payload, uint32_t fail,
-			    const pbrpc_wire_request *extra)
+			    const pbrpc__wire_request *extra)
 {
 	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
 	req.payload.data = (uint8_t *)payload;
@@ -244,17 +244,17 @@ static void peer_request_ex(peer *p, uint32_t id, const char *method, const char
 	req.fail_status = fail;
 	if (fail)
 		req.fail_message = (char *)"failing as asked";
-	pbrpc_wire_request r = { 0 };
+	pbrpc__wire_request r = { 0 };
 	if (extra)
 		r = *extra;
 	r.call_id = id;
 	r.method = method;
 	r.method_len = strlen(method);
-	pbrpc_frame_writer w;
-	pbrpc_frame_writer_init(&w);
-	cr_assert_eq(pbrpc_wire_write_request(&w, &r, &req.base, 0), 0);
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	cr_assert_eq(pbrpc__wire_write_request(&w, &r, &req.base, 0), 0);
 	peer_send_writer(p, &w);
-	pbrpc_frame_writer_fini(&w);
+	pbrpc__frame_writer_fini(&w);
 }
 
 static void peer_request(peer *p, uint32_t id, const char *payload)
@@ -267,15 +267,15 @@ static void peer_request(peer *p, uint32_t id, const char *payload)
 static int peer_response(peer *p, uint32_t *id, char *msg, size_t msglen, char *payload, size_t plen)
 {
 	for (;;) {
-		pbrpc_frame f;
-		int rc = pbrpc_frame_read(&p->dec, p->fd, &f, 5000);
+		pbrpc__frame f;
+		int rc = pbrpc__frame_read(&p->dec, p->fd, &f, 5000);
 		if (rc < 0)
 			return rc;
 		if (f.hdr.type == PBRPC_FRAME_GOAWAY) {
 			int st;
 			const char *m;
 			size_t ml;
-			cr_assert_eq(pbrpc_wire_read_goaway(&f, &st, &m, &ml), 0);
+			cr_assert_eq(pbrpc__wire_read_goaway(&f, &st, &m, &ml), 0);
 			if (msg)
 				snprintf(msg, msglen, "%.*s", (int)ml, m);
 			if (st != 0)
@@ -283,8 +283,8 @@ static int peer_response(peer *p, uint32_t *id, char *msg, size_t msglen, char *
 			continue;
 		}
 		cr_assert_eq(f.hdr.type, PBRPC_FRAME_RESPONSE, "unexpected frame type %d", f.hdr.type);
-		pbrpc_wire_response r;
-		cr_assert_eq(pbrpc_wire_read_response(&f, &r), 0);
+		pbrpc__wire_response r;
+		cr_assert_eq(pbrpc__wire_read_response(&f, &r), 0);
 		if (id)
 			*id = r.call_id;
 		if (msg)
@@ -317,15 +317,15 @@ static void peer_expect_goaway(peer *p, int status, char *msg, size_t msglen)
 {
 	int rc = peer_response(p, NULL, msg, msglen, NULL, 0);
 	cr_assert_eq(rc, -1000 - status, "expected GOAWAY %s, got %d", pbrpc_status_name(status), rc);
-	pbrpc_frame f;
-	rc = pbrpc_frame_read(&p->dec, p->fd, &f, 5000);
+	pbrpc__frame f;
+	rc = pbrpc__frame_read(&p->dec, p->fd, &f, 5000);
 	cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "expected close, got %s", pbrpc_strerror(rc));
 }
 
 static void send_request_bytes(peer *p, uint32_t id, uint8_t flags, const void *payload, size_t len)
 {
-	pbrpc_frame_header h = { .type = PBRPC_FRAME_REQUEST, .flags = flags, .stream = id };
-	cr_assert_eq(pbrpc_frame_write(p->fd, &h, payload, len, 5000), 0);
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_REQUEST, .flags = flags, .stream = id };
+	cr_assert_eq(pbrpc__frame_write(p->fd, &h, payload, len, 5000), 0);
 }
 
 static void wait_held(int n)
@@ -347,7 +347,7 @@ static void roundtrip_on(const char *endpoint)
 	peer p;
 	peer_handshake(&p, t.addr);
 	cr_assert_eq(p.server_hello.version, 1);
-	cr_assert_eq(p.server_hello.max_frame, PBRPC_FRAME_MAX_DEFAULT);
+	cr_assert_eq(p.server_hello.max_frame, PBRPC_MAX_FRAME_DEFAULT);
 	cr_assert_eq(p.server_hello.max_calls, 1024);
 	for (uint32_t id = 1; id <= 20; id++)
 		peer_ping_echo(&p, id);
@@ -525,12 +525,12 @@ Test(server, huge_declared_lengths_rejected)
 	start_server(&t, NULL, NULL);
 	peer bystander;
 	peer_handshake(&bystander, t.addr);
-	uint32_t lens[] = { PBRPC_FRAME_MAX_DEFAULT + 1, 0x80000000u, 0xffffffffu };
+	uint32_t lens[] = { PBRPC_MAX_FRAME_DEFAULT + 1, 0x80000000u, 0xffffffffu };
 	for (size_t i = 0; i < 3; i++) {
 		peer p;
 		peer_handshake(&p, t.addr);
 		uint8_t hdr[12];
-		pbrpc_frame_header_encode(&(pbrpc_frame_header){ .length = lens[i], .type = PBRPC_FRAME_PING }, hdr);
+		pbrpc__frame_header_encode(&(pbrpc__frame_header){ .length = lens[i], .type = PBRPC_FRAME_PING }, hdr);
 		peer_send_raw(&p, hdr, sizeof(hdr));
 		peer_expect_goaway(&p, PBRPC_STATUS_RESOURCE_EXHAUSTED, NULL, 0);
 		peer_close(&p);
@@ -585,15 +585,15 @@ Test(server, every_handshake_prefix_then_eof)
 	start_server(&t, NULL, NULL);
 	peer bystander;
 	peer_handshake(&bystander, t.addr);
-	pbrpc_frame_writer w;
-	pbrpc_frame_writer_init(&w);
-	pbrpc_wire_hello h = { .version = 1 };
-	pbrpc_wire_write_preface(&w, &h);
-	size_t total = pbrpc_frame_writer_pending(&w);
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	pbrpc_hello h = { .version = 1 };
+	pbrpc__wire_write_preface(&w, &h);
+	size_t total = pbrpc__frame_writer_pending(&w);
 	uint8_t all[64];
 	cr_assert_leq(total, sizeof(all));
 	memcpy(all, w.buf + w.head, total);
-	pbrpc_frame_writer_fini(&w);
+	pbrpc__frame_writer_fini(&w);
 	for (size_t k = 0; k < total; k++) {
 		peer p;
 		peer_open(&p, t.addr);
@@ -601,9 +601,9 @@ Test(server, every_handshake_prefix_then_eof)
 			peer_send_raw(&p, all, k);
 		shutdown(p.fd, SHUT_WR);
 		peer_read_hello(&p);
-		pbrpc_frame f;
+		pbrpc__frame f;
 		int64_t t0 = tu_now_ms();
-		int rc = pbrpc_frame_read(&p.dec, p.fd, &f, 5000);
+		int rc = pbrpc__frame_read(&p.dec, p.fd, &f, 5000);
 		cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "prefix %zu: %s", k, pbrpc_strerror(rc));
 		cr_assert_lt(tu_now_ms() - t0, 1000, "prefix %zu: close took too long", k);
 		peer_close(&p);
@@ -622,7 +622,7 @@ Test(server, truncated_frame_then_close)
 	peer_handshake(&bystander, t.addr);
 	peer_handshake(&p, t.addr);
 	uint8_t hdr[12];
-	pbrpc_frame_header_encode(&(pbrpc_frame_header){ .length = 100, .type = PBRPC_FRAME_REQUEST, .stream = 1 }, hdr);
+	pbrpc__frame_header_encode(&(pbrpc__frame_header){ .length = 100, .type = PBRPC_FRAME_REQUEST, .stream = 1 }, hdr);
 	peer_send_raw(&p, hdr, sizeof(hdr));
 	peer_send_raw(&p, "\0\x0e"
 			  "demo.Echo/Echo",
@@ -662,7 +662,7 @@ Test(server, bad_frames_are_protocol_errors)
 	start_server(&t, NULL, NULL);
 	peer bystander;
 	peer_handshake(&bystander, t.addr);
-	const pbrpc_frame_header bad[] = {
+	const pbrpc__frame_header bad[] = {
 		{ .type = PBRPC_FRAME_REQUEST, .stream = 0 },             /* call id 0 */
 		{ .type = 0x00 },                                         /* unknown types */
 		{ .type = 0x08 },
@@ -678,7 +678,7 @@ Test(server, bad_frames_are_protocol_errors)
 		peer p;
 		peer_handshake(&p, t.addr);
 		uint8_t buf[12 + 8] = { 0 };
-		pbrpc_frame_header_encode(&bad[i], buf);
+		pbrpc__frame_header_encode(&bad[i], buf);
 		peer_send_raw(&p, buf, 12 + bad[i].length);
 		peer_expect_goaway(&p, PBRPC_STATUS_INVALID_ARGUMENT, NULL, 0);
 		peer_close(&p);
@@ -689,7 +689,7 @@ Test(server, bad_frames_are_protocol_errors)
 		peer p;
 		peer_handshake(&p, t.addr);
 		uint8_t hdr[12];
-		pbrpc_frame_header_encode(&(pbrpc_frame_header){ .type = (uint8_t)type }, hdr);
+		pbrpc__frame_header_encode(&(pbrpc__frame_header){ .type = (uint8_t)type }, hdr);
 		peer_send_raw(&p, hdr, sizeof(hdr));
 		peer_expect_goaway(&p, PBRPC_STATUS_INVALID_ARGUMENT, NULL, 0);
 		peer_close(&p);
@@ -698,7 +698,7 @@ Test(server, bad_frames_are_protocol_errors)
 	peer p;
 	peer_handshake(&p, t.addr);
 	uint8_t hdr[12];
-	pbrpc_frame_header_encode(&(pbrpc_frame_header){ .type = PBRPC_FRAME_PING, .reserved = 1 }, hdr);
+	pbrpc__frame_header_encode(&(pbrpc__frame_header){ .type = PBRPC_FRAME_PING, .reserved = 1 }, hdr);
 	peer_send_raw(&p, hdr, sizeof(hdr));
 	peer_expect_goaway(&p, PBRPC_STATUS_INVALID_ARGUMENT, NULL, 0);
 	peer_close(&p);
@@ -714,16 +714,16 @@ Test(server, client_goaway_closes_after_calls_in_flight)
 	peer p;
 	peer_handshake(&p, t.addr);
 	peer_request(&p, 1, "thread"); /* answered 20 ms later */
-	pbrpc_frame_writer w;
-	pbrpc_frame_writer_init(&w);
-	pbrpc_wire_write_goaway(&w, PBRPC_STATUS_OK, "bye");
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	pbrpc__wire_write_goaway(&w, PBRPC_STATUS_OK, "bye");
 	peer_send_writer(&p, &w);
-	pbrpc_frame_writer_fini(&w);
+	pbrpc__frame_writer_fini(&w);
 	uint32_t id;
 	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
 	cr_assert_eq(id, 1);
-	pbrpc_frame f;
-	int rc = pbrpc_frame_read(&p.dec, p.fd, &f, 5000);
+	pbrpc__frame f;
+	int rc = pbrpc__frame_read(&p.dec, p.fd, &f, 5000);
 	cr_assert_eq(rc, PBRPC_EOF, "server closes once idle, got %s", pbrpc_strerror(rc));
 	peer_close(&p);
 	stop_server(&t);
@@ -736,10 +736,10 @@ Test(server, ping_gets_pong)
 	peer p;
 	peer_handshake(&p, t.addr);
 	const uint8_t data[8] = { 1, 2, 3, 4, 5, 6, 7, 8 };
-	pbrpc_frame_header h = { .type = PBRPC_FRAME_PING };
-	cr_assert_eq(pbrpc_frame_write(p.fd, &h, data, 8, 1000), 0);
-	pbrpc_frame f;
-	cr_assert_eq(pbrpc_frame_read(&p.dec, p.fd, &f, 5000), 1);
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_PING };
+	cr_assert_eq(pbrpc__frame_write(p.fd, &h, data, 8, 1000), 0);
+	pbrpc__frame f;
+	cr_assert_eq(pbrpc__frame_read(&p.dec, p.fd, &f, 5000), 1);
 	cr_assert_eq(f.hdr.type, PBRPC_FRAME_PONG);
 	cr_assert_eq(f.hdr.length, 8);
 	cr_assert_eq(memcmp(f.payload, data, 8), 0);
@@ -838,7 +838,7 @@ Test(server, call_expiring_in_worker_queue_is_never_dispatched)
 	peer_handshake(&p, t.addr);
 	peer_request(&p, 1, "sleep");
 	usleep(20000);
-	pbrpc_wire_request extra = { .has_timeout = true, .timeout_us = 50000 };
+	pbrpc__wire_request extra = { .has_timeout = true, .timeout_us = 50000 };
 	peer_request_ex(&p, 2, "demo.Echo/Echo", "queued", 0, &extra);
 	uint32_t id;
 	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_DEADLINE_EXCEEDED);
@@ -857,7 +857,7 @@ Test(server, deadline_exceeded_when_handler_is_slow)
 	start_server(&t, NULL, NULL);
 	peer p;
 	peer_handshake(&p, t.addr);
-	pbrpc_wire_request extra = { .has_timeout = true, .timeout_us = 100000 };
+	pbrpc__wire_request extra = { .has_timeout = true, .timeout_us = 100000 };
 	int64_t t0 = tu_now_ms();
 	peer_request_ex(&p, 1, "demo.Echo/Echo", "hold", 0, &extra);
 	char msg[64];
@@ -888,8 +888,8 @@ Test(server, cancel_answers_cancelled)
 	peer_handshake(&p, t.addr);
 	peer_request(&p, 9, "hold");
 	wait_held(1);
-	pbrpc_frame_header h = { .type = PBRPC_FRAME_CANCEL, .stream = 9 };
-	cr_assert_eq(pbrpc_frame_write(p.fd, &h, NULL, 0, 1000), 0);
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_CANCEL, .stream = 9 };
+	cr_assert_eq(pbrpc__frame_write(p.fd, &h, NULL, 0, 1000), 0);
 	uint32_t id;
 	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_CANCELLED);
 	cr_assert_eq(id, 9);
@@ -897,7 +897,7 @@ Test(server, cancel_answers_cancelled)
 	atomic_store(&release_req, 1);
 	/* A CANCEL for an id not in flight is ignored. */
 	h.stream = 12345;
-	cr_assert_eq(pbrpc_frame_write(p.fd, &h, NULL, 0, 1000), 0);
+	cr_assert_eq(pbrpc__frame_write(p.fd, &h, NULL, 0, 1000), 0);
 	peer_ping_echo(&p, 10);
 	peer_close(&p);
 	stop_server(&t);
@@ -935,7 +935,7 @@ Test(server, metadata_and_peer_credentials_reach_handler)
 	peer p;
 	peer_handshake(&p, t.addr);
 	pbrpc_metadata md[] = { { .key = "x-test", .value = "hello", .value_len = 5 } };
-	pbrpc_wire_request extra = { .metadata = md, .metadata_count = 1 };
+	pbrpc__wire_request extra = { .metadata = md, .metadata_count = 1 };
 	peer_request_ex(&p, 1, "demo.Echo/Echo", "cred", 0, &extra);
 	cr_assert_eq(peer_response(&p, NULL, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
 	cr_assert_str_eq(seen_md, "hello");
@@ -1010,22 +1010,22 @@ Test(server, client_that_never_reads_is_bounded)
 	peer_handshake(&bystander, t.addr);
 	tu_small_buffers(hog.fd);
 	/* Each request asks for a 256 KiB reply; the hog never reads them. */
-	pbrpc_frame_writer w;
-	pbrpc_frame_writer_init(&w);
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
 	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
 	req.payload.data = (uint8_t *)"big";
 	req.payload.len = 3;
 	for (uint32_t id = 1; id <= 200000; id++) {
-		pbrpc_wire_request r = { .call_id = id, .method = "demo.Echo/Echo", .method_len = 14 };
-		pbrpc_wire_write_request(&w, &r, &req.base, 0);
+		pbrpc__wire_request r = { .call_id = id, .method = "demo.Echo/Echo", .method_len = 14 };
+		pbrpc__wire_write_request(&w, &r, &req.base, 0);
 	}
 	int64_t until = tu_now_ms() + 1500;
-	while (pbrpc_frame_writer_pending(&w) && tu_now_ms() < until) {
-		if (pbrpc_frame_writer_flush(&w, hog.fd, MSG_DONTWAIT) == 0)
+	while (pbrpc__frame_writer_pending(&w) && tu_now_ms() < until) {
+		if (pbrpc__frame_writer_flush(&w, hog.fd, MSG_DONTWAIT) == 0)
 			usleep(5000);
 	}
-	cr_assert_gt(pbrpc_frame_writer_pending(&w), 0, "the server must stop reading from the hog");
-	pbrpc_frame_writer_fini(&w);
+	cr_assert_gt(pbrpc__frame_writer_pending(&w), 0, "the server must stop reading from the hog");
+	pbrpc__frame_writer_fini(&w);
 	int invoked = atomic_load(&n_invoked);
 	cr_assert_lt(invoked, 200, "server kept reading: %d calls dispatched", invoked);
 	peer_ping_echo(&bystander, 1);
@@ -1213,8 +1213,8 @@ Test(server, graceful_drain_finishes_calls_in_flight)
 	usleep(5000);
 	pbrpc_server_shutdown(t.srv, 2000);
 	/* GOAWAY(OK) first; then the call's reply; a new call is refused. */
-	pbrpc_frame f;
-	cr_assert_eq(pbrpc_frame_read(&p.dec, p.fd, &f, 5000), 1);
+	pbrpc__frame f;
+	cr_assert_eq(pbrpc__frame_read(&p.dec, p.fd, &f, 5000), 1);
 	cr_assert_eq(f.hdr.type, PBRPC_FRAME_GOAWAY);
 	peer_request(&p, 2, "late");
 	int got_ok = 0, got_unavail = 0;

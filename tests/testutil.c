@@ -15,7 +15,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "pbrpc/frame.h"
+#include "proto/frame.h"
+#include "util/io.h"
 
 __attribute__((noreturn, format(printf, 1, 2))) static void die(const char *fmt, ...)
 {
@@ -197,7 +198,7 @@ static ssize_t shim_sendmsg(int fd, const struct msghdr *msg, int flags)
 	return n;
 }
 
-static const pbrpc_frame_io shim_io = { shim_recvmsg, shim_sendmsg };
+static const pbrpc__io shim_io = { shim_recvmsg, shim_sendmsg };
 
 void tu_io_install(const tu_io_config *cfg)
 {
@@ -210,7 +211,7 @@ void tu_io_install(const tu_io_config *cfg)
 	atomic_store(&io_st.recv_bytes, 0);
 	atomic_store(&io_st.send_flags_all, ~0);
 	atomic_store(&io_st.send_flags_any, 0);
-	pbrpc_frame_io_set(&shim_io);
+	pbrpc__io_set(&shim_io);
 }
 
 void tu_io_default(void)
@@ -218,7 +219,7 @@ void tu_io_default(void)
 	if (short_io)
 		tu_io_install(&(tu_io_config){ .recv_max = 1, .send_max = 143 });
 	else
-		pbrpc_frame_io_set(NULL);
+		pbrpc__io_set(NULL);
 }
 
 tu_io_stats tu_io_get_stats(void)

@@ -34,7 +34,7 @@ void tu_set_nonblock(int fd, bool on);
  * after a few hundred KiB instead of several MiB. */
 void tu_small_buffers(int fd);
 
-/* ---- I/O shim for pbrpc_frame_io_set() -----------------------------------
+/* ---- I/O shim for pbrpc__io_set() -----------------------------------
  * Wraps the real recvmsg/sendmsg. Per direction: cap the bytes moved by one
  * call, and fail every `every`-th call (call index i with i % every == 0, so
  * the very first call fails) with `fault_errno` before touching the socket.

@@ -49,7 +49,7 @@
 #include <stdint.h>
 
 #include "pbrpc/error.h"
-#include "pbrpc/wire.h"
+#include "pbrpc/common.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -160,7 +160,7 @@ PBRPC_EXPORT int pbrpc_client_call_raw(pbrpc_client *c, const char *method, cons
 				       pbrpc_call_result *result);
 
 /* What the server announced in its HELLO (zeros before the first connection). */
-PBRPC_EXPORT void pbrpc_client_server_hello(pbrpc_client *c, pbrpc_wire_hello *out);
+PBRPC_EXPORT void pbrpc_client_server_hello(pbrpc_client *c, pbrpc_hello *out);
 
 #ifdef __cplusplus
 }

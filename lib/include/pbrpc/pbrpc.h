@@ -1,22 +1,22 @@
 /* pbrpc: RPC for protoc-c generated services over Unix and TCP stream sockets.
- * One include for everything; each layer's header can also be used alone:
+ * One include for everything; each header can also be used alone:
  *   error.h     error codes, RPC status codes
- *   frame.h     length-prefixed frames, partial I/O
- *   wire.h      the wire protocol's frames (docs/PROTOCOL.md)
+ *   common.h    metadata, the peer's HELLO, limits, name validation
  *   endpoint.h  "unix:/path", "unix:@name", "tcp:host:port" sockets
  *   server.h    hosting services
  *   client.h    calling them through generated stubs
+ * The wire protocol itself is docs/PROTOCOL.md; its codecs are private.
  */
 #ifndef PBRPC_H
 #define PBRPC_H
 
 #include "pbrpc/error.h"
-#include "pbrpc/frame.h"
-#include "pbrpc/wire.h"
+#include "pbrpc/common.h"
 #include "pbrpc/endpoint.h"
 #include "pbrpc/server.h"
 #include "pbrpc/client.h"
 
-#define PBRPC_VERSION_STRING "0.1.0"
+/* Kept for programs written against 0.1. */
+#define PBRPC_VERSION_STRING PBRPC_VERSION
 
 #endif

@@ -33,7 +33,7 @@
 #include <sys/types.h>
 
 #include "pbrpc/error.h"
-#include "pbrpc/wire.h"
+#include "pbrpc/common.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -14,7 +14,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "util/clock.h"
 
 static int parse_unix(const char *rest, pbrpc_endpoint *out)
 {

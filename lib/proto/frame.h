@@ -1,4 +1,5 @@
-/* pbrpc framing layer: length-prefixed frames over a reliable byte stream.
+/* pbrpc framing layer (private): length-prefixed frames over a reliable
+ * byte stream.
  *
  * A frame is a 12-byte header followed by `length` payload bytes:
  *
@@ -20,61 +21,46 @@
  *
  * Neither object is thread-safe; each is used by one thread at a time.
  */
-#ifndef PBRPC_FRAME_H
-#define PBRPC_FRAME_H
+#ifndef PBRPC_PROTO_FRAME_H
+#define PBRPC_PROTO_FRAME_H
 
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include "pbrpc/common.h"
 #include "pbrpc/error.h"
 
-#ifdef __cplusplus
-extern "C" {
-#endif
 
 #define PBRPC_FRAME_HEADER_SIZE 12
-/* Default maximum payload: 16 MiB. The hard ceiling is 2^31 - 1. */
-#define PBRPC_FRAME_MAX_DEFAULT (16u * 1024u * 1024u)
-#define PBRPC_FRAME_MAX_LIMIT 0x7fffffffu
+/* Default maximum payload (16 MiB) and the hard ceiling (2^31 - 1) are
+ * PBRPC_MAX_FRAME_DEFAULT and PBRPC_MAX_FRAME_LIMIT from pbrpc/common.h. */
 
-typedef struct pbrpc_frame_header {
+typedef struct pbrpc__frame_header {
 	uint32_t length;
 	uint8_t type;
 	uint8_t flags;
 	uint16_t reserved;
 	uint32_t stream;
-} pbrpc_frame_header;
+} pbrpc__frame_header;
 
 /* One decoded frame. `payload` points into the decoder's buffer or into the
- * bytes given to pbrpc_frame_decoder_feed(); it stays valid until the next call
+ * bytes given to pbrpc__frame_decoder_feed(); it stays valid until the next call
  * on the decoder. */
-typedef struct pbrpc_frame {
-	pbrpc_frame_header hdr;
+typedef struct pbrpc__frame {
+	pbrpc__frame_header hdr;
 	const uint8_t *payload;
-} pbrpc_frame;
+} pbrpc__frame;
 
-PBRPC_EXPORT void pbrpc_frame_header_encode(const pbrpc_frame_header *h,
+void pbrpc__frame_header_encode(const pbrpc__frame_header *h,
 					    uint8_t out[PBRPC_FRAME_HEADER_SIZE]);
-PBRPC_EXPORT void pbrpc_frame_header_decode(const uint8_t in[PBRPC_FRAME_HEADER_SIZE],
-					    pbrpc_frame_header *h);
-
-/* ---- I/O shim -------------------------------------------------------------
- * Every socket read and write of this layer goes through these two functions.
- * The default is the C library's. Tests install shims that return EINTR/EAGAIN
- * or move one byte at a time; set it before starting any I/O. NULL restores the
- * default. Process-wide. */
-typedef struct pbrpc_frame_io {
-	ssize_t (*recvmsg)(int fd, struct msghdr *msg, int flags);
-	ssize_t (*sendmsg)(int fd, const struct msghdr *msg, int flags);
-} pbrpc_frame_io;
-
-PBRPC_EXPORT void pbrpc_frame_io_set(const pbrpc_frame_io *io);
+void pbrpc__frame_header_decode(const uint8_t in[PBRPC_FRAME_HEADER_SIZE],
+					    pbrpc__frame_header *h);
 
 /* ---- Decoder ------------------------------------------------------------- */
 
-typedef struct pbrpc_frame_decoder {
+typedef struct pbrpc__frame_decoder {
 	/* all fields private */
 	uint32_t max_payload;
 	uint8_t *buf; /* buffered bytes are buf[head, tail) */
@@ -82,53 +68,53 @@ typedef struct pbrpc_frame_decoder {
 	const uint8_t *in; /* bytes given by feed() and not yet consumed */
 	size_t in_len;
 	uint64_t discard; /* payload bytes still to drop after skip() */
-	pbrpc_frame_header rejected; /* header of the last oversized frame */
+	pbrpc__frame_header rejected; /* header of the last oversized frame */
 	int have_rejected;
-} pbrpc_frame_decoder;
+} pbrpc__frame_decoder;
 
 /* Initialises an embedded decoder that accepts payloads up to max_payload bytes
- * (0 = PBRPC_FRAME_MAX_DEFAULT; values above PBRPC_FRAME_MAX_LIMIT are clamped).
+ * (0 = PBRPC_MAX_FRAME_DEFAULT; values above PBRPC_MAX_FRAME_LIMIT are clamped).
  * Allocates nothing. */
-PBRPC_EXPORT void pbrpc_frame_decoder_init(pbrpc_frame_decoder *d, uint32_t max_payload);
+void pbrpc__frame_decoder_init(pbrpc__frame_decoder *d, uint32_t max_payload);
 
 /* Frees the decoder's buffer. The decoder may be initialised again. */
-PBRPC_EXPORT void pbrpc_frame_decoder_fini(pbrpc_frame_decoder *d);
+void pbrpc__frame_decoder_fini(pbrpc__frame_decoder *d);
 
 /* Offers `len` bytes at `data` to the decoder without copying them yet. Call
- * pbrpc_frame_decoder_next() until it returns 0 or an error; only then may the
+ * pbrpc__frame_decoder_next() until it returns 0 or an error; only then may the
  * caller reuse `data` (next() copies any incomplete tail into the decoder's own
  * buffer before returning 0). Any chunking of a stream yields the same frames. */
-PBRPC_EXPORT void pbrpc_frame_decoder_feed(pbrpc_frame_decoder *d, const void *data, size_t len);
+void pbrpc__frame_decoder_feed(pbrpc__frame_decoder *d, const void *data, size_t len);
 
 /* Copies the bytes given by feed() and not consumed yet into the decoder's
  * own buffer, so that the caller may stop calling next() early (to apply
  * backpressure) and reuse its buffer. Returns 0 or -ENOMEM. */
-PBRPC_EXPORT int pbrpc_frame_decoder_stash(pbrpc_frame_decoder *d);
+int pbrpc__frame_decoder_stash(pbrpc__frame_decoder *d);
 
 /* Yields the next complete frame.
  * Returns 1 and fills *out; 0 when more bytes are needed; or
  *   PBRPC_ETOOBIG  the next frame announces a payload above the maximum. Nothing
  *                  was allocated for it and its header is consumed;
- *                  pbrpc_frame_decoder_rejected() returns that header. Call
- *                  pbrpc_frame_decoder_skip() to drop its payload as it arrives
+ *                  pbrpc__frame_decoder_rejected() returns that header. Call
+ *                  pbrpc__frame_decoder_skip() to drop its payload as it arrives
  *                  and go on, or treat the stream as dead.
  *   PBRPC_EPROTO   the header's reserved field is not zero (stream is dead).
  *   -ENOMEM        buffer growth failed (stream is dead). */
-PBRPC_EXPORT int pbrpc_frame_decoder_next(pbrpc_frame_decoder *d, pbrpc_frame *out);
+int pbrpc__frame_decoder_next(pbrpc__frame_decoder *d, pbrpc__frame *out);
 
 /* The header that made next() return PBRPC_ETOOBIG, or NULL. */
-PBRPC_EXPORT const pbrpc_frame_header *pbrpc_frame_decoder_rejected(const pbrpc_frame_decoder *d);
+const pbrpc__frame_header *pbrpc__frame_decoder_rejected(const pbrpc__frame_decoder *d);
 
 /* Drops the payload of the frame rejected with PBRPC_ETOOBIG. Returns 0, or
  * PBRPC_EINVALID when no frame was rejected. */
-PBRPC_EXPORT int pbrpc_frame_decoder_skip(pbrpc_frame_decoder *d);
+int pbrpc__frame_decoder_skip(pbrpc__frame_decoder *d);
 
 /* Bytes held that belong to an incomplete frame (0 at a frame boundary). */
-PBRPC_EXPORT size_t pbrpc_frame_decoder_pending(const pbrpc_frame_decoder *d);
+size_t pbrpc__frame_decoder_pending(const pbrpc__frame_decoder *d);
 
 /* Frees the buffer if it holds nothing, so an idle connection costs no buffer.
  * Cheap to call after each batch of reads. */
-PBRPC_EXPORT void pbrpc_frame_decoder_release(pbrpc_frame_decoder *d);
+void pbrpc__frame_decoder_release(pbrpc__frame_decoder *d);
 
 /* Reads from `fd` into the decoder's own buffer with one recvmsg().
  * flags: MSG_DONTWAIT for a non-blocking step on a blocking socket, or 0.
@@ -137,56 +123,56 @@ PBRPC_EXPORT void pbrpc_frame_decoder_release(pbrpc_frame_decoder *d);
  *   PBRPC_ETRUNCATED end of stream inside a frame;
  *   -errno           from recvmsg (EINTR is retried here; ECONNRESET etc.);
  *   PBRPC_EINVALID   bytes from feed() are still unconsumed. */
-PBRPC_EXPORT ssize_t pbrpc_frame_decoder_recv(pbrpc_frame_decoder *d, int fd, int flags);
+ssize_t pbrpc__frame_decoder_recv(pbrpc__frame_decoder *d, int fd, int flags);
 
 /* ---- Writer -------------------------------------------------------------- */
 
-typedef struct pbrpc_frame_writer {
+typedef struct pbrpc__frame_writer {
 	/* all fields private */
 	uint8_t *buf; /* queued bytes are buf[head, tail) */
 	size_t cap, head, tail;
 	size_t open; /* offset of the header reserved by begin(), or SIZE_MAX */
 	size_t open_max;
-} pbrpc_frame_writer;
+} pbrpc__frame_writer;
 
-PBRPC_EXPORT void pbrpc_frame_writer_init(pbrpc_frame_writer *w);
-PBRPC_EXPORT void pbrpc_frame_writer_fini(pbrpc_frame_writer *w);
+void pbrpc__frame_writer_init(pbrpc__frame_writer *w);
+void pbrpc__frame_writer_fini(pbrpc__frame_writer *w);
 
 /* Queues one frame; copies the payload. hdr->length is ignored (len is used).
- * Returns 0, -ENOMEM, or PBRPC_ETOOBIG when len exceeds PBRPC_FRAME_MAX_LIMIT. */
-PBRPC_EXPORT int pbrpc_frame_writer_append(pbrpc_frame_writer *w, const pbrpc_frame_header *hdr,
+ * Returns 0, -ENOMEM, or PBRPC_ETOOBIG when len exceeds PBRPC_MAX_FRAME_LIMIT. */
+int pbrpc__frame_writer_append(pbrpc__frame_writer *w, const pbrpc__frame_header *hdr,
 					   const void *payload, size_t len);
 
 /* Queues bytes that are not a frame (the wire layer's connection preface).
  * Returns 0 or -ENOMEM. */
-PBRPC_EXPORT int pbrpc_frame_writer_append_raw(pbrpc_frame_writer *w, const void *data, size_t len);
+int pbrpc__frame_writer_append_raw(pbrpc__frame_writer *w, const void *data, size_t len);
 
 /* Reserves room for a frame whose payload is at most max_len bytes and returns
  * where the payload goes, so that it can be packed in place (no extra copy).
- * Finish with pbrpc_frame_writer_commit(); nothing else may be queued between.
- * Returns NULL on allocation failure or if max_len > PBRPC_FRAME_MAX_LIMIT. */
-PBRPC_EXPORT uint8_t *pbrpc_frame_writer_begin(pbrpc_frame_writer *w, const pbrpc_frame_header *hdr,
+ * Finish with pbrpc__frame_writer_commit(); nothing else may be queued between.
+ * Returns NULL on allocation failure or if max_len > PBRPC_MAX_FRAME_LIMIT. */
+uint8_t *pbrpc__frame_writer_begin(pbrpc__frame_writer *w, const pbrpc__frame_header *hdr,
 					       size_t max_len);
 
 /* Completes the frame opened by begin() with a payload of len <= max_len bytes
  * (writes the header). Returns 0 or PBRPC_EINVALID. */
-PBRPC_EXPORT int pbrpc_frame_writer_commit(pbrpc_frame_writer *w, size_t len);
+int pbrpc__frame_writer_commit(pbrpc__frame_writer *w, size_t len);
 
 /* Abandons the frame opened by begin(). */
-PBRPC_EXPORT void pbrpc_frame_writer_abort(pbrpc_frame_writer *w);
+void pbrpc__frame_writer_abort(pbrpc__frame_writer *w);
 
 /* Bytes queued and not yet written. */
-PBRPC_EXPORT size_t pbrpc_frame_writer_pending(const pbrpc_frame_writer *w);
+size_t pbrpc__frame_writer_pending(const pbrpc__frame_writer *w);
 
 /* Writes queued bytes to `fd` with sendmsg(MSG_NOSIGNAL | flags), looping until
  * the queue is empty or the socket would block. flags: MSG_DONTWAIT or 0.
  * Returns bytes written (> 0), 0 when nothing could be written (would block or
  * empty queue), or -errno (-EPIPE, -ECONNRESET, ...). EINTR is retried. */
-PBRPC_EXPORT ssize_t pbrpc_frame_writer_flush(pbrpc_frame_writer *w, int fd, int flags);
+ssize_t pbrpc__frame_writer_flush(pbrpc__frame_writer *w, int fd, int flags);
 
 /* Frees the buffer when the queue is empty and the buffer is larger than
  * `keep` bytes (keep = 0 frees any empty buffer). */
-PBRPC_EXPORT void pbrpc_frame_writer_trim(pbrpc_frame_writer *w, size_t keep);
+void pbrpc__frame_writer_trim(pbrpc__frame_writer *w, size_t keep);
 
 /* ---- Blocking helpers ----------------------------------------------------
  * For simple programs and tests. They work on blocking and non-blocking
@@ -195,15 +181,12 @@ PBRPC_EXPORT void pbrpc_frame_writer_trim(pbrpc_frame_writer *w, size_t keep);
 
 /* Writes one whole frame with gathered sendmsg() calls (header and payload in
  * one call when possible). Returns 0 or a negative code. */
-PBRPC_EXPORT int pbrpc_frame_write(int fd, const pbrpc_frame_header *hdr, const void *payload,
+int pbrpc__frame_write(int fd, const pbrpc__frame_header *hdr, const void *payload,
 				   size_t len, int timeout_ms);
 
 /* Reads until the decoder yields one whole frame. Returns 1 with *out filled
  * (payload valid until the next call on d), or a negative code: PBRPC_EOF,
  * PBRPC_ETRUNCATED, PBRPC_ETOOBIG, PBRPC_EPROTO, -ETIMEDOUT, -errno. */
-PBRPC_EXPORT int pbrpc_frame_read(pbrpc_frame_decoder *d, int fd, pbrpc_frame *out, int timeout_ms);
+int pbrpc__frame_read(pbrpc__frame_decoder *d, int fd, pbrpc__frame *out, int timeout_ms);
 
-#ifdef __cplusplus
-}
-#endif
 #endif

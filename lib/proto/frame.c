@@ -1,4 +1,4 @@
-#include "pbrpc/frame.h"
+#include "proto/frame.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -7,11 +7,13 @@
 #include <string.h>
 #include <time.h>
 
-#include "internal.h"
+#include "util/bytes.h"
+#include "util/clock.h"
+#include "util/io.h"
 
 /* ---- header ---- */
 
-PBRPC_EXPORT void pbrpc_frame_header_encode(const pbrpc_frame_header *h, uint8_t out[PBRPC_FRAME_HEADER_SIZE])
+void pbrpc__frame_header_encode(const pbrpc__frame_header *h, uint8_t out[PBRPC_FRAME_HEADER_SIZE])
 {
 	pbrpc__put_u32(out, h->length);
 	out[4] = h->type;
@@ -20,7 +22,7 @@ PBRPC_EXPORT void pbrpc_frame_header_encode(const pbrpc_frame_header *h, uint8_t
 	pbrpc__put_u32(out + 8, h->stream);
 }
 
-PBRPC_EXPORT void pbrpc_frame_header_decode(const uint8_t in[PBRPC_FRAME_HEADER_SIZE], pbrpc_frame_header *h)
+void pbrpc__frame_header_decode(const uint8_t in[PBRPC_FRAME_HEADER_SIZE], pbrpc__frame_header *h)
 {
 	h->length = pbrpc__get_u32(in);
 	h->type = in[4];
@@ -29,62 +31,23 @@ PBRPC_EXPORT void pbrpc_frame_header_decode(const uint8_t in[PBRPC_FRAME_HEADER_
 	h->stream = pbrpc__get_u32(in + 8);
 }
 
-/* ---- I/O shim ---- */
-
-/* One buffer and no ancillary data (every call but fd passing) goes through
- * send()/recv(): the same bytes without the kernel copying in and checking a
- * msghdr and an iovec, which costs about 0.2 us per call (docs/BENCHMARKS.md). */
-static ssize_t libc_sendmsg(int fd, const struct msghdr *msg, int flags)
-{
-	if (msg->msg_iovlen == 1 && !msg->msg_controllen && !msg->msg_namelen)
-		return send(fd, msg->msg_iov[0].iov_base, msg->msg_iov[0].iov_len, flags);
-	return sendmsg(fd, msg, flags);
-}
-
-static ssize_t libc_recvmsg(int fd, struct msghdr *msg, int flags)
-{
-	if (msg->msg_iovlen == 1 && !msg->msg_controllen && !msg->msg_namelen) {
-		msg->msg_flags = 0;
-		return recv(fd, msg->msg_iov[0].iov_base, msg->msg_iov[0].iov_len, flags & ~MSG_CMSG_CLOEXEC);
-	}
-	return recvmsg(fd, msg, flags);
-}
-
-static const pbrpc_frame_io libc_io = { libc_recvmsg, libc_sendmsg };
-static _Atomic(const pbrpc_frame_io *) cur_io = &libc_io;
-
-PBRPC_EXPORT void pbrpc_frame_io_set(const pbrpc_frame_io *io)
-{
-	atomic_store(&cur_io, io ? io : &libc_io);
-}
-
-ssize_t pbrpc__recvmsg(int fd, struct msghdr *msg, int flags)
-{
-	return atomic_load_explicit(&cur_io, memory_order_relaxed)->recvmsg(fd, msg, flags);
-}
-
-ssize_t pbrpc__sendmsg(int fd, const struct msghdr *msg, int flags)
-{
-	return atomic_load_explicit(&cur_io, memory_order_relaxed)->sendmsg(fd, msg, flags | MSG_NOSIGNAL);
-}
-
 /* ---- decoder ---- */
 
 /* Read size for a fresh buffer: large enough that small frames arrive many per
  * recvmsg, small enough that a busy connection does not hoard memory. */
 #define DECODER_CHUNK (64u * 1024u)
 
-PBRPC_EXPORT void pbrpc_frame_decoder_init(pbrpc_frame_decoder *d, uint32_t max_payload)
+void pbrpc__frame_decoder_init(pbrpc__frame_decoder *d, uint32_t max_payload)
 {
 	memset(d, 0, sizeof(*d));
 	if (max_payload == 0)
-		max_payload = PBRPC_FRAME_MAX_DEFAULT;
-	if (max_payload > PBRPC_FRAME_MAX_LIMIT)
-		max_payload = PBRPC_FRAME_MAX_LIMIT;
+		max_payload = PBRPC_MAX_FRAME_DEFAULT;
+	if (max_payload > PBRPC_MAX_FRAME_LIMIT)
+		max_payload = PBRPC_MAX_FRAME_LIMIT;
 	d->max_payload = max_payload;
 }
 
-PBRPC_EXPORT void pbrpc_frame_decoder_fini(pbrpc_frame_decoder *d)
+void pbrpc__frame_decoder_fini(pbrpc__frame_decoder *d)
 {
 	free(d->buf);
 	d->buf = NULL;
@@ -98,7 +61,7 @@ PBRPC_EXPORT void pbrpc_frame_decoder_fini(pbrpc_frame_decoder *d)
  * Growth doubles, but never past `frame` bytes in all when the frame being
  * assembled is known to be that long (0: unknown), so memory follows the
  * bytes a peer actually sends, not the length it announces. */
-static int decoder_reserve(pbrpc_frame_decoder *d, size_t need, size_t frame)
+static int decoder_reserve(pbrpc__frame_decoder *d, size_t need, size_t frame)
 {
 	size_t used = d->tail - d->head;
 	if (d->cap - d->tail >= need)
@@ -127,7 +90,7 @@ static int decoder_reserve(pbrpc_frame_decoder *d, size_t need, size_t frame)
 	return 0;
 }
 
-static size_t take_input(pbrpc_frame_decoder *d, size_t want)
+static size_t take_input(pbrpc__frame_decoder *d, size_t want)
 {
 	size_t n = want < d->in_len ? want : d->in_len;
 	if (n) {
@@ -139,7 +102,7 @@ static size_t take_input(pbrpc_frame_decoder *d, size_t want)
 	return n;
 }
 
-static void drop_discarded(pbrpc_frame_decoder *d)
+static void drop_discarded(pbrpc__frame_decoder *d)
 {
 	size_t buffered = d->tail - d->head;
 	size_t n = d->discard < buffered ? (size_t)d->discard : buffered;
@@ -155,9 +118,9 @@ static void drop_discarded(pbrpc_frame_decoder *d)
 	}
 }
 
-static int check_header(pbrpc_frame_decoder *d, const uint8_t *p, pbrpc_frame_header *h)
+static int check_header(pbrpc__frame_decoder *d, const uint8_t *p, pbrpc__frame_header *h)
 {
-	pbrpc_frame_header_decode(p, h);
+	pbrpc__frame_header_decode(p, h);
 	if (h->reserved != 0)
 		return PBRPC_EPROTO;
 	if (h->length > d->max_payload) {
@@ -168,13 +131,13 @@ static int check_header(pbrpc_frame_decoder *d, const uint8_t *p, pbrpc_frame_he
 	return 0;
 }
 
-PBRPC_EXPORT void pbrpc_frame_decoder_feed(pbrpc_frame_decoder *d, const void *data, size_t len)
+void pbrpc__frame_decoder_feed(pbrpc__frame_decoder *d, const void *data, size_t len)
 {
 	d->in = data;
 	d->in_len = len;
 }
 
-PBRPC_EXPORT int pbrpc_frame_decoder_stash(pbrpc_frame_decoder *d)
+int pbrpc__frame_decoder_stash(pbrpc__frame_decoder *d)
 {
 	if (!d->in_len)
 		return 0;
@@ -189,9 +152,9 @@ PBRPC_EXPORT int pbrpc_frame_decoder_stash(pbrpc_frame_decoder *d)
 	return 0;
 }
 
-PBRPC_EXPORT int pbrpc_frame_decoder_next(pbrpc_frame_decoder *d, pbrpc_frame *out)
+int pbrpc__frame_decoder_next(pbrpc__frame_decoder *d, pbrpc__frame *out)
 {
-	pbrpc_frame_header h;
+	pbrpc__frame_header h;
 	int rc;
 
 	if (d->head == d->tail)
@@ -258,12 +221,12 @@ PBRPC_EXPORT int pbrpc_frame_decoder_next(pbrpc_frame_decoder *d, pbrpc_frame *o
 	return 1;
 }
 
-PBRPC_EXPORT const pbrpc_frame_header *pbrpc_frame_decoder_rejected(const pbrpc_frame_decoder *d)
+const pbrpc__frame_header *pbrpc__frame_decoder_rejected(const pbrpc__frame_decoder *d)
 {
 	return d->have_rejected ? &d->rejected : NULL;
 }
 
-PBRPC_EXPORT int pbrpc_frame_decoder_skip(pbrpc_frame_decoder *d)
+int pbrpc__frame_decoder_skip(pbrpc__frame_decoder *d)
 {
 	if (!d->have_rejected)
 		return PBRPC_EINVALID;
@@ -273,12 +236,12 @@ PBRPC_EXPORT int pbrpc_frame_decoder_skip(pbrpc_frame_decoder *d)
 	return 0;
 }
 
-PBRPC_EXPORT size_t pbrpc_frame_decoder_pending(const pbrpc_frame_decoder *d)
+size_t pbrpc__frame_decoder_pending(const pbrpc__frame_decoder *d)
 {
 	return d->tail - d->head + d->in_len + (size_t)d->discard;
 }
 
-PBRPC_EXPORT void pbrpc_frame_decoder_release(pbrpc_frame_decoder *d)
+void pbrpc__frame_decoder_release(pbrpc__frame_decoder *d)
 {
 	if (d->head == d->tail && d->buf) {
 		free(d->buf);
@@ -287,7 +250,7 @@ PBRPC_EXPORT void pbrpc_frame_decoder_release(pbrpc_frame_decoder *d)
 	}
 }
 
-PBRPC_EXPORT ssize_t pbrpc_frame_decoder_recv(pbrpc_frame_decoder *d, int fd, int flags)
+ssize_t pbrpc__frame_decoder_recv(pbrpc__frame_decoder *d, int fd, int flags)
 {
 	if (d->in_len)
 		return PBRPC_EINVALID;
@@ -319,7 +282,7 @@ PBRPC_EXPORT ssize_t pbrpc_frame_decoder_recv(pbrpc_frame_decoder *d, int fd, in
 	if (n < 0)
 		return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
 	if (n == 0)
-		return pbrpc_frame_decoder_pending(d) ? PBRPC_ETRUNCATED : PBRPC_EOF;
+		return pbrpc__frame_decoder_pending(d) ? PBRPC_ETRUNCATED : PBRPC_EOF;
 	d->tail += (size_t)n;
 	if (d->discard)
 		drop_discarded(d);
@@ -328,19 +291,19 @@ PBRPC_EXPORT ssize_t pbrpc_frame_decoder_recv(pbrpc_frame_decoder *d, int fd, in
 
 /* ---- writer ---- */
 
-PBRPC_EXPORT void pbrpc_frame_writer_init(pbrpc_frame_writer *w)
+void pbrpc__frame_writer_init(pbrpc__frame_writer *w)
 {
 	memset(w, 0, sizeof(*w));
 	w->open = SIZE_MAX;
 }
 
-PBRPC_EXPORT void pbrpc_frame_writer_fini(pbrpc_frame_writer *w)
+void pbrpc__frame_writer_fini(pbrpc__frame_writer *w)
 {
 	free(w->buf);
-	pbrpc_frame_writer_init(w);
+	pbrpc__frame_writer_init(w);
 }
 
-static int writer_reserve(pbrpc_frame_writer *w, size_t need)
+static int writer_reserve(pbrpc__frame_writer *w, size_t need)
 {
 	size_t used = w->tail - w->head;
 	if (w->cap - w->tail >= need)
@@ -362,21 +325,21 @@ static int writer_reserve(pbrpc_frame_writer *w, size_t need)
 	return 0;
 }
 
-PBRPC_EXPORT uint8_t *pbrpc_frame_writer_begin(pbrpc_frame_writer *w, const pbrpc_frame_header *hdr, size_t max_len)
+uint8_t *pbrpc__frame_writer_begin(pbrpc__frame_writer *w, const pbrpc__frame_header *hdr, size_t max_len)
 {
-	if (max_len > PBRPC_FRAME_MAX_LIMIT || w->open != SIZE_MAX)
+	if (max_len > PBRPC_MAX_FRAME_LIMIT || w->open != SIZE_MAX)
 		return NULL;
 	if (w->head == w->tail)
 		w->head = w->tail = 0;
 	if (writer_reserve(w, PBRPC_FRAME_HEADER_SIZE + max_len) < 0)
 		return NULL;
-	pbrpc_frame_header_encode(hdr, w->buf + w->tail);
+	pbrpc__frame_header_encode(hdr, w->buf + w->tail);
 	w->open = w->tail;
 	w->open_max = max_len;
 	return w->buf + w->tail + PBRPC_FRAME_HEADER_SIZE;
 }
 
-PBRPC_EXPORT int pbrpc_frame_writer_commit(pbrpc_frame_writer *w, size_t len)
+int pbrpc__frame_writer_commit(pbrpc__frame_writer *w, size_t len)
 {
 	if (w->open == SIZE_MAX || len > w->open_max)
 		return PBRPC_EINVALID;
@@ -386,25 +349,25 @@ PBRPC_EXPORT int pbrpc_frame_writer_commit(pbrpc_frame_writer *w, size_t len)
 	return 0;
 }
 
-PBRPC_EXPORT void pbrpc_frame_writer_abort(pbrpc_frame_writer *w)
+void pbrpc__frame_writer_abort(pbrpc__frame_writer *w)
 {
 	w->open = SIZE_MAX;
 }
 
-PBRPC_EXPORT int pbrpc_frame_writer_append(pbrpc_frame_writer *w, const pbrpc_frame_header *hdr, const void *payload,
+int pbrpc__frame_writer_append(pbrpc__frame_writer *w, const pbrpc__frame_header *hdr, const void *payload,
 					   size_t len)
 {
-	if (len > PBRPC_FRAME_MAX_LIMIT)
+	if (len > PBRPC_MAX_FRAME_LIMIT)
 		return PBRPC_ETOOBIG;
-	uint8_t *p = pbrpc_frame_writer_begin(w, hdr, len);
+	uint8_t *p = pbrpc__frame_writer_begin(w, hdr, len);
 	if (!p)
 		return w->open != SIZE_MAX ? PBRPC_EINVALID : -ENOMEM;
 	if (len)
 		memcpy(p, payload, len);
-	return pbrpc_frame_writer_commit(w, len);
+	return pbrpc__frame_writer_commit(w, len);
 }
 
-PBRPC_EXPORT int pbrpc_frame_writer_append_raw(pbrpc_frame_writer *w, const void *data, size_t len)
+int pbrpc__frame_writer_append_raw(pbrpc__frame_writer *w, const void *data, size_t len)
 {
 	if (w->open != SIZE_MAX)
 		return PBRPC_EINVALID;
@@ -417,12 +380,12 @@ PBRPC_EXPORT int pbrpc_frame_writer_append_raw(pbrpc_frame_writer *w, const void
 	return 0;
 }
 
-PBRPC_EXPORT size_t pbrpc_frame_writer_pending(const pbrpc_frame_writer *w)
+size_t pbrpc__frame_writer_pending(const pbrpc__frame_writer *w)
 {
 	return w->tail - w->head;
 }
 
-PBRPC_EXPORT ssize_t pbrpc_frame_writer_flush(pbrpc_frame_writer *w, int fd, int flags)
+ssize_t pbrpc__frame_writer_flush(pbrpc__frame_writer *w, int fd, int flags)
 {
 	size_t total = 0;
 	while (w->tail > w->head) {
@@ -446,7 +409,7 @@ PBRPC_EXPORT ssize_t pbrpc_frame_writer_flush(pbrpc_frame_writer *w, int fd, int
 	return (ssize_t)total;
 }
 
-PBRPC_EXPORT void pbrpc_frame_writer_trim(pbrpc_frame_writer *w, size_t keep)
+void pbrpc__frame_writer_trim(pbrpc__frame_writer *w, size_t keep)
 {
 	if (w->head == w->tail && w->open == SIZE_MAX && w->cap > keep) {
 		free(w->buf);
@@ -457,15 +420,12 @@ PBRPC_EXPORT void pbrpc_frame_writer_trim(pbrpc_frame_writer *w, size_t keep)
 
 /* ---- blocking helpers ---- */
 
-static int wait_fd(int fd, short events, int timeout_ms, const struct timespec *deadline)
+/* Waits for events on fd until `deadline` (0: forever). */
+static int wait_fd(int fd, short events, pbrpc__deadline deadline)
 {
-	int ms = timeout_ms;
-	if (timeout_ms >= 0) {
-		int64_t left = pbrpc__ms_until(deadline);
-		if (left <= 0)
-			return -ETIMEDOUT;
-		ms = (int)left;
-	}
+	int ms = pbrpc__ms_until(deadline);
+	if (ms == 0)
+		return -ETIMEDOUT;
 	struct pollfd p = { .fd = fd, .events = events };
 	int r;
 	do
@@ -478,18 +438,17 @@ static int wait_fd(int fd, short events, int timeout_ms, const struct timespec *
 	return 0;
 }
 
-PBRPC_EXPORT int pbrpc_frame_write(int fd, const pbrpc_frame_header *hdr, const void *payload, size_t len,
+int pbrpc__frame_write(int fd, const pbrpc__frame_header *hdr, const void *payload, size_t len,
 				   int timeout_ms)
 {
-	if (len > PBRPC_FRAME_MAX_LIMIT)
+	if (len > PBRPC_MAX_FRAME_LIMIT)
 		return PBRPC_ETOOBIG;
 	uint8_t head[PBRPC_FRAME_HEADER_SIZE];
-	pbrpc_frame_header h = *hdr;
+	pbrpc__frame_header h = *hdr;
 	h.length = (uint32_t)len;
-	pbrpc_frame_header_encode(&h, head);
+	pbrpc__frame_header_encode(&h, head);
 
-	struct timespec deadline;
-	pbrpc__deadline_in(&deadline, timeout_ms);
+	pbrpc__deadline deadline = pbrpc__deadline_in(pbrpc__now_ns(), timeout_ms);
 	struct iovec iov[2] = { { head, sizeof(head) }, { (void *)(uintptr_t)payload, len } };
 	size_t idx = 0, niov = len ? 2 : 1;
 	while (idx < niov) {
@@ -500,7 +459,7 @@ PBRPC_EXPORT int pbrpc_frame_write(int fd, const pbrpc_frame_header *hdr, const 
 				continue;
 			if (errno != EAGAIN && errno != EWOULDBLOCK)
 				return -errno;
-			int r = wait_fd(fd, POLLOUT, timeout_ms, &deadline);
+			int r = wait_fd(fd, POLLOUT, deadline);
 			if (r < 0)
 				return r;
 			continue;
@@ -518,19 +477,18 @@ PBRPC_EXPORT int pbrpc_frame_write(int fd, const pbrpc_frame_header *hdr, const 
 	return 0;
 }
 
-PBRPC_EXPORT int pbrpc_frame_read(pbrpc_frame_decoder *d, int fd, pbrpc_frame *out, int timeout_ms)
+int pbrpc__frame_read(pbrpc__frame_decoder *d, int fd, pbrpc__frame *out, int timeout_ms)
 {
-	struct timespec deadline;
-	pbrpc__deadline_in(&deadline, timeout_ms);
+	pbrpc__deadline deadline = pbrpc__deadline_in(pbrpc__now_ns(), timeout_ms);
 	for (;;) {
-		int rc = pbrpc_frame_decoder_next(d, out);
+		int rc = pbrpc__frame_decoder_next(d, out);
 		if (rc != 0)
 			return rc;
-		ssize_t n = pbrpc_frame_decoder_recv(d, fd, MSG_DONTWAIT);
+		ssize_t n = pbrpc__frame_decoder_recv(d, fd, MSG_DONTWAIT);
 		if (n < 0)
 			return (int)n;
 		if (n == 0) {
-			int r = wait_fd(fd, POLLIN, timeout_ms, &deadline);
+			int r = wait_fd(fd, POLLIN, deadline);
 			if (r < 0)
 				return r;
 		}

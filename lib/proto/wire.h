@@ -2,31 +2,30 @@
  *
  * docs/PROTOCOL.md is the normative description; this header encodes and
  * decodes those bytes. It knows protobuf-c (bodies are packed messages) and the
- * frame layer, and nothing of sockets: encoders append to a pbrpc_frame_writer,
- * decoders read a pbrpc_frame's payload and return views into it (no copies,
+ * frame layer, and nothing of sockets: encoders append to a pbrpc__frame_writer,
+ * decoders read a pbrpc__frame's payload and return views into it (no copies,
  * no allocation).
  */
-#ifndef PBRPC_WIRE_H
-#define PBRPC_WIRE_H
+#ifndef PBRPC_PROTO_WIRE_H
+#define PBRPC_PROTO_WIRE_H
 
 #include <protobuf-c/protobuf-c.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
+#include "pbrpc/common.h"
 #include "pbrpc/error.h"
-#include "pbrpc/frame.h"
+#include "proto/frame.h"
 
-#ifdef __cplusplus
-extern "C" {
-#endif
 
 /* Each side sends these 8 bytes first, then a HELLO frame. */
 #define PBRPC_WIRE_PREFACE "\x89PBRPC\r\n"
 #define PBRPC_WIRE_PREFACE_SIZE 8
 #define PBRPC_WIRE_VERSION 1
+#define PBRPC_WIRE_AGENT "pbrpc-c/" PBRPC_VERSION /* what our HELLO says */
 
-enum pbrpc_frame_type {
+enum pbrpc__frame_type {
 	PBRPC_FRAME_HELLO = 0x01,
 	PBRPC_FRAME_REQUEST = 0x02,
 	PBRPC_FRAME_RESPONSE = 0x03,
@@ -42,30 +41,17 @@ enum pbrpc_frame_type {
 /* RESPONSE flags */
 #define PBRPC_RESPONSE_END 0x01u /* final frame of the call; always set in version 1 */
 
-#define PBRPC_WIRE_METHOD_MAX 1024 /* longest method name, bytes */
-#define PBRPC_WIRE_MESSAGE_MAX 4096 /* longest status message sent (longer is cut) */
-#define PBRPC_WIRE_METADATA_KEY_MAX 255
-#define PBRPC_WIRE_METADATA_VALUE_MAX 65535
 #define PBRPC_WIRE_PING_SIZE 8
 
-/* One metadata entry: a key (lowercase ASCII letters, digits, '-', '_', '.')
- * and an opaque value. */
-typedef struct pbrpc_metadata {
-	const char *key;
-	size_t key_len; /* 0: strlen(key) when encoding */
-	const void *value;
-	size_t value_len;
-} pbrpc_metadata;
-
 /* A decoded or to-be-encoded request. Decoded views point into the frame. */
-typedef struct pbrpc_wire_request {
+typedef struct pbrpc__wire_request {
 	uint32_t call_id;
 	const char *method; /* "package.Service/Method", not NUL-terminated */
 	size_t method_len;
 	bool has_timeout;
 	uint64_t timeout_us; /* relative to when the frame was sent */
 	/* Encoding: an array of metadata_count entries. Decoding: the raw block,
-	 * read it with pbrpc_wire_metadata_next(). */
+	 * read it with pbrpc__wire_metadata_next(). */
 	const pbrpc_metadata *metadata;
 	size_t metadata_count;
 	const uint8_t *metadata_raw;
@@ -73,49 +59,37 @@ typedef struct pbrpc_wire_request {
 	const uint8_t *body; /* packed request message */
 	size_t body_len;
 	/* Encoding: the caller has already checked `method` with
-	 * pbrpc_wire_method_valid() (e.g. once per service), so the per-call
+	 * pbrpc_method_valid() (e.g. once per service), so the per-call
 	 * check is skipped. */
 	bool method_checked;
-} pbrpc_wire_request;
+} pbrpc__wire_request;
 
-typedef struct pbrpc_wire_response {
+typedef struct pbrpc__wire_response {
 	uint32_t call_id;
 	int status; /* pbrpc_status */
 	const char *message; /* not NUL-terminated; may be NULL when len is 0 */
 	size_t message_len;
 	const uint8_t *body; /* packed reply; empty unless status is OK */
 	size_t body_len;
-} pbrpc_wire_response;
+} pbrpc__wire_response;
 
 /* ---- HELLO ---- */
 
-typedef struct pbrpc_wire_hello {
-	uint32_t version;
-	uint32_t max_frame;
-	uint32_t max_calls;
-	uint64_t features;
-	char agent[64];
-} pbrpc_wire_hello;
-
 /* Appends the preface and a HELLO frame. Returns 0 or -ENOMEM. */
-PBRPC_EXPORT int pbrpc_wire_write_preface(pbrpc_frame_writer *w, const pbrpc_wire_hello *hello);
+int pbrpc__wire_write_preface(pbrpc__frame_writer *w, const pbrpc_hello *hello);
 
 /* Parses a HELLO frame. Returns 0; PBRPC_EPROTO if the frame is not a
  * well-formed HELLO; PBRPC_EVERSION if its version is not ours (the decoded
  * hello is still filled so the caller can report the peer's version). */
-PBRPC_EXPORT int pbrpc_wire_read_hello(const pbrpc_frame *f, pbrpc_wire_hello *out);
+int pbrpc__wire_read_hello(const pbrpc__frame *f, pbrpc_hello *out);
 
 /* ---- REQUEST ---- */
-
-/* Checks a method name: "pkg.Service/Method" with one '/', non-empty parts,
- * characters [A-Za-z0-9_.] and at most PBRPC_WIRE_METHOD_MAX bytes. */
-PBRPC_EXPORT bool pbrpc_wire_method_valid(const char *name, size_t len);
 
 /* Appends a REQUEST frame. When msg is not NULL it is packed straight into the
  * output buffer and req->body is ignored; otherwise req->body is copied.
  * Returns 0, -ENOMEM, PBRPC_EINVALID (bad method name or metadata key/value),
  * PBRPC_ETOOBIG (payload above max_payload; nothing queued). */
-PBRPC_EXPORT int pbrpc_wire_write_request(pbrpc_frame_writer *w, const pbrpc_wire_request *req,
+int pbrpc__wire_write_request(pbrpc__frame_writer *w, const pbrpc__wire_request *req,
 					  const ProtobufCMessage *msg, uint32_t max_payload);
 
 /* Parses a REQUEST frame's payload (the frame's type must be REQUEST).
@@ -123,49 +97,46 @@ PBRPC_EXPORT int pbrpc_wire_write_request(pbrpc_frame_writer *w, const pbrpc_wir
  * unknown flags); PBRPC_EINVALID when it parses but a metadata key is not
  * valid. out->call_id is set in every case. The method name is NOT checked:
  * a receiver that looks names up in a table of valid names need only call
- * pbrpc_wire_method_valid() when the lookup misses. */
-PBRPC_EXPORT int pbrpc_wire_read_request(const pbrpc_frame *f, pbrpc_wire_request *out);
+ * pbrpc_method_valid() when the lookup misses. */
+int pbrpc__wire_read_request(const pbrpc__frame *f, pbrpc__wire_request *out);
 
 /* Iterates the metadata of a decoded request. *pos starts at 0. Returns 1 with
  * *out filled (views into the frame), 0 at the end. */
-PBRPC_EXPORT int pbrpc_wire_metadata_next(const pbrpc_wire_request *req, size_t *pos, pbrpc_metadata *out);
+int pbrpc__wire_metadata_next(const pbrpc__wire_request *req, size_t *pos, pbrpc_metadata *out);
 
 /* Looks a key up in a decoded request's metadata. Returns the first match or
  * NULL; *len gets the value's length. */
-PBRPC_EXPORT const void *pbrpc_wire_metadata_get(const pbrpc_wire_request *req, const char *key, size_t *len);
+const void *pbrpc__wire_metadata_get(const pbrpc__wire_request *req, const char *key, size_t *len);
 
 /* ---- RESPONSE ---- */
 
 /* Appends a final RESPONSE frame. With status OK, msg (if not NULL) is packed
  * in place, else resp->body is copied; with another status no body is sent.
- * A message longer than PBRPC_WIRE_MESSAGE_MAX is cut. If the packed body
+ * A message longer than PBRPC_STATUS_MESSAGE_MAX is cut. If the packed body
  * exceeds max_payload, nothing is queued and PBRPC_ETOOBIG is returned. */
-PBRPC_EXPORT int pbrpc_wire_write_response(pbrpc_frame_writer *w, const pbrpc_wire_response *resp,
+int pbrpc__wire_write_response(pbrpc__frame_writer *w, const pbrpc__wire_response *resp,
 					   const ProtobufCMessage *msg, uint32_t max_payload);
 
 /* Parses a RESPONSE frame. Returns 0 or PBRPC_EPROTO. */
-PBRPC_EXPORT int pbrpc_wire_read_response(const pbrpc_frame *f, pbrpc_wire_response *out);
+int pbrpc__wire_read_response(const pbrpc__frame *f, pbrpc__wire_response *out);
 
 /* ---- CANCEL, PING, PONG, GOAWAY ---- */
 
-PBRPC_EXPORT int pbrpc_wire_write_cancel(pbrpc_frame_writer *w, uint32_t call_id);
-PBRPC_EXPORT int pbrpc_wire_write_ping(pbrpc_frame_writer *w, uint8_t type, const uint8_t data[PBRPC_WIRE_PING_SIZE]);
+int pbrpc__wire_write_cancel(pbrpc__frame_writer *w, uint32_t call_id);
+int pbrpc__wire_write_ping(pbrpc__frame_writer *w, uint8_t type, const uint8_t data[PBRPC_WIRE_PING_SIZE]);
 
 /* GOAWAY: status OK means a graceful drain; any other status says why the
  * connection is being closed (e.g. INVALID_ARGUMENT for a protocol error). */
-PBRPC_EXPORT int pbrpc_wire_write_goaway(pbrpc_frame_writer *w, int status, const char *message);
-PBRPC_EXPORT int pbrpc_wire_read_goaway(const pbrpc_frame *f, int *status, const char **message,
+int pbrpc__wire_write_goaway(pbrpc__frame_writer *w, int status, const char *message);
+int pbrpc__wire_read_goaway(const pbrpc__frame *f, int *status, const char **message,
 					size_t *message_len);
 
 /* Checks the parts of a frame header that do not depend on the payload: a
  * known type, only defined flags, stream id 0 exactly for connection-level
  * frames, payload sizes fixed by the type. Returns 0 or PBRPC_EPROTO. */
-PBRPC_EXPORT int pbrpc_wire_check_header(const pbrpc_frame_header *h);
+int pbrpc__wire_check_header(const pbrpc__frame_header *h);
 
 /* Name of a frame type ("REQUEST"), or "UNKNOWN". */
-PBRPC_EXPORT const char *pbrpc_wire_frame_name(uint8_t type);
+const char *pbrpc__wire_frame_name(uint8_t type);
 
-#ifdef __cplusplus
-}
-#endif
 #endif

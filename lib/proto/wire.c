@@ -1,15 +1,17 @@
-#include "pbrpc/wire.h"
+#include "proto/wire.h"
 
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "internal.h"
+#include "util/bytes.h"
+#include "util/clock.h"
+#include "util/io.h"
 #include "wire.pb-c.h"
 
 /* ---- HELLO ---- */
 
-PBRPC_EXPORT int pbrpc_wire_write_preface(pbrpc_frame_writer *w, const pbrpc_wire_hello *hello)
+int pbrpc__wire_write_preface(pbrpc__frame_writer *w, const pbrpc_hello *hello)
 {
 	Pbrpc__Hello m = PBRPC__HELLO__INIT;
 	m.version = hello->version;
@@ -18,19 +20,19 @@ PBRPC_EXPORT int pbrpc_wire_write_preface(pbrpc_frame_writer *w, const pbrpc_wir
 	m.features = hello->features;
 	m.agent = (char *)hello->agent;
 
-	int rc = pbrpc_frame_writer_append_raw(w, PBRPC_WIRE_PREFACE, PBRPC_WIRE_PREFACE_SIZE);
+	int rc = pbrpc__frame_writer_append_raw(w, PBRPC_WIRE_PREFACE, PBRPC_WIRE_PREFACE_SIZE);
 	if (rc < 0)
 		return rc;
-	pbrpc_frame_header h = { .type = PBRPC_FRAME_HELLO };
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_HELLO };
 	size_t len = pbrpc__hello__get_packed_size(&m);
-	uint8_t *p = pbrpc_frame_writer_begin(w, &h, len);
+	uint8_t *p = pbrpc__frame_writer_begin(w, &h, len);
 	if (!p)
 		return -ENOMEM;
 	pbrpc__hello__pack(&m, p);
-	return pbrpc_frame_writer_commit(w, len);
+	return pbrpc__frame_writer_commit(w, len);
 }
 
-PBRPC_EXPORT int pbrpc_wire_read_hello(const pbrpc_frame *f, pbrpc_wire_hello *out)
+int pbrpc__wire_read_hello(const pbrpc__frame *f, pbrpc_hello *out)
 {
 	memset(out, 0, sizeof(*out));
 	if (f->hdr.type != PBRPC_FRAME_HELLO || f->hdr.stream != 0 || f->hdr.flags != 0)
@@ -58,9 +60,9 @@ __extension__ static const uint8_t name_chars[256] = {
 	['0' ... '9'] = 3, ['a' ... 'z'] = 3, ['A' ... 'Z'] = 1, ['_'] = 3, ['.'] = 3, ['-'] = 2, ['/'] = 4,
 };
 
-PBRPC_EXPORT bool pbrpc_wire_method_valid(const char *name, size_t len)
+PBRPC_EXPORT bool pbrpc_method_valid(const char *name, size_t len)
 {
-	if (len < 3 || len > PBRPC_WIRE_METHOD_MAX)
+	if (len < 3 || len > PBRPC_METHOD_MAX)
 		return false;
 	size_t slash = SIZE_MAX;
 	for (size_t i = 0; i < len; i++) {
@@ -74,9 +76,9 @@ PBRPC_EXPORT bool pbrpc_wire_method_valid(const char *name, size_t len)
 	return slash != SIZE_MAX && slash > 0 && slash + 1 < len && name[0] != '.' && name[slash - 1] != '.';
 }
 
-static bool key_valid(const char *k, size_t len)
+PBRPC_EXPORT bool pbrpc_metadata_key_valid(const char *k, size_t len)
 {
-	if (len == 0 || len > PBRPC_WIRE_METADATA_KEY_MAX)
+	if (len == 0 || len > PBRPC_METADATA_KEY_MAX)
 		return false;
 	for (size_t i = 0; i < len; i++)
 		if (!(name_chars[(uint8_t)k[i]] & 2))
@@ -84,19 +86,24 @@ static bool key_valid(const char *k, size_t len)
 	return true;
 }
 
+PBRPC_EXPORT const char *pbrpc_version(void)
+{
+	return PBRPC_VERSION;
+}
+
 /* ---- REQUEST ---- */
 
-PBRPC_EXPORT int pbrpc_wire_write_request(pbrpc_frame_writer *w, const pbrpc_wire_request *req,
+int pbrpc__wire_write_request(pbrpc__frame_writer *w, const pbrpc__wire_request *req,
 					  const ProtobufCMessage *msg, uint32_t max_payload)
 {
-	if (!req->method_checked && !pbrpc_wire_method_valid(req->method, req->method_len))
+	if (!req->method_checked && !pbrpc_method_valid(req->method, req->method_len))
 		return PBRPC_EINVALID;
 
 	size_t md_len = 0;
 	for (size_t i = 0; i < req->metadata_count; i++) {
 		const pbrpc_metadata *m = &req->metadata[i];
 		size_t kl = m->key_len ? m->key_len : strlen(m->key);
-		if (!key_valid(m->key, kl) || m->value_len > PBRPC_WIRE_METADATA_VALUE_MAX)
+		if (!pbrpc_metadata_key_valid(m->key, kl) || m->value_len > PBRPC_METADATA_VALUE_MAX)
 			return PBRPC_EINVALID;
 		md_len += 1 + kl + 2 + m->value_len;
 	}
@@ -109,14 +116,14 @@ PBRPC_EXPORT int pbrpc_wire_write_request(pbrpc_frame_writer *w, const pbrpc_wir
 	if (max_payload && len > max_payload)
 		return PBRPC_ETOOBIG;
 
-	pbrpc_frame_header h = { .type = PBRPC_FRAME_REQUEST, .stream = req->call_id };
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_REQUEST, .stream = req->call_id };
 	if (req->has_timeout)
 		h.flags |= PBRPC_REQUEST_TIMEOUT;
 	if (req->metadata_count)
 		h.flags |= PBRPC_REQUEST_METADATA;
-	uint8_t *p = pbrpc_frame_writer_begin(w, &h, len);
+	uint8_t *p = pbrpc__frame_writer_begin(w, &h, len);
 	if (!p)
-		return len > PBRPC_FRAME_MAX_LIMIT ? PBRPC_ETOOBIG : -ENOMEM;
+		return len > PBRPC_MAX_FRAME_LIMIT ? PBRPC_ETOOBIG : -ENOMEM;
 	uint8_t *q = p;
 	pbrpc__put_u16(q, (uint16_t)req->method_len);
 	memcpy(q + 2, req->method, req->method_len);
@@ -146,7 +153,7 @@ PBRPC_EXPORT int pbrpc_wire_write_request(pbrpc_frame_writer *w, const pbrpc_wir
 		memcpy(q, req->body, body_len);
 		q += body_len;
 	}
-	return pbrpc_frame_writer_commit(w, (size_t)(q - p));
+	return pbrpc__frame_writer_commit(w, (size_t)(q - p));
 }
 
 /* Walks a metadata block; returns its length or -1 if malformed. */
@@ -162,7 +169,7 @@ static long metadata_block_len(const uint8_t *p, size_t avail, bool *keys_ok)
 		size_t kl = p[off];
 		if (off + 1 + kl + 2 > avail)
 			return -1;
-		if (!key_valid((const char *)p + off + 1, kl))
+		if (!pbrpc_metadata_key_valid((const char *)p + off + 1, kl))
 			*keys_ok = false;
 		size_t vl = pbrpc__get_u16(p + off + 1 + kl);
 		off += 1 + kl + 2;
@@ -173,7 +180,7 @@ static long metadata_block_len(const uint8_t *p, size_t avail, bool *keys_ok)
 	return (long)off;
 }
 
-PBRPC_EXPORT int pbrpc_wire_read_request(const pbrpc_frame *f, pbrpc_wire_request *out)
+int pbrpc__wire_read_request(const pbrpc__frame *f, pbrpc__wire_request *out)
 {
 	/* Field by field: a memset of the struct compiles to `rep stos`, slow to
 	 * start, on a path every call takes. */
@@ -228,7 +235,7 @@ PBRPC_EXPORT int pbrpc_wire_read_request(const pbrpc_frame *f, pbrpc_wire_reques
 	return 0;
 }
 
-PBRPC_EXPORT int pbrpc_wire_metadata_next(const pbrpc_wire_request *req, size_t *pos, pbrpc_metadata *out)
+int pbrpc__wire_metadata_next(const pbrpc__wire_request *req, size_t *pos, pbrpc_metadata *out)
 {
 	const uint8_t *p = req->metadata_raw;
 	if (!p || req->metadata_raw_len < 2)
@@ -247,11 +254,11 @@ PBRPC_EXPORT int pbrpc_wire_metadata_next(const pbrpc_wire_request *req, size_t 
 	return 1;
 }
 
-PBRPC_EXPORT const void *pbrpc_wire_metadata_get(const pbrpc_wire_request *req, const char *key, size_t *len)
+const void *pbrpc__wire_metadata_get(const pbrpc__wire_request *req, const char *key, size_t *len)
 {
 	size_t pos = 0, kl = strlen(key);
 	pbrpc_metadata m;
-	while (pbrpc_wire_metadata_next(req, &pos, &m)) {
+	while (pbrpc__wire_metadata_next(req, &pos, &m)) {
 		if (m.key_len == kl && memcmp(m.key, key, kl) == 0) {
 			if (len)
 				*len = m.value_len;
@@ -263,12 +270,12 @@ PBRPC_EXPORT const void *pbrpc_wire_metadata_get(const pbrpc_wire_request *req, 
 
 /* ---- RESPONSE ---- */
 
-PBRPC_EXPORT int pbrpc_wire_write_response(pbrpc_frame_writer *w, const pbrpc_wire_response *resp,
+int pbrpc__wire_write_response(pbrpc__frame_writer *w, const pbrpc__wire_response *resp,
 					   const ProtobufCMessage *msg, uint32_t max_payload)
 {
 	size_t ml = resp->message ? resp->message_len : 0;
-	if (ml > PBRPC_WIRE_MESSAGE_MAX)
-		ml = PBRPC_WIRE_MESSAGE_MAX;
+	if (ml > PBRPC_STATUS_MESSAGE_MAX)
+		ml = PBRPC_STATUS_MESSAGE_MAX;
 	size_t body_len = 0;
 	if (resp->status == PBRPC_STATUS_OK)
 		body_len = msg ? protobuf_c_message_get_packed_size(msg) : resp->body_len;
@@ -276,10 +283,10 @@ PBRPC_EXPORT int pbrpc_wire_write_response(pbrpc_frame_writer *w, const pbrpc_wi
 	if (max_payload && len > max_payload)
 		return PBRPC_ETOOBIG;
 
-	pbrpc_frame_header h = { .type = PBRPC_FRAME_RESPONSE, .flags = PBRPC_RESPONSE_END, .stream = resp->call_id };
-	uint8_t *p = pbrpc_frame_writer_begin(w, &h, len);
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_RESPONSE, .flags = PBRPC_RESPONSE_END, .stream = resp->call_id };
+	uint8_t *p = pbrpc__frame_writer_begin(w, &h, len);
 	if (!p)
-		return len > PBRPC_FRAME_MAX_LIMIT ? PBRPC_ETOOBIG : -ENOMEM;
+		return len > PBRPC_MAX_FRAME_LIMIT ? PBRPC_ETOOBIG : -ENOMEM;
 	pbrpc__put_u16(p, (uint16_t)resp->status);
 	pbrpc__put_u16(p + 2, (uint16_t)ml);
 	if (ml)
@@ -293,10 +300,10 @@ PBRPC_EXPORT int pbrpc_wire_write_response(pbrpc_frame_writer *w, const pbrpc_wi
 			q += body_len;
 		}
 	}
-	return pbrpc_frame_writer_commit(w, (size_t)(q - p));
+	return pbrpc__frame_writer_commit(w, (size_t)(q - p));
 }
 
-PBRPC_EXPORT int pbrpc_wire_read_response(const pbrpc_frame *f, pbrpc_wire_response *out)
+int pbrpc__wire_read_response(const pbrpc__frame *f, pbrpc__wire_response *out)
 {
 	out->call_id = f->hdr.stream;
 	out->status = PBRPC_STATUS_UNKNOWN;
@@ -323,37 +330,37 @@ PBRPC_EXPORT int pbrpc_wire_read_response(const pbrpc_frame *f, pbrpc_wire_respo
 
 /* ---- small frames ---- */
 
-PBRPC_EXPORT int pbrpc_wire_write_cancel(pbrpc_frame_writer *w, uint32_t call_id)
+int pbrpc__wire_write_cancel(pbrpc__frame_writer *w, uint32_t call_id)
 {
-	pbrpc_frame_header h = { .type = PBRPC_FRAME_CANCEL, .stream = call_id };
-	return pbrpc_frame_writer_append(w, &h, NULL, 0);
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_CANCEL, .stream = call_id };
+	return pbrpc__frame_writer_append(w, &h, NULL, 0);
 }
 
-PBRPC_EXPORT int pbrpc_wire_write_ping(pbrpc_frame_writer *w, uint8_t type, const uint8_t data[PBRPC_WIRE_PING_SIZE])
+int pbrpc__wire_write_ping(pbrpc__frame_writer *w, uint8_t type, const uint8_t data[PBRPC_WIRE_PING_SIZE])
 {
 	if (type != PBRPC_FRAME_PING && type != PBRPC_FRAME_PONG)
 		return PBRPC_EINVALID;
-	pbrpc_frame_header h = { .type = type };
-	return pbrpc_frame_writer_append(w, &h, data, PBRPC_WIRE_PING_SIZE);
+	pbrpc__frame_header h = { .type = type };
+	return pbrpc__frame_writer_append(w, &h, data, PBRPC_WIRE_PING_SIZE);
 }
 
-PBRPC_EXPORT int pbrpc_wire_write_goaway(pbrpc_frame_writer *w, int status, const char *message)
+int pbrpc__wire_write_goaway(pbrpc__frame_writer *w, int status, const char *message)
 {
 	size_t ml = message ? strlen(message) : 0;
-	if (ml > PBRPC_WIRE_MESSAGE_MAX)
-		ml = PBRPC_WIRE_MESSAGE_MAX;
-	pbrpc_frame_header h = { .type = PBRPC_FRAME_GOAWAY };
-	uint8_t *p = pbrpc_frame_writer_begin(w, &h, 4 + ml);
+	if (ml > PBRPC_STATUS_MESSAGE_MAX)
+		ml = PBRPC_STATUS_MESSAGE_MAX;
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_GOAWAY };
+	uint8_t *p = pbrpc__frame_writer_begin(w, &h, 4 + ml);
 	if (!p)
 		return -ENOMEM;
 	pbrpc__put_u16(p, (uint16_t)status);
 	pbrpc__put_u16(p + 2, (uint16_t)ml);
 	if (ml)
 		memcpy(p + 4, message, ml);
-	return pbrpc_frame_writer_commit(w, 4 + ml);
+	return pbrpc__frame_writer_commit(w, 4 + ml);
 }
 
-PBRPC_EXPORT int pbrpc_wire_read_goaway(const pbrpc_frame *f, int *status, const char **message, size_t *message_len)
+int pbrpc__wire_read_goaway(const pbrpc__frame *f, int *status, const char **message, size_t *message_len)
 {
 	if (f->hdr.type != PBRPC_FRAME_GOAWAY || f->hdr.length < 4)
 		return PBRPC_EPROTO;
@@ -366,7 +373,7 @@ PBRPC_EXPORT int pbrpc_wire_read_goaway(const pbrpc_frame *f, int *status, const
 	return 0;
 }
 
-PBRPC_EXPORT int pbrpc_wire_check_header(const pbrpc_frame_header *h)
+int pbrpc__wire_check_header(const pbrpc__frame_header *h)
 {
 	switch (h->type) {
 	case PBRPC_FRAME_HELLO:
@@ -387,7 +394,7 @@ PBRPC_EXPORT int pbrpc_wire_check_header(const pbrpc_frame_header *h)
 	}
 }
 
-PBRPC_EXPORT const char *pbrpc_wire_frame_name(uint8_t type)
+const char *pbrpc__wire_frame_name(uint8_t type)
 {
 	switch (type) {
 	case PBRPC_FRAME_HELLO:

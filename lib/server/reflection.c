@@ -12,60 +12,18 @@
 #include <string.h>
 
 #include "reflection.pb-c.h"
-#include "server_internal.h"
+#include "server/registry.h"
+#include "util/arena.h"
 
 typedef struct reflection_service {
 	Pbrpc__Reflection_Service svc; /* handlers receive &svc */
-	pbrpc_server *srv;
+	const pbrpc__registry *reg;
 } reflection_service;
 
 #define reflection_of(s) ((reflection_service *)((char *)(s) - offsetof(reflection_service, svc)))
 
-/* ---- arena ---- */
-
-typedef struct arena_block {
-	struct arena_block *next;
-	size_t used, cap;
-	alignas(max_align_t) unsigned char data[];
-} arena_block;
-
-typedef struct arena {
-	arena_block *head;
-	int failed; /* an allocation failed; the reply is incomplete */
-} arena;
-
-#define ARENA_BLOCK 8192
-
-static void *arena_alloc(arena *a, size_t n)
-{
-	const size_t align = alignof(max_align_t);
-	n = (n + align - 1) & ~(align - 1);
-	arena_block *b = a->head;
-	if (!b || b->cap - b->used < n) {
-		size_t cap = n > ARENA_BLOCK ? n : ARENA_BLOCK;
-		b = malloc(sizeof(*b) + cap);
-		if (!b) {
-			a->failed = 1;
-			return NULL;
-		}
-		b->cap = cap;
-		b->used = 0;
-		b->next = a->head;
-		a->head = b;
-	}
-	void *p = b->data + b->used;
-	b->used += n;
-	return p;
-}
-
-static void arena_free(arena *a)
-{
-	while (a->head) {
-		arena_block *next = a->head->next;
-		free(a->head);
-		a->head = next;
-	}
-}
+/* Replies are built in a pbrpc__arena that retains nothing (keep = 0), so
+ * an idle server holds no reflection memory. */
 
 /* ---- type sets ---- */
 
@@ -148,12 +106,12 @@ static char *str(const char *s)
 	return (char *)(s ? s : protobuf_c_empty_string);
 }
 
-static Pbrpc__ServiceInfo *service_info(arena *a, const ProtobufCServiceDescriptor *sd,
+static Pbrpc__ServiceInfo *service_info(pbrpc__arena *a, const ProtobufCServiceDescriptor *sd,
 					const ProtobufCMethodDescriptor *only)
 {
-	Pbrpc__ServiceInfo *si = arena_alloc(a, sizeof(*si));
+	Pbrpc__ServiceInfo *si = pbrpc__arena_alloc(a, sizeof(*si));
 	size_t n = only ? 1 : sd->n_methods;
-	Pbrpc__MethodInfo **mv = arena_alloc(a, n * sizeof(*mv));
+	Pbrpc__MethodInfo **mv = pbrpc__arena_alloc(a, n * sizeof(*mv));
 	if (!si || !mv)
 		return NULL;
 	pbrpc__service_info__init(si);
@@ -162,7 +120,7 @@ static Pbrpc__ServiceInfo *service_info(arena *a, const ProtobufCServiceDescript
 	si->methods = mv;
 	for (size_t i = 0; i < n; i++) {
 		const ProtobufCMethodDescriptor *m = only ? only : &sd->methods[i];
-		Pbrpc__MethodInfo *mi = arena_alloc(a, sizeof(*mi));
+		Pbrpc__MethodInfo *mi = pbrpc__arena_alloc(a, sizeof(*mi));
 		if (!mi)
 			return NULL;
 		pbrpc__method_info__init(mi);
@@ -175,9 +133,9 @@ static Pbrpc__ServiceInfo *service_info(arena *a, const ProtobufCServiceDescript
 }
 
 /* protoc's ToJsonName: drop each '_' and upper-case the letter after it. */
-static char *json_name(arena *a, const char *name)
+static char *json_name(pbrpc__arena *a, const char *name)
 {
-	char *out = arena_alloc(a, strlen(name) + 1);
+	char *out = pbrpc__arena_alloc(a, strlen(name) + 1);
 	if (!out)
 		return NULL;
 	char *o = out;
@@ -222,9 +180,9 @@ static Pbrpc__FieldSchema__Label field_label(const ProtobufCFieldDescriptor *f, 
 	}
 }
 
-static Pbrpc__FieldSchema *field_schema(arena *a, const ProtobufCFieldDescriptor *f, int proto3)
+static Pbrpc__FieldSchema *field_schema(pbrpc__arena *a, const ProtobufCFieldDescriptor *f, int proto3)
 {
-	Pbrpc__FieldSchema *fs = arena_alloc(a, sizeof(*fs));
+	Pbrpc__FieldSchema *fs = pbrpc__arena_alloc(a, sizeof(*fs));
 	if (!fs)
 		return NULL;
 	pbrpc__field_schema__init(fs);
@@ -243,10 +201,10 @@ static Pbrpc__FieldSchema *field_schema(arena *a, const ProtobufCFieldDescriptor
 	return fs->json_name ? fs : NULL;
 }
 
-static Pbrpc__MessageSchema *message_schema(arena *a, const ProtobufCMessageDescriptor *md)
+static Pbrpc__MessageSchema *message_schema(pbrpc__arena *a, const ProtobufCMessageDescriptor *md)
 {
-	Pbrpc__MessageSchema *ms = arena_alloc(a, sizeof(*ms));
-	Pbrpc__FieldSchema **fv = arena_alloc(a, md->n_fields * sizeof(*fv));
+	Pbrpc__MessageSchema *ms = pbrpc__arena_alloc(a, sizeof(*ms));
+	Pbrpc__FieldSchema **fv = pbrpc__arena_alloc(a, md->n_fields * sizeof(*fv));
 	if (!ms || !fv)
 		return NULL;
 	pbrpc__message_schema__init(ms);
@@ -260,10 +218,10 @@ static Pbrpc__MessageSchema *message_schema(arena *a, const ProtobufCMessageDesc
 	return ms;
 }
 
-static Pbrpc__EnumSchema *enum_schema(arena *a, const ProtobufCEnumDescriptor *ed)
+static Pbrpc__EnumSchema *enum_schema(pbrpc__arena *a, const ProtobufCEnumDescriptor *ed)
 {
-	Pbrpc__EnumSchema *es = arena_alloc(a, sizeof(*es));
-	Pbrpc__EnumValueSchema **vv = arena_alloc(a, ed->n_values * sizeof(*vv));
+	Pbrpc__EnumSchema *es = pbrpc__arena_alloc(a, sizeof(*es));
+	Pbrpc__EnumValueSchema **vv = pbrpc__arena_alloc(a, ed->n_values * sizeof(*vv));
 	if (!es || !vv)
 		return NULL;
 	pbrpc__enum_schema__init(es);
@@ -271,7 +229,7 @@ static Pbrpc__EnumSchema *enum_schema(arena *a, const ProtobufCEnumDescriptor *e
 	es->n_values = ed->n_values;
 	es->values = vv;
 	for (unsigned i = 0; i < ed->n_values; i++) {
-		Pbrpc__EnumValueSchema *v = arena_alloc(a, sizeof(*v));
+		Pbrpc__EnumValueSchema *v = pbrpc__arena_alloc(a, sizeof(*v));
 		if (!v)
 			return NULL;
 		pbrpc__enum_value_schema__init(v);
@@ -283,10 +241,10 @@ static Pbrpc__EnumSchema *enum_schema(arena *a, const ProtobufCEnumDescriptor *e
 }
 
 /* Fills the reply's schemas from a closed type set. Returns 0 or -ENOMEM. */
-static int fill_schemas(arena *a, const typeset *ts, Pbrpc__DescribeReply *reply)
+static int fill_schemas(pbrpc__arena *a, const typeset *ts, Pbrpc__DescribeReply *reply)
 {
-	reply->messages = arena_alloc(a, ts->msgs.n * sizeof(*reply->messages));
-	reply->enums = arena_alloc(a, ts->enums.n * sizeof(*reply->enums));
+	reply->messages = pbrpc__arena_alloc(a, ts->msgs.n * sizeof(*reply->messages));
+	reply->enums = pbrpc__arena_alloc(a, ts->enums.n * sizeof(*reply->enums));
 	if (!reply->messages || !reply->enums)
 		return -ENOMEM;
 	reply->n_messages = ts->msgs.n;
@@ -310,14 +268,15 @@ static void fail(void *closure_data, int status, const char *what)
 static void reflection_list_services(Pbrpc__Reflection_Service *svc, const Pbrpc__ListServicesRequest *req,
 				     Pbrpc__ListServicesReply_Closure closure, void *closure_data)
 {
-	const pbrpc_server *srv = reflection_of(svc)->srv;
+	const pbrpc__registry *reg = reflection_of(svc)->reg;
 	Pbrpc__ListServicesReply reply = PBRPC__LIST_SERVICES_REPLY__INIT;
-	arena a = { 0 };
-	size_t n = pbrpc__server_service_count(srv);
+	pbrpc__arena a;
+	pbrpc__arena_init(&a, 0, NULL);
+	size_t n = reg->n_services;
 
-	reply.services = arena_alloc(&a, n * sizeof(*reply.services));
+	reply.services = pbrpc__arena_alloc(&a, n * sizeof(*reply.services));
 	for (size_t i = 0; reply.services && i < n; i++) {
-		reply.services[i] = service_info(&a, pbrpc__server_service_at(srv, i)->descriptor, NULL);
+		reply.services[i] = service_info(&a, reg->services[i].service->descriptor, NULL);
 		if (!reply.services[i])
 			break;
 		reply.n_services++;
@@ -328,15 +287,15 @@ static void reflection_list_services(Pbrpc__Reflection_Service *svc, const Pbrpc
 	} else {
 		closure(&reply, closure_data);
 	}
-	arena_free(&a);
+	pbrpc__arena_fini(&a);
 }
 
 /* Every message and enum the server's methods reach. */
-static void all_types(const pbrpc_server *srv, typeset *ts)
+static void all_types(const pbrpc__registry *reg, typeset *ts)
 {
-	size_t n = pbrpc__server_service_count(srv);
+	size_t n = reg->n_services;
 	for (size_t i = 0; i < n; i++) {
-		const ProtobufCServiceDescriptor *sd = pbrpc__server_service_at(srv, i)->descriptor;
+		const ProtobufCServiceDescriptor *sd = reg->services[i].service->descriptor;
 		for (unsigned j = 0; j < sd->n_methods; j++)
 			add_method_types(ts, &sd->methods[j]);
 	}
@@ -345,18 +304,18 @@ static void all_types(const pbrpc_server *srv, typeset *ts)
 
 /* Resolves `symbol` into the services to list and the root types to describe.
  * Returns 0, PBRPC_EINVALID for an unknown symbol, -ENOMEM. */
-static int resolve(const pbrpc_server *srv, arena *a, const char *symbol, Pbrpc__DescribeReply *reply,
+static int resolve(const pbrpc__registry *reg, pbrpc__arena *a, const char *symbol, Pbrpc__DescribeReply *reply,
 		   typeset *roots)
 {
 	const char *slash = strchr(symbol, '/');
 	size_t len = slash ? (size_t)(slash - symbol) : strlen(symbol);
-	char *name = arena_alloc(a, len + 1);
+	char *name = pbrpc__arena_alloc(a, len + 1);
 	if (!name)
 		return -ENOMEM;
 	memcpy(name, symbol, len);
 	name[len] = '\0';
 
-	const ProtobufCService *s = pbrpc__server_find_service(srv, name);
+	const ProtobufCService *s = pbrpc__registry_find_service(reg, name);
 	if (s) {
 		const ProtobufCServiceDescriptor *sd = s->descriptor;
 		const ProtobufCMethodDescriptor *m = NULL;
@@ -369,7 +328,7 @@ static int resolve(const pbrpc_server *srv, arena *a, const char *symbol, Pbrpc_
 			for (unsigned j = 0; j < sd->n_methods; j++)
 				add_method_types(roots, &sd->methods[j]);
 		}
-		reply->services = arena_alloc(a, sizeof(*reply->services));
+		reply->services = pbrpc__arena_alloc(a, sizeof(*reply->services));
 		if (!reply->services || !(reply->services[0] = service_info(a, sd, m)))
 			return -ENOMEM;
 		reply->n_services = 1;
@@ -379,7 +338,7 @@ static int resolve(const pbrpc_server *srv, arena *a, const char *symbol, Pbrpc_
 		return PBRPC_EINVALID;
 
 	typeset all = { 0 };
-	all_types(srv, &all);
+	all_types(reg, &all);
 	int rc = all.failed ? -ENOMEM : PBRPC_EINVALID;
 	for (size_t i = 0; rc == PBRPC_EINVALID && i < all.msgs.n; i++)
 		if (strcmp(ts_msg(&all, i)->name, symbol) == 0) {
@@ -398,12 +357,13 @@ static int resolve(const pbrpc_server *srv, arena *a, const char *symbol, Pbrpc_
 static void reflection_describe(Pbrpc__Reflection_Service *svc, const Pbrpc__DescribeRequest *req,
 				Pbrpc__DescribeReply_Closure closure, void *closure_data)
 {
-	const pbrpc_server *srv = reflection_of(svc)->srv;
+	const pbrpc__registry *reg = reflection_of(svc)->reg;
 	Pbrpc__DescribeReply reply = PBRPC__DESCRIBE_REPLY__INIT;
-	arena a = { 0 };
+	pbrpc__arena a;
+	pbrpc__arena_init(&a, 0, NULL);
 	typeset ts = { 0 };
 
-	int rc = resolve(srv, &a, req->symbol, &reply, &ts);
+	int rc = resolve(reg, &a, req->symbol, &reply, &ts);
 	if (rc == 0) {
 		typeset_close(&ts);
 		rc = ts.failed ? -ENOMEM : fill_schemas(&a, &ts, &reply);
@@ -418,7 +378,7 @@ static void reflection_describe(Pbrpc__Reflection_Service *svc, const Pbrpc__Des
 		closure(&reply, closure_data);
 	}
 	typeset_free(&ts);
-	arena_free(&a);
+	pbrpc__arena_fini(&a);
 }
 
 static void reflection_destroy(Pbrpc__Reflection_Service *svc)
@@ -426,14 +386,14 @@ static void reflection_destroy(Pbrpc__Reflection_Service *svc)
 	free(reflection_of(svc));
 }
 
-ProtobufCService *pbrpc__reflection_service_new(pbrpc_server *srv)
+PBRPC_EXPORT int pbrpc_server_enable_reflection(pbrpc_server *srv)
 {
 	reflection_service *r = calloc(1, sizeof(*r));
 	if (!r)
-		return NULL;
+		return -ENOMEM;
 	pbrpc__reflection__init(&r->svc, reflection_destroy);
 	r->svc.list_services = reflection_list_services;
 	r->svc.describe = reflection_describe;
-	r->srv = srv;
-	return &r->svc.base;
+	r->reg = pbrpc__server_registry(srv);
+	return pbrpc__registry_add(pbrpc__server_registry(srv), &r->svc.base, true);
 }

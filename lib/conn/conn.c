@@ -1,0 +1,425 @@
+/* The connection core shared by the server and the client (see conn.h). */
+#include "conn/conn.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include "util/io.h"
+
+#define WHY_MAX 256
+
+int pbrpc__conn_init(pbrpc__conn *c, int fd, pbrpc__conn_role role, const pbrpc__conn_ops *ops,
+		     const pbrpc_hello *ours)
+{
+	memset(c, 0, sizeof(*c));
+	c->fd = fd;
+	c->state = PBRPC__CONN_PREFACE;
+	c->closed_in = PBRPC__CONN_PREFACE;
+	c->role = (uint8_t)role;
+	c->goaway_sent = -1;
+	c->ops = ops;
+	c->max_frame = ours->max_frame ? ours->max_frame : PBRPC_MAX_FRAME_DEFAULT;
+	if (c->max_frame > PBRPC_MAX_FRAME_LIMIT)
+		c->max_frame = PBRPC_MAX_FRAME_LIMIT;
+	c->peer_max_frame = PBRPC_MAX_FRAME_DEFAULT;
+	pbrpc__frame_decoder_init(&c->dec, c->max_frame);
+	pbrpc__frame_writer_init(&c->out);
+	pbrpc__idmap_init(&c->calls);
+	return pbrpc__wire_write_preface(&c->out, ours);
+}
+
+void pbrpc__conn_fini(pbrpc__conn *c)
+{
+	pbrpc__frame_decoder_fini(&c->dec);
+	pbrpc__frame_writer_fini(&c->out);
+	pbrpc__idmap_fini(&c->calls);
+	if (c->fd >= 0)
+		close(c->fd);
+	c->fd = -1;
+}
+
+/* ---- closing ---- */
+
+static void conn_vclose(pbrpc__conn *c, int err, const char *fmt, va_list ap)
+{
+	char why[WHY_MAX];
+	vsnprintf(why, sizeof(why), fmt, ap);
+	c->closed_in = c->state;
+	c->state = PBRPC__CONN_CLOSED;
+	c->read_paused = false;
+	c->resume = false;
+	c->ops->on_close(c, err, why);
+}
+
+void pbrpc__conn_close(pbrpc__conn *c, int err, const char *fmt, ...)
+{
+	if (c->state == PBRPC__CONN_CLOSED)
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	conn_vclose(c, err, fmt, ap);
+	va_end(ap);
+}
+
+/* The one "GOAWAY, then close" path. */
+void pbrpc__conn_fail(pbrpc__conn *c, int status, int err, const char *fmt, ...)
+{
+	if (c->state == PBRPC__CONN_CLOSED)
+		return;
+	char why[WHY_MAX];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	if (pbrpc__wire_write_goaway(&c->out, status, why) == 0) {
+		c->goaway_sent = status;
+		pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
+	}
+	pbrpc__conn_close(c, err, "%s", why);
+}
+
+void pbrpc__conn_goaway(pbrpc__conn *c, const char *why)
+{
+	if (c->draining || c->state == PBRPC__CONN_CLOSED)
+		return;
+	c->draining = true;
+	pbrpc__wire_write_goaway(&c->out, PBRPC_STATUS_OK, why);
+}
+
+void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
+{
+	const char *peer = pbrpc__conn_peer_name(c);
+	if (err == PBRPC_EBADMAGIC)
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err, "bad preface: peer is not a pbrpc %s", peer);
+	else if ((err == PBRPC_EOF || err == PBRPC_ETRUNCATED) && c->state != PBRPC__CONN_OPEN)
+		pbrpc__conn_close(c, err, "connection closed by %s during the handshake", peer);
+	else if (err == PBRPC_EOF)
+		pbrpc__conn_close(c, err, "connection closed by %s", peer);
+	else if (err == PBRPC_ETRUNCATED)
+		pbrpc__conn_close(c, err, "connection closed by %s in the middle of a frame", peer);
+	else
+		pbrpc__conn_close(c, err, "connection lost: read failed: %s", pbrpc_strerror(err));
+}
+
+/* ---- reading ---- */
+
+/* Checks preface bytes; returns how many of n it used, or -1 on a mismatch. */
+static ssize_t eat_preface(pbrpc__conn *c, const uint8_t *p, size_t n)
+{
+	size_t used = 0;
+	while (c->state == PBRPC__CONN_PREFACE && used < n) {
+		if (p[used] != (uint8_t)PBRPC_WIRE_PREFACE[c->preface_got])
+			return -1;
+		used++;
+		if (++c->preface_got == PBRPC_WIRE_PREFACE_SIZE)
+			c->state = PBRPC__CONN_HELLO;
+	}
+	return (ssize_t)used;
+}
+
+static ssize_t recv_into(int fd, uint8_t *buf, size_t cap, int flags)
+{
+	struct iovec iov = { buf, cap };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+	ssize_t n;
+	do
+		n = pbrpc__recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+	if (n == 0)
+		return PBRPC_EOF;
+	return n;
+}
+
+ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags)
+{
+	if (c->state == PBRPC__CONN_CLOSED)
+		return PBRPC_ECLOSED;
+	if (c->state != PBRPC__CONN_PREFACE && (!scratch || pbrpc__frame_decoder_pending(&c->dec)))
+		return pbrpc__frame_decoder_recv(&c->dec, c->fd, flags); /* the rest of a split frame */
+
+	/* Preface bytes never enter the decoder: read them (and what follows)
+	 * into a buffer of our own, check them, and feed the rest. */
+	uint8_t small[256];
+	bool own = !scratch;
+	if (own) {
+		scratch = small;
+		cap = sizeof(small);
+	}
+	ssize_t n = recv_into(c->fd, scratch, cap, flags);
+	if (n <= 0)
+		return n == PBRPC_EOF && c->state == PBRPC__CONN_PREFACE && c->preface_got ? PBRPC_ETRUNCATED : n;
+	const uint8_t *p = scratch;
+	size_t len = (size_t)n;
+	if (c->state == PBRPC__CONN_PREFACE) {
+		ssize_t used = eat_preface(c, p, len);
+		if (used < 0)
+			return PBRPC_EBADMAGIC;
+		p += used;
+		len -= (size_t)used;
+	}
+	pbrpc__frame_decoder_feed(&c->dec, p, len);
+	if (own && pbrpc__frame_decoder_stash(&c->dec) < 0)
+		return -ENOMEM;
+	return n;
+}
+
+/* ---- frames ---- */
+
+static void handle_hello(pbrpc__conn *c, const pbrpc__frame *f)
+{
+	if (f->hdr.type == PBRPC_FRAME_GOAWAY && c->role == PBRPC__CONN_CLIENT) {
+		/* Refused before the HELLO (e.g. a peer of an older version). */
+		int st;
+		const char *m;
+		size_t ml;
+		if (pbrpc__wire_read_goaway(f, &st, &m, &ml) < 0)
+			pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO,
+					 "malformed GOAWAY during the handshake");
+		else
+			pbrpc__conn_close(c, st == PBRPC_STATUS_FAILED_PRECONDITION ? PBRPC_EVERSION : PBRPC_EGOAWAY,
+					  "refused the connection: GOAWAY %s: %.*s", pbrpc_status_name(st), (int)ml, m);
+		return;
+	}
+	pbrpc_hello h;
+	int rc = f->hdr.type == PBRPC_FRAME_HELLO ? pbrpc__wire_read_hello(f, &h) : PBRPC_EPROTO;
+	if (rc == PBRPC_EVERSION) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_FAILED_PRECONDITION, rc,
+				 "unsupported protocol version %u, this peer speaks %u", (unsigned)h.version,
+				 PBRPC_WIRE_VERSION);
+		return;
+	}
+	if (rc < 0) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "expected HELLO, got a malformed %s frame",
+				 pbrpc__wire_frame_name(f->hdr.type));
+		return;
+	}
+	/* Validated and clamped here, once, for both roles. */
+	c->peer = h;
+	c->peer_max_frame = h.max_frame ? h.max_frame : PBRPC_MAX_FRAME_DEFAULT;
+	if (c->peer_max_frame > PBRPC_MAX_FRAME_LIMIT)
+		c->peer_max_frame = PBRPC_MAX_FRAME_LIMIT;
+	c->peer_max_calls = h.max_calls;
+	c->state = PBRPC__CONN_OPEN;
+	c->handshake_deadline = 0;
+	if (c->ops->on_open)
+		c->ops->on_open(c);
+}
+
+static void handle_goaway(pbrpc__conn *c, const pbrpc__frame *f)
+{
+	int st;
+	const char *m;
+	size_t ml;
+	if (pbrpc__wire_read_goaway(f, &st, &m, &ml) < 0) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "malformed GOAWAY");
+		return;
+	}
+	if (st != PBRPC_STATUS_OK) {
+		/* A connection error: the peer closes right after it. */
+		pbrpc__conn_close(c, PBRPC_EGOAWAY, "%s sent GOAWAY: %s: %.*s", pbrpc__conn_peer_name(c),
+				  pbrpc_status_name(st), (int)ml, m);
+		return;
+	}
+	/* Drain: calls in flight finish, no new ones start here. */
+	c->draining = true;
+	if (c->ops->on_goaway)
+		c->ops->on_goaway(c);
+}
+
+static void unexpected(pbrpc__conn *c, const pbrpc__frame *f)
+{
+	pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "unexpected %s frame from the %s",
+			 pbrpc__wire_frame_name(f->hdr.type), pbrpc__conn_peer_name(c));
+}
+
+/* Returns true when on_response asked to stop. */
+static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
+{
+	if (c->state == PBRPC__CONN_HELLO) {
+		handle_hello(c, f);
+		return false;
+	}
+	if (pbrpc__wire_check_header(&f->hdr) < 0) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO,
+				 "bad frame header (type 0x%02x, flags 0x%02x, stream %u, length %u)", f->hdr.type,
+				 f->hdr.flags, (unsigned)f->hdr.stream, (unsigned)f->hdr.length);
+		return false;
+	}
+	bool server = c->role == PBRPC__CONN_SERVER;
+	switch (f->hdr.type) {
+	case PBRPC_FRAME_REQUEST:
+		if (!server)
+			break;
+		c->ops->on_request(c, f);
+		return false;
+	case PBRPC_FRAME_RESPONSE: {
+		if (server)
+			break;
+		pbrpc__wire_response r;
+		if (pbrpc__wire_read_response(f, &r) < 0) {
+			pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "malformed RESPONSE for call %u",
+					 (unsigned)f->hdr.stream);
+			return false;
+		}
+		return c->ops->on_response(c, &r, arg);
+	}
+	case PBRPC_FRAME_CANCEL:
+		if (!server)
+			break;
+		c->ops->on_cancel(c, f->hdr.stream);
+		return false;
+	case PBRPC_FRAME_PING:
+		pbrpc__wire_write_ping(&c->out, PBRPC_FRAME_PONG, f->payload); /* the role flushes */
+		return false;
+	case PBRPC_FRAME_PONG:
+		return false;
+	case PBRPC_FRAME_GOAWAY:
+		handle_goaway(c, f);
+		return false;
+	}
+	unexpected(c, f);
+	return false;
+}
+
+/* A REQUEST over the limit is skipped and answered; anything else that large
+ * is fatal (PROTOCOL.md section 2). */
+static void handle_toobig(pbrpc__conn *c)
+{
+	const pbrpc__frame_header *h = pbrpc__frame_decoder_rejected(&c->dec);
+	if (c->role == PBRPC__CONN_SERVER && c->state == PBRPC__CONN_OPEN && h->type == PBRPC_FRAME_REQUEST &&
+	    h->stream != 0 && !pbrpc__idmap_get(&c->calls, h->stream)) {
+		char text[160];
+		snprintf(text, sizeof(text), "request is %u bytes, server accepts at most %u", (unsigned)h->length,
+			 (unsigned)c->max_frame);
+		uint32_t id = h->stream;
+		pbrpc__frame_decoder_skip(&c->dec);
+		pbrpc__conn_reply_status(c, id, PBRPC_STATUS_RESOURCE_EXHAUSTED, text);
+		return;
+	}
+	pbrpc__conn_fail(c, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_ETOOBIG, "%s frame of %u bytes exceeds the limit of %u",
+			 pbrpc__wire_frame_name(h->type), (unsigned)h->length, (unsigned)c->max_frame);
+}
+
+/* Over the output bound even after a flush: stop taking frames until the
+ * peer reads. */
+static bool output_full(pbrpc__conn *c)
+{
+	if (!c->max_output || pbrpc__conn_pending_out(c) <= c->max_output)
+		return false;
+	pbrpc__conn_flush(c, c->last_active);
+	return c->read_paused;
+}
+
+int pbrpc__conn_dispatch(pbrpc__conn *c, void *arg)
+{
+	c->resume = false;
+	while (c->state != PBRPC__CONN_CLOSED) {
+		if (output_full(c)) {
+			if (pbrpc__frame_decoder_stash(&c->dec) < 0)
+				pbrpc__conn_fail(c, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
+			return 0;
+		}
+		pbrpc__frame f;
+		int rc = pbrpc__frame_decoder_next(&c->dec, &f);
+		if (rc == 0)
+			return 0;
+		if (rc == PBRPC_ETOOBIG) {
+			handle_toobig(c);
+			continue;
+		}
+		if (rc < 0) {
+			pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, rc, "%s",
+					 rc == PBRPC_EPROTO ? "bad frame header (reserved bits set)" : pbrpc_strerror(rc));
+			return 0;
+		}
+		if (handle_frame(c, &f, arg))
+			return 1;
+	}
+	return 0;
+}
+
+/* ---- writing ---- */
+
+ssize_t pbrpc__conn_flush(pbrpc__conn *c, int64_t now)
+{
+	if (c->state == PBRPC__CONN_CLOSED)
+		return 0;
+	ssize_t n = 0;
+	if (pbrpc__conn_pending_out(c)) {
+		n = pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
+		if (n < 0)
+			return n;
+	}
+	if (!c->max_output)
+		return n;
+	size_t pending = pbrpc__conn_pending_out(c);
+	if (pending > c->max_output) {
+		/* A peer that reads nothing for stall_ns is dropped; any progress
+		 * starts the wait again. */
+		if (!c->read_paused || n > 0)
+			c->stalled_since = now;
+		c->read_paused = true;
+	} else if (c->read_paused && pending <= c->max_output / 2) {
+		c->read_paused = false;
+		c->resume = true;
+	}
+	return n;
+}
+
+int pbrpc__conn_reply_status(pbrpc__conn *c, uint32_t call_id, int status, const char *message)
+{
+	pbrpc__wire_response r = { .call_id = call_id, .status = status, .message = message };
+	r.message_len = message ? strlen(message) : 0;
+	return pbrpc__wire_write_response(&c->out, &r, NULL, 0);
+}
+
+/* ---- timeouts and events ---- */
+
+pbrpc__deadline pbrpc__conn_deadline(const pbrpc__conn *c)
+{
+	if (c->state == PBRPC__CONN_CLOSED)
+		return 0;
+	if (c->state != PBRPC__CONN_OPEN)
+		return c->handshake_deadline;
+	pbrpc__deadline d = 0;
+	if (c->idle_ns > 0 && pbrpc__idmap_count(&c->calls) == 0)
+		d = c->last_active + c->idle_ns;
+	if (c->read_paused && c->stall_ns > 0)
+		d = pbrpc__deadline_min(d, c->stalled_since + c->stall_ns);
+	return d;
+}
+
+void pbrpc__conn_expire(pbrpc__conn *c, int64_t now)
+{
+	if (c->state == PBRPC__CONN_CLOSED)
+		return;
+	if (c->state != PBRPC__CONN_OPEN) {
+		if (c->handshake_deadline && now >= c->handshake_deadline)
+			pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, -ETIMEDOUT, "handshake timed out");
+		return;
+	}
+	if (c->read_paused && c->stall_ns > 0 && now >= c->stalled_since + c->stall_ns) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ETIMEDOUT,
+				 "%s read none of its %zu queued reply bytes for %lld ms", pbrpc__conn_peer_name(c),
+				 pbrpc__conn_pending_out(c), (long long)(c->stall_ns / PBRPC__NS_PER_MS));
+		return;
+	}
+	if (c->idle_ns > 0 && pbrpc__idmap_count(&c->calls) == 0 && now >= c->last_active + c->idle_ns)
+		pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, -ETIMEDOUT, "idle timeout");
+}
+
+uint32_t pbrpc__conn_events(const pbrpc__conn *c)
+{
+	if (c->state == PBRPC__CONN_CLOSED)
+		return 0;
+	uint32_t ev = c->read_paused ? 0 : EPOLLIN;
+	if (pbrpc__conn_pending_out(c))
+		ev |= EPOLLOUT;
+	return ev;
+}

@@ -1,0 +1,187 @@
+/* One connection for both roles: the fd, the handshake, the decoder and the
+ * writer, the peer's HELLO, the call-id map, and every connection-level frame
+ * (header checks, HELLO, PING/PONG, GOAWAY, oversized frames). The server and
+ * the client embed a pbrpc__conn in their own connection record and plug in
+ * through pbrpc__conn_ops; they add policy (who reads when, threads, retries)
+ * and nothing of the protocol's connection layer.
+ *
+ * Steps return > 0 progress, 0 would block, < 0 error (sd-varlink's
+ * contract). Poll events and the next deadline are derived from the state
+ * (pbrpc__conn_events, pbrpc__conn_deadline), never cached here.
+ *
+ * Closing: pbrpc__conn_fail sends GOAWAY(status, why) best effort, then
+ * closes; pbrpc__conn_close closes without a word (the peer is gone). Both end
+ * in ops->on_close, exactly once. on_close must not free the connection (the
+ * conn function that closed it may still read its fields): the role frees it,
+ * with pbrpc__conn_fini, once that call has returned.
+ *
+ * Not thread-safe: one thread at a time calls into a connection (the client
+ * serialises with its mutex; only pbrpc__conn_recv may run outside it, by the
+ * connection's one reader).
+ */
+#ifndef PBRPC_CONN_CONN_H
+#define PBRPC_CONN_CONN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "pbrpc/common.h"
+#include "proto/frame.h"
+#include "proto/wire.h"
+#include "util/clock.h"
+#include "util/idmap.h"
+
+typedef enum pbrpc__conn_state {
+	PBRPC__CONN_PREFACE, /* waiting for the peer's 8-byte preface */
+	PBRPC__CONN_HELLO,   /* waiting for the peer's HELLO */
+	PBRPC__CONN_OPEN,
+	PBRPC__CONN_CLOSED,
+} pbrpc__conn_state;
+
+typedef enum pbrpc__conn_role {
+	PBRPC__CONN_CLIENT, /* sends REQUEST/CANCEL, receives RESPONSE */
+	PBRPC__CONN_SERVER, /* receives REQUEST/CANCEL, sends RESPONSE */
+} pbrpc__conn_role;
+
+typedef struct pbrpc__conn pbrpc__conn;
+
+/* How the role hears of what arrives. Each runs inside a conn call, on the
+ * thread that made it; any may close the connection. `arg` is what the role
+ * passed to pbrpc__conn_dispatch. */
+typedef struct pbrpc__conn_ops {
+	void (*on_open)(pbrpc__conn *c);                       /* the peer's HELLO arrived */
+	void (*on_request)(pbrpc__conn *c, const pbrpc__frame *f); /* server: a REQUEST */
+	void (*on_cancel)(pbrpc__conn *c, uint32_t call_id);   /* server: a CANCEL */
+	/* client: a decoded RESPONSE. Returns true to stop dispatching: its
+	 * views stay valid in the decoder until the next call on c. */
+	bool (*on_response)(pbrpc__conn *c, const pbrpc__wire_response *r, void *arg);
+	void (*on_goaway)(pbrpc__conn *c); /* GOAWAY(OK): c is draining now */
+	/* c is CLOSED. err: local code (PBRPC_EOF, PBRPC_EPROTO, -ECONNRESET,
+	 * ...); why: what happened, as the peer would be told. The fd is still
+	 * open; see the file comment about freeing. */
+	void (*on_close)(pbrpc__conn *c, int err, const char *why);
+} pbrpc__conn_ops;
+
+struct pbrpc__conn {
+	int fd;
+	uint8_t state;       /* pbrpc__conn_state */
+	uint8_t role;        /* pbrpc__conn_role */
+	uint8_t preface_got; /* bytes of the peer's preface checked so far */
+	uint8_t closed_in;   /* the state the connection was closed in */
+	bool draining;       /* no new calls: GOAWAY(OK) sent or received */
+	bool read_paused;    /* output above max_output: stop reading */
+	bool resume;         /* just unpaused: frames stashed in the decoder wait */
+	int goaway_sent;     /* status of the GOAWAY pbrpc__conn_fail sent, or -1 */
+	                     /* (>= 0: the connection was closed by a failure) */
+	uint32_t max_frame;      /* ours: largest payload we accept */
+	uint32_t peer_max_frame; /* the peer's HELLO, clamped: largest we may send */
+	uint32_t peer_max_calls; /* the peer's HELLO; 0: no limit */
+	pbrpc_hello peer;        /* the peer's HELLO as received (agent cut) */
+	pbrpc__frame_decoder dec;
+	pbrpc__frame_writer out;
+	pbrpc__idmap calls; /* call id -> the role's call record */
+	const pbrpc__conn_ops *ops;
+
+	/* Policy the role sets (0: off); pbrpc__conn_deadline derives from them. */
+	size_t max_output;                  /* bound on queued output bytes */
+	pbrpc__deadline handshake_deadline; /* HELLO must arrive by then */
+	int64_t idle_ns;                    /* no calls and no bytes for this long */
+	int64_t stall_ns;                   /* paused and the peer reads nothing */
+	int64_t last_active;                /* last read, or last call answered */
+	int64_t stalled_since;              /* while paused: last write progress */
+};
+
+/* Sets up c on a connected fd (taken over: pbrpc__conn_fini closes it) and
+ * queues our preface and HELLO (ours; its max_frame, 0 for the default, is
+ * also the decoder's limit). Returns 0 or -ENOMEM. */
+int pbrpc__conn_init(pbrpc__conn *c, int fd, pbrpc__conn_role role, const pbrpc__conn_ops *ops,
+		     const pbrpc_hello *ours);
+
+/* Frees the buffers and the id map (not the records it points at) and
+ * closes the fd. Does not call on_close. */
+void pbrpc__conn_fini(pbrpc__conn *c);
+
+/* One read without blocking (flags: MSG_DONTWAIT, or 0 to block on a
+ * blocking socket). With scratch, the bytes land there and are offered to
+ * the decoder in place: call pbrpc__conn_dispatch before reusing scratch.
+ * Without (or while a frame is split across reads), they land in the
+ * decoder's own buffer. Preface bytes are checked here. Returns the bytes
+ * read (> 0), 0 if it would block, or < 0 with nothing closed yet: the
+ * caller passes the code to pbrpc__conn_read_failed (it may hold no lock
+ * here; that call needs one). */
+ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags);
+
+/* Closes c after a failed read, with the words for it: a clean end of
+ * stream, one inside a frame, a bad preface, or the error. */
+void pbrpc__conn_read_failed(pbrpc__conn *c, int err);
+
+/* Handles the complete frames buffered in the decoder. Stops early while
+ * output is over max_output (the rest stays stashed in the decoder: see
+ * `resume`). Returns 1 when on_response asked to stop, 0 otherwise (more
+ * bytes needed, paused, or closed). */
+int pbrpc__conn_dispatch(pbrpc__conn *c, void *arg);
+
+/* Writes queued output without blocking and keeps read_paused and
+ * stalled_since up to date against max_output. `now` is a recent clock
+ * reading. Returns bytes written (> 0), 0 (nothing written), or -errno;
+ * a failed write closes nothing: the caller decides (the server closes,
+ * the client first reads what the peer said). */
+ssize_t pbrpc__conn_flush(pbrpc__conn *c, int64_t now);
+
+/* Begins a graceful drain from our side: GOAWAY(OK, why), no new calls. */
+void pbrpc__conn_goaway(pbrpc__conn *c, const char *why);
+
+/* Sends GOAWAY(status, why) best effort, then closes (on_close with err). */
+__attribute__((format(printf, 4, 5))) void pbrpc__conn_fail(pbrpc__conn *c, int status, int err, const char *fmt,
+							   ...);
+
+/* Closes without sending anything (on_close with err). */
+__attribute__((format(printf, 3, 4))) void pbrpc__conn_close(pbrpc__conn *c, int err, const char *fmt, ...);
+
+/* Queues a RESPONSE with a status and no body (answers for calls that never
+ * reached a handler). Returns 0 or a negative code. */
+int pbrpc__conn_reply_status(pbrpc__conn *c, uint32_t call_id, int status, const char *message);
+
+/* Expires the policy timeouts due at `now`: no HELLO in time ("handshake
+ * timed out"), the peer reading nothing while paused, idleness. Each closes
+ * c with GOAWAY. */
+void pbrpc__conn_expire(pbrpc__conn *c, int64_t now);
+
+/* When pbrpc__conn_expire has something to do next (0: nothing pending). */
+pbrpc__deadline pbrpc__conn_deadline(const pbrpc__conn *c);
+
+/* EPOLLIN unless paused or closed, EPOLLOUT while output is queued. */
+uint32_t pbrpc__conn_events(const pbrpc__conn *c);
+
+static inline bool pbrpc__conn_closed(const pbrpc__conn *c)
+{
+	return c->state == PBRPC__CONN_CLOSED;
+}
+
+static inline size_t pbrpc__conn_pending_out(const pbrpc__conn *c)
+{
+	return c->out.tail - c->out.head;
+}
+
+/* Bytes buffered in the decoder (frames not yet dispatched, or a part). */
+static inline size_t pbrpc__conn_pending_in(const pbrpc__conn *c)
+{
+	const pbrpc__frame_decoder *d = &c->dec;
+	return d->tail - d->head + d->in_len + (size_t)d->discard;
+}
+
+/* Draining, no call in flight, nothing left to write: time to close. */
+static inline bool pbrpc__conn_drained(const pbrpc__conn *c)
+{
+	return c->draining && pbrpc__idmap_count(&c->calls) == 0 && pbrpc__conn_pending_out(c) == 0;
+}
+
+/* "client" or "server": the other side, for messages. */
+static inline const char *pbrpc__conn_peer_name(const pbrpc__conn *c)
+{
+	return c->role == PBRPC__CONN_CLIENT ? "server" : "client";
+}
+
+#endif

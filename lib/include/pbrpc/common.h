@@ -1,0 +1,59 @@
+/* pbrpc: the types and checks shared by servers, clients and tools.
+ *
+ * Metadata entries (sent with a call), what a peer announced in its HELLO,
+ * the protocol's size limits, and the validation of method names and metadata
+ * keys, so that a tool can check user input before it calls. */
+#ifndef PBRPC_COMMON_H
+#define PBRPC_COMMON_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pbrpc/error.h"
+#include "pbrpc/version.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PBRPC_METHOD_MAX 1024         /* longest method name, bytes */
+#define PBRPC_METADATA_KEY_MAX 255    /* longest metadata key */
+#define PBRPC_METADATA_VALUE_MAX 65535 /* longest metadata value */
+#define PBRPC_STATUS_MESSAGE_MAX 4096 /* longest status message sent (longer is cut) */
+#define PBRPC_MAX_FRAME_DEFAULT (16u * 1024u * 1024u) /* default largest payload */
+#define PBRPC_MAX_FRAME_LIMIT 0x7fffffffu             /* largest a peer may announce */
+
+/* One metadata entry: a key (1 to 255 bytes of lowercase ASCII letters,
+ * digits, '-', '_', '.') and an opaque value. */
+typedef struct pbrpc_metadata {
+	const char *key;
+	size_t key_len; /* 0: strlen(key) */
+	const void *value;
+	size_t value_len;
+} pbrpc_metadata;
+
+/* What a peer announced in its HELLO (docs/PROTOCOL.md section 3). */
+typedef struct pbrpc_hello {
+	uint32_t version;
+	uint32_t max_frame; /* largest payload it accepts */
+	uint32_t max_calls; /* server: calls in flight it accepts per connection */
+	uint64_t features;
+	char agent[64];     /* NUL-terminated, cut if longer */
+} pbrpc_hello;
+
+/* True when name[0..len) is a valid method name: "pkg.Service/Method", one
+ * '/', non-empty parts of [A-Za-z0-9_.], at most PBRPC_METHOD_MAX bytes. */
+PBRPC_EXPORT bool pbrpc_method_valid(const char *name, size_t len);
+
+/* True when key[0..len) is a valid metadata key. */
+PBRPC_EXPORT bool pbrpc_metadata_key_valid(const char *key, size_t len);
+
+/* The library's version, "MAJOR.MINOR.PATCH" (PBRPC_VERSION is the version
+ * of the headers compiled against). */
+PBRPC_EXPORT const char *pbrpc_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,78 @@
+/* What a handler may ask of its call (closure_data): status, cancellation,
+ * deadline, method, metadata, peer credentials. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "server/server_impl.h"
+
+/* ---- the handler's view of a call ---- */
+
+static srv_call *as_call(void *closure_data)
+{
+	srv_call *call = closure_data;
+	return call && call->magic == SRV_CALL_MAGIC ? call : NULL;
+}
+
+PBRPC_EXPORT int pbrpc_call_set_status(void *closure_data, int status, const char *fmt, ...)
+{
+	srv_call *call = as_call(closure_data);
+	if (!call || status < 0 || status >= PBRPC_STATUS_COUNT)
+		return PBRPC_EINVALID;
+	call->status = status;
+	free(call->status_msg);
+	call->status_msg = NULL;
+	if (fmt) {
+		va_list ap;
+		va_start(ap, fmt);
+		if (vasprintf(&call->status_msg, fmt, ap) < 0)
+			call->status_msg = NULL;
+		va_end(ap);
+	}
+	return 0;
+}
+
+PBRPC_EXPORT bool pbrpc_call_cancelled(void *closure_data)
+{
+	srv_call *call = closure_data;
+	return call ? atomic_load(&call->cancelled) : true;
+}
+
+PBRPC_EXPORT int64_t pbrpc_call_deadline(void *closure_data)
+{
+	srv_call *call = as_call(closure_data);
+	return call ? call->deadline_ns : 0;
+}
+
+PBRPC_EXPORT const char *pbrpc_call_method(void *closure_data)
+{
+	srv_call *call = as_call(closure_data);
+	return call ? call->m->name : NULL;
+}
+
+PBRPC_EXPORT const void *pbrpc_call_metadata(void *closure_data, const char *key, size_t *len)
+{
+	srv_call *call = as_call(closure_data);
+	if (!call || !call->md_len)
+		return NULL;
+	pbrpc__wire_request view = { .metadata_raw = call->md, .metadata_raw_len = call->md_len };
+	return pbrpc__wire_metadata_get(&view, key, len);
+}
+
+PBRPC_EXPORT int pbrpc_call_peer_cred(void *closure_data, pid_t *pid, uid_t *uid, gid_t *gid)
+{
+	srv_call *call = as_call(closure_data);
+	if (!call)
+		return PBRPC_EINVALID;
+	/* Credentials are copied at dispatch time: the connection may be gone. */
+	if (!call->has_cred)
+		return -ENOTSUP;
+	if (pid)
+		*pid = call->cred.pid;
+	if (uid)
+		*uid = call->cred.uid;
+	if (gid)
+		*gid = call->cred.gid;
+	return 0;
+}

@@ -1,0 +1,483 @@
+/* Requests become calls, calls reach handlers (inline or on a worker), and
+ * their closures come back as RESPONSE frames. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "server/server_impl.h"
+
+#define CALL_POOL_MAX 1024
+
+/* Which server's loop runs on this thread (closures compare it to take the
+ * direct path). initial-exec: read on every reply, no __tls_get_addr call. */
+_Thread_local pbrpc_server *pbrpc__srv_tl_loop __attribute__((tls_model("initial-exec")));
+
+/* ---- call records ---- */
+
+static srv_call *call_get(pbrpc_server *srv)
+{
+	srv_call *call;
+	pbrpc__list *l = pbrpc__list_first(&srv->free_calls);
+	if (l) {
+		pbrpc__list_remove(l);
+		srv->n_free_calls--;
+		call = pbrpc__container_of(l, srv_call, qlink);
+	} else {
+		call = calloc(1, sizeof(*call));
+		if (!call)
+			return NULL;
+		pbrpc__arena_init(&call->arena, SRV_ARENA_KEEP, &srv->spare_big);
+		pbrpc__timer_init(&call->timer, SRV_TIMER_CALL);
+		pbrpc__list_init(&call->qlink);
+	}
+	call->magic = SRV_CALL_MAGIC;
+	call->srv = srv;
+	call->status = PBRPC_STATUS_OK;
+	call->answered = false;
+	call->not_run = false;
+	call->deadline_ns = 0;
+	call->md_len = 0;
+	call->input = NULL;
+	atomic_store(&call->cancelled, false);
+	pbrpc__list_insert(&srv->live, &call->live);
+	srv->stats.calls_in_flight++;
+	return call;
+}
+
+static void call_destroy(srv_call *call)
+{
+	pbrpc__arena_fini(&call->arena);
+	free(call->status_msg);
+	free(call->done_msg);
+	free(call->done_body);
+	free(call->md);
+	free(call);
+}
+
+static void call_put(pbrpc_server *srv, srv_call *call)
+{
+	pbrpc__heap_stop(&srv->timers, &call->timer);
+	free(call->status_msg);
+	call->status_msg = NULL;
+	free(call->done_msg);
+	call->done_msg = NULL;
+	free(call->done_body);
+	call->done_body = NULL;
+	call->done_len = 0;
+	pbrpc__arena_reset(&call->arena);
+	call->magic = 0;
+	pbrpc__list_remove(&call->live);
+	srv->stats.calls_in_flight--;
+	srv->stats.calls_completed++;
+	if (srv->n_free_calls >= CALL_POOL_MAX || call->md_cap > SRV_ARENA_KEEP) {
+		call_destroy(call);
+		return;
+	}
+	pbrpc__list_insert(&srv->free_calls, &call->qlink);
+	srv->n_free_calls++;
+}
+
+void pbrpc__srv_calls_free(pbrpc_server *srv)
+{
+	pbrpc__list_init(&srv->cq); /* completed calls are on the live list too */
+	pbrpc__list_for_each_safe(call, &srv->live, srv_call, live)
+		call_destroy(call);
+	pbrpc__list_for_each_safe(call, &srv->free_calls, srv_call, qlink)
+		call_destroy(call);
+	pbrpc__list_init(&srv->live);
+	pbrpc__list_init(&srv->free_calls);
+	srv->n_free_calls = 0;
+}
+
+/* ---- answering ---- */
+
+/* Queues the RESPONSE for a call and takes it out of its connection's map.
+ * Exactly one per call id (PROTOCOL.md section 4). */
+void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, const ProtobufCMessage *msg,
+			    const uint8_t *body, size_t body_len)
+{
+	srv_conn *c = call->conn;
+	if (call->answered)
+		return;
+	call->answered = true;
+	pbrpc__heap_stop(&call->srv->timers, &call->timer);
+	if (!c)
+		return;
+	call->conn = NULL;
+	pbrpc__idmap_del(&c->base.calls, call->id);
+	c->base.last_active = call->srv->now;
+
+	pbrpc__wire_response r = { .call_id = call->id, .status = status, .body = body, .body_len = body_len };
+	r.message = message;
+	r.message_len = message ? strlen(message) : 0;
+	uint32_t limit = c->base.peer_max_frame;
+	int rc = pbrpc__wire_write_response(&c->base.out, &r, status == PBRPC_STATUS_OK ? msg : NULL, limit);
+	if (rc == PBRPC_ETOOBIG) {
+		char text[160];
+		size_t size = msg ? protobuf_c_message_get_packed_size(msg) : body_len;
+		snprintf(text, sizeof(text), "reply is %zu bytes, client accepts at most %u", size, (unsigned)limit);
+		rc = pbrpc__conn_reply_status(&c->base, call->id, PBRPC_STATUS_RESOURCE_EXHAUSTED, text);
+	}
+	if (rc < 0)
+		pbrpc__srv_log(call->srv, PBRPC_LOG_ERROR, "cannot queue reply for call %u: %s", call->id,
+			       pbrpc_strerror(rc));
+	pbrpc__srv_mark_dirty(c);
+}
+
+static void reply_status(srv_conn *c, uint32_t id, int status, const char *message)
+{
+	if (pbrpc__conn_reply_status(&c->base, id, status, message) == 0)
+		pbrpc__srv_mark_dirty(c);
+}
+
+/* Answers a call that was never handed to a handler, and frees it. */
+static void call_reject(srv_call *call, int status, const char *message)
+{
+	pbrpc__srv_call_answer(call, status, message, NULL, NULL, 0);
+	call_put(call->srv, call);
+}
+
+void pbrpc__srv_wake(pbrpc_server *srv)
+{
+	uint64_t one = 1;
+	ssize_t n = write(srv->wake.fd, &one, sizeof(one));
+	(void)n;
+}
+
+/* Hands a finished call to the loop thread (from any other thread). The call
+ * stops being a valid closure_data here: a second closure call is ignored. */
+static void cq_push(pbrpc_server *srv, srv_call *call)
+{
+	call->magic = 0;
+	pthread_mutex_lock(&srv->cq_mu);
+	pbrpc__list_append(&srv->cq, &call->qlink);
+	pthread_mutex_unlock(&srv->cq_mu);
+	pbrpc__srv_wake(srv);
+}
+
+/* The closure handed to every handler. */
+static void call_closure(const ProtobufCMessage *msg, void *closure_data)
+{
+	srv_call *call = closure_data;
+	if (!call || call->magic != SRV_CALL_MAGIC)
+		return;
+	pbrpc_server *srv = call->srv;
+	int status = call->status;
+	const char *text = call->status_msg;
+	char buf[256];
+	const ProtobufCMessageDescriptor *want = pbrpc__registry_method_desc(&srv->reg, call->m)->output;
+
+	if (status == PBRPC_STATUS_OK && !msg) {
+		status = PBRPC_STATUS_UNKNOWN;
+		text = "handler failed without setting a status";
+	} else if (status == PBRPC_STATUS_OK && msg->descriptor != want) {
+		snprintf(buf, sizeof(buf), "handler replied with a %s, expected %s", msg->descriptor->name, want->name);
+		status = PBRPC_STATUS_INTERNAL;
+		text = buf;
+		msg = NULL;
+	}
+
+	if (pbrpc__srv_tl_loop == srv) {
+		call->magic = 0;
+		if (srv->dispatching == call)
+			srv->dispatching = NULL; /* answered inside the handler */
+		pbrpc__srv_call_answer(call, status, text, status == PBRPC_STATUS_OK ? msg : NULL, NULL, 0);
+		call_put(srv, call);
+		return;
+	}
+
+	/* Off the loop thread: pack here, hand the bytes to the loop. */
+	call->done_status = status;
+	call->done_msg = text ? strdup(text) : NULL;
+	if (status == PBRPC_STATUS_OK && msg) {
+		call->done_len = protobuf_c_message_get_packed_size(msg);
+		call->done_body = malloc(call->done_len ? call->done_len : 1);
+		if (call->done_body) {
+			protobuf_c_message_pack(msg, call->done_body);
+		} else {
+			call->done_status = PBRPC_STATUS_RESOURCE_EXHAUSTED;
+			call->done_len = 0;
+		}
+	}
+	cq_push(srv, call);
+}
+
+/* Delivers completions handed over by other threads. */
+void pbrpc__srv_drain_completions(pbrpc_server *srv)
+{
+	pbrpc__list done;
+	pbrpc__list_init(&done);
+	pthread_mutex_lock(&srv->cq_mu);
+	pbrpc__list_splice(&done, &srv->cq);
+	pthread_mutex_unlock(&srv->cq_mu);
+	pbrpc__list_for_each_safe(call, &done, srv_call, qlink) {
+		pbrpc__list_remove(&call->qlink);
+		if (call->not_run)
+			pbrpc__srv_call_answer(call, PBRPC_STATUS_DEADLINE_EXCEEDED,
+					       "deadline passed before the call was dispatched", NULL, NULL, 0);
+		else
+			pbrpc__srv_call_answer(call, call->done_status, call->done_msg, NULL, call->done_body,
+					       call->done_len);
+		call_put(srv, call);
+	}
+}
+
+/* ---- handlers: inline or on the worker pool ---- */
+
+static void invoke(pbrpc_server *srv, srv_call *call)
+{
+	ProtobufCService *svc = pbrpc__registry_service(&srv->reg, call->m);
+	svc->invoke(svc, call->m->index, call->input, call_closure, call);
+}
+
+static void *worker_main(void *arg)
+{
+	pbrpc_server *srv = arg;
+	pthread_mutex_lock(&srv->wq_mu);
+	for (;;) {
+		while (pbrpc__list_empty(&srv->wq) && !srv->wq_stop)
+			pthread_cond_wait(&srv->wq_cv, &srv->wq_mu);
+		if (srv->wq_stop)
+			break;
+		pbrpc__list *l = pbrpc__list_first(&srv->wq);
+		pbrpc__list_remove(l);
+		pthread_mutex_unlock(&srv->wq_mu);
+		srv_call *call = pbrpc__container_of(l, srv_call, qlink);
+		if (atomic_load(&call->cancelled)) {
+			/* Expired or cancelled while queued: never dispatched. */
+			call->not_run = true;
+			cq_push(srv, call);
+		} else {
+			invoke(srv, call);
+		}
+		pthread_mutex_lock(&srv->wq_mu);
+	}
+	pthread_mutex_unlock(&srv->wq_mu);
+	return NULL;
+}
+
+int pbrpc__srv_workers_start(pbrpc_server *srv)
+{
+	if (!srv->o.workers)
+		return 0;
+	srv->workers = calloc(srv->o.workers, sizeof(*srv->workers));
+	if (!srv->workers)
+		return -ENOMEM;
+	for (; srv->n_workers < srv->o.workers; srv->n_workers++) {
+		int err = pthread_create(&srv->workers[srv->n_workers], NULL, worker_main, srv);
+		if (err) {
+			pbrpc__srv_workers_stop(srv);
+			return -err;
+		}
+	}
+	return 0;
+}
+
+void pbrpc__srv_workers_stop(pbrpc_server *srv)
+{
+	if (!srv->workers)
+		return;
+	pthread_mutex_lock(&srv->wq_mu);
+	srv->wq_stop = true;
+	pthread_cond_broadcast(&srv->wq_cv);
+	pthread_mutex_unlock(&srv->wq_mu);
+	for (unsigned i = 0; i < srv->n_workers; i++)
+		pthread_join(srv->workers[i], NULL);
+	free(srv->workers);
+	srv->workers = NULL;
+	srv->n_workers = 0;
+}
+
+static void dispatch(pbrpc_server *srv, srv_call *call)
+{
+	srv->stats.calls_started++;
+	/* Built-in services read server state: they stay on the loop thread. */
+	if (!srv->n_workers || srv->reg.services[call->m->service].owned) {
+		/* Most handlers answer before returning: arm the deadline timer
+		 * only for those that did not. */
+		srv->dispatching = call;
+		invoke(srv, call);
+		if (srv->dispatching == call && call->deadline_ns && !call->answered)
+			pbrpc__heap_start(&srv->timers, &call->timer, call->deadline_ns);
+		srv->dispatching = NULL;
+		return;
+	}
+	if (call->deadline_ns)
+		pbrpc__heap_start(&srv->timers, &call->timer, call->deadline_ns);
+	pthread_mutex_lock(&srv->wq_mu);
+	pbrpc__list_append(&srv->wq, &call->qlink);
+	pthread_cond_signal(&srv->wq_cv);
+	pthread_mutex_unlock(&srv->wq_mu);
+}
+
+/* ---- the connection's REQUEST and CANCEL frames ---- */
+
+/* Why a request cannot be dispatched, in PROTOCOL.md section 5's order, or
+ * NULL with *m set. */
+static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, int rc, const pbrpc__method **m,
+				   int *status, char *text, size_t len)
+{
+	pbrpc_server *srv = c->srv;
+	*status = PBRPC_STATUS_INVALID_ARGUMENT;
+	if (rc == PBRPC_EPROTO)
+		return "malformed request header";
+	if (rc == PBRPC_EINVALID)
+		return "invalid metadata key in request";
+	*status = PBRPC_STATUS_UNAVAILABLE;
+	if (c->base.draining || srv->shutting_down)
+		return "server is shutting down";
+	*status = PBRPC_STATUS_RESOURCE_EXHAUSTED;
+	if (pbrpc__idmap_count(&c->base.calls) >= srv->o.max_calls) {
+		snprintf(text, len, "too many calls in flight on this connection (limit %u)", srv->o.max_calls);
+		return text;
+	}
+	*m = pbrpc__registry_find(&srv->reg, req->method, req->method_len);
+	*status = PBRPC_STATUS_INVALID_ARGUMENT;
+	if (!*m && !pbrpc_method_valid(req->method, req->method_len))
+		return "invalid method name in request";
+	*status = PBRPC_STATUS_UNIMPLEMENTED;
+	if (!*m) {
+		const char *slash = memchr(req->method, '/', req->method_len);
+		size_t svc_len = (size_t)(slash - req->method);
+		if (pbrpc__registry_service_known(&srv->reg, req->method, svc_len))
+			snprintf(text, len, "unknown method %.*s", (int)req->method_len, req->method);
+		else
+			snprintf(text, len, "unknown service %.*s", (int)svc_len, req->method);
+		return text;
+	}
+	if ((*m)->missing) {
+		snprintf(text, len, "method %s is not implemented by this server", (*m)->name);
+		return text;
+	}
+	*status = PBRPC_STATUS_DEADLINE_EXCEEDED;
+	if (req->has_timeout && req->timeout_us == 0)
+		return "deadline passed before the call was dispatched";
+	return NULL;
+}
+
+static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
+{
+	srv_conn *c = pbrpc__container_of(base, srv_conn, base);
+	pbrpc_server *srv = c->srv;
+	size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)f->hdr.length;
+	if (total > srv->scratch_cap / 2 && 2 * total > srv->scratch_want)
+		srv->scratch_want = 2 * total; /* see scratch_fit() in loop.c */
+	pbrpc__wire_request req;
+	char text[PBRPC_METHOD_MAX + 128];
+	int rc = pbrpc__wire_read_request(f, &req);
+
+	if (pbrpc__idmap_get(&base->calls, req.call_id)) {
+		pbrpc__conn_fail(base, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "call id %u is already in flight",
+				 req.call_id);
+		return;
+	}
+	const pbrpc__method *m = NULL;
+	int status;
+	const char *why = request_refusal(c, &req, rc, &m, &status, text, sizeof(text));
+	if (why) {
+		reply_status(c, req.call_id, status, why);
+		return;
+	}
+	srv_call *call = call_get(srv);
+	if (!call) {
+		reply_status(c, req.call_id, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
+		return;
+	}
+	call->id = req.call_id;
+	call->m = m;
+	const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, m)->input;
+	call->input = protobuf_c_message_unpack(in, &call->arena.pa, req.body_len, req.body);
+	if (!call->input) {
+		snprintf(text, sizeof(text), "request body is not a valid %s", in->name);
+		call->answered = true;
+		reply_status(c, req.call_id, PBRPC_STATUS_INVALID_ARGUMENT, text);
+		call_put(srv, call);
+		return;
+	}
+	if (req.metadata_raw_len) {
+		if (call->md_cap < req.metadata_raw_len) {
+			uint8_t *p = realloc(call->md, req.metadata_raw_len);
+			if (!p) {
+				call_reject(call, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
+				return;
+			}
+			call->md = p;
+			call->md_cap = req.metadata_raw_len;
+		}
+		memcpy(call->md, req.metadata_raw, req.metadata_raw_len);
+		call->md_len = req.metadata_raw_len;
+	}
+	if (pbrpc__idmap_put(&base->calls, call->id, call) < 0) {
+		call->answered = true;
+		reply_status(c, req.call_id, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
+		call_put(srv, call);
+		return;
+	}
+	call->conn = c;
+	call->has_cred = c->has_cred;
+	call->cred = c->cred;
+	if (req.has_timeout) {
+		int64_t us = req.timeout_us > (uint64_t)INT64_MAX / 2000 ? INT64_MAX / 2000 : (int64_t)req.timeout_us;
+		call->deadline_ns = srv->now + us * 1000;
+	}
+	dispatch(srv, call);
+}
+
+static void on_cancel(pbrpc__conn *base, uint32_t id)
+{
+	srv_call *call = pbrpc__idmap_get(&base->calls, id);
+	if (!call)
+		return; /* it may have crossed our RESPONSE */
+	atomic_store(&call->cancelled, true);
+	pbrpc__srv_call_answer(call, PBRPC_STATUS_CANCELLED, "cancelled by the client", NULL, NULL, 0);
+}
+
+static void on_open(pbrpc__conn *base)
+{
+	(void)base; /* the idle deadline follows from the state (pbrpc__conn_deadline) */
+}
+
+static void on_goaway(pbrpc__conn *base)
+{
+	/* The client is leaving: answer what is in flight, then close (the loop
+	 * closes a drained connection). */
+	pbrpc__srv_mark_dirty(pbrpc__container_of(base, srv_conn, base));
+}
+
+static void on_close(pbrpc__conn *base, int err, const char *why)
+{
+	srv_conn *c = pbrpc__container_of(base, srv_conn, base);
+	pbrpc_server *srv = c->srv;
+	char name[64];
+	pbrpc__srv_conn_name(c, name, sizeof(name));
+	if (base->goaway_sent > 0 && base->closed_in != PBRPC__CONN_PREFACE)
+		srv->stats.protocol_errors++;
+	if (base->goaway_sent >= 0)
+		pbrpc__srv_log(srv, PBRPC_LOG_WARN, "closing connection %s: %s", name, why);
+	else if (err == 0)
+		pbrpc__srv_log(srv, PBRPC_LOG_DEBUG, "connection %s closed: %s", name, why);
+	else if (err == PBRPC_EOF && base->closed_in == PBRPC__CONN_OPEN)
+		pbrpc__srv_log(srv, PBRPC_LOG_DEBUG, "connection %s closed by peer", name);
+	else
+		pbrpc__srv_log(srv, PBRPC_LOG_INFO, "connection %s: %s", name, why);
+	/* Calls whose handler still runs are orphaned; their closure frees them. */
+	uint32_t id;
+	srv_call *call;
+	while ((call = pbrpc__idmap_take_any(&base->calls, &id)) != NULL) {
+		call->conn = NULL;
+		call->answered = true;
+		pbrpc__heap_stop(&srv->timers, &call->timer);
+		atomic_store(&call->cancelled, true);
+	}
+	pbrpc__srv_conn_closed(c);
+}
+
+const pbrpc__conn_ops pbrpc__srv_conn_ops = {
+	.on_open = on_open,
+	.on_request = on_request,
+	.on_cancel = on_cancel,
+	.on_goaway = on_goaway,
+	.on_close = on_close,
+};

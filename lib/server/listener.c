@@ -1,0 +1,199 @@
+/* Endpoints: listening sockets, accepting connections, and the rule for the
+ * Unix socket files a server creates. */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "server/server_impl.h"
+
+#define ACCEPTS_PER_WAKEUP 64
+
+/* Closes every listener. A socket file we created is unlinked now, while the
+ * path still names our socket (same device and inode), so that a
+ * replacement server that binds the path afterwards keeps its file. */
+void pbrpc__srv_listeners_close(pbrpc_server *srv)
+{
+	for (size_t i = 0; i < srv->n_listeners; i++) {
+		srv_listener *l = srv->listeners[i];
+		if (l->fd < 0)
+			continue;
+		struct stat st;
+		if (l->owns_path && lstat(l->ep.path, &st) == 0 && st.st_dev == l->dev && st.st_ino == l->ino)
+			unlink(l->ep.path);
+		l->owns_path = false;
+		epoll_ctl(srv->epfd, EPOLL_CTL_DEL, l->fd, NULL);
+		close(l->fd);
+		l->fd = -1;
+	}
+}
+
+/* Over the connection limit or shutting down: say why before closing, so the
+ * client reports something useful (preface, HELLO, GOAWAY, close). */
+static void refused_close(pbrpc__conn *c, int err, const char *why)
+{
+	(void)c, (void)err, (void)why; /* counted and logged by refuse() */
+}
+
+static const pbrpc__conn_ops refused_ops = { .on_close = refused_close };
+
+static void refuse(pbrpc_server *srv, int fd)
+{
+	pbrpc__conn c;
+	bool down = srv->shutting_down;
+	if (pbrpc__conn_init(&c, fd, PBRPC__CONN_SERVER, &refused_ops, &srv->hello) == 0)
+		pbrpc__conn_fail(&c, down ? PBRPC_STATUS_UNAVAILABLE : PBRPC_STATUS_RESOURCE_EXHAUSTED, 0, "%s",
+				 down ? "server is shutting down" : "too many connections");
+	pbrpc__conn_fini(&c);
+	srv->stats.connections_refused++;
+	pbrpc__srv_log(srv, PBRPC_LOG_WARN, "refused a connection: %s", down ? "shutting down" : "too many connections");
+}
+
+static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l)
+{
+	srv_conn *c = calloc(1, sizeof(*c));
+	if (!c)
+		return NULL;
+	if (pbrpc__conn_init(&c->base, fd, PBRPC__CONN_SERVER, &pbrpc__srv_conn_ops, &srv->hello) < 0) {
+		c->base.fd = -1; /* the caller closes fd */
+		pbrpc__conn_fini(&c->base);
+		free(c);
+		return NULL;
+	}
+	c->src = SRV_SRC_CONN;
+	c->srv = srv;
+	pbrpc__timer_init(&c->timer, SRV_TIMER_CONN);
+	pbrpc__list_init(&c->link);
+	pbrpc__list_init(&c->dirty);
+	c->base.max_output = srv->o.max_output_queue;
+	c->base.stall_ns = srv->o.write_stall_timeout_ms > 0 ? (int64_t)srv->o.write_stall_timeout_ms * PBRPC__NS_PER_MS : 0;
+	c->base.idle_ns = srv->o.idle_timeout_ms > 0 ? (int64_t)srv->o.idle_timeout_ms * PBRPC__NS_PER_MS : 0;
+	c->base.last_active = pbrpc__now_ns();
+	if (srv->o.handshake_timeout_ms > 0)
+		c->base.handshake_deadline = c->base.last_active + (int64_t)srv->o.handshake_timeout_ms * PBRPC__NS_PER_MS;
+	if (l->ep.kind == PBRPC_ENDPOINT_TCP) {
+		int one = 1;
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	} else {
+		socklen_t sl = sizeof(c->cred);
+		c->has_cred = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c->cred, &sl) == 0;
+	}
+	return c;
+}
+
+void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l)
+{
+	for (int i = 0; i < ACCEPTS_PER_WAKEUP; i++) {
+		int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				pbrpc__srv_log(srv, PBRPC_LOG_ERROR, "accept: %s", strerror(errno));
+			return;
+		}
+		if (srv->stats.connections_open >= srv->o.max_connections || srv->shutting_down) {
+			refuse(srv, fd);
+			continue;
+		}
+		srv_conn *c = conn_new(srv, fd, l);
+		if (!c) {
+			close(fd);
+			continue;
+		}
+		c->events = EPOLLIN;
+		struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
+		if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &e) < 0) {
+			pbrpc__conn_fini(&c->base);
+			free(c);
+			continue;
+		}
+		pbrpc__list_insert(&srv->conns, &c->link);
+		srv->stats.connections_accepted++;
+		srv->stats.connections_open++;
+		/* Our preface and HELLO go out at once; the timer and events
+		 * follow from the state. */
+		pbrpc__srv_mark_dirty(c);
+		char name[64];
+		pbrpc__srv_log(srv, PBRPC_LOG_DEBUG, "accepted connection %s", pbrpc__srv_conn_name(c, name, sizeof(name)));
+	}
+}
+
+static int add_listener(pbrpc_server *srv, int fd, const pbrpc_endpoint *ep, bool owns_path)
+{
+	srv_listener *l = calloc(1, sizeof(*l));
+	srv_listener **v = realloc(srv->listeners, (srv->n_listeners + 1) * sizeof(*v));
+	if (!l || !v) {
+		free(l);
+		if (v)
+			srv->listeners = v;
+		return -ENOMEM;
+	}
+	srv->listeners = v;
+	l->src = SRV_SRC_LISTENER;
+	l->fd = fd;
+	l->ep = *ep;
+	l->owns_path = owns_path;
+	struct stat st;
+	if (owns_path && lstat(ep->path, &st) == 0) {
+		l->dev = st.st_dev;
+		l->ino = st.st_ino;
+	}
+	struct epoll_event e = { .events = EPOLLIN, .data.ptr = l };
+	if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &e) < 0) {
+		int err = -errno;
+		free(l);
+		return err;
+	}
+	srv->listeners[srv->n_listeners] = l;
+	return (int)srv->n_listeners++;
+}
+
+PBRPC_EXPORT int pbrpc_server_listen(pbrpc_server *srv, const char *endpoint)
+{
+	pbrpc_endpoint ep;
+	int rc = pbrpc_endpoint_parse(endpoint, &ep);
+	if (rc < 0)
+		return rc;
+	pbrpc_listen_opts lo = { .mode = srv->o.socket_mode, .nonblock = true };
+	int fd = pbrpc_endpoint_listen(&ep, &lo);
+	if (fd < 0)
+		return fd;
+	rc = add_listener(srv, fd, &ep, ep.kind == PBRPC_ENDPOINT_UNIX);
+	if (rc < 0) {
+		close(fd);
+		if (ep.kind == PBRPC_ENDPOINT_UNIX)
+			unlink(ep.path);
+		return rc;
+	}
+	char name[PBRPC_ENDPOINT_STRLEN];
+	pbrpc_endpoint_format(&ep, name, sizeof(name));
+	pbrpc__srv_log(srv, PBRPC_LOG_INFO, "listening on %s", name);
+	return rc;
+}
+
+PBRPC_EXPORT int pbrpc_server_listen_fd(pbrpc_server *srv, int fd)
+{
+	pbrpc_endpoint ep;
+	int rc = pbrpc_endpoint_from_fd(fd, &ep);
+	if (rc < 0)
+		return rc;
+	int fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+		return -errno;
+	fcntl(fd, F_SETFD, FD_CLOEXEC);
+	return add_listener(srv, fd, &ep, false);
+}
+
+PBRPC_EXPORT int pbrpc_server_address(const pbrpc_server *srv, int index, char *buf, size_t len)
+{
+	if (index < 0 || (size_t)index >= srv->n_listeners)
+		return PBRPC_EINVALID;
+	pbrpc_endpoint_format(&srv->listeners[index]->ep, buf, len);
+	return 0;
+}

@@ -1,0 +1,374 @@
+/* The server's loop: one epoll set for listeners, connections and the
+ * wake-up eventfd; reads into the loop's scratch buffer; one flush per dirty
+ * connection per batch; timers; graceful and forced drain. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include "server/server_impl.h"
+
+#define READS_PER_WAKEUP 16
+#define SWEEP_INTERVAL_NS PBRPC__NS_PER_S
+
+/* ---- connection bookkeeping ---- */
+
+static void update_events(srv_conn *c)
+{
+	uint32_t ev = pbrpc__conn_events(&c->base);
+	if (ev == c->events || pbrpc__conn_closed(&c->base))
+		return;
+	struct epoll_event e = { .events = ev, .data.ptr = c };
+	epoll_ctl(c->srv->epfd, EPOLL_CTL_MOD, c->base.fd, &e);
+	c->events = ev;
+}
+
+/* The connection's timer follows its state (handshake, idle, stall). */
+static void rearm(srv_conn *c)
+{
+	pbrpc__deadline d = pbrpc__conn_deadline(&c->base);
+	if (!d)
+		pbrpc__heap_stop(&c->srv->timers, &c->timer);
+	else if (!pbrpc__timer_armed(&c->timer) || c->timer.when != d)
+		pbrpc__heap_start(&c->srv->timers, &c->timer, d);
+}
+
+void pbrpc__srv_mark_dirty(srv_conn *c)
+{
+	if (!pbrpc__list_linked(&c->dirty))
+		pbrpc__list_append(&c->srv->dirty, &c->dirty);
+}
+
+/* on_close's last step: the fd goes now, the record at the next reap. */
+void pbrpc__srv_conn_closed(srv_conn *c)
+{
+	pbrpc_server *srv = c->srv;
+	epoll_ctl(srv->epfd, EPOLL_CTL_DEL, c->base.fd, NULL);
+	close(c->base.fd);
+	c->base.fd = -1;
+	pbrpc__heap_stop(&srv->timers, &c->timer);
+	srv->stats.connections_open--;
+}
+
+void pbrpc__srv_conn_free(srv_conn *c)
+{
+	pbrpc__list_remove(&c->link);
+	pbrpc__list_remove(&c->dirty);
+	pbrpc__conn_fini(&c->base);
+	free(c);
+}
+
+/* Writes what is queued; closes a connection whose drain is complete. */
+static void conn_flush(srv_conn *c)
+{
+	if (pbrpc__conn_closed(&c->base))
+		return;
+	ssize_t n = pbrpc__conn_flush(&c->base, c->srv->now);
+	if (n < 0) {
+		pbrpc__conn_close(&c->base, (int)n, "connection lost: write failed: %s", pbrpc_strerror((int)n));
+		return;
+	}
+	if (pbrpc__conn_drained(&c->base)) {
+		pbrpc__conn_close(&c->base, 0, "drained");
+		return;
+	}
+	if (c->base.state != PBRPC__CONN_OPEN && !pbrpc__conn_pending_out(&c->base))
+		pbrpc__frame_writer_trim(&c->base.out, 0); /* the preface is out: idle handshakes hold no buffer */
+	update_events(c);
+	rearm(c);
+}
+
+static void flush_dirty(pbrpc_server *srv)
+{
+	pbrpc__list *l;
+	while ((l = pbrpc__list_first(&srv->dirty)) != NULL) {
+		pbrpc__list_remove(l);
+		srv_conn *c = pbrpc__container_of(l, srv_conn, dirty);
+		conn_flush(c);
+		if (c->base.resume && !pbrpc__conn_closed(&c->base)) {
+			/* Requests stashed while paused: they may be all the peer
+			 * sends, so no read event would bring them back. */
+			pbrpc__conn_dispatch(&c->base, NULL);
+			pbrpc__srv_mark_dirty(c);
+		}
+	}
+}
+
+/* ---- reading ---- */
+
+/* A request larger than the scratch buffer is split between it and the
+ * connection's decoder: a copy and more, smaller reads, and at 1 MiB over TCP
+ * a third more CPU on both sides (docs/BENCHMARKS.md). Once such a request has
+ * arrived whole (so memory follows bytes a peer sent, not lengths it
+ * announced), the scratch buffer grows to twice its size, so that the next one
+ * is read in one go, as a baseline's 2x buffer does; the sweep gives the
+ * memory back once large requests stop. Called when the scratch buffer holds
+ * nothing still needed. */
+static void scratch_fit(pbrpc_server *srv)
+{
+	size_t want = srv->scratch_want;
+	srv->scratch_want = 0;
+	if (want <= srv->scratch_cap)
+		return;
+	uint8_t *nb = malloc(want);
+	if (!nb)
+		return;
+	free(srv->scratch);
+	srv->scratch = nb;
+	srv->scratch_cap = want;
+}
+
+static void scratch_sweep(pbrpc_server *srv)
+{
+	if (srv->scratch_cap > SRV_SCRATCH_SIZE && srv->scratch_used <= SRV_SCRATCH_SIZE) {
+		uint8_t *nb = malloc(SRV_SCRATCH_SIZE);
+		if (nb) {
+			free(srv->scratch);
+			srv->scratch = nb;
+			srv->scratch_cap = SRV_SCRATCH_SIZE;
+		}
+	}
+	srv->scratch_used = 0;
+}
+
+static void conn_read(srv_conn *c)
+{
+	pbrpc_server *srv = c->srv;
+	pbrpc__conn *b = &c->base;
+	for (int round = 0; round < READS_PER_WAKEUP && !pbrpc__conn_closed(b) && !b->read_paused; round++) {
+		bool to_scratch = b->state == PBRPC__CONN_PREFACE || !pbrpc__frame_decoder_pending(&b->dec);
+		ssize_t n = pbrpc__conn_recv(b, srv->scratch, srv->scratch_cap, MSG_DONTWAIT);
+		if (n == 0)
+			break;
+		if (n < 0) {
+			pbrpc__conn_read_failed(b, (int)n);
+			break;
+		}
+		b->last_active = srv->now;
+		pbrpc__conn_dispatch(b, NULL);
+		if (to_scratch && (size_t)n > srv->scratch_used)
+			srv->scratch_used = (size_t)n;
+		scratch_fit(srv);
+		if ((size_t)n < srv->scratch_cap / 2)
+			break; /* the socket is very likely drained */
+	}
+	/* Output (replies, PONGs), the events and the timer follow from what
+	 * was read. A buffer grown for a large frame is kept while the
+	 * connection is busy; the sweep frees it once idle. */
+	pbrpc__srv_mark_dirty(c);
+	flush_dirty(srv);
+}
+
+/* ---- timers ---- */
+
+static void finish_drain(pbrpc_server *srv)
+{
+	pbrpc__list_for_each(c, &srv->conns, srv_conn, link) {
+		if (pbrpc__conn_closed(&c->base))
+			continue;
+		srv_call *call;
+		while ((call = pbrpc__idmap_take_any(&c->base.calls, NULL)) != NULL) {
+			atomic_store(&call->cancelled, true);
+			pbrpc__srv_call_answer(call, PBRPC_STATUS_UNAVAILABLE, "server shut down before the call completed",
+					       NULL, NULL, 0);
+		}
+		pbrpc__conn_flush(&c->base, srv->now);
+		pbrpc__conn_close(&c->base, 0, "server shut down");
+	}
+}
+
+static void sweep(pbrpc_server *srv, int64_t now)
+{
+	/* Idle connections give their buffers back. */
+	pbrpc__list_for_each(c, &srv->conns, srv_conn, link) {
+		if (!pbrpc__conn_closed(&c->base) && now - c->base.last_active >= SWEEP_INTERVAL_NS) {
+			pbrpc__frame_decoder_release(&c->base.dec);
+			pbrpc__frame_writer_trim(&c->base.out, 0);
+		}
+	}
+	scratch_sweep(srv);
+	if (pbrpc__list_empty(&srv->live))
+		pbrpc__arena_spare_free(&srv->spare_big); /* no call holds big blocks */
+	pbrpc__heap_start(&srv->timers, &srv->sweep, now + SWEEP_INTERVAL_NS);
+}
+
+static void run_timers(pbrpc_server *srv)
+{
+	int64_t now = pbrpc__now_ns();
+	pbrpc__timer *t;
+	while ((t = pbrpc__heap_pop_due(&srv->timers, now)) != NULL) {
+		switch (t->tag) {
+		case SRV_TIMER_CALL: {
+			srv_call *call = pbrpc__container_of(t, srv_call, timer);
+			atomic_store(&call->cancelled, true);
+			pbrpc__srv_call_answer(call, PBRPC_STATUS_DEADLINE_EXCEEDED, "deadline exceeded", NULL, NULL, 0);
+			break;
+		}
+		case SRV_TIMER_CONN: {
+			srv_conn *c = pbrpc__container_of(t, srv_conn, timer);
+			pbrpc__conn_expire(&c->base, now);
+			if (!pbrpc__conn_closed(&c->base))
+				rearm(c); /* what was due has moved on */
+			break;
+		}
+		case SRV_TIMER_SWEEP:
+			sweep(srv, now);
+			break;
+		case SRV_TIMER_DRAIN:
+			pbrpc__srv_log(srv, PBRPC_LOG_WARN, "drain deadline passed; closing remaining connections");
+			finish_drain(srv);
+			break;
+		}
+	}
+}
+
+static int next_timeout(pbrpc_server *srv, int timeout_ms)
+{
+	pbrpc__timer *t = pbrpc__heap_top(&srv->timers);
+	if (!t)
+		return timeout_ms;
+	int64_t ms = (t->when - pbrpc__now_ns() + PBRPC__NS_PER_MS - 1) / PBRPC__NS_PER_MS;
+	if (ms < 0)
+		ms = 0;
+	if (timeout_ms < 0 || ms < timeout_ms)
+		return ms > INT32_MAX ? INT32_MAX : (int)ms;
+	return timeout_ms;
+}
+
+/* ---- shutdown ---- */
+
+static void begin_shutdown(pbrpc_server *srv, int drain_ms)
+{
+	if (srv->shutting_down)
+		return;
+	srv->shutting_down = true;
+	srv->reg.shutting_down = true;
+	pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutting down (drain %d ms)", drain_ms);
+	pbrpc__srv_listeners_close(srv);
+	pbrpc__list_for_each(c, &srv->conns, srv_conn, link) {
+		if (c->base.state == PBRPC__CONN_OPEN) {
+			pbrpc__conn_goaway(&c->base, "server is shutting down");
+			pbrpc__srv_mark_dirty(c);
+		} else {
+			pbrpc__conn_close(&c->base, 0, "server is shutting down");
+		}
+	}
+	if (drain_ms == 0)
+		finish_drain(srv);
+	else if (drain_ms > 0)
+		pbrpc__heap_start(&srv->timers, &srv->drain, pbrpc__now_ns() + (int64_t)drain_ms * PBRPC__NS_PER_MS);
+	flush_dirty(srv);
+}
+
+PBRPC_EXPORT void pbrpc_server_shutdown(pbrpc_server *srv, int drain_ms)
+{
+	int v = drain_ms < 0 ? 1 : (drain_ms > INT32_MAX - 2 ? INT32_MAX : drain_ms + 2);
+	int expected = 0;
+	atomic_compare_exchange_strong(&srv->shutdown_req, &expected, v);
+	pbrpc__srv_wake(srv);
+}
+
+/* ---- the loop ---- */
+
+static void reap_closed(pbrpc_server *srv)
+{
+	pbrpc__list_for_each_safe(c, &srv->conns, srv_conn, link)
+		if (pbrpc__conn_closed(&c->base) && !pbrpc__list_linked(&c->dirty))
+			pbrpc__srv_conn_free(c);
+}
+
+/* While shutting down: closes connections with nothing left to do. Returns
+ * true once none is open. */
+static bool drain_done(pbrpc_server *srv)
+{
+	bool open = false;
+	pbrpc__list_for_each(c, &srv->conns, srv_conn, link) {
+		if (pbrpc__conn_closed(&c->base))
+			continue;
+		if (pbrpc__idmap_count(&c->base.calls) == 0 && !pbrpc__conn_pending_out(&c->base))
+			pbrpc__conn_close(&c->base, 0, "drained");
+		else
+			open = true;
+	}
+	reap_closed(srv);
+	return !open;
+}
+
+static void on_event(pbrpc_server *srv, const struct epoll_event *ev, bool *closed_any)
+{
+	enum srv_src *src = ev->data.ptr;
+	switch (*src) {
+	case SRV_SRC_LISTENER:
+		pbrpc__srv_accept(srv, (srv_listener *)src);
+		break;
+	case SRV_SRC_WAKE: {
+		uint64_t v;
+		ssize_t r = read(srv->wake.fd, &v, sizeof(v));
+		(void)r;
+		pbrpc__srv_drain_completions(srv);
+		int req = atomic_load(&srv->shutdown_req);
+		if (req && !srv->shutting_down)
+			begin_shutdown(srv, req == 1 ? -1 : req - 2);
+		break;
+	}
+	case SRV_SRC_CONN: {
+		srv_conn *c = (srv_conn *)src;
+		if (pbrpc__conn_closed(&c->base))
+			break;
+		if (ev->events & EPOLLOUT) {
+			pbrpc__srv_mark_dirty(c);
+			flush_dirty(srv);
+		}
+		if (ev->events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+			conn_read(c);
+		if (pbrpc__conn_closed(&c->base))
+			*closed_any = true;
+		break;
+	}
+	}
+}
+
+PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
+{
+	if (srv->shutdown_done)
+		return 1;
+	struct epoll_event evs[64];
+	pbrpc_server *prev = pbrpc__srv_tl_loop;
+	pbrpc__srv_tl_loop = srv;
+	int n = epoll_wait(srv->epfd, evs, 64, next_timeout(srv, timeout_ms));
+	if (n < 0 && errno != EINTR) {
+		pbrpc__srv_tl_loop = prev;
+		return -errno;
+	}
+	srv->now = pbrpc__now_ns();
+	bool closed_any = false;
+	for (int i = 0; i < n; i++)
+		on_event(srv, &evs[i], &closed_any);
+	run_timers(srv);
+	flush_dirty(srv);
+	pbrpc__srv_tl_loop = prev;
+	if (closed_any || srv->shutting_down)
+		reap_closed(srv);
+	if (srv->shutting_down && drain_done(srv)) {
+		pbrpc__heap_stop(&srv->timers, &srv->drain);
+		srv->shutdown_done = true;
+		pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutdown complete");
+		return 1;
+	}
+	return 0;
+}
+
+PBRPC_EXPORT int pbrpc_server_run(pbrpc_server *srv)
+{
+	for (;;) {
+		int rc = pbrpc_server_process(srv, -1);
+		if (rc != 0)
+			return rc > 0 ? 0 : rc;
+	}
+}
+
+PBRPC_EXPORT int pbrpc_server_fd(const pbrpc_server *srv)
+{
+	return srv->epfd;
+}

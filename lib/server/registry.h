@@ -1,0 +1,80 @@
+/* The services a server hosts and the methods they answer: what dispatch
+ * looks up on every request, and what the built-in services (health.c,
+ * reflection.c) read. They depend on this header and register themselves;
+ * the server never calls into them. Used on the server's loop thread. */
+#ifndef PBRPC_SERVER_REGISTRY_H
+#define PBRPC_SERVER_REGISTRY_H
+
+#include <protobuf-c/protobuf-c.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pbrpc/server.h"
+
+typedef struct pbrpc__method {
+	char *name; /* "pkg.Service/Method", NUL-terminated */
+	size_t len;
+	uint64_t hash;
+	size_t service; /* index into the registry's services */
+	unsigned index; /* method index within the service */
+	bool missing;   /* its handler slot was NULL at registration */
+} pbrpc__method;
+
+typedef struct pbrpc__service_entry {
+	ProtobufCService *service;
+	bool owned;   /* built-in: destroyed with the registry */
+	bool serving; /* as pbrpc.Health reports it */
+} pbrpc__service_entry;
+
+typedef struct pbrpc__registry {
+	pbrpc__service_entry *services; /* in registration order */
+	size_t n_services;
+	pbrpc__method *methods; /* open addressing on the name's hash */
+	size_t methods_cap, n_methods;
+	bool serving;       /* the server as a whole ("" in pbrpc.Health) */
+	bool shutting_down; /* every service reports NOT_SERVING */
+} pbrpc__registry;
+
+void pbrpc__registry_init(pbrpc__registry *r);
+
+/* Destroys the owned services and frees the tables. */
+void pbrpc__registry_fini(pbrpc__registry *r);
+
+/* Registers a service; `owned` ones are destroyed with the registry, also
+ * when this fails. Every method must have a valid full name, and a method
+ * whose handler slot is NULL is answered UNIMPLEMENTED (see
+ * pbrpc__registry_find). Returns 0, PBRPC_EDUPLICATE, PBRPC_EINVALID, -ENOMEM;
+ * a failure leaves the registry unchanged. */
+int pbrpc__registry_add(pbrpc__registry *r, ProtobufCService *service, bool owned);
+
+/* The method with this full name, or NULL. */
+const pbrpc__method *pbrpc__registry_find(const pbrpc__registry *r, const char *name, size_t len);
+
+/* True when a service of this name (name[0..len)) is registered. */
+bool pbrpc__registry_service_known(const pbrpc__registry *r, const char *name, size_t len);
+
+static inline ProtobufCService *pbrpc__registry_service(const pbrpc__registry *r, const pbrpc__method *m)
+{
+	return r->services[m->service].service;
+}
+
+static inline const ProtobufCMethodDescriptor *pbrpc__registry_method_desc(const pbrpc__registry *r,
+									   const pbrpc__method *m)
+{
+	return &r->services[m->service].service->descriptor->methods[m->index];
+}
+
+/* The registered service with this full name ("demo.Kv"), or NULL. */
+const ProtobufCService *pbrpc__registry_find_service(const pbrpc__registry *r, const char *name);
+
+/* 1 SERVING, 0 NOT_SERVING, -1 unknown name; "" or NULL is the server. */
+int pbrpc__registry_serving(const pbrpc__registry *r, const char *name);
+
+/* Returns 0 or PBRPC_EINVALID for an unknown name. */
+int pbrpc__registry_set_serving(pbrpc__registry *r, const char *name, bool serving);
+
+/* The server's registry, for the built-in services' registration. */
+pbrpc__registry *pbrpc__server_registry(pbrpc_server *srv);
+
+#endif

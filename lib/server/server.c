@@ -1,0 +1,179 @@
+/* pbrpc server: construction, options, registration, logging, counters.
+ * The loop is loop.c, connections and listeners listener.c, calls
+ * dispatch.c, the handler's API call_api.c. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "server/server_impl.h"
+
+#define SWEEP_INTERVAL_NS PBRPC__NS_PER_S
+
+void pbrpc__srv_log(pbrpc_server *srv, pbrpc_log_level lvl, const char *fmt, ...)
+{
+	if (!srv->o.log || lvl > srv->o.log_level)
+		return;
+	char buf[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	srv->o.log(srv->o.log_user, lvl, buf);
+}
+
+const char *pbrpc__srv_conn_name(const srv_conn *c, char *buf, size_t len)
+{
+	if (c->has_cred)
+		snprintf(buf, len, "fd %d (pid %d uid %u)", c->base.fd, (int)c->cred.pid, (unsigned)c->cred.uid);
+	else
+		snprintf(buf, len, "fd %d", c->base.fd);
+	return buf;
+}
+
+static void opts_defaults(pbrpc_server_opts *o)
+{
+	if (!o->max_frame)
+		o->max_frame = PBRPC_MAX_FRAME_DEFAULT;
+	if (o->max_frame > PBRPC_MAX_FRAME_LIMIT)
+		o->max_frame = PBRPC_MAX_FRAME_LIMIT;
+	if (!o->max_calls)
+		o->max_calls = 1024;
+	if (!o->max_connections)
+		o->max_connections = 4096;
+	if (!o->handshake_timeout_ms)
+		o->handshake_timeout_ms = 10000;
+	if (!o->max_output_queue)
+		o->max_output_queue = 4u << 20;
+	if (!o->write_stall_timeout_ms)
+		o->write_stall_timeout_ms = 30000;
+	if (!o->log_level)
+		o->log_level = PBRPC_LOG_WARN;
+}
+
+PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *opts)
+{
+	*out = NULL;
+	pbrpc_server *srv = calloc(1, sizeof(*srv));
+	if (!srv)
+		return -ENOMEM;
+	if (opts)
+		srv->o = *opts;
+	opts_defaults(&srv->o);
+	srv->hello = (pbrpc_hello){ .version = PBRPC_WIRE_VERSION, .max_frame = srv->o.max_frame,
+				    .max_calls = srv->o.max_calls, .agent = PBRPC_WIRE_AGENT };
+	pbrpc__registry_init(&srv->reg);
+	pbrpc__list_init(&srv->conns);
+	pbrpc__list_init(&srv->dirty);
+	pbrpc__list_init(&srv->free_calls);
+	pbrpc__list_init(&srv->live);
+	pbrpc__list_init(&srv->cq);
+	pbrpc__list_init(&srv->wq);
+	pbrpc__timer_init(&srv->sweep, SRV_TIMER_SWEEP);
+	pbrpc__timer_init(&srv->drain, SRV_TIMER_DRAIN);
+	srv->wake.src = SRV_SRC_WAKE;
+	srv->wake.fd = -1;
+	pthread_mutex_init(&srv->cq_mu, NULL);
+	pthread_mutex_init(&srv->wq_mu, NULL);
+	pthread_cond_init(&srv->wq_cv, NULL);
+
+	int err;
+	srv->epfd = epoll_create1(EPOLL_CLOEXEC);
+	if (srv->epfd < 0) {
+		err = -errno;
+		goto err_srv;
+	}
+	srv->wake.fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (srv->wake.fd < 0) {
+		err = -errno;
+		goto err_ep;
+	}
+	struct epoll_event e = { .events = EPOLLIN, .data.ptr = &srv->wake };
+	if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, srv->wake.fd, &e) < 0) {
+		err = -errno;
+		goto err_wake;
+	}
+	srv->scratch = malloc(SRV_SCRATCH_SIZE);
+	srv->scratch_cap = SRV_SCRATCH_SIZE;
+	if (!srv->scratch) {
+		err = -ENOMEM;
+		goto err_wake;
+	}
+	if (pbrpc__heap_start(&srv->timers, &srv->sweep, pbrpc__now_ns() + SWEEP_INTERVAL_NS) < 0) {
+		err = -ENOMEM;
+		goto err_scratch;
+	}
+	err = pbrpc__srv_workers_start(srv);
+	if (err < 0)
+		goto err_timers;
+	*out = srv;
+	return 0;
+
+err_timers:
+	pbrpc__heap_fini(&srv->timers);
+err_scratch:
+	free(srv->scratch);
+err_wake:
+	close(srv->wake.fd);
+err_ep:
+	close(srv->epfd);
+err_srv:
+	pthread_mutex_destroy(&srv->cq_mu);
+	pthread_mutex_destroy(&srv->wq_mu);
+	pthread_cond_destroy(&srv->wq_cv);
+	free(srv);
+	return err;
+}
+
+PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
+{
+	if (!srv)
+		return;
+	pbrpc__srv_workers_stop(srv);
+	pbrpc__srv_listeners_close(srv);
+	for (size_t i = 0; i < srv->n_listeners; i++)
+		free(srv->listeners[i]);
+	free(srv->listeners);
+	pbrpc__list_for_each_safe(c, &srv->conns, srv_conn, link) {
+		pbrpc__conn_close(&c->base, 0, "server freed");
+		pbrpc__srv_conn_free(c);
+	}
+	/* Calls waiting for a closure, completed ones not yet collected, pooled ones. */
+	pthread_mutex_lock(&srv->cq_mu);
+	pbrpc__srv_calls_free(srv);
+	pthread_mutex_unlock(&srv->cq_mu);
+	pbrpc__registry_fini(&srv->reg);
+	pbrpc__arena_spare_free(&srv->spare_big);
+	pbrpc__heap_fini(&srv->timers);
+	free(srv->scratch);
+	close(srv->wake.fd);
+	close(srv->epfd);
+	pthread_mutex_destroy(&srv->cq_mu);
+	pthread_mutex_destroy(&srv->wq_mu);
+	pthread_cond_destroy(&srv->wq_cv);
+	free(srv);
+}
+
+pbrpc__registry *pbrpc__server_registry(pbrpc_server *srv)
+{
+	return &srv->reg;
+}
+
+PBRPC_EXPORT int pbrpc_server_add_service(pbrpc_server *srv, ProtobufCService *service)
+{
+	return pbrpc__registry_add(&srv->reg, service, false);
+}
+
+PBRPC_EXPORT int pbrpc_server_set_serving(pbrpc_server *srv, const char *service, bool serving)
+{
+	return pbrpc__registry_set_serving(&srv->reg, service, serving);
+}
+
+PBRPC_EXPORT void pbrpc_server_get_stats(const pbrpc_server *srv, pbrpc_server_stats *out)
+{
+	*out = srv->stats;
+}

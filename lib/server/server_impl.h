@@ -1,0 +1,159 @@
+/* The server's private objects, shared by the files of lib/server/.
+ *
+ * Threading: one loop thread owns every connection, call table and timer.
+ * Other threads touch only (a) a call's `cancelled` flag, (b) the completion
+ * queue, guarded by cq_mu, through which closures called off the loop thread
+ * hand their packed replies back, and (c) the worker queue (wq_mu).
+ *
+ * Memory: reads land in one loop-wide scratch buffer and are decoded in place;
+ * only a frame split across reads is copied into the connection's decoder.
+ * Call records come from a free list and unpack their request into a retained
+ * per-call arena, so a steady stream of small calls allocates nothing.
+ */
+#ifndef PBRPC_SERVER_IMPL_H
+#define PBRPC_SERVER_IMPL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include "conn/conn.h"
+#include "pbrpc/endpoint.h"
+#include "pbrpc/server.h"
+#include "server/registry.h"
+#include "util/arena.h"
+#include "util/heap.h"
+#include "util/list.h"
+
+#define SRV_CALL_MAGIC 0x7062726bu
+#define SRV_ARENA_KEEP (64u * 1024u)  /* a call's arena keeps up to this */
+#define SRV_SCRATCH_SIZE (256u * 1024u) /* the loop's read buffer */
+
+/* What an epoll event's data.ptr points at: the first member of each. */
+enum srv_src { SRV_SRC_LISTENER, SRV_SRC_CONN, SRV_SRC_WAKE };
+
+enum srv_timer { SRV_TIMER_CALL, SRV_TIMER_CONN, SRV_TIMER_SWEEP, SRV_TIMER_DRAIN };
+
+typedef struct srv_listener {
+	enum srv_src src;
+	int fd; /* -1 once closed */
+	pbrpc_endpoint ep;
+	bool owns_path; /* we created the socket file and unlink it */
+	dev_t dev;
+	ino_t ino;
+} srv_listener;
+
+typedef struct srv_conn {
+	enum srv_src src;
+	pbrpc__conn base;
+	pbrpc_server *srv;
+	bool has_cred;
+	uint32_t events; /* what epoll has registered */
+	struct ucred cred;
+	pbrpc__timer timer; /* armed at pbrpc__conn_deadline(&base) */
+	pbrpc__list link;   /* srv->conns */
+	pbrpc__list dirty;  /* srv->dirty while output waits for a flush */
+} srv_conn;
+
+typedef struct srv_call {
+	uint32_t magic; /* SRV_CALL_MAGIC while it is a valid closure_data */
+	uint32_t id;
+	pbrpc_server *srv;
+	srv_conn *conn; /* NULL once answered or the connection is gone */
+	const pbrpc__method *m;
+	ProtobufCMessage *input;
+	int status;
+	char *status_msg;
+	atomic_bool cancelled;
+	bool answered; /* its RESPONSE has been queued (or can no longer be) */
+	bool not_run;  /* expired while queued for a worker */
+	int64_t deadline_ns;
+	pbrpc__timer timer;
+	bool has_cred;
+	struct ucred cred; /* copied from the connection: it may close first */
+	uint8_t *md; /* copy of the request's metadata block */
+	size_t md_len, md_cap;
+	pbrpc__arena arena;
+	pbrpc__list live;  /* srv->live: every call not yet completed */
+	pbrpc__list qlink; /* free list, worker or completion queue */
+	/* a completion handed over from another thread */
+	int done_status;
+	char *done_msg;
+	uint8_t *done_body;
+	size_t done_len;
+} srv_call;
+
+struct pbrpc_server {
+	pbrpc_server_opts o;
+	int epfd;
+	struct {
+		enum srv_src src;
+		int fd;
+	} wake;
+	uint8_t *scratch;
+	size_t scratch_cap;  /* SRV_SCRATCH_SIZE, or a large request's size while they arrive */
+	size_t scratch_used; /* largest read since the last sweep */
+	size_t scratch_want; /* twice the largest request just received whole */
+	pbrpc_hello hello;   /* what we announce */
+
+	pbrpc__registry reg;
+	srv_listener **listeners;
+	size_t n_listeners;
+
+	pbrpc__list conns;
+	pbrpc__list dirty;
+	pbrpc__heap timers;
+	pbrpc__timer sweep;
+	pbrpc__timer drain;
+
+	pbrpc__list free_calls;
+	size_t n_free_calls;
+	pbrpc__arena_chunk *spare_big; /* shared by every call's arena */
+	pbrpc__list live;
+
+	pthread_mutex_t cq_mu;
+	pbrpc__list cq;
+
+	pthread_mutex_t wq_mu;
+	pthread_cond_t wq_cv;
+	pbrpc__list wq;
+	bool wq_stop;
+	pthread_t *workers;
+	unsigned n_workers;
+
+	int64_t now;              /* CLOCK_MONOTONIC at the last wake-up */
+	srv_call *dispatching;    /* the call whose handler runs inline right now */
+	atomic_int shutdown_req;  /* drain ms + 2; 0 = none, 1 = wait forever */
+	bool shutting_down;
+	bool shutdown_done;
+	pbrpc_server_stats stats;
+};
+
+/* server.c */
+__attribute__((format(printf, 3, 4))) void pbrpc__srv_log(pbrpc_server *srv, pbrpc_log_level lvl,
+							  const char *fmt, ...);
+const char *pbrpc__srv_conn_name(const srv_conn *c, char *buf, size_t len);
+
+/* dispatch.c: requests to calls, calls to handlers and back */
+extern _Thread_local pbrpc_server *pbrpc__srv_tl_loop __attribute__((tls_model("initial-exec")));
+extern const pbrpc__conn_ops pbrpc__srv_conn_ops;
+void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, const ProtobufCMessage *msg,
+			    const uint8_t *body, size_t body_len);
+void pbrpc__srv_drain_completions(pbrpc_server *srv);
+void pbrpc__srv_wake(pbrpc_server *srv);
+int pbrpc__srv_workers_start(pbrpc_server *srv);
+void pbrpc__srv_workers_stop(pbrpc_server *srv);
+void pbrpc__srv_calls_free(pbrpc_server *srv);
+
+/* loop.c */
+void pbrpc__srv_mark_dirty(srv_conn *c);
+void pbrpc__srv_conn_closed(srv_conn *c);
+void pbrpc__srv_conn_free(srv_conn *c);
+
+/* listener.c */
+void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l);
+void pbrpc__srv_listeners_close(pbrpc_server *srv);
+
+#endif

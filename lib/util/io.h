@@ -1,0 +1,23 @@
+/* The I/O shim: every socket read and write of pbrpc goes through these two
+ * functions, so that tests can inject EINTR, EAGAIN and 1-byte I/O. The
+ * default is the C library's. Set it before starting any I/O; process-wide.
+ * Not public API: tests and fuzzers link the internal library. */
+#ifndef PBRPC_UTIL_IO_H
+#define PBRPC_UTIL_IO_H
+
+#include <sys/socket.h>
+#include <sys/types.h>
+
+typedef struct pbrpc__io {
+	ssize_t (*recvmsg)(int fd, struct msghdr *msg, int flags);
+	ssize_t (*sendmsg)(int fd, const struct msghdr *msg, int flags);
+} pbrpc__io;
+
+/* NULL restores the default. */
+void pbrpc__io_set(const pbrpc__io *io);
+
+/* sendmsg adds MSG_NOSIGNAL, so a vanished peer is -EPIPE, never SIGPIPE. */
+ssize_t pbrpc__recvmsg(int fd, struct msghdr *msg, int flags);
+ssize_t pbrpc__sendmsg(int fd, const struct msghdr *msg, int flags);
+
+#endif
