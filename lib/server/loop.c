@@ -24,10 +24,15 @@ static void update_events(srv_conn *c)
 	c->events = ev;
 }
 
-/* The connection's timer follows its state (handshake, idle, stall). */
+/* The connection's timer follows its state (handshake, idle, stall). A
+ * connection with no timed policy and no timer armed skips the derivation:
+ * the common case costs one test per flush. */
 static void rearm(srv_conn *c)
 {
-	pbrpc__deadline d = pbrpc__conn_deadline(&c->base);
+	const pbrpc__conn *b = &c->base;
+	if (!b->idle_ns && !b->read_paused && b->state == PBRPC__CONN_OPEN && !pbrpc__timer_armed(&c->timer))
+		return;
+	pbrpc__deadline d = pbrpc__conn_deadline(b);
 	if (!d)
 		pbrpc__heap_stop(&c->srv->timers, &c->timer);
 	else if (!pbrpc__timer_armed(&c->timer) || c->timer.when != d)
@@ -156,7 +161,14 @@ static void conn_read(srv_conn *c)
 	/* Output (replies, PONGs), the events and the timer follow from what
 	 * was read. A buffer grown for a large frame is kept while the
 	 * connection is busy; the sweep frees it once idle. */
-	pbrpc__srv_mark_dirty(c);
+	if (!pbrpc__conn_closed(b)) {
+		if (pbrpc__conn_pending_out(b))
+			pbrpc__srv_mark_dirty(c);
+		else {
+			update_events(c);
+			rearm(c);
+		}
+	}
 	flush_dirty(srv);
 }
 
