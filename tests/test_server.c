@@ -17,6 +17,8 @@
 #include <unistd.h>
 
 #include "echo.pb-c.h"
+#include "kv.pb-c.h"
+#include "pbrpc/client.h"
 #include "pbrpc/endpoint.h"
 #include "pbrpc/server.h"
 #include "proto/wire.h"
@@ -412,6 +414,43 @@ Test(server, handler_status_and_message)
 	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_UNKNOWN);
 	peer_ping_echo(&p, 9);
 	peer_close(&p);
+	stop_server(&t);
+}
+
+/* protoc-c's generated *_init() zeroes the handler slots and its invoke calls
+ * them unchecked: a method whose slot is NULL is answered UNIMPLEMENTED, to a
+ * raw peer and to the real client, and the connection stays usable. */
+Test(server, null_handler_slot_is_unimplemented)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	Demo__Kv_Service kv;
+	demo__kv__init(&kv, NULL);
+	cr_assert_eq(pbrpc_server_add_service(t.srv, &kv.base), 0);
+	peer p, bystander;
+	peer_handshake(&p, t.addr);
+	peer_handshake(&bystander, t.addr);
+	char msg[128];
+	peer_request_ex(&p, 1, "demo.Kv/Put", "", 0, NULL);
+	cr_assert_eq(peer_response(&p, NULL, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_UNIMPLEMENTED);
+	cr_assert_str_eq(msg, "method demo.Kv/Put is not implemented by this server");
+	peer_ping_echo(&p, 2);
+	peer_ping_echo(&bystander, 1);
+
+	pbrpc_client *c;
+	cr_assert_eq(pbrpc_client_connect(&c, t.addr, NULL), 0);
+	Demo__GetRequest req = DEMO__GET_REQUEST__INIT;
+	req.key = "k";
+	ProtobufCMessage *reply = NULL;
+	pbrpc_call_result res;
+	int rc = pbrpc_client_call(c, "demo.Kv/Get", &req.base, &demo__get_reply__descriptor, &reply, NULL, &res);
+	cr_assert_eq(rc, PBRPC_ESTATUS);
+	cr_assert_eq(res.status, PBRPC_STATUS_UNIMPLEMENTED);
+	cr_assert_str_eq(res.message, "method demo.Kv/Get is not implemented by this server");
+	cr_assert_null(reply);
+	pbrpc_client_free(c);
+	peer_close(&p);
+	peer_close(&bystander);
 	stop_server(&t);
 }
 
@@ -964,6 +1003,38 @@ Test(server, max_connections_refused_with_reason)
 	peer_ping_echo(&b, 1);
 	peer_close(&a);
 	peer_close(&b);
+	stop_server(&t);
+}
+
+/* The real client against the real server over its limit: connect fails
+ * with the GOAWAY's reason instead of succeeding on a connection about to
+ * close. (Under the 1-byte shim the GOAWAY is not yet read when the HELLO
+ * completes, so only the ordinary I/O run asserts the code.) */
+Test(server, real_client_over_connection_limit_is_told_why)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .max_connections = 1 };
+	start_server(&t, NULL, &o);
+	pbrpc_client *first, *second = NULL;
+	cr_assert_eq(pbrpc_client_connect(&first, t.addr, NULL), 0);
+	int rc = pbrpc_client_connect(&second, t.addr, NULL);
+	if (!tu_short_io()) {
+		cr_assert_eq(rc, PBRPC_EGOAWAY, "connect: %s", pbrpc_strerror(rc));
+		cr_assert_null(second);
+	}
+	pbrpc_client_free(second);
+	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
+	req.payload.data = (uint8_t *)"still served";
+	req.payload.len = strlen("still served");
+	ProtobufCMessage *reply = NULL;
+	pbrpc_call_result res;
+	cr_assert_eq(pbrpc_client_call(first, "demo.Echo/Echo", &req.base, &demo__echo_reply__descriptor, &reply, NULL,
+				       &res),
+		     0, "%s", res.message);
+	Demo__EchoReply *er = (Demo__EchoReply *)reply;
+	cr_assert(er->payload.len == 12 && memcmp(er->payload.data, "still served", 12) == 0);
+	protobuf_c_message_free_unpacked(reply, NULL);
+	pbrpc_client_free(first);
 	stop_server(&t);
 }
 
