@@ -82,7 +82,7 @@ void *pbrpc__arena_grow(pbrpc__arena *a, size_t n)
 	return c->data;
 }
 
-void pbrpc__arena_reset(pbrpc__arena *a)
+void pbrpc__arena_reset_slow(pbrpc__arena *a)
 {
 	while (a->extra) {
 		pbrpc__arena_chunk *c = a->extra;

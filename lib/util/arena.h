@@ -52,9 +52,21 @@ static inline void *pbrpc__arena_alloc(pbrpc__arena *a, size_t size)
 	return pbrpc__arena_grow(a, n);
 }
 
+void pbrpc__arena_reset_slow(pbrpc__arena *a);
+
 /* Forgets every allocation. Extra chunks are freed (or kept as the spare);
- * the retained buffer grows to fit what this use needed, up to `keep`. */
-void pbrpc__arena_reset(pbrpc__arena *a);
+ * the retained buffer grows to fit what this use needed, up to `keep`. The
+ * common case, everything fitted in the buffer, is a few stores. */
+static inline void pbrpc__arena_reset(pbrpc__arena *a)
+{
+	if (!a->extra && a->want <= a->cap) {
+		a->p = a->buf;
+		a->want = 0;
+		a->failed = false;
+		return;
+	}
+	pbrpc__arena_reset_slow(a);
+}
 
 /* After a reset: frees the retained buffer if it is larger than `limit`. */
 void pbrpc__arena_shrink(pbrpc__arena *a, size_t limit);

@@ -35,10 +35,8 @@ static void heap_down(pbrpc__heap *h, size_t i)
 	}
 }
 
-void pbrpc__heap_stop(pbrpc__heap *h, pbrpc__timer *t)
+void pbrpc__heap_remove(pbrpc__heap *h, pbrpc__timer *t)
 {
-	if (t->idx == SIZE_MAX)
-		return;
 	size_t i = t->idx;
 	h->n--;
 	if (i != h->n) {

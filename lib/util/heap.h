@@ -44,8 +44,14 @@ static inline pbrpc__timer *pbrpc__heap_top(const pbrpc__heap *h)
  * not armed). */
 int pbrpc__heap_start(pbrpc__heap *h, pbrpc__timer *t, pbrpc__deadline when);
 
-/* Disarms t; a no-op when it is not armed. */
-void pbrpc__heap_stop(pbrpc__heap *h, pbrpc__timer *t);
+void pbrpc__heap_remove(pbrpc__heap *h, pbrpc__timer *t);
+
+/* Disarms t; a no-op when it is not armed (the common case: inline). */
+static inline void pbrpc__heap_stop(pbrpc__heap *h, pbrpc__timer *t)
+{
+	if (t->idx != SIZE_MAX)
+		pbrpc__heap_remove(h, t);
+}
 
 /* Pops and returns the earliest timer if it is due at `now`, else NULL. */
 pbrpc__timer *pbrpc__heap_pop_due(pbrpc__heap *h, pbrpc__deadline now);

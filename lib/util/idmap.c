@@ -28,7 +28,7 @@ static void place(pbrpc__idmap *m, uint32_t id, void *ptr)
 	m->v[i].ptr = ptr;
 }
 
-static int grow(pbrpc__idmap *m)
+int pbrpc__idmap_grow(pbrpc__idmap *m)
 {
 	uint32_t bits = m->v ? 32 - m->shift + 1 : IDMAP_MIN_BITS;
 	if (bits > 30)
@@ -44,23 +44,6 @@ static int grow(pbrpc__idmap *m)
 		if (old.v[i].ptr)
 			place(m, old.v[i].id, old.v[i].ptr);
 	free(old.v);
-	return 0;
-}
-
-int pbrpc__idmap_reserve(pbrpc__idmap *m)
-{
-	if (m->v && (m->count + 1) * 2 <= m->mask + 1)
-		return 0;
-	return grow(m);
-}
-
-int pbrpc__idmap_put(pbrpc__idmap *m, uint32_t id, void *ptr)
-{
-	int rc = pbrpc__idmap_reserve(m);
-	if (rc < 0)
-		return rc;
-	place(m, id, ptr);
-	m->count++;
 	return 0;
 }
 

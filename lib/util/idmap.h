@@ -53,12 +53,31 @@ void pbrpc__idmap_init(pbrpc__idmap *m);
 /* Frees the slots (not what they point at). The map may be used again. */
 void pbrpc__idmap_fini(pbrpc__idmap *m);
 
+int pbrpc__idmap_grow(pbrpc__idmap *m);
+
 /* Makes room so that the next put cannot fail. Returns 0 or -ENOMEM. */
-int pbrpc__idmap_reserve(pbrpc__idmap *m);
+static inline int pbrpc__idmap_reserve(pbrpc__idmap *m)
+{
+	if (m->v && (m->count + 1) * 2 <= m->mask + 1)
+		return 0;
+	return pbrpc__idmap_grow(m);
+}
 
 /* Stores ptr (not NULL) for id, which must not be present. Returns 0 or
  * -ENOMEM (the map is unchanged). */
-int pbrpc__idmap_put(pbrpc__idmap *m, uint32_t id, void *ptr);
+static inline int pbrpc__idmap_put(pbrpc__idmap *m, uint32_t id, void *ptr)
+{
+	int rc = pbrpc__idmap_reserve(m);
+	if (rc < 0)
+		return rc;
+	uint32_t i = pbrpc__idmap_home(m, id);
+	while (m->v[i].ptr)
+		i = (i + 1) & m->mask;
+	m->v[i].id = id;
+	m->v[i].ptr = ptr;
+	m->count++;
+	return 0;
+}
 
 /* Removes id; returns what was stored, or NULL if it was absent. */
 void *pbrpc__idmap_del(pbrpc__idmap *m, uint32_t id);
