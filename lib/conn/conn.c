@@ -121,21 +121,6 @@ static ssize_t eat_preface(pbrpc__conn *c, const uint8_t *p, size_t n)
 	return (ssize_t)used;
 }
 
-static ssize_t recv_into(int fd, uint8_t *buf, size_t cap, int flags)
-{
-	struct iovec iov = { buf, cap };
-	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
-	ssize_t n;
-	do
-		n = pbrpc__recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC);
-	while (n < 0 && errno == EINTR);
-	if (n < 0)
-		return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
-	if (n == 0)
-		return PBRPC_EOF;
-	return n;
-}
-
 ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags)
 {
 	if (c->state == PBRPC__CONN_CLOSED)
@@ -151,7 +136,7 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 		scratch = small;
 		cap = sizeof(small);
 	}
-	ssize_t n = recv_into(c->fd, scratch, cap, flags);
+	ssize_t n = pbrpc__io_recv(c->fd, scratch, cap, flags);
 	if (n <= 0)
 		return n == PBRPC_EOF && c->state == PBRPC__CONN_PREFACE && c->preface_got ? PBRPC_ETRUNCATED : n;
 	const uint8_t *p = scratch;

@@ -273,16 +273,9 @@ ssize_t pbrpc__frame_decoder_recv(pbrpc__frame_decoder *d, int fd, int flags)
 	if (decoder_reserve(d, want, frame ? d->head + frame : 0) < 0)
 		return -ENOMEM;
 
-	struct iovec iov = { d->buf + d->tail, d->cap - d->tail };
-	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
-	ssize_t n;
-	do
-		n = pbrpc__recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC);
-	while (n < 0 && errno == EINTR);
-	if (n < 0)
-		return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
-	if (n == 0)
-		return pbrpc__frame_decoder_pending(d) ? PBRPC_ETRUNCATED : PBRPC_EOF;
+	ssize_t n = pbrpc__io_recv(fd, d->buf + d->tail, d->cap - d->tail, flags);
+	if (n <= 0)
+		return n == PBRPC_EOF && pbrpc__frame_decoder_pending(d) ? PBRPC_ETRUNCATED : n;
 	d->tail += (size_t)n;
 	if (d->discard)
 		drop_discarded(d);

@@ -1,6 +1,9 @@
 #include "util/io.h"
 
+#include <errno.h>
 #include <stdatomic.h>
+
+#include "pbrpc/error.h"
 
 /* One buffer and no ancillary data (every call but fd passing) goes through
  * send()/recv(): the same bytes without the kernel copying in and checking a
@@ -37,4 +40,17 @@ ssize_t pbrpc__recvmsg(int fd, struct msghdr *msg, int flags)
 ssize_t pbrpc__sendmsg(int fd, const struct msghdr *msg, int flags)
 {
 	return atomic_load_explicit(&cur_io, memory_order_relaxed)->sendmsg(fd, msg, flags | MSG_NOSIGNAL);
+}
+
+ssize_t pbrpc__io_recv(int fd, void *buf, size_t cap, int flags)
+{
+	struct iovec iov = { buf, cap };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+	ssize_t n;
+	do
+		n = pbrpc__recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+	return n == 0 ? PBRPC_EOF : n;
 }

@@ -20,4 +20,8 @@ void pbrpc__io_set(const pbrpc__io *io);
 ssize_t pbrpc__recvmsg(int fd, struct msghdr *msg, int flags);
 ssize_t pbrpc__sendmsg(int fd, const struct msghdr *msg, int flags);
 
+/* One read of up to cap bytes into buf, EINTR retried. Returns the bytes
+ * read (> 0), 0 when it would block, PBRPC_EOF at end of stream, or -errno. */
+ssize_t pbrpc__io_recv(int fd, void *buf, size_t cap, int flags);
+
 #endif
