@@ -115,6 +115,15 @@ int rp_recv(rp_conn *c, int timeout_ms, const ProtobufCMessageDescriptor *reply_
 				return PBRPC_EGOAWAY;
 			continue; /* a drain: replies still come */
 		}
+		if (f.hdr.type == PBRPC_FRAME_PING) {
+			/* Answered as every peer must (PROTOCOL.md section 7): a
+			 * draining server waits for it. */
+			pbrpc__frame_header h = { .type = PBRPC_FRAME_PONG };
+			rc = pbrpc__frame_write(c->fd, &h, f.payload, PBRPC_WIRE_PING_SIZE, timeout_ms);
+			if (rc < 0)
+				return rc;
+			continue;
+		}
 		if (f.hdr.type != PBRPC_FRAME_RESPONSE)
 			continue;
 		pbrpc__wire_response r;

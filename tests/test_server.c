@@ -176,6 +176,7 @@ typedef struct peer {
 	int fd;
 	pbrpc__frame_decoder dec;
 	pbrpc_hello server_hello;
+	bool answer_pings; /* as a conforming peer does; off to play a silent one */
 } peer;
 
 static int peer_open(peer *p, const char *addr)
@@ -187,6 +188,7 @@ static int peer_open(peer *p, const char *addr)
 	struct timeval tv = { .tv_sec = 5 };
 	setsockopt(p->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	pbrpc__frame_decoder_init(&p->dec, 64u << 20);
+	p->answer_pings = true;
 	return p->fd;
 }
 
@@ -282,6 +284,11 @@ static int peer_response(peer *p, uint32_t *id, char *msg, size_t msglen, char *
 				snprintf(msg, msglen, "%.*s", (int)ml, m);
 			if (st != 0)
 				return -1000 - st;
+			continue;
+		}
+		if (f.hdr.type == PBRPC_FRAME_PING && p->answer_pings) {
+			pbrpc__frame_header h = { .type = PBRPC_FRAME_PONG };
+			cr_assert_eq(pbrpc__frame_write(p->fd, &h, f.payload, PBRPC_WIRE_PING_SIZE, 5000), 0);
 			continue;
 		}
 		cr_assert_eq(f.hdr.type, PBRPC_FRAME_RESPONSE, "unexpected frame type %d", f.hdr.type);
@@ -1304,6 +1311,48 @@ Test(server, graceful_drain_finishes_calls_in_flight)
 	pbrpc_server_free(t.srv);
 	rmdir(t.dir);
 	peer_close(&p);
+}
+
+/* The exact drain: after its GOAWAY the server keeps reading until the
+ * client has shown it read the GOAWAY (the PONG to the drain PING), so a
+ * request that was on the wire is answered (UNAVAILABLE, not run), never
+ * lost to a close; with no PONG the drain deadline closes. */
+Test(server, drain_reads_until_the_client_has_seen_goaway)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p, q;
+	peer_handshake(&p, t.addr);
+	peer_handshake(&q, t.addr);
+	p.answer_pings = false;
+	int rc;
+	int64_t t0 = tu_now_ms();
+	pbrpc_server_shutdown(t.srv, 600);
+	pbrpc__frame f;
+	cr_assert_eq(pbrpc__frame_read(&p.dec, p.fd, &f, 5000), 1);
+	cr_assert_eq(f.hdr.type, PBRPC_FRAME_GOAWAY);
+	cr_assert_eq(pbrpc__frame_read(&p.dec, p.fd, &f, 5000), 1);
+	cr_assert_eq(f.hdr.type, PBRPC_FRAME_PING, "the drain GOAWAY is followed by a PING");
+	usleep(150 * 1000); /* no call in flight: the old server had closed by now */
+	peer_request(&p, 7, "on the wire");
+	char msg[64];
+	uint32_t id = 0;
+	cr_assert_eq(peer_response(&p, &id, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_UNAVAILABLE);
+	cr_assert_eq(id, 7);
+	cr_assert_str_eq(msg, "server is shutting down");
+	/* q answers the PING: closed as soon as it has. */
+	rc = peer_response(&q, NULL, NULL, 0, NULL, 0);
+	cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "q: expected close, got %s", pbrpc_strerror(rc));
+	cr_assert_lt(tu_now_ms() - t0, 500, "a client that answered the PING is closed at once");
+	/* p stays silent: closed at the drain deadline. */
+	rc = pbrpc__frame_read(&p.dec, p.fd, &f, 5000);
+	cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "expected close, got %s", pbrpc_strerror(rc));
+	cr_assert_geq(tu_now_ms() - t0, 550, "the silent client was kept until the drain deadline");
+	pthread_join(t.thr, NULL);
+	pbrpc_server_free(t.srv);
+	rmdir(t.dir);
+	peer_close(&p);
+	peer_close(&q);
 }
 
 Test(server, forced_drain_answers_unavailable)

@@ -4,10 +4,12 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <unistd.h>
 
 #include "client/client_impl.h"
+#include "util/bytes.h"
 
 #define th pbrpc__cl_th
 
@@ -117,6 +119,103 @@ __attribute__((noinline)) void pbrpc__cl_async_invoke(svc *s, unsigned idx, cons
 	pthread_mutex_unlock(&c->mu);
 }
 
+/* ---- sending again what the server did not run ---- */
+
+/* Keeps a copy of the REQUEST payload just queued for x (`before`: the
+ * writer's pending bytes before it), so that x can be sent again. */
+void pbrpc__cl_keep_request(call *x, const chan *k, size_t before, const call_args *a)
+{
+	const pbrpc__frame_writer *w = &k->base.out;
+	size_t frame = pbrpc__conn_pending_out(&k->base) - before;
+	size_t len = frame - PBRPC_FRAME_HEADER_SIZE;
+	x->req_len = 0;
+	if (len > CL_RETRY_COPY_MAX)
+		return; /* not re-sendable: too large to copy on every call */
+	if (len > x->req_cap) {
+		uint8_t *nb = realloc(x->req, len);
+		if (!nb)
+			return;
+		x->req = nb;
+		x->req_cap = len;
+	}
+	const uint8_t *f = w->buf + w->tail - frame;
+	x->req_flags = f[5];
+	memcpy(x->req, f + PBRPC_FRAME_HEADER_SIZE, len);
+	x->req_len = len;
+	x->req_timeout_at = (x->req_flags & PBRPC_REQUEST_TIMEOUT) ? 2 + a->method_len : SIZE_MAX;
+}
+
+/* Sends x's kept REQUEST again on k, with a new id and the time it has left.
+ * Returns 0, or a negative code with x's status set. */
+static int resend(pbrpc_client *c, chan *k, call *x, int64_t now)
+{
+	if (x->req_timeout_at != SIZE_MAX) {
+		int64_t left = x->deadline - now;
+		if (left <= 0) {
+			pbrpc__cl_call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded");
+			return -ETIMEDOUT;
+		}
+		pbrpc__put_u64(x->req + x->req_timeout_at, (uint64_t)left / 1000);
+	}
+	if (x->req_len > k->base.peer_max_frame) {
+		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_ETOOBIG,
+				    "request is %zu bytes, server accepts at most %u", x->req_len,
+				    (unsigned)k->base.peer_max_frame);
+		return PBRPC_ETOOBIG;
+	}
+	if (pbrpc__idmap_reserve(&k->base.calls) < 0) {
+		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
+		return -ENOMEM;
+	}
+	x->id = pbrpc__cl_alloc_id(c);
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_REQUEST, .flags = x->req_flags, .stream = x->id };
+	if (pbrpc__frame_writer_append(&k->base.out, &h, x->req, x->req_len) < 0) {
+		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
+		return -ENOMEM;
+	}
+	pbrpc__idmap_put(&k->base.calls, x->id, x);
+	x->attempts++;
+	x->retry = false;
+	x->refs |= REF_TABLE;
+	x->conn = k;
+	k->async_inflight++;
+	pbrpc__cl_chan_flush(c, k);
+	return 0;
+}
+
+/* Sends again the async calls on c->retry (locked; may drop the mutex to
+ * dial). Calls wait there, within their deadline, for a connection. */
+void pbrpc__cl_retry_calls(pbrpc_client *c)
+{
+	pbrpc__list *l;
+	while ((l = pbrpc__list_first(&c->retry)) != NULL) {
+		call *x = pbrpc__container_of(l, call, qlink);
+		int64_t now = pbrpc__now_ns();
+		if (c->closing || (x->deadline && now >= x->deadline)) {
+			pbrpc__list_remove(l);
+			if (c->closing)
+				pbrpc__cl_call_fail(x, PBRPC_STATUS_CANCELLED, PBRPC_ECLOSED, "client is shutting down");
+			else
+				pbrpc__cl_call_fail(x, PBRPC_STATUS_DEADLINE_EXCEEDED, -ETIMEDOUT, "deadline exceeded");
+			pbrpc__cl_call_finish(c, x);
+			continue;
+		}
+		chan *k = c->cur;
+		if (!k) {
+			if (c->connecting || now < c->next_attempt)
+				return; /* process() wakes up for the next attempt */
+			if (pbrpc__cl_connect_locked(c, x->deadline) < 0)
+				return;
+			continue; /* the mutex was dropped: look again */
+		}
+		if (k->base.peer_max_calls && chan_inflight(k) >= k->base.peer_max_calls)
+			return;
+		pbrpc__list_remove(l);
+		if (resend(c, k, x, now) < 0)
+			pbrpc__cl_call_finish(c, x);
+	}
+}
+
 /* ---- completions ---- */
 
 /* Runs the queued async closures (locked on entry and exit; unlocked while
@@ -202,6 +301,8 @@ static void process_wait(pbrpc_client *c, bool watch, int64_t deadline)
 		wake = pbrpc__deadline_min(wake, t->when);
 	if (c->big_at)
 		wake = pbrpc__deadline_min(wake, c->big_at + CL_BIG_IDLE_NS); /* to give large buffers back */
+	if (!pbrpc__list_empty(&c->retry) && !c->cur)
+		wake = pbrpc__deadline_min(wake, c->next_attempt ? c->next_attempt : pbrpc__now_ns());
 	int ms = pbrpc__ms_until(wake);
 	if (!watch)
 		c->proc_efd_only++;
@@ -234,6 +335,7 @@ int pbrpc__cl_process_run(pbrpc_client *c, int timeout_ms, bool forever)
 			c->efd_signaled = false;
 		}
 		expire_timers(c);
+		pbrpc__cl_retry_calls(c);
 		bool watch = process_conns(c);
 		ran += pbrpc__cl_run_done(c);
 		if (forever) {

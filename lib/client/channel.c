@@ -75,8 +75,17 @@ static bool on_response(pbrpc__conn *b, const pbrpc__wire_response *r, void *arg
 	int st = (r->status < 0 || r->status >= PBRPC_STATUS_COUNT) ? PBRPC_STATUS_UNKNOWN : r->status;
 	x->status = st;
 	x->err = 0;
-	/* A REQUEST that reached a draining server after its GOAWAY was not run. */
-	x->retry = st == PBRPC_STATUS_UNAVAILABLE && b->draining && x->kind == CALL_SYNC && !x->retried;
+	/* A call the server says it did not run (or, from a server without the
+	 * NOT_RUN feature, one refused after its drain GOAWAY) may be sent again
+	 * on a new connection. */
+	bool not_run = (b->features & PBRPC_FEATURE_NOT_RUN) ? r->not_run : b->draining;
+	x->retry = st == PBRPC_STATUS_UNAVAILABLE && not_run && x->attempts < CL_MAX_ATTEMPTS;
+	if (x->retry && x->kind == CALL_ASYNC && x->req_len) {
+		pbrpc__list_append(&c->retry, &x->qlink);
+		if (pbrpc__cl_th.in_process != c)
+			pbrpc__cl_efd_signal(c);
+		return false;
+	}
 	if (x == me) {
 		x->msg = r->message;
 		x->msg_len = r->message_len;
@@ -370,7 +379,8 @@ static int chan_open(pbrpc_client *c, int timeout_ms, chan **out, char *msg, siz
 		return fd;
 	}
 	chan *k = calloc(1, sizeof(*k));
-	pbrpc_hello h = { .version = PBRPC_WIRE_VERSION, .max_frame = c->max_frame, .agent = PBRPC_WIRE_AGENT };
+	pbrpc_hello h = { .version = PBRPC_WIRE_VERSION, .max_frame = c->max_frame, .features = PBRPC_FEATURES,
+			  .agent = PBRPC_WIRE_AGENT };
 	if (!k || pbrpc__conn_init(&k->base, fd, PBRPC__CONN_CLIENT, &chan_ops, &h) < 0) {
 		if (k)
 			pbrpc__conn_fini(&k->base);

@@ -147,6 +147,8 @@ void pbrpc__cl_call_finish(pbrpc_client *c, call *x)
 		return;
 	}
 	pbrpc__heap_stop(&c->timers, &x->timer);
+	if (pbrpc__list_linked(&x->qlink))
+		pbrpc__list_remove(&x->qlink); /* waiting on c->retry */
 	pbrpc__list_append(&c->done, &x->qlink);
 	if (th.in_process != c)
 		pbrpc__cl_efd_signal(c);
@@ -271,6 +273,7 @@ static void client_teardown(pbrpc_client *c)
 		for (int i = 0; i < CL_CALL_SLAB_SIZE; i++) {
 			pthread_cond_destroy(&s->calls[i].cond);
 			free(s->calls[i].buf);
+			free(s->calls[i].req);
 		}
 		free(s);
 	}
@@ -310,6 +313,7 @@ PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, 
 	pbrpc__list_init(&c->conns);
 	pbrpc__list_init(&c->free_calls);
 	pbrpc__list_init(&c->done);
+	pbrpc__list_init(&c->retry);
 	pthread_mutex_init(&c->mu, NULL);
 	pthread_condattr_init(&c->cattr);
 	pthread_condattr_setclock(&c->cattr, CLOCK_MONOTONIC);
@@ -385,6 +389,7 @@ PBRPC_EXPORT void pbrpc_client_free(pbrpc_client *c)
 	c->closing = true;
 	pbrpc__list_for_each_safe(k, &c->conns, chan, link)
 		pbrpc__cl_chan_close(c, k, PBRPC_ECLOSED, "client closed");
+	pbrpc__cl_retry_calls(c); /* closing: fails them */
 	while (!pbrpc__list_empty(&c->done))
 		pbrpc__cl_run_done(c);
 	pthread_mutex_unlock(&c->mu);
@@ -430,6 +435,14 @@ PBRPC_EXPORT int pbrpc_client_cancel(pbrpc_client *c, uint32_t call_id)
 	pbrpc__list_for_each(k, &c->conns, chan, link) {
 		if ((x = pbrpc__idmap_get(&k->base.calls, call_id)) != NULL)
 			break;
+	}
+	if (!x) {
+		pbrpc__list_for_each(r, &c->retry, call, qlink) {
+			if (r->id == call_id) {
+				x = r;
+				break;
+			}
+		}
 	}
 	if (!x || x->kind != CALL_ASYNC || x->abandoned) {
 		pthread_mutex_unlock(&c->mu);

@@ -63,6 +63,8 @@
 #define CL_CALL_SLAB_SIZE 64
 #define CL_READ_BUDGET 16 /* non-blocking reads per connection per process() round */
 #define CL_LOCAL_MSG_MAX 256
+#define CL_MAX_ATTEMPTS 5            /* sends of a call the server did not run */
+#define CL_RETRY_COPY_MAX (64u << 10) /* async requests up to this can be re-sent */
 
 /* A pooled reply arena (util/arena.h) and when it last held a large buffer. */
 typedef struct cl_arena {
@@ -108,8 +110,8 @@ typedef struct call {
 	uint8_t refs;
 	bool done;       /* status is final */
 	bool abandoned;  /* timed out or cancelled; a late RESPONSE is dropped */
-	bool retry;      /* UNAVAILABLE from a draining server: never ran */
-	bool retried;
+	bool retry;      /* the server provably did not run it: may be sent again */
+	uint8_t attempts; /* sends so far */
 	bool in_decoder; /* reply bytes are in rconn's decoder; the caller is its reader */
 	chan *conn;      /* while REF_TABLE */
 	chan *rconn;     /* while in_decoder */
@@ -129,6 +131,12 @@ typedef struct call {
 	pbrpc__timer timer; /* async calls with a deadline, in c->timers */
 	uint8_t *buf;       /* reply copy: message, then body */
 	size_t cap;
+	/* An async call's encoded REQUEST payload, kept to re-send it (the
+	 * caller may free its message once the stub returns). */
+	uint8_t *req;
+	size_t req_cap, req_len; /* req_len 0: no copy, not re-sendable */
+	uint8_t req_flags;
+	size_t req_timeout_at; /* offset of timeout_us in the payload, or SIZE_MAX */
 	pthread_cond_t cond;
 	char lmsg[CL_LOCAL_MSG_MAX];
 } call;
@@ -195,6 +203,7 @@ struct pbrpc_client {
 	int64_t big_at; /* a large buffer was last used then; 0: none is held */
 
 	pbrpc__list done;
+	pbrpc__list retry; /* async calls the server did not run, to send again */
 	size_t async_pending;
 	pbrpc__heap timers;
 
@@ -265,7 +274,8 @@ static inline call *call_get(pbrpc_client *c, int kind)
 	x->id = 0;
 	x->kind = (uint8_t)kind;
 	x->refs = REF_OWNER;
-	x->done = x->abandoned = x->retry = x->retried = x->in_decoder = false;
+	x->done = x->abandoned = x->retry = x->in_decoder = false;
+	x->attempts = 0;
 	x->conn = x->rconn = NULL;
 	x->deadline = 0;
 	x->status = PBRPC_STATUS_OK;
@@ -277,6 +287,7 @@ static inline call *call_get(pbrpc_client *c, int kind)
 	x->out_desc = NULL;
 	x->closure = NULL;
 	x->closure_data = NULL;
+	x->req_len = 0;
 	return x;
 }
 
@@ -341,6 +352,8 @@ void pbrpc__cl_arena_put(pbrpc_client *c, cl_arena *a);
 void pbrpc__cl_arena_destroy(cl_arena *a);
 
 /* async.c */
+void pbrpc__cl_retry_calls(pbrpc_client *c);
+void pbrpc__cl_keep_request(call *x, const chan *k, size_t before, const call_args *a);
 void pbrpc__cl_async_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, ProtobufCClosure closure,
 			    void *closure_data);
 void pbrpc__cl_abandon(pbrpc_client *c, call *x, int status, int err, const char *what);

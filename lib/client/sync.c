@@ -213,13 +213,17 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 	}
 	x->id = pbrpc__cl_alloc_id(c);
 	req.call_id = x->id;
+	size_t before = pbrpc__conn_pending_out(&k->base);
 	int rc = pbrpc__wire_write_request(&k->base.out, &req, a->msg, k->base.peer_max_frame);
 	if (rc < 0) {
 		request_failed(x, &req, a, k->base.peer_max_frame, rc);
 		x->id = 0;
 		return rc;
 	}
+	if (x->kind == CALL_ASYNC)
+		pbrpc__cl_keep_request(x, k, before, a);
 	pbrpc__idmap_put(&k->base.calls, x->id, x); /* reserved above: cannot fail */
+	x->attempts++;
 	x->refs |= REF_TABLE;
 	x->conn = k;
 	if (x->kind == CALL_ASYNC)
@@ -227,7 +231,7 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 	/* A failed flush wrote none of the queued bytes, so the server never saw
 	 * this request: a synchronous call may try again on a new connection. */
 	if (pbrpc__cl_chan_flush(c, k) < 0 && x->done && x->kind == CALL_SYNC)
-		x->retry = !x->retried;
+		x->retry = x->attempts < CL_MAX_ATTEMPTS;
 	return 0;
 }
 
@@ -437,9 +441,10 @@ void pbrpc__cl_sync_release(pbrpc_client *c, call *x)
 }
 
 /* Runs a synchronous call. Returns with the mutex held and x done, or NULL
- * (out of memory). A call the server cannot have run (answered UNAVAILABLE by
- * a draining server, or its REQUEST could not be written) is retried once on
- * a new connection. */
+ * (out of memory). A call the server cannot have run (answered UNAVAILABLE
+ * and NOT_RUN, e.g. by a draining server, or its REQUEST could not be
+ * written) is sent again on a new connection, up to CL_MAX_ATTEMPTS sends
+ * within its deadline. */
 call *pbrpc__cl_sync_call(pbrpc_client *c, const call_args *a)
 {
 	/* `now` serves the deadline checks and the first recv timeout until the
@@ -456,7 +461,7 @@ call *pbrpc__cl_sync_call(pbrpc_client *c, const call_args *a)
 		if (!x)
 			return NULL;
 		x->deadline = a->deadline;
-		x->retried = attempt > 0;
+		x->attempts = (uint8_t)attempt;
 		if (attempt > 0)
 			now = pbrpc__now_ns();
 		if (a->deadline && now >= a->deadline) {
@@ -470,7 +475,7 @@ call *pbrpc__cl_sync_call(pbrpc_client *c, const call_args *a)
 			return x;
 		if (!x->done) /* else the connection failed while sending */
 			sync_wait(c, x, now);
-		if (!x->retry || attempt > 0)
+		if (!x->retry || attempt + 1 >= CL_MAX_ATTEMPTS)
 			return x;
 		pbrpc__cl_sync_release(c, x);
 	}

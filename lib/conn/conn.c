@@ -12,6 +12,9 @@
 
 #define WHY_MAX 256
 
+/* The payload of the PING that follows our drain GOAWAY. */
+static const uint8_t drain_ping[PBRPC_WIRE_PING_SIZE] = { 'p', 'b', 'r', 'p', 'c', '-', 'd', 'r' };
+
 int pbrpc__conn_init(pbrpc__conn *c, int fd, pbrpc__conn_role role, const pbrpc__conn_ops *ops,
 		     const pbrpc_hello *ours)
 {
@@ -22,6 +25,7 @@ int pbrpc__conn_init(pbrpc__conn *c, int fd, pbrpc__conn_role role, const pbrpc_
 	c->role = (uint8_t)role;
 	c->goaway_sent = -1;
 	c->ops = ops;
+	c->our_features = ours->features;
 	c->max_frame = ours->max_frame ? ours->max_frame : PBRPC_MAX_FRAME_DEFAULT;
 	if (c->max_frame > PBRPC_MAX_FRAME_LIMIT)
 		c->max_frame = PBRPC_MAX_FRAME_LIMIT;
@@ -88,6 +92,7 @@ void pbrpc__conn_goaway(pbrpc__conn *c, const char *why)
 		return;
 	c->draining = true;
 	pbrpc__wire_write_goaway(&c->out, PBRPC_STATUS_OK, why);
+	pbrpc__wire_write_ping(&c->out, PBRPC_FRAME_PING, drain_ping);
 }
 
 void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
@@ -190,6 +195,7 @@ static void handle_hello(pbrpc__conn *c, const pbrpc__frame *f)
 	if (c->peer_max_frame > PBRPC_MAX_FRAME_LIMIT)
 		c->peer_max_frame = PBRPC_MAX_FRAME_LIMIT;
 	c->peer_max_calls = h.max_calls;
+	c->features = c->our_features & h.features;
 	c->state = PBRPC__CONN_OPEN;
 	c->handshake_deadline = 0;
 	if (c->ops->on_open)
@@ -211,8 +217,11 @@ static void handle_goaway(pbrpc__conn *c, const pbrpc__frame *f)
 				  pbrpc_status_name(st), (int)ml, m);
 		return;
 	}
-	/* Drain: calls in flight finish, no new ones start here. */
+	/* Drain: calls in flight finish, no new ones start here. A client's
+	 * GOAWAY also says it sends no more requests. */
 	c->draining = true;
+	if (c->role == PBRPC__CONN_SERVER)
+		c->peer_quiet = true;
 	if (c->ops->on_goaway)
 		c->ops->on_goaway(c);
 }
@@ -252,6 +261,11 @@ static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 					 (unsigned)f->hdr.stream);
 			return false;
 		}
+		if (r.not_run && !(c->features & PBRPC_FEATURE_NOT_RUN)) {
+			pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO,
+					 "RESPONSE flag NOT_RUN without the feature negotiated");
+			return false;
+		}
 		return c->ops->on_response(c, &r, arg);
 	}
 	case PBRPC_FRAME_CANCEL:
@@ -263,6 +277,8 @@ static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 		pbrpc__wire_write_ping(&c->out, PBRPC_FRAME_PONG, f->payload); /* the role flushes */
 		return false;
 	case PBRPC_FRAME_PONG:
+		if (c->draining && memcmp(f->payload, drain_ping, sizeof(drain_ping)) == 0)
+			c->peer_quiet = true; /* it has read our GOAWAY and everything before */
 		return false;
 	case PBRPC_FRAME_GOAWAY:
 		handle_goaway(c, f);
@@ -284,7 +300,7 @@ static void handle_toobig(pbrpc__conn *c)
 			 (unsigned)c->max_frame);
 		uint32_t id = h->stream;
 		pbrpc__frame_decoder_skip(&c->dec);
-		pbrpc__conn_reply_status(c, id, PBRPC_STATUS_RESOURCE_EXHAUSTED, text);
+		pbrpc__conn_reply_status(c, id, PBRPC_STATUS_RESOURCE_EXHAUSTED, text, true);
 		return;
 	}
 	pbrpc__conn_fail(c, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_ETOOBIG, "%s frame of %u bytes exceeds the limit of %u",
@@ -357,9 +373,10 @@ ssize_t pbrpc__conn_flush(pbrpc__conn *c, int64_t now)
 	return n;
 }
 
-int pbrpc__conn_reply_status(pbrpc__conn *c, uint32_t call_id, int status, const char *message)
+int pbrpc__conn_reply_status(pbrpc__conn *c, uint32_t call_id, int status, const char *message, bool not_run)
 {
 	pbrpc__wire_response r = { .call_id = call_id, .status = status, .message = message };
+	r.not_run = not_run && (c->features & PBRPC_FEATURE_NOT_RUN);
 	r.message_len = message ? strlen(message) : 0;
 	return pbrpc__wire_write_response(&c->out, &r, NULL, 0);
 }

@@ -71,6 +71,8 @@ struct pbrpc__conn {
 	uint8_t preface_got; /* bytes of the peer's preface checked so far */
 	uint8_t closed_in;   /* the state the connection was closed in */
 	bool draining;       /* no new calls: GOAWAY(OK) sent or received */
+	bool peer_quiet;     /* draining, and the peer has shown it sends no more
+	                      * requests: it answered our drain PING, sent GOAWAY */
 	bool read_paused;    /* output above max_output: stop reading */
 	bool resume;         /* just unpaused: frames stashed in the decoder wait */
 	int goaway_sent;     /* status of the GOAWAY pbrpc__conn_fail sent, or -1 */
@@ -78,6 +80,8 @@ struct pbrpc__conn {
 	uint32_t max_frame;      /* ours: largest payload we accept */
 	uint32_t peer_max_frame; /* the peer's HELLO, clamped: largest we may send */
 	uint32_t peer_max_calls; /* the peer's HELLO; 0: no limit */
+	uint64_t our_features;   /* what our HELLO announced */
+	uint64_t features;       /* in effect: announced by both */
 	pbrpc_hello peer;        /* the peer's HELLO as received (agent cut) */
 	pbrpc__frame_decoder dec;
 	pbrpc__frame_writer out;
@@ -130,7 +134,9 @@ int pbrpc__conn_dispatch(pbrpc__conn *c, void *arg);
  * the client first reads what the peer said). */
 ssize_t pbrpc__conn_flush(pbrpc__conn *c, int64_t now);
 
-/* Begins a graceful drain from our side: GOAWAY(OK, why), no new calls. */
+/* Begins a graceful drain from our side: GOAWAY(OK, why), then a PING whose
+ * PONG proves the peer has read the GOAWAY: every request it sent before
+ * has arrived by then, and it sends no more (peer_quiet). */
 void pbrpc__conn_goaway(pbrpc__conn *c, const char *why);
 
 /* Sends GOAWAY(status, why) best effort, then closes (on_close with err). */
@@ -140,9 +146,10 @@ __attribute__((format(printf, 4, 5))) void pbrpc__conn_fail(pbrpc__conn *c, int 
 /* Closes without sending anything (on_close with err). */
 __attribute__((format(printf, 3, 4))) void pbrpc__conn_close(pbrpc__conn *c, int err, const char *fmt, ...);
 
-/* Queues a RESPONSE with a status and no body (answers for calls that never
- * reached a handler). Returns 0 or a negative code. */
-int pbrpc__conn_reply_status(pbrpc__conn *c, uint32_t call_id, int status, const char *message);
+/* Queues a RESPONSE with a status and no body. not_run: no handler ran for
+ * the call (flagged on the wire where PBRPC_FEATURE_NOT_RUN is in effect, so
+ * that the client may retry it). Returns 0 or a negative code. */
+int pbrpc__conn_reply_status(pbrpc__conn *c, uint32_t call_id, int status, const char *message, bool not_run);
 
 /* Expires the policy timeouts due at `now`: no HELLO in time ("handshake
  * timed out"), the peer reading nothing while paused, idleness. Each closes
@@ -172,10 +179,12 @@ static inline size_t pbrpc__conn_pending_in(const pbrpc__conn *c)
 	return d->tail - d->head + d->in_len + (size_t)d->discard;
 }
 
-/* Draining, no call in flight, nothing left to write: time to close. */
+/* Draining, the peer quiet (a server waits for that: requests may still be
+ * on the wire), no call in flight, nothing left to write: time to close. */
 static inline bool pbrpc__conn_drained(const pbrpc__conn *c)
 {
-	return c->draining && pbrpc__idmap_count(&c->calls) == 0 && pbrpc__conn_pending_out(c) == 0;
+	return c->draining && (c->peer_quiet || c->role == PBRPC__CONN_CLIENT) &&
+	       pbrpc__idmap_count(&c->calls) == 0 && pbrpc__conn_pending_out(c) == 0;
 }
 
 /* "client" or "server": the other side, for messages. */

@@ -283,7 +283,8 @@ int pbrpc__wire_write_response(pbrpc__frame_writer *w, const pbrpc__wire_respons
 	if (max_payload && len > max_payload)
 		return PBRPC_ETOOBIG;
 
-	pbrpc__frame_header h = { .type = PBRPC_FRAME_RESPONSE, .flags = PBRPC_RESPONSE_END, .stream = resp->call_id };
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_RESPONSE, .stream = resp->call_id };
+	h.flags = PBRPC_RESPONSE_END | (resp->not_run ? PBRPC_RESPONSE_NOT_RUN : 0);
 	uint8_t *p = pbrpc__frame_writer_begin(w, &h, len);
 	if (!p)
 		return len > PBRPC_MAX_FRAME_LIMIT ? PBRPC_ETOOBIG : -ENOMEM;
@@ -311,7 +312,9 @@ int pbrpc__wire_read_response(const pbrpc__frame *f, pbrpc__wire_response *out)
 	out->message_len = 0;
 	out->body = NULL;
 	out->body_len = 0;
-	if (f->hdr.type != PBRPC_FRAME_RESPONSE || f->hdr.stream == 0 || f->hdr.flags != PBRPC_RESPONSE_END)
+	out->not_run = (f->hdr.flags & PBRPC_RESPONSE_NOT_RUN) != 0;
+	if (f->hdr.type != PBRPC_FRAME_RESPONSE || f->hdr.stream == 0 ||
+	    (f->hdr.flags & ~PBRPC_RESPONSE_NOT_RUN) != PBRPC_RESPONSE_END)
 		return PBRPC_EPROTO;
 	if (f->hdr.length < 4)
 		return PBRPC_EPROTO;
@@ -386,7 +389,7 @@ int pbrpc__wire_check_header(const pbrpc__frame_header *h)
 		return (h->stream != 0 && !(h->flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA))) ? 0
 													   : PBRPC_EPROTO;
 	case PBRPC_FRAME_RESPONSE:
-		return (h->stream != 0 && h->flags == PBRPC_RESPONSE_END) ? 0 : PBRPC_EPROTO;
+		return (h->stream != 0 && (h->flags & ~PBRPC_RESPONSE_NOT_RUN) == PBRPC_RESPONSE_END) ? 0 : PBRPC_EPROTO;
 	case PBRPC_FRAME_CANCEL:
 		return (h->stream != 0 && h->flags == 0 && h->length == 0) ? 0 : PBRPC_EPROTO;
 	default:

@@ -39,7 +39,13 @@ enum pbrpc__frame_type {
 #define PBRPC_REQUEST_TIMEOUT 0x01u  /* a u64 timeout in microseconds follows the method */
 #define PBRPC_REQUEST_METADATA 0x02u /* a metadata block follows */
 /* RESPONSE flags */
-#define PBRPC_RESPONSE_END 0x01u /* final frame of the call; always set in version 1 */
+#define PBRPC_RESPONSE_END 0x01u     /* final frame of the call; always set in version 1 */
+#define PBRPC_RESPONSE_NOT_RUN 0x02u /* no handler ran for the call (PBRPC_FEATURE_NOT_RUN) */
+
+/* Hello.features bits. A feature is in effect on a connection when both
+ * HELLOs announce it. */
+#define PBRPC_FEATURE_NOT_RUN 0x1ull /* RESPONSE may carry PBRPC_RESPONSE_NOT_RUN */
+#define PBRPC_FEATURES (PBRPC_FEATURE_NOT_RUN) /* what this implementation announces */
 
 #define PBRPC_WIRE_PING_SIZE 8
 
@@ -71,6 +77,7 @@ typedef struct pbrpc__wire_response {
 	size_t message_len;
 	const uint8_t *body; /* packed reply; empty unless status is OK */
 	size_t body_len;
+	bool not_run; /* flag NOT_RUN: the server ran no handler for the call */
 } pbrpc__wire_response;
 
 /* ---- HELLO ---- */

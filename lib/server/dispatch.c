@@ -110,6 +110,7 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 	c->base.last_active = call->srv->now;
 
 	pbrpc__wire_response r = { .call_id = call->id, .status = status, .body = body, .body_len = body_len };
+	r.not_run = call->not_run && (c->base.features & PBRPC_FEATURE_NOT_RUN);
 	r.message = message;
 	r.message_len = message ? strlen(message) : 0;
 	uint32_t limit = c->base.peer_max_frame;
@@ -118,7 +119,7 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 		char text[160];
 		size_t size = msg ? protobuf_c_message_get_packed_size(msg) : body_len;
 		snprintf(text, sizeof(text), "reply is %zu bytes, client accepts at most %u", size, (unsigned)limit);
-		rc = pbrpc__conn_reply_status(&c->base, call->id, PBRPC_STATUS_RESOURCE_EXHAUSTED, text);
+		rc = pbrpc__conn_reply_status(&c->base, call->id, PBRPC_STATUS_RESOURCE_EXHAUSTED, text, false);
 	}
 	if (rc < 0)
 		pbrpc__srv_log(call->srv, PBRPC_LOG_ERROR, "cannot queue reply for call %u: %s", call->id,
@@ -126,15 +127,17 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 	pbrpc__srv_mark_dirty(c);
 }
 
+/* Answers a request that reached no handler. */
 static void reply_status(srv_conn *c, uint32_t id, int status, const char *message)
 {
-	if (pbrpc__conn_reply_status(&c->base, id, status, message) == 0)
+	if (pbrpc__conn_reply_status(&c->base, id, status, message, true) == 0)
 		pbrpc__srv_mark_dirty(c);
 }
 
 /* Answers a call that was never handed to a handler, and frees it. */
 static void call_reject(srv_call *call, int status, const char *message)
 {
+	call->not_run = true;
 	pbrpc__srv_call_answer(call, status, message, NULL, NULL, 0);
 	call_put(call->srv, call);
 }

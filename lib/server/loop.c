@@ -290,15 +290,16 @@ static void reap_closed(pbrpc_server *srv)
 			pbrpc__srv_conn_free(c);
 }
 
-/* While shutting down: closes connections with nothing left to do. Returns
- * true once none is open. */
+/* While shutting down: closes connections with nothing left to do (calls
+ * answered, and the client has shown it sends no more: see
+ * pbrpc__conn_goaway). Returns true once none is open. */
 static bool drain_done(pbrpc_server *srv)
 {
 	bool open = false;
 	pbrpc__list_for_each(c, &srv->conns, srv_conn, link) {
 		if (pbrpc__conn_closed(&c->base))
 			continue;
-		if (pbrpc__idmap_count(&c->base.calls) == 0 && !pbrpc__conn_pending_out(&c->base))
+		if (pbrpc__conn_drained(&c->base))
 			pbrpc__conn_close(&c->base, 0, "drained");
 		else
 			open = true;

@@ -65,7 +65,8 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 		srv->o = *opts;
 	opts_defaults(&srv->o);
 	srv->hello = (pbrpc_hello){ .version = PBRPC_WIRE_VERSION, .max_frame = srv->o.max_frame,
-				    .max_calls = srv->o.max_calls, .agent = PBRPC_WIRE_AGENT };
+				    .max_calls = srv->o.max_calls, .features = PBRPC_FEATURES,
+				    .agent = PBRPC_WIRE_AGENT };
 	pbrpc__registry_init(&srv->reg);
 	pbrpc__list_init(&srv->conns);
 	pbrpc__list_init(&srv->dirty);

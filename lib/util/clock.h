@@ -4,6 +4,7 @@
 #define PBRPC_UTIL_CLOCK_H
 
 #include <limits.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -12,11 +13,21 @@
 
 typedef int64_t pbrpc__deadline;
 
+/* Test-only: nanoseconds added to every pbrpc__now_ns() reading, so that a
+ * fuzzer or test can make deadlines and timeouts fire without sleeping. Set
+ * only between calls into pbrpc, while no thread sleeps on an absolute
+ * deadline (pthread_cond_timedwait sees the real clock). Always 0 in
+ * production. Defined in util/io.c, which every program that compiles lib/
+ * sources links. */
+extern _Atomic int64_t pbrpc__clock_skew;
+
 static inline int64_t pbrpc__now_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * PBRPC__NS_PER_S + ts.tv_nsec;
+	/* one relaxed load: no fence, no extra cache traffic on the hot path */
+	return (int64_t)ts.tv_sec * PBRPC__NS_PER_S + ts.tv_nsec +
+	       atomic_load_explicit(&pbrpc__clock_skew, memory_order_relaxed);
 }
 
 /* now + ms; ms < 0 means no deadline (0). */

@@ -1,4 +1,5 @@
 #include "util/io.h"
+#include "util/clock.h"
 
 #include <errno.h>
 #include <stdatomic.h>
@@ -54,3 +55,8 @@ ssize_t pbrpc__io_recv(int fd, void *buf, size_t cap, int flags)
 		return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
 	return n == 0 ? PBRPC_EOF : n;
 }
+
+/* util/clock.h's test-only clock skew. It lives here, not in a clock.c of its
+ * own, because every program that compiles lib/ sources into itself (the
+ * fuzzers, the benchmark's private codecs) compiles io.c. */
+_Atomic int64_t pbrpc__clock_skew = 0;
