@@ -36,6 +36,7 @@
 #include <sys/socket.h>
 
 #include "proto/frame.h"
+#include "util/io.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
