@@ -59,6 +59,7 @@ void *pbrpc__arena_grow(pbrpc__arena *a, size_t n)
 			a->cap = cap;
 			a->p = a->buf + n;
 			a->end = a->buf + cap;
+			a->want += n;
 			return a->buf;
 		}
 	}
@@ -79,6 +80,7 @@ void *pbrpc__arena_grow(pbrpc__arena *a, size_t n)
 	a->extra = c;
 	a->p = c->data + n;
 	a->end = c->data + c->size;
+	a->want += n; /* only what was had: a failed request must not grow the buffer */
 	return c->data;
 }
 

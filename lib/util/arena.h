@@ -43,10 +43,10 @@ static inline void *pbrpc__arena_alloc(pbrpc__arena *a, size_t size)
 	size_t n = (size + 15) & ~(size_t)15;
 	if (n < size || n == 0)
 		n = size ? SIZE_MAX : 16;
-	a->want += n;
 	if ((size_t)(a->end - a->p) >= n) {
 		void *r = a->p;
 		a->p += n;
+		a->want += n;
 		return r;
 	}
 	return pbrpc__arena_grow(a, n);
