@@ -235,7 +235,7 @@ PBRPC_ENDPOINT=$ep expect "endpoint '-' from \$PBRPC_ENDPOINT" 0 '{
 }' "" "$pbrpc" call - demo.Kv/Get '{"key":"a"}'
 PBRPC_ENDPOINT=$ep expect "\$PBRPC_ENDPOINT with a service" 0 "SERVING" "" "$pbrpc" health demo.Echo
 expect "no endpoint at all" 2 "" \
-	"pbrpc: describe: no ENDPOINT given and \$PBRPC_ENDPOINT is not set (usage: pbrpc describe [ENDPOINT] SYMBOL)" \
+	"pbrpc: describe: no ENDPOINT given and \$PBRPC_ENDPOINT is not set (usage: pbrpc describe [ENDPOINT] [SYMBOL])" \
 	env -u PBRPC_ENDPOINT "$pbrpc" describe demo.Kv
 expect "invalid endpoint" 2 "" \
 	'pbrpc: invalid endpoint "x": expected unix:/path, unix:@name, tcp:host:port or tcp:[v6]:port' \
