@@ -324,7 +324,7 @@ static int call_raw(cli *c, const char *method, const uint8_t *req, size_t req_l
 static const char *reflection_hint(const pbrpc_call_result *res)
 {
 	if (res->status == PBRPC_STATUS_UNIMPLEMENTED && strstr(res->message, "pbrpc.Reflection"))
-		return " (the server does not enable reflection, which this command needs)";
+		return " (the server does not enable reflection, which this command needs without --protoset)";
 	return NULL;
 }
 

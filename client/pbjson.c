@@ -1597,6 +1597,8 @@ static json_object *template_scalar(const schema_field *f, const tmpl_stack *st)
 	case PROTOBUF_C_TYPE_FIXED64:
 		return json_object_new_string("0");
 	case PROTOBUF_C_TYPE_ENUM:
+		if (f->enumeration && schema_enum_name(f->enumeration, 0)) /* the default */
+			return json_object_new_string(schema_enum_name(f->enumeration, 0));
 		if (f->enumeration && f->enumeration->n_values)
 			return json_object_new_string(f->enumeration->values[0].name);
 		return json_object_new_int(0);

@@ -71,7 +71,7 @@ int pbjson_to_text(const schema_message *msg, json_object *obj, char **out);
 
 /* A JSON skeleton of msg to fill in: every field (oneof members included)
  * with a placeholder value ("" for strings and bytes, 0, "0" for 64-bit
- * integers, false, the enum's first value, a nested skeleton, or {} where a
+ * integers, false, the enum's zero value (else its first), a nested skeleton, or {} where a
  * type contains itself), repeated fields as one-element arrays. Release with
  * json_object_put; NULL when out of memory. */
 json_object *pbjson_template(const schema_message *msg);
