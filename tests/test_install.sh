@@ -136,9 +136,15 @@ libdir=$(meson introspect build-install --buildoptions |
 
 dest=$tmp/dest
 check "meson install to a DESTDIR" env DESTDIR="$dest" meson install -C build-install --quiet
-for f in bin/pbrpc bin/pbrpc-server include/pbrpc/pbrpc.h "$libdir/pkgconfig/pbrpc.pc" share/doc/pbrpc/LICENSE; do
+for f in bin/pbrpc bin/pbrpc-server include/pbrpc/pbrpc.h "$libdir/pkgconfig/pbrpc.pc" share/doc/pbrpc/LICENSE \
+	lib/systemd/system/pbrpc-server.service lib/systemd/system/pbrpc-server.socket; do
 	if [ -e "$dest/usr/local/$f" ]; then ok "DESTDIR has $f"; else not_ok "DESTDIR has $f"; fi
 done
+if grep -qx "ExecStart=/usr/local/bin/pbrpc-server --log-level info" "$dest/usr/local/lib/systemd/system/pbrpc-server.service"; then
+	ok "the installed service unit runs the installed pbrpc-server"
+else
+	not_ok "the installed service unit runs the installed pbrpc-server" "$(grep ExecStart "$dest/usr/local/lib/systemd/system/pbrpc-server.service")"
+fi
 programs_run destdir "$dest/usr/local/bin"
 
 # pkg-config against the DESTDIR tree: the sysroot prefixes its -I and -L;
