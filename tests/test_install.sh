@@ -145,6 +145,22 @@ if grep -qx "ExecStart=/usr/local/bin/pbrpc-server --log-level info" "$dest/usr/
 else
 	not_ok "the installed service unit runs the installed pbrpc-server" "$(grep ExecStart "$dest/usr/local/lib/systemd/system/pbrpc-server.service")"
 fi
+if command -v scdoc >/dev/null; then
+	for f in share/man/man1/pbrpc.1 share/man/man8/pbrpc-server.8 share/man/man3/libpbrpc.3; do
+		if grep -q "^\.SH \"\?NAME" "$dest/usr/local/$f"; then
+			ok "DESTDIR has the manual $f"
+		else
+			not_ok "DESTDIR has the manual $f"
+		fi
+	done
+else
+	echo "# manual pages not checked: scdoc is not installed"
+fi
+if [ -f "$dest/usr/local/share/bash-completion/completions/pbrpc" ]; then
+	ok "DESTDIR has the bash completion"
+else
+	not_ok "DESTDIR has the bash completion"
+fi
 programs_run destdir "$dest/usr/local/bin"
 
 # pkg-config against the DESTDIR tree: the sysroot prefixes its -I and -L;
