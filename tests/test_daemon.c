@@ -362,6 +362,7 @@ Test(daemon, help_and_version)
 	finish(&d);
 	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0);
 	cr_expect_not_null(strstr(out, "--listen ENDPOINT"));
+	cr_expect_not_null(strstr(out, "See pbrpc-server(8) for more.\n"), "--help names the manual: %s", out);
 }
 
 Test(daemon, bad_options_exit_2)
