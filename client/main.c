@@ -1,13 +1,15 @@
-/* pbrpc: a command-line client for any pbrpc server, driven by reflection.
+/* pbrpc: a command-line client for any pbrpc server, driven by reflection
+ * (or by a FileDescriptorSet given with --protoset).
  *
  *   pbrpc list ENDPOINT
- *   pbrpc describe ENDPOINT SYMBOL
+ *   pbrpc describe ENDPOINT [SYMBOL]
  *   pbrpc call ENDPOINT METHOD [JSON | -]
  *   pbrpc health ENDPOINT [SERVICE]
  *
- * Argument parsing and the calls live here; the schema (schema.c) and the
- * JSON codec (pbjson.c) are pure and tested on their own. docs/CLI.md is the
- * user's manual, including the exit statuses defined below.
+ * Argument parsing and the calls live here; the schema (schema.c), the JSON
+ * codec (pbjson.c) and the protoset reader (protoset.c) are pure and tested
+ * on their own. docs/CLI.md and pbrpc(1) are the user's manual, including the
+ * exit statuses defined below.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -15,6 +17,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +27,7 @@
 #include "health.pb-c.h"
 #include "pbjson.h"
 #include "pbrpc/pbrpc.h"
+#include "protoset.h"
 #include "reflection.pb-c.h"
 #include "schema.h"
 
@@ -33,7 +37,8 @@ enum {
 	EXIT_NOT_SERVING = 1, /* health: the answer was not SERVING */
 	EXIT_USAGE = 2,       /* bad arguments, endpoint or JSON request */
 	EXIT_CONNECT = 3,     /* no pbrpc server could be reached */
-	EXIT_LOCAL = 4,       /* the server's schema or reply made no sense; out of memory */
+	EXIT_LOCAL = 4,       /* the server's schema or reply made no sense; out of memory;
+			       * the output could not be written */
 	EXIT_STATUS_BASE = 64,
 };
 
@@ -41,8 +46,15 @@ enum {
 #define MAX_METADATA 64
 #define MAX_STDIN (64u << 20)
 
+typedef enum output_format { FORMAT_JSON, FORMAT_COMPACT, FORMAT_TEXT } output_format;
+
 typedef struct cli {
 	const char *endpoint;
+	bool verbose;           /* -v: what is sent and received, on stderr */
+	output_format format;
+	bool template;          /* describe --template */
+	const char *protoset_path;
+	protoset *ps;           /* schemas from --protoset instead of reflection */
 	int64_t timeout_ms;   /* < 0: none */
 	int64_t deadline_ms;  /* CLOCK_MONOTONIC; meaningful when timeout_ms >= 0 */
 	pbrpc_metadata metadata[MAX_METADATA];
@@ -76,6 +88,13 @@ static int64_t now_ms(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t now_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 /* ---- option values ---- */
@@ -181,9 +200,13 @@ static int connect_client(cli *c)
 	int64_t left = remaining_ms(c);
 	if (left >= 0)
 		opts.connect_timeout_ms = left > 0 ? (int)(left < 5000 ? left : 5000) : 1;
+	int64_t t0 = now_us();
 	rc = pbrpc_client_connect(&c->client, c->endpoint, &opts);
-	if (rc == 0)
+	if (rc == 0) {
+		if (c->verbose)
+			die_msg("connected to %s in %.3f ms", c->endpoint, (double)(now_us() - t0) / 1000);
 		return 0;
+	}
 	if (rc == PBRPC_EADDRESS) {
 		die_msg("invalid endpoint \"%s\": expected unix:/path, unix:@name, tcp:host:port or tcp:[v6]:port",
 			c->endpoint);
@@ -233,6 +256,36 @@ static int report_call(const char *method, int rc, const pbrpc_call_result *res,
 	return EXIT_LOCAL;
 }
 
+/* -v: one line before a call (method, request size, metadata, time left)... */
+static void verbose_sent(const cli *c, const char *method, size_t req_len, const pbrpc_call_opts *opts)
+{
+	char md[1024] = "";
+	size_t o = 0;
+	for (size_t i = 0; i < c->metadata_count && o < sizeof(md); i++) {
+		int n = snprintf(md + o, sizeof(md) - o, "%s%.*s=%.*s", i ? ", " : "", (int)c->metadata[i].key_len,
+				 c->metadata[i].key, (int)c->metadata[i].value_len, (const char *)c->metadata[i].value);
+		o += n > 0 ? (size_t)n : 0;
+	}
+	char left[32] = "no timeout";
+	if (opts->timeout_ms >= 0)
+		snprintf(left, sizeof(left), "timeout %d ms", opts->timeout_ms);
+	die_msg("> %s: %zu bytes, %s, metadata: %s", method, req_len, left, c->metadata_count ? md : "none");
+}
+
+/* ... and one after it: the status, its message, the time it took and the
+ * reply's size (when known; typed calls unpack it inside the library). */
+static void verbose_done(const char *method, int64_t t0, int rc, const pbrpc_call_result *res, long long reply_len)
+{
+	int status = res->status >= 0 && res->status < PBRPC_STATUS_COUNT ? res->status : PBRPC_STATUS_UNKNOWN;
+	const char *what = rc != 0 && status == PBRPC_STATUS_OK ? "failed" : pbrpc_status_name(status);
+	const char *why = rc != 0 && status == PBRPC_STATUS_OK ? pbrpc_strerror(rc) : res->message;
+	char size[40] = "";
+	if (reply_len >= 0)
+		snprintf(size, sizeof(size), ", %lld bytes", reply_len);
+	die_msg("< %s: %s%s%s%s in %.3f ms%s", method, what, why[0] ? " (" : "", why, why[0] ? ")" : "",
+		(double)(now_us() - t0) / 1000, size);
+}
+
 static int call_typed(cli *c, const char *method, const ProtobufCMessage *req,
 		      const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply, pbrpc_call_result *res)
 {
@@ -241,7 +294,13 @@ static int call_typed(cli *c, const char *method, const ProtobufCMessage *req,
 	memset(res, 0, sizeof(*res));
 	if (!call_opts(c, &opts, res))
 		return PBRPC_ESTATUS;
-	return pbrpc_client_call(c->client, method, req, reply_desc, reply, &opts, res);
+	if (c->verbose)
+		verbose_sent(c, method, protobuf_c_message_get_packed_size(req), &opts);
+	int64_t t0 = now_us();
+	int rc = pbrpc_client_call(c->client, method, req, reply_desc, reply, &opts, res);
+	if (c->verbose)
+		verbose_done(method, t0, rc, res, -1);
+	return rc;
 }
 
 static int call_raw(cli *c, const char *method, const uint8_t *req, size_t req_len, uint8_t **reply,
@@ -253,19 +312,49 @@ static int call_raw(cli *c, const char *method, const uint8_t *req, size_t req_l
 	memset(res, 0, sizeof(*res));
 	if (!call_opts(c, &opts, res))
 		return PBRPC_ESTATUS;
-	return pbrpc_client_call_raw(c->client, method, req, req_len, reply, reply_len, &opts, res);
+	if (c->verbose)
+		verbose_sent(c, method, req_len, &opts);
+	int64_t t0 = now_us();
+	int rc = pbrpc_client_call_raw(c->client, method, req, req_len, reply, reply_len, &opts, res);
+	if (c->verbose)
+		verbose_done(method, t0, rc, res, rc == 0 ? (long long)*reply_len : -1);
+	return rc;
 }
 
 static const char *reflection_hint(const pbrpc_call_result *res)
 {
 	if (res->status == PBRPC_STATUS_UNIMPLEMENTED && strstr(res->message, "pbrpc.Reflection"))
-		return " (the server does not enable reflection, which this command needs)";
+		return " (the server does not enable reflection, which this command needs without --protoset)";
 	return NULL;
 }
 
 /* Describe(symbol) into a schema. Returns 0, or an exit status after
  * printing the error. */
-static int describe(cli *c, const char *symbol, schema **out, pbrpc_call_result *res)
+static int describe_protoset(cli *c, const char *symbol, schema **out, pbrpc_call_result *res)
+{
+	const Pbrpc__DescribeReply *reply;
+	char err[256];
+	int rc = protoset_describe(c->ps, symbol, &reply);
+	if (rc == -ENOENT) {
+		memset(res, 0, sizeof(*res));
+		res->status = PBRPC_STATUS_NOT_FOUND;
+		snprintf(res->message, sizeof(res->message), "unknown symbol %s in %s", symbol, c->protoset_path);
+		return -1;
+	}
+	if (rc == 0)
+		rc = schema_new(out, reply, err, sizeof(err));
+	if (rc == -ENOMEM) {
+		die_msg("out of memory");
+		return EXIT_LOCAL;
+	}
+	if (rc < 0) {
+		die_msg("%s: the schema for %s is unusable: %s", c->protoset_path, symbol, err);
+		return EXIT_USAGE;
+	}
+	return 0;
+}
+
+static int describe_once(cli *c, const char *symbol, schema **out, pbrpc_call_result *res)
 {
 	Pbrpc__DescribeRequest req = PBRPC__DESCRIBE_REQUEST__INIT;
 	Pbrpc__DescribeReply *reply;
@@ -273,6 +362,8 @@ static int describe(cli *c, const char *symbol, schema **out, pbrpc_call_result 
 	req.symbol = (char *)symbol;
 
 	*out = NULL;
+	if (c->ps)
+		return describe_protoset(c, symbol, out, res);
 	int rc = call_typed(c, "pbrpc.Reflection/Describe", &req.base, &pbrpc__describe_reply__descriptor,
 			    (ProtobufCMessage **)&reply, res);
 	if (rc != 0)
@@ -286,26 +377,64 @@ static int describe(cli *c, const char *symbol, schema **out, pbrpc_call_result 
 	return 0;
 }
 
+/* Describe(symbol) into a schema, from the server or the protoset. An
+ * unknown "demo.Kv.Get" is retried as the method "demo.Kv/Get", the way
+ * grpcurl names methods; *symbol then points to the name that was found
+ * (in buf). */
+static int describe(cli *c, const char **symbol, char *buf, size_t buflen, schema **out, pbrpc_call_result *res)
+{
+	int rc = describe_once(c, *symbol, out, res);
+	if (rc < 0 && res->status == PBRPC_STATUS_NOT_FOUND && !strchr(*symbol, '/') && strchr(*symbol, '.') &&
+	    strlen(*symbol) < buflen) {
+		pbrpc_call_result res2;
+		snprintf(buf, buflen, "%s", *symbol);
+		*strrchr(buf, '.') = '/';
+		int rc2 = describe_once(c, buf, out, &res2);
+		if (rc2 == 0)
+			*symbol = buf;
+		if (rc2 >= 0)
+			return rc2;
+	}
+	return rc;
+}
+
 /* ---- commands ---- */
 
-static int cmd_list(cli *c, int argc, char **argv)
+static void print_services(Pbrpc__ServiceInfo *const *services, size_t n)
 {
-	Pbrpc__ListServicesRequest req = PBRPC__LIST_SERVICES_REQUEST__INIT;
-	Pbrpc__ListServicesReply *reply;
-	pbrpc_call_result res;
-
-	int rc = call_typed(c, "pbrpc.Reflection/ListServices", &req.base, &pbrpc__list_services_reply__descriptor,
-			    (ProtobufCMessage **)&reply, &res);
-	if (rc != 0)
-		return report_call("pbrpc.Reflection/ListServices", rc, &res, reflection_hint(&res));
-	for (size_t i = 0; i < reply->n_services; i++) {
-		const Pbrpc__ServiceInfo *svc = reply->services[i];
+	for (size_t i = 0; i < n; i++) {
+		const Pbrpc__ServiceInfo *svc = services[i];
 		printf("%s\n", svc->name);
 		for (size_t j = 0; j < svc->n_methods; j++) {
 			const Pbrpc__MethodInfo *m = svc->methods[j];
 			printf("  %s/%s(%s) returns (%s)\n", svc->name, m->name, m->input_type, m->output_type);
 		}
 	}
+}
+
+/* ListServices from the server; the caller frees *out. */
+static int list_services(cli *c, Pbrpc__ListServicesReply **out)
+{
+	Pbrpc__ListServicesRequest req = PBRPC__LIST_SERVICES_REQUEST__INIT;
+	pbrpc_call_result res;
+	int rc = call_typed(c, "pbrpc.Reflection/ListServices", &req.base, &pbrpc__list_services_reply__descriptor,
+			    (ProtobufCMessage **)out, &res);
+	if (rc != 0)
+		return report_call("pbrpc.Reflection/ListServices", rc, &res, reflection_hint(&res));
+	return 0;
+}
+
+static int cmd_list(cli *c, int argc, char **argv)
+{
+	Pbrpc__ListServicesReply *reply;
+	if (c->ps) {
+		print_services(protoset_all(c->ps)->services, protoset_all(c->ps)->n_services);
+		return 0;
+	}
+	int rc = list_services(c, &reply);
+	if (rc != 0)
+		return rc;
+	print_services(reply->services, reply->n_services);
 	protobuf_c_message_free_unpacked(&reply->base, NULL);
 	return 0;
 }
@@ -330,30 +459,19 @@ static void print_message_once(const schema *s, const char *name, bool *done, bo
 	schema_print_message(stdout, m);
 }
 
-static int cmd_describe(cli *c, int argc, char **argv)
+/* What was asked for comes first, then everything it reaches. */
+static int print_described(const schema *s, const char *symbol)
 {
-	const char *symbol = argv[0][0] == '.' ? argv[0] + 1 : argv[0];
-	pbrpc_call_result res;
-	schema *s;
-	bool first = true;
-
-	int rc = describe(c, symbol, &s, &res);
-	if (rc < 0)
-		return report_call("pbrpc.Reflection/Describe", rc, &res, reflection_hint(&res));
-	if (rc > 0)
-		return rc;
-
 	size_t n_messages = schema_message_count(s);
+	bool first = true;
 	bool *done = calloc(n_messages + 1, 1);
 	if (!done) {
-		schema_free(s);
 		die_msg("out of memory");
 		return EXIT_LOCAL;
 	}
-	/* What was asked for comes first, then everything it reaches. */
-	const schema_method *m = schema_find_method(s, symbol);
-	const schema_service *svc = schema_find_service(s, symbol);
-	const schema_enum *asked_enum = schema_find_enum(s, symbol);
+	const schema_method *m = symbol ? schema_find_method(s, symbol) : NULL;
+	const schema_service *svc = symbol ? schema_find_service(s, symbol) : NULL;
+	const schema_enum *asked_enum = symbol ? schema_find_enum(s, symbol) : NULL;
 	if (m) {
 		char svc_name[PBRPC_METHOD_MAX + 1];
 		snprintf(svc_name, sizeof(svc_name), "%.*s", (int)(strchr(symbol, '/') - symbol), symbol);
@@ -367,8 +485,14 @@ static int cmd_describe(cli *c, int argc, char **argv)
 	} else if (asked_enum) {
 		print_sep(&first);
 		schema_print_enum(stdout, asked_enum);
+	} else if (!symbol) {
+		for (size_t i = 0; i < schema_service_count(s); i++) {
+			print_sep(&first);
+			schema_print_service(stdout, schema_service_at(s, i));
+		}
 	}
-	print_message_once(s, symbol, done, &first);
+	if (symbol)
+		print_message_once(s, symbol, done, &first);
 	for (size_t i = 0; i < n_messages; i++)
 		print_message_once(s, schema_message_at(s, i)->name, done, &first);
 	for (size_t i = 0; i < schema_enum_count(s); i++) {
@@ -378,8 +502,146 @@ static int cmd_describe(cli *c, int argc, char **argv)
 		schema_print_enum(stdout, schema_enum_at(s, i));
 	}
 	free(done);
-	schema_free(s);
 	return 0;
+}
+
+/* Appends the entries of src missing from dst (by name). */
+static int merge_named(void ***dst, size_t *n, void *const *src, size_t n_src, size_t name_offset)
+{
+	for (size_t i = 0; i < n_src; i++) {
+		const char *name = *(const char *const *)((const char *)src[i] + name_offset);
+		bool seen = false;
+		for (size_t j = 0; j < *n && !seen; j++)
+			seen = strcmp(*(const char *const *)((const char *)(*dst)[j] + name_offset), name) == 0;
+		if (seen)
+			continue;
+		void **p = realloc(*dst, (*n + 1) * sizeof(*p));
+		if (!p)
+			return -ENOMEM;
+		*dst = p;
+		p[(*n)++] = src[i];
+	}
+	return 0;
+}
+
+/* describe without a symbol: every service and every type, from the
+ * protoset, or from the server as one Describe per listed service. */
+static int describe_all(cli *c)
+{
+	Pbrpc__ListServicesReply *list = NULL;
+	Pbrpc__DescribeReply **replies = NULL;
+	Pbrpc__DescribeReply all = PBRPC__DESCRIBE_REPLY__INIT;
+	schema *s = NULL;
+	char err[256];
+	int ret = 0, rc;
+	size_t n_replies = 0;
+
+	if (c->ps) {
+		rc = schema_new(&s, protoset_all(c->ps), err, sizeof(err));
+		if (rc < 0) {
+			die_msg("%s: unusable schema: %s", c->protoset_path, err);
+			return rc == -ENOMEM ? EXIT_LOCAL : EXIT_USAGE;
+		}
+		ret = print_described(s, NULL);
+		schema_free(s);
+		return ret;
+	}
+	if ((ret = list_services(c, &list)) != 0)
+		return ret;
+	replies = calloc(list->n_services + 1, sizeof(*replies));
+	if (!replies) {
+		die_msg("out of memory");
+		ret = EXIT_LOCAL;
+		goto out;
+	}
+	for (; n_replies < list->n_services; n_replies++) {
+		Pbrpc__DescribeRequest req = PBRPC__DESCRIBE_REQUEST__INIT;
+		pbrpc_call_result res;
+		req.symbol = list->services[n_replies]->name;
+		rc = call_typed(c, "pbrpc.Reflection/Describe", &req.base, &pbrpc__describe_reply__descriptor,
+				(ProtobufCMessage **)&replies[n_replies], &res);
+		if (rc != 0) {
+			ret = report_call("pbrpc.Reflection/Describe", rc, &res, reflection_hint(&res));
+			goto out;
+		}
+		const Pbrpc__DescribeReply *r = replies[n_replies];
+		if (merge_named((void ***)&all.services, &all.n_services, (void *const *)r->services, r->n_services,
+				offsetof(Pbrpc__ServiceInfo, name)) < 0 ||
+		    merge_named((void ***)&all.messages, &all.n_messages, (void *const *)r->messages, r->n_messages,
+				offsetof(Pbrpc__MessageSchema, name)) < 0 ||
+		    merge_named((void ***)&all.enums, &all.n_enums, (void *const *)r->enums, r->n_enums,
+				offsetof(Pbrpc__EnumSchema, name)) < 0) {
+			die_msg("out of memory");
+			ret = EXIT_LOCAL;
+			goto out;
+		}
+	}
+	rc = schema_new(&s, &all, err, sizeof(err));
+	if (rc < 0) {
+		die_msg("the server's schema is unusable: %s", err);
+		ret = EXIT_LOCAL;
+		goto out;
+	}
+	ret = print_described(s, NULL);
+out:
+	schema_free(s);
+	free(all.services);
+	free(all.messages);
+	free(all.enums);
+	for (size_t i = 0; replies && i < n_replies; i++)
+		protobuf_c_message_free_unpacked(&replies[i]->base, NULL);
+	free(replies);
+	if (list)
+		protobuf_c_message_free_unpacked(&list->base, NULL);
+	return ret;
+}
+
+static const char *format_json(const cli *c, json_object *obj)
+{
+	return c->format == FORMAT_COMPACT ? pbjson_to_compact_string(obj) : pbjson_to_string(obj);
+}
+
+/* describe --template: a JSON skeleton of a message, or of a method's request. */
+static int print_template(const cli *c, const schema *s, const char *symbol)
+{
+	const schema_method *m = schema_find_method(s, symbol);
+	const schema_message *msg = m ? m->input : schema_find_message(s, symbol);
+	if (!msg) {
+		die_msg("--template: %s is not a message or a method", symbol);
+		return EXIT_USAGE;
+	}
+	json_object *t = pbjson_template(msg);
+	if (!t) {
+		die_msg("out of memory");
+		return EXIT_LOCAL;
+	}
+	printf("%s\n", format_json(c, t));
+	json_object_put(t);
+	return 0;
+}
+
+static int cmd_describe(cli *c, int argc, char **argv)
+{
+	char buf[PBRPC_METHOD_MAX + 1];
+	pbrpc_call_result res;
+	schema *s;
+
+	if (argc == 0) {
+		if (c->template) {
+			die_msg("describe --template: which message or method? (usage: pbrpc describe --template [ENDPOINT] SYMBOL)");
+			return EXIT_USAGE;
+		}
+		return describe_all(c);
+	}
+	const char *symbol = argv[0][0] == '.' ? argv[0] + 1 : argv[0];
+	int rc = describe(c, &symbol, buf, sizeof(buf), &s, &res);
+	if (rc < 0)
+		return report_call("pbrpc.Reflection/Describe", rc, &res, reflection_hint(&res));
+	if (rc > 0)
+		return rc;
+	rc = c->template ? print_template(c, s, symbol) : print_described(s, symbol);
+	schema_free(s);
+	return rc;
 }
 
 static int read_all(FILE *f, char **out, size_t *out_len)
@@ -498,7 +760,9 @@ static int cmd_call(cli *c, int argc, char **argv)
 	if ((ret = connect_client(c)) != 0)
 		goto out;
 
-	rc = describe(c, method, &s, &res);
+	const char *described = method;
+	char buf[PBRPC_METHOD_MAX + 1];
+	rc = describe(c, &described, buf, sizeof(buf), &s, &res);
 	if (rc < 0 && res.status == PBRPC_STATUS_NOT_FOUND) {
 		ret = report_unknown_method(c, method, &res);
 		goto out;
@@ -532,7 +796,18 @@ static int cmd_call(cli *c, int argc, char **argv)
 		ret = EXIT_LOCAL;
 		goto out;
 	}
-	printf("%s\n", pbjson_to_string(out));
+	if (c->format == FORMAT_TEXT) {
+		char *text;
+		if (pbjson_to_text(m->output, out, &text) < 0) {
+			die_msg("cannot print the reply as text");
+			ret = EXIT_LOCAL;
+			goto out;
+		}
+		fputs(text, stdout);
+		free(text);
+	} else {
+		printf("%s\n", format_json(c, out));
+	}
 	ret = 0;
 out:
 	json_object_put(out);
@@ -575,23 +850,37 @@ static const command commands[] = {
 	  "Lists the services the server offers and their methods, one per line:\n"
 	  "  demo.Kv\n"
 	  "    demo.Kv/Get(demo.GetRequest) returns (demo.GetReply)\n"
-	  "Uses pbrpc.Reflection/ListServices.\n",
+	  "Uses pbrpc.Reflection/ListServices; with --protoset, lists the set's services\n"
+	  "and needs no ENDPOINT.\n",
 	  cmd_list },
-	{ "describe", 1, 1, "describe [ENDPOINT] SYMBOL",
+	{ "describe", 0, 1, "describe [ENDPOINT] [SYMBOL]",
 	  "Shows the schema of SYMBOL as proto-like text: a service (demo.Kv), a method\n"
-	  "(demo.Kv/Get), a message (demo.GetRequest) or an enum, followed by every\n"
-	  "message and enum it uses. Fields whose JSON name differs from their name\n"
-	  "say so in a comment. Uses pbrpc.Reflection/Describe; an unknown symbol\n"
-	  "fails with NOT_FOUND.\n",
+	  "(demo.Kv/Get or demo.Kv.Get), a message (demo.GetRequest) or an enum,\n"
+	  "followed by every message and enum it uses; without SYMBOL, every service\n"
+	  "and type. Fields whose JSON name differs from their name say so in a\n"
+	  "comment. Uses pbrpc.Reflection/Describe (or the --protoset, without\n"
+	  "ENDPOINT); an unknown symbol fails with NOT_FOUND (exit 69).\n"
+	  "\n"
+	  "      --template   print a JSON request to fill in instead: every field of\n"
+	  "                   the message (or of the method's request) with a\n"
+	  "                   placeholder value; --format compact puts it on one line\n"
+	  "\n"
+	  "  pbrpc describe --template unix:/tmp/kv.sock demo.Kv.Put\n",
 	  cmd_describe },
 	{ "call", 1, 2, "call [ENDPOINT] METHOD [JSON | -]",
 	  "Calls METHOD (demo.Kv/Get, or demo.Kv.Get) with a request given as JSON:\n"
 	  "the JSON argument, \"-\" to read it from stdin, or {} when omitted. The reply\n"
 	  "is printed as JSON. Both follow protobuf's JSON mapping: keys in lowerCamelCase\n"
 	  "(the .proto names are accepted too), bytes as base64, 64-bit integers as\n"
-	  "strings, enums by name, NaN and Infinity as strings. Fields holding their\n"
-	  "default value are not printed unless --emit-defaults is given.\n"
-	  "The schema comes from pbrpc.Reflection/Describe.\n"
+	  "strings, enums by name, NaN and Infinity as strings. The request is strict\n"
+	  "JSON: no single quotes, no bare NaN or Infinity, no duplicate keys, no\n"
+	  "numbers beyond a double's range. Fields holding their default value are not\n"
+	  "printed unless --emit-defaults is given.\n"
+	  "The schema comes from pbrpc.Reflection/Describe, or from --protoset.\n"
+	  "\n"
+	  "      --format json|compact|text   the reply as indented JSON (default), JSON\n"
+	  "                   on one line, or protobuf's text format\n"
+	  "      --emit-defaults  also print fields that hold their default value\n"
 	  "\n"
 	  "  pbrpc call unix:/tmp/kv.sock demo.Kv/Put '{\"key\": \"a\", \"value\": \"aGk=\"}'\n"
 	  "  echo '{\"key\": \"a\"}' | pbrpc call unix:/tmp/kv.sock demo.Kv/Get -\n",
@@ -605,6 +894,32 @@ static const command commands[] = {
 
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
+static const char *const command_summaries[N_COMMANDS] = {
+	"list services and methods",
+	"show a schema, or all of them",
+	"call a method with a JSON request",
+	"check that a service is serving",
+};
+
+static const char options_text[] =
+	"Options:\n"
+	"  -t, --timeout DURATION     give up after DURATION, counted over the whole\n"
+	"                             command: 500ms, 2s, 1.5m, 1h or infinity\n"
+	"                             (default 30s)\n"
+	"  -m, --metadata KEY=VALUE   send request metadata (repeatable); KEY is\n"
+	"                             lowercase letters, digits, '-', '_' and '.'\n"
+	"      --protoset FILE        take schemas from FILE, a FileDescriptorSet\n"
+	"                             (protoc --include_imports -o FILE), instead of\n"
+	"                             the server's reflection\n"
+	"      --format FORMAT        call: json (default), compact or text\n"
+	"      --emit-defaults        call: also print fields at their default value\n"
+	"      --template             describe: print a JSON request skeleton\n"
+	"  -v, --verbose              show what is sent and received on stderr: the\n"
+	"                             connection, each call's metadata, size, status\n"
+	"                             and time\n"
+	"  -h, --help                 show this help (or COMMAND's) and exit\n"
+	"  -V, --version              show the version and exit\n";
+
 static const char usage_text[] =
 	"Usage: pbrpc [OPTIONS] COMMAND [ARGS...]\n"
 	"\n"
@@ -615,15 +930,7 @@ static const char usage_text[] =
 	"%s"
 	"  help [COMMAND]                      show this text, or a command's\n"
 	"\n"
-	"Options:\n"
-	"  -t, --timeout DURATION     give up after DURATION, counted over the whole\n"
-	"                             command: 500ms, 2s, 1.5m, 1h or infinity\n"
-	"                             (default 30s)\n"
-	"  -m, --metadata KEY=VALUE   send request metadata (repeatable); KEY is\n"
-	"                             lowercase letters, digits, '-', '_' and '.'\n"
-	"      --emit-defaults        call: also print fields at their default value\n"
-	"  -h, --help                 show this help and exit\n"
-	"  -V, --version              show the version and exit\n"
+	"%s"
 	"\n"
 	"ENDPOINT is unix:/path, unix:@abstract-name, tcp:host:port or tcp:[v6]:port.\n"
 	"When it is omitted, or given as \"-\", $PBRPC_ENDPOINT is used.\n"
@@ -631,9 +938,11 @@ static const char usage_text[] =
 	"Exit status:\n"
 	"  0       success (health: SERVING)\n"
 	"  1       health: the answer was not SERVING\n"
-	"  2       usage error: bad arguments, endpoint or JSON request\n"
-	"  3       cannot connect: no pbrpc server at ENDPOINT\n"
-	"  4       the server's schema or reply could not be understood\n"
+	"  2       usage error: bad arguments, endpoint, protoset or JSON request\n"
+	"  3       cannot connect: no pbrpc server at ENDPOINT, or none answering\n"
+	"          within the timeout\n"
+	"  4       the server's schema or reply could not be understood, or the\n"
+	"          output could not be written\n"
 	"  64+N    the call failed with RPC status N, printed on stderr as\n"
 	"          \"pbrpc: STATUS: message\": 65 CANCELLED, 66 UNKNOWN,\n"
 	"          67 INVALID_ARGUMENT, 68 DEADLINE_EXCEEDED, 69 NOT_FOUND,\n"
@@ -642,21 +951,17 @@ static const char usage_text[] =
 	"          76 UNIMPLEMENTED, 77 INTERNAL, 78 UNAVAILABLE, 79 DATA_LOSS,\n"
 	"          80 UNAUTHENTICATED\n"
 	"\n"
-	"See docs/CLI.md for more.\n";
+	"See pbrpc(1) for more.\n";
 
 static void print_usage(FILE *out)
 {
 	char list[1024] = "";
 	size_t o = 0;
 	for (size_t i = 0; i < N_COMMANDS; i++) {
-		int n = snprintf(list + o, sizeof(list) - o, "  %-36s%s\n", commands[i].synopsis,
-				 commands[i].name[0] == 'l' ? "list services and methods"
-				 : commands[i].name[0] == 'd' ? "show a schema"
-				 : commands[i].name[0] == 'c' ? "call a method with a JSON request"
-							      : "check that a service is serving");
+		int n = snprintf(list + o, sizeof(list) - o, "  %-36s%s\n", commands[i].synopsis, command_summaries[i]);
 		o += n > 0 ? (size_t)n : 0;
 	}
-	fprintf(out, usage_text, list);
+	fprintf(out, usage_text, list, options_text);
 }
 
 static const command *find_command(const char *name)
@@ -678,7 +983,8 @@ static int cmd_help(int argc, char **argv)
 		die_msg("unknown command \"%s\" (commands: list, describe, call, health, help)", argv[0]);
 		return EXIT_USAGE;
 	}
-	printf("Usage: pbrpc [OPTIONS] %s\n\n%s", cmd->synopsis, cmd->help);
+	printf("Usage: pbrpc [OPTIONS] %s\n\n%s\nThe global options (pbrpc --help) apply too. See pbrpc(1).\n",
+	       cmd->synopsis, cmd->help);
 	return 0;
 }
 
@@ -689,14 +995,18 @@ static bool looks_like_endpoint(const char *arg)
 }
 
 /* Takes the endpoint off the front of the arguments or from $PBRPC_ENDPOINT,
- * then checks the number of remaining arguments. */
+ * then checks the number of remaining arguments. A first argument without a
+ * ':' is the endpoint only when the command could not take it otherwise. With
+ * --protoset, list and describe need no endpoint. */
 static int take_endpoint(cli *c, const command *cmd, int *argc, char ***argv)
 {
 	const char *env = getenv("PBRPC_ENDPOINT");
+	bool optional = c->ps && cmd->run != cmd_call && cmd->run != cmd_health;
 	if (env && !env[0])
 		env = NULL;
 
-	if (*argc > 0 && (looks_like_endpoint((*argv)[0]) || *argc > cmd->max_args || (!env && *argc > cmd->min_args))) {
+	if (*argc > 0 && (looks_like_endpoint((*argv)[0]) || *argc > cmd->max_args ||
+			  (!env && !optional && cmd->min_args == cmd->max_args && *argc > cmd->min_args))) {
 		c->endpoint = (*argv)[0];
 		(*argc)--;
 		(*argv)++;
@@ -705,7 +1015,7 @@ static int take_endpoint(cli *c, const command *cmd, int *argc, char ***argv)
 	} else {
 		c->endpoint = env;
 	}
-	if (!c->endpoint) {
+	if (!c->endpoint && !optional) {
 		die_msg("%s: no ENDPOINT given and $PBRPC_ENDPOINT is not set (usage: pbrpc %s)", cmd->name,
 			cmd->synopsis);
 		return EXIT_USAGE;
@@ -718,6 +1028,8 @@ static int take_endpoint(cli *c, const command *cmd, int *argc, char ***argv)
 	return 0;
 }
 
+/* Exit status 4 when the output cannot be written (a full disk, a closed
+ * pipe's EPIPE excepted: that is the reader's choice and stays silent). */
 static int finish_stdout(int ret)
 {
 	if (fflush(stdout) != 0 || ferror(stdout)) {
@@ -728,22 +1040,42 @@ static int finish_stdout(int ret)
 	return ret;
 }
 
+static int load_protoset(cli *c)
+{
+	char err[256];
+	int rc = protoset_load(&c->ps, c->protoset_path, err, sizeof(err));
+	if (rc == -ENOMEM) {
+		die_msg("out of memory");
+		return EXIT_LOCAL;
+	}
+	if (rc < 0) {
+		die_msg("invalid --protoset \"%s\": %s", c->protoset_path, err);
+		return EXIT_USAGE;
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
-	enum { OPT_EMIT_DEFAULTS = 0x100 };
+	enum { OPT_EMIT_DEFAULTS = 0x100, OPT_FORMAT, OPT_PROTOSET, OPT_TEMPLATE };
 	static const struct option longopts[] = {
 		{ "timeout", required_argument, NULL, 't' },
 		{ "metadata", required_argument, NULL, 'm' },
 		{ "emit-defaults", no_argument, NULL, OPT_EMIT_DEFAULTS },
+		{ "format", required_argument, NULL, OPT_FORMAT },
+		{ "protoset", required_argument, NULL, OPT_PROTOSET },
+		{ "template", no_argument, NULL, OPT_TEMPLATE },
+		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
 	cli c = { .timeout_ms = DEFAULT_TIMEOUT_MS };
+	bool help = false;
 	int opt;
 
 	opterr = 0;
-	while ((opt = getopt_long(argc, argv, ":t:m:hV", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, ":t:m:vhV", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 't':
 			if (parse_duration(optarg, &c.timeout_ms) < 0) {
@@ -759,9 +1091,30 @@ int main(int argc, char **argv)
 		case OPT_EMIT_DEFAULTS:
 			c.json_flags |= PBJSON_EMIT_DEFAULTS;
 			break;
+		case OPT_FORMAT:
+			if (strcmp(optarg, "json") == 0) {
+				c.format = FORMAT_JSON;
+			} else if (strcmp(optarg, "compact") == 0) {
+				c.format = FORMAT_COMPACT;
+			} else if (strcmp(optarg, "text") == 0) {
+				c.format = FORMAT_TEXT;
+			} else {
+				die_msg("invalid --format \"%s\": expected json, compact or text", optarg);
+				return EXIT_USAGE;
+			}
+			break;
+		case OPT_PROTOSET:
+			c.protoset_path = optarg;
+			break;
+		case OPT_TEMPLATE:
+			c.template = true;
+			break;
+		case 'v':
+			c.verbose = true;
+			break;
 		case 'h':
-			print_usage(stdout);
-			return finish_stdout(0);
+			help = true;
+			break;
 		case 'V':
 			printf("pbrpc %s\n", PBRPC_VERSION);
 			return finish_stdout(0);
@@ -778,6 +1131,9 @@ int main(int argc, char **argv)
 	}
 	argc -= optind;
 	argv += optind;
+	/* "pbrpc call --help" and "pbrpc --help call" show the command's help. */
+	if (help)
+		return finish_stdout(cmd_help(argc > 0 && find_command(argv[0]) ? 1 : 0, argv));
 	if (argc == 0) {
 		print_usage(stderr);
 		return EXIT_USAGE;
@@ -789,20 +1145,33 @@ int main(int argc, char **argv)
 		die_msg("unknown command \"%s\" (commands: list, describe, call, health, help)", argv[0]);
 		return EXIT_USAGE;
 	}
+	if (c.template && cmd->run != cmd_describe) {
+		die_msg("--template goes with describe (see pbrpc help describe)");
+		return EXIT_USAGE;
+	}
+	if (c.format == FORMAT_TEXT && cmd->run != cmd_call) {
+		die_msg("--format text goes with call (see pbrpc help call)");
+		return EXIT_USAGE;
+	}
+	int ret = c.protoset_path ? load_protoset(&c) : 0;
 	argc--;
 	argv++;
-	int ret = take_endpoint(&c, cmd, &argc, &argv);
-	if (ret != 0)
+	if (ret == 0)
+		ret = take_endpoint(&c, cmd, &argc, &argv);
+	if (ret != 0) {
+		protoset_free(c.ps);
 		return ret;
+	}
 	c.deadline_ms = now_ms() + (c.timeout_ms > 0 ? c.timeout_ms : 0);
 
 	if (cmd->run == cmd_call) {
 		ret = cmd_call(&c, argc, argv); /* parses the JSON before connecting */
 	} else {
-		ret = connect_client(&c);
+		ret = c.endpoint && !(c.ps && cmd->run != cmd_health) ? connect_client(&c) : 0;
 		if (ret == 0)
 			ret = cmd->run(&c, argc, argv);
 	}
 	pbrpc_client_free(c.client);
+	protoset_free(c.ps);
 	return finish_stdout(ret);
 }

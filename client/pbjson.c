@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 enum wire_type {
 	WIRE_VARINT = 0,
@@ -223,6 +224,225 @@ static bool all_space(const char *s, size_t len)
 	return true;
 }
 
+/* ---- strictness json-c lacks ----
+ *
+ * json-c, even with JSON_TOKENER_STRICT, accepts bare NaN and Infinity, keeps
+ * the last of duplicate keys, turns 1e400 into Infinity and clamps integers
+ * beyond 64 bits. This pass over the text finds those (and single quotes, to
+ * say what is wrong with them) before json-c parses it. It reports nothing
+ * for other syntax errors: it stops there and lets json-c describe them. */
+
+typedef struct scanner {
+	const char *s;
+	size_t len, pos;
+	errbuf *err;
+} scanner;
+
+enum { SCAN_OK = 1, SCAN_DEFER = 0 }; /* or a negative code */
+
+static void scan_space(scanner *sc)
+{
+	while (sc->pos < sc->len && strchr(" \t\n\r", sc->s[sc->pos]) && sc->s[sc->pos])
+		sc->pos++;
+}
+
+static bool scan_word(const scanner *sc, const char *word)
+{
+	size_t n = strlen(word);
+	return sc->len - sc->pos >= n && strncasecmp(sc->s + sc->pos, word, n) == 0;
+}
+
+static int scan_value(scanner *sc, int depth);
+
+/* A string's raw text between its quotes goes to *start and *n. */
+static int scan_string(scanner *sc, const char **start, size_t *n)
+{
+	size_t p = ++sc->pos;
+	while (p < sc->len && sc->s[p] != '"') {
+		if ((unsigned char)sc->s[p] < 0x20)
+			return SCAN_DEFER;
+		p += sc->s[p] == '\\' ? 2 : 1;
+	}
+	if (p >= sc->len)
+		return SCAN_DEFER;
+	*start = sc->s + sc->pos;
+	*n = p - sc->pos;
+	sc->pos = p + 1;
+	return SCAN_OK;
+}
+
+static int scan_number(scanner *sc)
+{
+	size_t start = sc->pos, p = sc->pos;
+	bool integral = true;
+	if (p < sc->len && sc->s[p] == '-')
+		p++;
+	if (p >= sc->len || sc->s[p] < '0' || sc->s[p] > '9')
+		return SCAN_DEFER;
+	while (p < sc->len && strchr("0123456789.eE+-", sc->s[p]) && sc->s[p]) {
+		if (!strchr("0123456789-", sc->s[p]))
+			integral = false;
+		p++;
+	}
+	char text[400];
+	size_t n = p - start;
+	sc->pos = p;
+	if (n >= sizeof(text))
+		return fail(sc->err, -EINVAL, "number at offset %zu is too long", start);
+	memcpy(text, sc->s + start, n);
+	text[n] = '\0';
+	errno = 0;
+	if (integral) {
+		if (text[0] == '-')
+			(void)strtoll(text, NULL, 10);
+		else
+			(void)strtoull(text, NULL, 10);
+		if (errno == ERANGE)
+			return fail(sc->err, -EINVAL,
+				    "integer %s at offset %zu is beyond the 64-bit range (give 64-bit values as strings)",
+				    text, start);
+		return SCAN_OK;
+	}
+	double d = strtod(text, NULL);
+	if (errno == ERANGE && isinf(d))
+		return fail(sc->err, -EINVAL, "number %s at offset %zu is beyond the range of a double", text, start);
+	return SCAN_OK;
+}
+
+/* Duplicate keys are compared as written (escapes are not decoded). */
+static int scan_object(scanner *sc, int depth)
+{
+	struct key {
+		const char *s;
+		size_t n;
+	} *keys = NULL;
+	size_t n_keys = 0, cap = 0;
+	int rc = SCAN_DEFER;
+
+	sc->pos++;
+	scan_space(sc);
+	if (sc->pos < sc->len && sc->s[sc->pos] == '}') {
+		sc->pos++;
+		return SCAN_OK;
+	}
+	for (;;) {
+		scan_space(sc);
+		if (sc->pos >= sc->len)
+			break;
+		if (sc->s[sc->pos] == '\'') {
+			rc = fail(sc->err, -EINVAL, "single quotes at offset %zu: JSON strings and keys take double quotes",
+				  sc->pos);
+			break;
+		}
+		if (sc->s[sc->pos] != '"')
+			break;
+		size_t at = sc->pos;
+		const char *k;
+		size_t kn;
+		if ((rc = scan_string(sc, &k, &kn)) != SCAN_OK)
+			break;
+		rc = SCAN_DEFER;
+		for (size_t i = 0; i < n_keys; i++) {
+			if (keys[i].n == kn && memcmp(keys[i].s, k, kn) == 0) {
+				rc = fail(sc->err, -EINVAL, "duplicate key \"%.*s\" at offset %zu", (int)(kn > 100 ? 100 : kn),
+					  k, at);
+				break;
+			}
+		}
+		if (rc < 0)
+			break;
+		if (n_keys == cap) {
+			cap = cap ? cap * 2 : 8;
+			struct key *nk = realloc(keys, cap * sizeof(*keys));
+			if (!nk) {
+				rc = fail(sc->err, -ENOMEM, "out of memory");
+				break;
+			}
+			keys = nk;
+		}
+		keys[n_keys++] = (struct key){ k, kn };
+		scan_space(sc);
+		if (sc->pos >= sc->len || sc->s[sc->pos] != ':')
+			break;
+		sc->pos++;
+		if ((rc = scan_value(sc, depth + 1)) != SCAN_OK)
+			break;
+		rc = SCAN_DEFER;
+		scan_space(sc);
+		if (sc->pos < sc->len && sc->s[sc->pos] == ',') {
+			sc->pos++;
+			continue;
+		}
+		if (sc->pos < sc->len && sc->s[sc->pos] == '}') {
+			sc->pos++;
+			rc = SCAN_OK;
+		}
+		break;
+	}
+	free(keys);
+	return rc;
+}
+
+static int scan_array(scanner *sc, int depth)
+{
+	sc->pos++;
+	scan_space(sc);
+	if (sc->pos < sc->len && sc->s[sc->pos] == ']') {
+		sc->pos++;
+		return SCAN_OK;
+	}
+	for (;;) {
+		int rc = scan_value(sc, depth + 1);
+		if (rc != SCAN_OK)
+			return rc;
+		scan_space(sc);
+		if (sc->pos < sc->len && sc->s[sc->pos] == ',') {
+			sc->pos++;
+			continue;
+		}
+		if (sc->pos < sc->len && sc->s[sc->pos] == ']') {
+			sc->pos++;
+			return SCAN_OK;
+		}
+		return SCAN_DEFER;
+	}
+}
+
+static int scan_value(scanner *sc, int depth)
+{
+	static const char *const non_finite[] = { "-Infinity", "Infinity", "NaN", "-NaN", "-inf", "inf" };
+	scan_space(sc);
+	if (depth > PBJSON_MAX_DEPTH || sc->pos >= sc->len)
+		return SCAN_DEFER;
+	for (size_t i = 0; i < sizeof(non_finite) / sizeof(non_finite[0]); i++) {
+		if (scan_word(sc, non_finite[i]))
+			return fail(sc->err, -EINVAL,
+				    "bare %.*s at offset %zu is not JSON (protobuf's JSON mapping writes \"NaN\", "
+				    "\"Infinity\" and \"-Infinity\" as strings)",
+				    (int)strlen(non_finite[i]), sc->s + sc->pos, sc->pos);
+	}
+	const char *k;
+	size_t kn;
+	switch (sc->s[sc->pos]) {
+	case '{':
+		return scan_object(sc, depth);
+	case '[':
+		return scan_array(sc, depth);
+	case '"':
+		return scan_string(sc, &k, &kn);
+	case '\'':
+		return fail(sc->err, -EINVAL, "single quotes at offset %zu: JSON strings take double quotes", sc->pos);
+	case 't':
+	case 'f':
+	case 'n':
+		while (sc->pos < sc->len && sc->s[sc->pos] >= 'a' && sc->s[sc->pos] <= 'z')
+			sc->pos++;
+		return SCAN_OK; /* json-c checks the spelling */
+	default:
+		return scan_number(sc);
+	}
+}
+
 int pbjson_parse(const char *text, size_t len, json_object **out, char *err, size_t errlen)
 {
 	errbuf e = { err, errlen };
@@ -240,6 +460,12 @@ int pbjson_parse(const char *text, size_t len, json_object **out, char *err, siz
 	tok = json_tokener_new_ex(PBJSON_MAX_DEPTH);
 	if (!tok)
 		return fail(&e, -ENOMEM, "out of memory");
+	scanner sc = { text, len, 0, &e };
+	if ((rc = scan_value(&sc, 1)) < 0) {
+		json_tokener_free(tok);
+		return rc;
+	}
+	rc = 0;
 	json_tokener_set_flags(tok, JSON_TOKENER_STRICT | JSON_TOKENER_VALIDATE_UTF8);
 	obj = json_tokener_parse_ex(tok, text, (int)len);
 	jerr = json_tokener_get_error(tok);
@@ -1227,4 +1453,192 @@ const char *pbjson_to_string(json_object *obj)
 	compact_empty(obj);
 	return json_object_to_json_string_ext(obj, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
 							   JSON_C_TO_STRING_NOSLASHESCAPE);
+}
+
+const char *pbjson_to_compact_string(json_object *obj)
+{
+	return json_object_to_json_string_ext(obj, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
+}
+
+/* ---- protobuf text format ---- */
+
+/* A text-format string literal: C escapes, octal for other bytes below 0x20
+ * and 0x7f, and (for bytes fields) for everything above 0x7e too; UTF-8 in
+ * string fields stays readable. */
+static void text_quoted(FILE *out, const uint8_t *p, size_t n, bool binary)
+{
+	fputc('"', out);
+	for (size_t i = 0; i < n; i++) {
+		uint8_t c = p[i];
+		switch (c) {
+		case '\n': fputs("\\n", out); break;
+		case '\r': fputs("\\r", out); break;
+		case '\t': fputs("\\t", out); break;
+		case '"': fputs("\\\"", out); break;
+		case '\'': fputs("\\'", out); break;
+		case '\\': fputs("\\\\", out); break;
+		default:
+			if (c < 0x20 || c == 0x7f || (binary && c > 0x7e))
+				fprintf(out, "\\%03o", c);
+			else
+				fputc(c, out);
+		}
+	}
+	fputc('"', out);
+}
+
+static int text_message(FILE *out, const schema_message *msg, json_object *obj, int indent);
+
+static int text_value(FILE *out, const schema_field *f, json_object *v, int indent)
+{
+	if (f->type == PROTOBUF_C_TYPE_MESSAGE) {
+		fprintf(out, "%*s%s {\n", indent, "", f->name);
+		int rc = text_message(out, f->message, v, indent + 2);
+		fprintf(out, "%*s}\n", indent, "");
+		return rc;
+	}
+	fprintf(out, "%*s%s: ", indent, "", f->name);
+	const char *str = json_object_get_string(v);
+	switch (f->type) {
+	case PROTOBUF_C_TYPE_STRING:
+		text_quoted(out, (const uint8_t *)str, (size_t)json_object_get_string_len(v), false);
+		break;
+	case PROTOBUF_C_TYPE_BYTES: {
+		buf b = { 0 };
+		if (base64_decode(str, (size_t)json_object_get_string_len(v), &b) < 0) {
+			free(b.data);
+			return -EINVAL;
+		}
+		text_quoted(out, b.data, b.len, true);
+		free(b.data);
+		break;
+	}
+	case PROTOBUF_C_TYPE_FLOAT:
+	case PROTOBUF_C_TYPE_DOUBLE:
+		if (json_object_is_type(v, json_type_string))
+			fputs(strcmp(str, "NaN") == 0 ? "nan" : strcmp(str, "Infinity") == 0 ? "inf" : "-inf", out);
+		else
+			fputs(json_object_to_json_string_ext(v, JSON_C_TO_STRING_PLAIN), out);
+		break;
+	default: /* integers (64-bit ones are JSON strings), bools, enum names or numbers */
+		fputs(str, out);
+		break;
+	}
+	fputc('\n', out);
+	return 0;
+}
+
+static int text_message(FILE *out, const schema_message *msg, json_object *obj, int indent)
+{
+	if (!obj)
+		return 0;
+	struct json_object_iterator it = json_object_iter_begin(obj), end = json_object_iter_end(obj);
+	for (; !json_object_iter_equal(&it, &end); json_object_iter_next(&it)) {
+		const char *key = json_object_iter_peek_name(&it);
+		json_object *v = json_object_iter_peek_value(&it);
+		const schema_field *f = schema_field_by_key(msg, key, strlen(key));
+		int rc = 0;
+		if (!f)
+			return -EINVAL;
+		if (!v)
+			continue; /* an unset message printed as null with PBJSON_EMIT_DEFAULTS */
+		if (json_object_is_type(v, json_type_array)) {
+			for (size_t i = 0; i < json_object_array_length(v) && rc == 0; i++)
+				rc = text_value(out, f, json_object_array_get_idx(v, i), indent);
+		} else {
+			rc = text_value(out, f, v, indent);
+		}
+		if (rc < 0)
+			return rc;
+	}
+	return 0;
+}
+
+int pbjson_to_text(const schema_message *msg, json_object *obj, char **out)
+{
+	size_t len;
+	FILE *f = open_memstream(out, &len);
+	if (!f)
+		return -ENOMEM;
+	int rc = text_message(f, msg, obj, 0);
+	if (fclose(f) != 0 && rc == 0)
+		rc = -ENOMEM;
+	if (rc < 0) {
+		free(*out);
+		*out = NULL;
+	}
+	return rc;
+}
+
+/* ---- templates ---- */
+
+typedef struct tmpl_stack {
+	const schema_message *msg;
+	const struct tmpl_stack *up;
+} tmpl_stack;
+
+static json_object *template_message(const schema_message *msg, const tmpl_stack *up);
+
+static json_object *template_scalar(const schema_field *f, const tmpl_stack *st)
+{
+	switch (f->type) {
+	case PROTOBUF_C_TYPE_STRING:
+	case PROTOBUF_C_TYPE_BYTES:
+		return json_object_new_string("");
+	case PROTOBUF_C_TYPE_BOOL:
+		return json_object_new_boolean(0);
+	case PROTOBUF_C_TYPE_FLOAT:
+	case PROTOBUF_C_TYPE_DOUBLE:
+		return json_object_new_double_s(0, "0.0");
+	case PROTOBUF_C_TYPE_INT64:
+	case PROTOBUF_C_TYPE_SINT64:
+	case PROTOBUF_C_TYPE_SFIXED64:
+	case PROTOBUF_C_TYPE_UINT64:
+	case PROTOBUF_C_TYPE_FIXED64:
+		return json_object_new_string("0");
+	case PROTOBUF_C_TYPE_ENUM:
+		if (f->enumeration && schema_enum_name(f->enumeration, 0)) /* the default */
+			return json_object_new_string(schema_enum_name(f->enumeration, 0));
+		if (f->enumeration && f->enumeration->n_values)
+			return json_object_new_string(f->enumeration->values[0].name);
+		return json_object_new_int(0);
+	case PROTOBUF_C_TYPE_MESSAGE:
+		for (const tmpl_stack *s = st; s; s = s->up)
+			if (s->msg == f->message)
+				return json_object_new_object(); /* recursive type: stop here */
+		return template_message(f->message, st);
+	default:
+		return json_object_new_int(0);
+	}
+}
+
+static json_object *template_message(const schema_message *msg, const tmpl_stack *up)
+{
+	tmpl_stack st = { msg, up };
+	json_object *obj = json_object_new_object();
+	for (size_t i = 0; obj && i < msg->n_fields; i++) {
+		const schema_field *f = &msg->fields[i];
+		json_object *v = template_scalar(f, &st);
+		if (v && f->label == SCHEMA_REPEATED) {
+			json_object *arr = json_object_new_array();
+			if (!arr || json_object_array_add(arr, v) < 0) {
+				json_object_put(arr);
+				json_object_put(v);
+				v = NULL;
+			} else {
+				v = arr;
+			}
+		}
+		if (!v || json_object_object_add(obj, f->json_name, v) < 0) {
+			json_object_put(v);
+			json_object_put(obj);
+			return NULL;
+		}
+	}
+	return obj;
+}
+
+json_object *pbjson_template(const schema_message *msg)
+{
+	return template_message(msg, NULL);
 }

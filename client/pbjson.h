@@ -59,4 +59,21 @@ int pbjson_decode(const schema_message *msg, const uint8_t *buf, size_t len, uns
  * "{}" and "[]" for empty containers, '/' unescaped. Owned by obj. */
 const char *pbjson_to_string(json_object *obj);
 
+/* The same on one line, no spaces. Owned by obj. */
+const char *pbjson_to_compact_string(json_object *obj);
+
+/* A decoded object (from pbjson_decode, of type msg) in protobuf's text
+ * format: "name: value" lines with .proto field names, "name {" blocks for
+ * messages, one line per element of a repeated field, strings and bytes as
+ * C-escaped literals, enums by name, nan/inf. Returns 0 with *out a malloc'd
+ * string (free()); -EINVAL when obj does not fit msg; -ENOMEM. */
+int pbjson_to_text(const schema_message *msg, json_object *obj, char **out);
+
+/* A JSON skeleton of msg to fill in: every field (oneof members included)
+ * with a placeholder value ("" for strings and bytes, 0, "0" for 64-bit
+ * integers, false, the enum's zero value (else its first), a nested skeleton, or {} where a
+ * type contains itself), repeated fields as one-element arrays. Release with
+ * json_object_put; NULL when out of memory. */
+json_object *pbjson_template(const schema_message *msg);
+
 #endif

@@ -3,8 +3,11 @@
  *
  * stdout carries only "listening on ENDPOINT" lines (one per listener, flushed,
  * for scripts and tests); everything else is logged to stderr, one line per
- * event. Exit status: 0 after a clean shutdown, 1 on a runtime failure, 2 on a
- * bad command line. */
+ * event, with a syslog priority prefix ("<6>") when stderr is the journal.
+ * Under systemd it reports READY=1 and STOPPING=1 to $NOTIFY_SOCKET
+ * (sd_notify(3), implemented here: one datagram each). Exit status: 0 after
+ * a clean shutdown, 1 on a runtime failure, 2 on a bad command line.
+ * pbrpc-server(8) is the manual. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -12,9 +15,14 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "demo_services.h"
@@ -31,6 +39,28 @@ static const char *const level_names[] = { [PBRPC_LOG_ERROR] = "error", [PBRPC_L
 					    [PBRPC_LOG_INFO] = "info", [PBRPC_LOG_DEBUG] = "debug" };
 static pbrpc_log_level g_log_level = PBRPC_LOG_INFO;
 
+/* stderr is a journald stream (systemd.exec(5), $JOURNAL_STREAM names its
+ * device and inode): each line then starts with its syslog priority. */
+static bool g_journal;
+static const char *const level_prefixes[] = { [PBRPC_LOG_ERROR] = "<3>", [PBRPC_LOG_WARN] = "<4>",
+					      [PBRPC_LOG_INFO] = "<6>", [PBRPC_LOG_DEBUG] = "<7>" };
+
+static bool stderr_is_journal(void)
+{
+	const char *v = getenv("JOURNAL_STREAM");
+	unsigned long long dev, ino;
+	char extra;
+	struct stat st;
+	if (!v || sscanf(v, "%llu:%llu%c", &dev, &ino, &extra) != 2 || fstat(STDERR_FILENO, &st) < 0)
+		return false;
+	return (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+}
+
+static const char *prio(pbrpc_log_level level)
+{
+	return g_journal && level >= PBRPC_LOG_ERROR && level <= PBRPC_LOG_DEBUG ? level_prefixes[level] : "";
+}
+
 /* The library filters by opts.log_level already; our own events (logf_) are
  * filtered here. */
 static void log_cb(void *user, pbrpc_log_level level, const char *msg)
@@ -38,7 +68,57 @@ static void log_cb(void *user, pbrpc_log_level level, const char *msg)
 	if (level > g_log_level)
 		return;
 	const char *name = level >= PBRPC_LOG_ERROR && level <= PBRPC_LOG_DEBUG ? level_names[level] : "?";
-	fprintf(stderr, PROG ": %s: %s\n", name, msg);
+	fprintf(stderr, "%s" PROG ": %s: %s\n", prio(level), name, msg);
+}
+
+/* A failure that ends the program: "pbrpc-server: what: why", at priority err. */
+static void errorf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void errorf(const char *fmt, ...)
+{
+	va_list ap;
+	fprintf(stderr, "%s" PROG ": ", prio(PBRPC_LOG_ERROR));
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+/* ---- sd_notify(3), without libsystemd ---- */
+
+static int g_notify_fd = -1;
+static struct sockaddr_un g_notify_addr;
+static socklen_t g_notify_len;
+
+/* $NOTIFY_SOCKET is a path or, starting with '@', an abstract address.
+ * Unset afterwards, as sd_notify(unset_environment=1) does. */
+static void notify_open(void)
+{
+	const char *path = getenv("NOTIFY_SOCKET");
+	if (!path || (path[0] != '/' && path[0] != '@'))
+		goto out;
+	size_t n = strlen(path);
+	if (n >= sizeof(g_notify_addr.sun_path) || n < 2) {
+		errorf("$NOTIFY_SOCKET is too long or too short; not notifying systemd");
+		goto out;
+	}
+	g_notify_addr.sun_family = AF_UNIX;
+	memcpy(g_notify_addr.sun_path, path, n);
+	if (path[0] == '@')
+		g_notify_addr.sun_path[0] = '\0';
+	g_notify_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (path[0] == '/'));
+	g_notify_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (g_notify_fd < 0)
+		errorf("cannot notify systemd: %s", strerror(errno));
+out:
+	unsetenv("NOTIFY_SOCKET");
+}
+
+/* Async-signal-safe: the signal handler sends STOPPING=1. */
+static void notify(const char *msg)
+{
+	if (g_notify_fd >= 0)
+		(void)sendto(g_notify_fd, msg, strlen(msg), MSG_NOSIGNAL, (const struct sockaddr *)&g_notify_addr,
+			     g_notify_len);
 }
 
 /* Our own events go through the same sink and filter as the library's. */
@@ -74,13 +154,16 @@ static void usage(FILE *f)
 		"\n"
 		"Listening sockets passed by systemd (LISTEN_FDS) replace the default\n"
 		"endpoint. SIGINT or SIGTERM drains calls in flight for up to %d s and\n"
-		"exits; a second signal closes at once.\n",
+		"exits; a second signal closes at once. Under systemd, readiness goes to\n"
+		"$NOTIFY_SOCKET (Type=notify) and log lines carry journal priorities.\n"
+		"\n"
+		"See pbrpc-server(8) for more.\n",
 		DRAIN_MS / 1000);
 }
 
 static _Noreturn void bad_option(const char *opt, const char *val, const char *why)
 {
-	fprintf(stderr, PROG ": invalid %s '%s': %s (see --help)\n", opt, val, why);
+	errorf("invalid %s '%s': %s (see --help)", opt, val, why);
 	exit(2);
 }
 
@@ -127,13 +210,40 @@ static pbrpc_log_level parse_level(const char *opt, const char *s)
 	bad_option(opt, s, "expected error, warn, info or debug");
 }
 
+/* What the signal handler logs, formatted before any signal can come (the
+ * handler itself may only write(2)): [0] the first SIGINT/SIGTERM, [1] a
+ * second one. */
+static char g_stop_line[2][2][128];
+
+static void format_stop_lines(void)
+{
+	static const int sigs[2] = { SIGINT, SIGTERM };
+	for (int i = 0; i < 2; i++) {
+		snprintf(g_stop_line[i][0], sizeof(g_stop_line[i][0]),
+			 "%s" PROG ": info: stopping on SIG%s: draining calls in flight for up to %d s\n",
+			 prio(PBRPC_LOG_INFO), sigabbrev_np(sigs[i]), DRAIN_MS / 1000);
+		snprintf(g_stop_line[i][1], sizeof(g_stop_line[i][1]),
+			 "%s" PROG ": warn: second SIG%s: closing every connection now\n", prio(PBRPC_LOG_WARN),
+			 sigabbrev_np(sigs[i]));
+	}
+}
+
+/* Logs first, so that the line comes before the library's "shutting down"
+ * and "shutdown complete". */
 static void on_signal(int sig)
 {
+	int saved = errno;
 	pbrpc_server *srv = g_srv;
 	int again = g_signal != 0;
 	g_signal = sig;
+	const char *line = g_stop_line[sig == SIGTERM][again];
+	if (g_log_level >= (again ? PBRPC_LOG_WARN : PBRPC_LOG_INFO))
+		(void)!write(STDERR_FILENO, line, strlen(line));
+	if (!again)
+		notify("STOPPING=1\nSTATUS=draining calls in flight");
 	if (srv)
 		pbrpc_server_shutdown(srv, again ? 0 : DRAIN_MS);
+	errno = saved;
 }
 
 /* SIGINT and SIGTERM stay blocked everywhere but in the main thread while it
@@ -228,7 +338,7 @@ static void parse_args(int argc, char **argv, config *cfg)
 
 	cfg->listen = calloc((size_t)argc, sizeof(*cfg->listen));
 	if (!cfg->listen) {
-		fprintf(stderr, PROG ": out of memory\n");
+		errorf("out of memory");
 		exit(1);
 	}
 	cfg->opts.log = log_cb;
@@ -261,20 +371,20 @@ static void parse_args(int argc, char **argv, config *cfg)
 			exit(0);
 		case ':':
 			if (optopt && strncmp(argv[optind - 1], "--", 2) != 0)
-				fprintf(stderr, PROG ": option -%c needs a value (see --help)\n", optopt);
+				errorf("option -%c needs a value (see --help)", optopt);
 			else
-				fprintf(stderr, PROG ": option %s needs a value (see --help)\n", argv[optind - 1]);
+				errorf("option %s needs a value (see --help)", argv[optind - 1]);
 			exit(2);
 		default:
 			if (optopt)
-				fprintf(stderr, PROG ": unknown option -%c (see --help)\n", optopt);
+				errorf("unknown option -%c (see --help)", optopt);
 			else
-				fprintf(stderr, PROG ": unknown option %s (see --help)\n", argv[optind - 1]);
+				errorf("unknown option %s (see --help)", argv[optind - 1]);
 			exit(2);
 		}
 	}
 	if (optind < argc) {
-		fprintf(stderr, PROG ": unexpected argument '%s' (see --help)\n", argv[optind]);
+		errorf("unexpected argument '%s' (see --help)", argv[optind]);
 		exit(2);
 	}
 }
@@ -287,7 +397,7 @@ static int start_listening(pbrpc_server *srv, const config *cfg)
 		int fd = SD_LISTEN_FDS_START + i;
 		int idx = pbrpc_server_listen_fd(srv, fd);
 		if (idx < 0) {
-			fprintf(stderr, PROG ": cannot listen on fd %d from systemd: %s\n", fd, pbrpc_strerror(idx));
+			errorf("cannot listen on fd %d from systemd: %s", fd, pbrpc_strerror(idx));
 			return -1;
 		}
 		print_listening(srv, idx);
@@ -299,7 +409,7 @@ static int start_listening(pbrpc_server *srv, const config *cfg)
 	const char *one[1];
 	if (n_eps == 0 && n_fds == 0) {
 		if (default_endpoint(def, sizeof(def)) < 0) {
-			fprintf(stderr, PROG ": $XDG_RUNTIME_DIR is too long for a socket path; use --listen\n");
+			errorf("$XDG_RUNTIME_DIR is too long for a socket path; use --listen");
 			return -1;
 		}
 		one[0] = def;
@@ -309,7 +419,7 @@ static int start_listening(pbrpc_server *srv, const config *cfg)
 	for (size_t i = 0; i < n_eps; i++) {
 		int idx = pbrpc_server_listen(srv, eps[i]);
 		if (idx < 0) {
-			fprintf(stderr, PROG ": cannot listen on %s: %s\n", eps[i], pbrpc_strerror(idx));
+			errorf("cannot listen on %s: %s", eps[i], pbrpc_strerror(idx));
 			return -1;
 		}
 		print_listening(srv, idx);
@@ -323,7 +433,7 @@ static int add_services(pbrpc_server *srv, Demo__Kv_Service *kv, Demo__Echo_Serv
 	if ((rc = pbrpc_server_add_service(srv, &kv->base)) < 0 ||
 	    (rc = pbrpc_server_add_service(srv, &echo->base)) < 0 ||
 	    (rc = pbrpc_server_enable_health(srv)) < 0 || (rc = pbrpc_server_enable_reflection(srv)) < 0)
-		fprintf(stderr, PROG ": cannot register services: %s\n", pbrpc_strerror(rc));
+		errorf("cannot register services: %s", pbrpc_strerror(rc));
 	return rc;
 }
 
@@ -333,24 +443,27 @@ int main(int argc, char **argv)
 	pbrpc_server *srv;
 	int status = 1, rc;
 
+	g_journal = stderr_is_journal();
 	parse_args(argc, argv, &cfg);
+	format_stop_lines();
+	notify_open();
 	/* Before any thread exists, so that every thread inherits the mask, and
 	 * before the "listening on" line, after which a test may signal us. */
 	mask_stop_signals(SIG_BLOCK);
 	if (install_signals() < 0) {
-		fprintf(stderr, PROG ": cannot install signal handlers: %s\n", strerror(errno));
+		errorf("cannot install signal handlers: %s", strerror(errno));
 		return 1;
 	}
 
 	Demo__Kv_Service *kv = demo_kv_new();
 	Demo__Echo_Service *echo = demo_echo_new();
 	if (!kv || !echo) {
-		fprintf(stderr, PROG ": cannot create the example services: %s\n", strerror(errno ? errno : ENOMEM));
+		errorf("cannot create the example services: %s", strerror(errno ? errno : ENOMEM));
 		goto err_services;
 	}
 	rc = pbrpc_server_new(&srv, &cfg.opts);
 	if (rc < 0) {
-		fprintf(stderr, PROG ": cannot create the server: %s\n", pbrpc_strerror(rc));
+		errorf("cannot create the server: %s", pbrpc_strerror(rc));
 		goto err_services;
 	}
 	if (add_services(srv, kv, echo) < 0 || start_listening(srv, &cfg) < 0)
@@ -358,18 +471,16 @@ int main(int argc, char **argv)
 
 	g_srv = srv;
 	logf_(PBRPC_LOG_INFO, "serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection");
+	notify("READY=1\nSTATUS=serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection");
 
 	mask_stop_signals(SIG_UNBLOCK);
 	rc = pbrpc_server_run(srv);
 	mask_stop_signals(SIG_BLOCK);
 	g_srv = NULL;
-	if (rc < 0) {
+	if (rc < 0)
 		logf_(PBRPC_LOG_ERROR, "server loop failed: %s", pbrpc_strerror(rc));
-	} else {
-		if (g_signal)
-			logf_(PBRPC_LOG_INFO, "stopped by SIG%s", sigabbrev_np(g_signal));
-		status = 0;
-	}
+	else
+		status = 0; /* the signal was logged when it came */
 
 	/* Echo may still answer calls it holds: free it while the server exists. */
 err_server:

@@ -975,3 +975,116 @@ Test(parse, strict_json)
 	cr_expect_eq(pbjson_parse("{\"k\": 1}\n", 9, &obj, err, sizeof(err)), 0);
 	json_object_put(obj);
 }
+
+/* What json-c accepts even with JSON_TOKENER_STRICT, and protobuf's JSON
+ * mapping does not. */
+Test(parse, json_c_leniencies_are_errors)
+{
+	expect_parse_error("{'a': 1}", 8, "single quotes at offset 1: JSON strings and keys take double quotes");
+	expect_parse_error("{\"a\": 'x'}", 10, "single quotes at offset 6: JSON strings take double quotes");
+	expect_parse_error("{\"a\": NaN}", 10,
+		"bare NaN at offset 6 is not JSON (protobuf's JSON mapping writes \"NaN\", \"Infinity\" and "
+		"\"-Infinity\" as strings)");
+	expect_parse_error("[Infinity]", 10,
+		"bare Infinity at offset 1 is not JSON (protobuf's JSON mapping writes \"NaN\", \"Infinity\" and "
+		"\"-Infinity\" as strings)");
+	expect_parse_error("{\"a\": [1, -Infinity]}", 21,
+		"bare -Infinity at offset 10 is not JSON (protobuf's JSON mapping writes \"NaN\", \"Infinity\" and "
+		"\"-Infinity\" as strings)");
+	expect_parse_error("{\"a\": 1, \"b\": {\"c\": 2, \"c\": 3}}", 32, "duplicate key \"c\" at offset 23");
+	expect_parse_error("{\"a\": 1e400}", 12, "number 1e400 at offset 6 is beyond the range of a double");
+	expect_parse_error("[-1.5e309]", 10, "number -1.5e309 at offset 1 is beyond the range of a double");
+	expect_parse_error("{\"a\": 18446744073709551616}", 27,
+		"integer 18446744073709551616 at offset 6 is beyond the 64-bit range (give 64-bit values as strings)");
+	expect_parse_error("{\"a\": -9223372036854775809}", 27,
+		"integer -9223372036854775809 at offset 6 is beyond the 64-bit range (give 64-bit values as strings)");
+
+	/* The same keys in different objects, the edges of the ranges, and the
+	 * strings the mapping uses are fine. */
+	json_object *obj;
+	char err[256] = "";
+	static const char *const good[] = {
+		"{\"a\": {\"k\": 1}, \"b\": {\"k\": 2}}",
+		"[18446744073709551615, -9223372036854775808, 1.7976931348623157e308, 1e-400]",
+		"{\"f\": \"NaN\", \"g\": \"-Infinity\", \"s\": \"it's\"}",
+	};
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+		cr_expect_eq(pbjson_parse(good[i], strlen(good[i]), &obj, err, sizeof(err)), 0, "%s: %s", good[i], err);
+		json_object_put(obj);
+	}
+}
+
+/* ---- text format and templates ---- */
+
+static void expect_text(const schema_message *m, const char *json, const char *want)
+{
+	size_t len;
+	uint8_t *bytes = encode_ok(m, json, &len);
+	json_object *obj;
+	char err[256] = "", *text;
+	cr_assert_eq(pbjson_decode(m, bytes, len, 0, &obj, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(pbjson_to_text(m, obj, &text), 0);
+	cr_expect_str_eq(text, want, "%s:\n got\n%s want\n%s", json, text, want);
+	free(text);
+	json_object_put(obj);
+	free(bytes);
+}
+
+Test(text, every_scalar, .init = setup_scalars, .fini = teardown)
+{
+	expect_text(MSG("clitest.Scalars"),
+		"{\"fInt32\": -1, \"fInt64\": \"-9000000000\", \"fUint64\": \"18446744073709551615\", \"fSint32\": -2,"
+		" \"fFloat\": \"-Infinity\", \"fDouble\": 0.5, \"fBool\": true,"
+		" \"fString\": \"a\\\"b\\\\c\\n\\u00e9\", \"fBytes\": \"AAEC//4n\", \"fEnum\": \"GREEN\","
+		" \"fInner\": {\"name\": \"x\", \"child\": {\"n\": 3}}}",
+		"f_int32: -1\n"
+		"f_int64: -9000000000\n"
+		"f_uint64: 18446744073709551615\n"
+		"f_sint32: -2\n"
+		"f_float: -inf\n"
+		"f_double: 0.5\n"
+		"f_bool: true\n"
+		"f_string: \"a\\\"b\\\\c\\n\xc3\xa9\"\n"
+		"f_bytes: \"\\000\\001\\002\\377\\376\\'\"\n"
+		"f_enum: GREEN\n"
+		"f_inner {\n"
+		"  name: \"x\"\n"
+		"  child {\n"
+		"    n: 3\n"
+		"  }\n"
+		"}\n");
+	expect_text(MSG("clitest.Scalars"), "{}", "");
+}
+
+Test(text, repeated_fields_repeat_their_name, .init = setup_repeated, .fini = teardown)
+{
+	expect_text(MSG("clitest.Repeated"), "{\"rInt32\": [1, -2], \"rDouble\": [\"NaN\", 1.5]}",
+		"r_int32: 1\nr_int32: -2\nr_double: nan\nr_double: 1.5\n");
+}
+
+Test(template, every_field, .init = setup_scalars, .fini = teardown)
+{
+	json_object *t = pbjson_template(MSG("clitest.Scalars"));
+	cr_assert_not_null(t);
+	cr_expect_str_eq(pbjson_to_compact_string(t),
+		"{\"fInt32\":0,\"fInt64\":\"0\",\"fUint32\":0,\"fUint64\":\"0\",\"fSint32\":0,\"fSint64\":\"0\","
+		"\"fFixed32\":0,\"fFixed64\":\"0\",\"fSfixed32\":0,\"fSfixed64\":\"0\",\"fFloat\":0.0,\"fDouble\":0.0,"
+		"\"fBool\":false,\"fString\":\"\",\"fBytes\":\"\",\"fEnum\":\"COLOR_UNSPECIFIED\","
+		"\"fInner\":{\"name\":\"\",\"n\":0,\"child\":{}},\"bigNumber\":0}");
+	/* The skeleton is a valid request. */
+	uint8_t *out = NULL;
+	size_t len;
+	char err[256] = "";
+	cr_expect_eq(pbjson_encode(MSG("clitest.Scalars"), t, &out, &len, err, sizeof(err)), 0, "%s", err);
+	free(out);
+	json_object_put(t);
+}
+
+Test(template, repeated_fields_hold_one_element, .init = setup_repeated, .fini = teardown)
+{
+	json_object *t = pbjson_template(MSG("clitest.Repeated"));
+	cr_assert_not_null(t);
+	cr_expect(strncmp(pbjson_to_compact_string(t), "{\"rInt32\":[0],\"rSint64\":[\"0\"],\"rFixed32\":[0],\"rDouble\":[0.0]", 60) == 0,
+		  "%s", pbjson_to_compact_string(t));
+	json_object_put(t);
+}

@@ -1,11 +1,12 @@
 /* The pbrpc-server program: start-up line, signals, exit codes, option
- * errors and systemd socket activation. The binary's path comes from
+ * errors, systemd socket activation, journald priorities and sd_notify. The binary's path comes from
  * $PBRPC_SERVER (set by tests/meson.build). */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,10 @@ typedef struct child {
 } child;
 
 static char tmpdir[64];
+
+/* Extra environment for the next spawn(), "K=V" strings, NULL-terminated;
+ * "JOURNAL_STREAM=stderr" names the child's own stderr, as systemd does. */
+static const char *spawn_env[8];
 
 static void make_tmpdir(void)
 {
@@ -81,6 +86,18 @@ static void spawn(child *d, const char *const *args, int listen_fd, int pid_offs
 			setenv("LISTEN_FDS", "1", 1);
 		}
 		setenv("XDG_RUNTIME_DIR", tmpdir, 1);
+		for (size_t i = 0; spawn_env[i]; i++) {
+			if (strcmp(spawn_env[i], "JOURNAL_STREAM=stderr") == 0) {
+				struct stat st;
+				char v[64];
+				fstat(2, &st);
+				snprintf(v, sizeof(v), "%llu:%llu", (unsigned long long)st.st_dev,
+					 (unsigned long long)st.st_ino);
+				setenv("JOURNAL_STREAM", v, 1);
+			} else {
+				putenv((char *)spawn_env[i]);
+			}
+		}
 		execv(argv[0], (char *const *)argv);
 		_exit(127);
 	}
@@ -191,6 +208,22 @@ static void stop_with(child *d, int sig)
 	cr_assert_neq(st, -1, "still running 2 s after signal %d; stderr:\n%s", sig, err);
 	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "status 0x%x after signal %d; stderr:\n%s", st, sig, err);
 	finish(d);
+}
+
+/* Signals the child, waits for a clean exit and returns its whole stderr. */
+static void stop_reading_stderr(child *d, int sig, char *err, size_t len)
+{
+	cr_assert_eq(kill(d->pid, sig), 0);
+	int st = wait_exit(d, 2000);
+	read_all(d->err, err, len);
+	cr_assert(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "status 0x%x after signal %d; stderr:\n%s", st,
+		  sig, err);
+	finish(d);
+}
+
+static void reset_env(void)
+{
+	memset(spawn_env, 0, sizeof(spawn_env));
 }
 
 TestSuite(daemon, .init = make_tmpdir, .fini = remove_tmpdir, .timeout = 30);
@@ -330,6 +363,7 @@ Test(daemon, help_and_version)
 	finish(&d);
 	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0);
 	cr_expect_not_null(strstr(out, "--listen ENDPOINT"));
+	cr_expect_not_null(strstr(out, "See pbrpc-server(8) for more.\n"), "--help names the manual: %s", out);
 }
 
 Test(daemon, bad_options_exit_2)
@@ -369,4 +403,170 @@ Test(daemon, listen_failure_exits_1)
 	code = run_to_exit((const char *[]){ "--listen", "bogus", NULL }, err, sizeof(err));
 	cr_expect_eq(code, 1);
 	cr_expect_not_null(strstr(err, "cannot listen on bogus: invalid endpoint address"), "%s", err);
+}
+
+/* ---- issue 13: an observable daemon ---- */
+
+/* The signal is logged when it comes, before the library's drain: nothing
+ * follows "shutdown complete". */
+Test(daemon, stop_line_precedes_shutdown_complete)
+{
+	char ep[128], err[4096], want[512];
+	snprintf(ep, sizeof(ep), "unix:%s/d.sock", tmpdir);
+	child d;
+	spawn(&d, (const char *[]){ "--listen", ep, NULL }, -1, 0);
+	wait_listening(&d);
+	stop_reading_stderr(&d, SIGTERM, err, sizeof(err));
+	snprintf(want, sizeof(want),
+		 "pbrpc-server: info: listening on %s\n"
+		 "pbrpc-server: info: serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection\n"
+		 "pbrpc-server: info: stopping on SIGTERM: draining calls in flight for up to 5 s\n"
+		 "pbrpc-server: info: shutting down (drain 5000 ms)\n"
+		 "pbrpc-server: info: shutdown complete\n",
+		 ep);
+	cr_expect_str_eq(err, want);
+
+	spawn(&d, (const char *[]){ "--listen", ep, "--log-level", "warn", NULL }, -1, 0);
+	wait_listening(&d);
+	stop_reading_stderr(&d, SIGINT, err, sizeof(err));
+	cr_expect_str_eq(err, "", "--log-level warn hides the stop line too");
+}
+
+/* stderr is the journal when $JOURNAL_STREAM matches its device and inode:
+ * every line starts with its syslog priority, errors included. */
+Test(daemon, journal_priorities, .fini = reset_env)
+{
+	char ep[128], err[4096], want[512];
+	snprintf(ep, sizeof(ep), "unix:%s/d.sock", tmpdir);
+	spawn_env[0] = "JOURNAL_STREAM=stderr";
+	child d;
+	spawn(&d, (const char *[]){ "--listen", ep, NULL }, -1, 0);
+	wait_listening(&d);
+	stop_reading_stderr(&d, SIGTERM, err, sizeof(err));
+	snprintf(want, sizeof(want),
+		 "<6>pbrpc-server: info: listening on %s\n"
+		 "<6>pbrpc-server: info: serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection\n"
+		 "<6>pbrpc-server: info: stopping on SIGTERM: draining calls in flight for up to 5 s\n"
+		 "<6>pbrpc-server: info: shutting down (drain 5000 ms)\n"
+		 "<6>pbrpc-server: info: shutdown complete\n",
+		 ep);
+	cr_expect_str_eq(err, want);
+
+	int code = run_to_exit((const char *[]){ "--listen", "bogus", NULL }, err, sizeof(err));
+	cr_expect_eq(code, 1);
+	cr_expect_str_eq(err, "<3>pbrpc-server: cannot listen on bogus: invalid endpoint address\n");
+	code = run_to_exit((const char *[]){ "--workers", "many", NULL }, err, sizeof(err));
+	cr_expect_eq(code, 2);
+	cr_expect_eq(strncmp(err, "<3>pbrpc-server: invalid --workers 'many'", 41), 0, "%s", err);
+
+	/* Another stream's numbers: not the journal, no prefixes. */
+	spawn_env[0] = "JOURNAL_STREAM=1:1";
+	code = run_to_exit((const char *[]){ "--listen", "bogus", NULL }, err, sizeof(err));
+	cr_expect_eq(code, 1);
+	cr_expect_str_eq(err, "pbrpc-server: cannot listen on bogus: invalid endpoint address\n");
+}
+
+/* A datagram socket standing in for systemd's notification socket; an
+ * abstract address when name starts with '@'. Fills env with NOTIFY_SOCKET=. */
+static int notify_socket(const char *name, char *env, size_t envlen)
+{
+	int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	cr_assert_geq(fd, 0);
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	socklen_t len;
+	if (name[0] == '@') {
+		snprintf(sa.sun_path, sizeof(sa.sun_path), "@%s-%ld", name + 1, (long)getpid());
+		snprintf(env, envlen, "NOTIFY_SOCKET=%s", sa.sun_path);
+		len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(sa.sun_path));
+		sa.sun_path[0] = '\0';
+	} else {
+		snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/%s", tmpdir, name);
+		snprintf(env, envlen, "NOTIFY_SOCKET=%s", sa.sun_path);
+		len = sizeof(sa);
+	}
+	cr_assert_eq(bind(fd, (struct sockaddr *)&sa, len), 0, "bind: %s", strerror(errno));
+	return fd;
+}
+
+static void expect_datagram(int fd, const char *want)
+{
+	char buf[512];
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	cr_assert_eq(poll(&p, 1, 5000), 1, "no notification (want \"%s\")", want);
+	ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+	cr_assert_gt(n, 0);
+	buf[n] = '\0';
+	cr_expect_str_eq(buf, want);
+}
+
+static void notify_ready_and_stopping(const char *name)
+{
+	char ep[128], env[160], err[4096];
+	snprintf(ep, sizeof(ep), "unix:%s/d.sock", tmpdir);
+	int fd = notify_socket(name, env, sizeof(env));
+	spawn_env[0] = env;
+	child d;
+	spawn(&d, (const char *[]){ "--listen", ep, NULL }, -1, 0);
+	wait_listening(&d);
+	expect_datagram(fd, "READY=1\nSTATUS=serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection");
+	cr_expect_eq(health_check(ep, ""), PBRPC__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING);
+	stop_reading_stderr(&d, SIGTERM, err, sizeof(err));
+	expect_datagram(fd, "STOPPING=1\nSTATUS=draining calls in flight");
+	char extra[64];
+	cr_expect_lt(recv(fd, extra, sizeof(extra), MSG_DONTWAIT), 0, "one STOPPING=1 only");
+	close(fd);
+}
+
+Test(daemon, sd_notify_path, .fini = reset_env)
+{
+	notify_ready_and_stopping("notify.sock");
+}
+
+Test(daemon, sd_notify_abstract, .fini = reset_env)
+{
+	notify_ready_and_stopping("@pbrpc-test-notify");
+}
+
+/* systemd-socket-activate(1) listens, and on the first connection runs the
+ * server with the socket as fd 3, as systemd's .socket units do. */
+Test(daemon, systemd_socket_activate)
+{
+	static const char *const tool[] = { "/usr/bin/systemd-socket-activate", "/bin/systemd-socket-activate" };
+	const char *path = NULL;
+	for (size_t i = 0; i < sizeof(tool) / sizeof(tool[0]) && !path; i++)
+		if (access(tool[i], X_OK) == 0)
+			path = tool[i];
+	if (!path)
+		cr_skip_test("systemd-socket-activate not installed (Debian: systemd); socket activation is tested "
+			     "by socket_activation only");
+
+	char sock[128], ep[140], listen_arg[160], err[4096];
+	snprintf(sock, sizeof(sock), "%s/sa.sock", tmpdir);
+	snprintf(ep, sizeof(ep), "unix:%s", sock);
+	snprintf(listen_arg, sizeof(listen_arg), "--listen=%s", sock);
+
+	int out[2], errp[2];
+	cr_assert_eq(pipe2(out, O_CLOEXEC), 0);
+	cr_assert_eq(pipe2(errp, O_CLOEXEC), 0);
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		dup2(out[1], 1);
+		dup2(errp[1], 2);
+		execl(path, path, listen_arg, server_path(), (char *)NULL);
+		_exit(127);
+	}
+	close(out[1]);
+	close(errp[1]);
+	child d = { .pid = pid, .out = out[0], .err = errp[0] };
+
+	struct stat sb;
+	for (int i = 0; i < 500 && stat(sock, &sb) != 0; i++)
+		usleep(10000);
+	cr_assert_eq(stat(sock, &sb), 0, "systemd-socket-activate did not create %s", sock);
+	/* The first connection starts the server, which then answers it. */
+	cr_expect_eq(health_check(ep, "demo.Kv"), PBRPC__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING);
+	cr_expect_str_eq(wait_listening(&d), ep);
+	stop_reading_stderr(&d, SIGTERM, err, sizeof(err));
+	cr_expect_not_null(strstr(err, "pbrpc-server: info: stopping on SIGTERM"), "%s", err);
 }
