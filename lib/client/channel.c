@@ -108,6 +108,8 @@ static void on_goaway(pbrpc__conn *b)
 {
 	chan *k = pbrpc__container_of(b, chan, base);
 	pbrpc_client *c = k->c;
+	if (!pbrpc__list_linked(&k->link))
+		return; /* still handshaking, without the mutex: handshake() reports it */
 	if (c->cur == k) {
 		c->cur = NULL;
 		c->next_attempt = 0;
@@ -361,6 +363,11 @@ static int handshake(pbrpc_client *c, chan *k, int64_t deadline, char *msg, size
 	}
 	if (chan_dead(k))
 		return handshake_error(c, k, msg, len);
+	if (b->draining) {
+		/* It sent GOAWAY(OK) with its HELLO: it takes no calls. */
+		snprintf(msg, len, "%.100s is shutting down (GOAWAY with its HELLO)", c->ep_str);
+		return PBRPC_EGOAWAY;
+	}
 	if (wrc < 0) {
 		snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(wrc));
 		return wrc;

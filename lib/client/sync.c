@@ -272,7 +272,7 @@ static void reader_wait_both(pbrpc_client *c, chan *k, call *me, int64_t deadlin
 	pthread_mutex_unlock(&c->mu);
 	int r = poll(&p, 1, ms < 0 || ms > 1000 ? 1000 : ms);
 	if (r > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)))
-		n = pbrpc__conn_recv(&k->base, NULL, 0, MSG_DONTWAIT);
+		n = pbrpc__conn_recv_open(&k->base, MSG_DONTWAIT);
 	pthread_mutex_lock(&c->mu);
 	if (n < 0)
 		pbrpc__cl_read_failed(c, k, (int)n);
@@ -305,7 +305,7 @@ void pbrpc__cl_reader_step(pbrpc_client *c, chan *k, call *me, int64_t deadline,
 	}
 	set_rcvtimeo(k, need);
 	pthread_mutex_unlock(&c->mu);
-	ssize_t n = pbrpc__conn_recv(&k->base, NULL, 0, 0);
+	ssize_t n = pbrpc__conn_recv_open(&k->base, 0);
 	pthread_mutex_lock(&c->mu);
 	if (n < 0)
 		pbrpc__cl_read_failed(c, k, (int)n);

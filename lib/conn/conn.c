@@ -313,7 +313,12 @@ static bool output_full(pbrpc__conn *c)
 {
 	if (!c->max_output || pbrpc__conn_pending_out(c) <= c->max_output)
 		return false;
-	pbrpc__conn_flush(c, c->last_active);
+	ssize_t n = pbrpc__conn_flush(c, pbrpc__now_ns()); /* rare: a clock read is fine */
+	if (n < 0) {
+		/* The peer is gone: run none of the requests still buffered. */
+		pbrpc__conn_close(c, (int)n, "connection lost: write failed: %s", pbrpc_strerror((int)n));
+		return true;
+	}
 	return c->read_paused;
 }
 
@@ -322,7 +327,7 @@ int pbrpc__conn_dispatch(pbrpc__conn *c, void *arg)
 	c->resume = false;
 	while (c->state != PBRPC__CONN_CLOSED) {
 		if (output_full(c)) {
-			if (pbrpc__frame_decoder_stash(&c->dec) < 0)
+			if (c->state != PBRPC__CONN_CLOSED && pbrpc__frame_decoder_stash(&c->dec) < 0)
 				pbrpc__conn_fail(c, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
 			return 0;
 		}

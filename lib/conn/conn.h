@@ -117,6 +117,14 @@ void pbrpc__conn_fini(pbrpc__conn *c);
  * here; that call needs one). */
 ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags);
 
+/* pbrpc__conn_recv for an OPEN connection's one reader, which may hold no
+ * lock: reads into the decoder and touches nothing another thread writes
+ * (a concurrent close only shuts the socket down, so this returns EOF). */
+static inline ssize_t pbrpc__conn_recv_open(pbrpc__conn *c, int flags)
+{
+	return pbrpc__frame_decoder_recv(&c->dec, c->fd, flags);
+}
+
 /* Closes c after a failed read, with the words for it: a clean end of
  * stream, one inside a frame, a bad preface, or the error. */
 void pbrpc__conn_read_failed(pbrpc__conn *c, int err);

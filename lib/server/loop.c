@@ -54,6 +54,7 @@ void pbrpc__srv_conn_closed(srv_conn *c)
 	c->base.fd = -1;
 	pbrpc__heap_stop(&srv->timers, &c->timer);
 	srv->stats.connections_open--;
+	srv->reap_pending = true;
 }
 
 void pbrpc__srv_conn_free(srv_conn *c)
@@ -285,6 +286,7 @@ PBRPC_EXPORT void pbrpc_server_shutdown(pbrpc_server *srv, int drain_ms)
 
 static void reap_closed(pbrpc_server *srv)
 {
+	srv->reap_pending = false;
 	pbrpc__list_for_each_safe(c, &srv->conns, srv_conn, link)
 		if (pbrpc__conn_closed(&c->base) && !pbrpc__list_linked(&c->dirty))
 			pbrpc__srv_conn_free(c);
@@ -308,7 +310,7 @@ static bool drain_done(pbrpc_server *srv)
 	return !open;
 }
 
-static void on_event(pbrpc_server *srv, const struct epoll_event *ev, bool *closed_any)
+static void on_event(pbrpc_server *srv, const struct epoll_event *ev)
 {
 	enum srv_src *src = ev->data.ptr;
 	switch (*src) {
@@ -335,8 +337,6 @@ static void on_event(pbrpc_server *srv, const struct epoll_event *ev, bool *clos
 		}
 		if (ev->events & (EPOLLIN | EPOLLHUP | EPOLLERR))
 			conn_read(c);
-		if (pbrpc__conn_closed(&c->base))
-			*closed_any = true;
 		break;
 	}
 	}
@@ -355,14 +355,13 @@ PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 		return -errno;
 	}
 	srv->now = pbrpc__now_ns();
-	bool closed_any = false;
 	for (int i = 0; i < n; i++)
-		on_event(srv, &evs[i], &closed_any);
+		on_event(srv, &evs[i]);
 	run_timers(srv);
 	flush_dirty(srv);
 	pbrpc__srv_tl_loop = prev;
-	if (closed_any || srv->shutting_down)
-		reap_closed(srv);
+	if (srv->reap_pending)
+		reap_closed(srv); /* closed by an event, a timer or a flush */
 	if (srv->shutting_down && drain_done(srv)) {
 		pbrpc__heap_stop(&srv->timers, &srv->drain);
 		srv->shutdown_done = true;

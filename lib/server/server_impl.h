@@ -128,6 +128,7 @@ struct pbrpc_server {
 	atomic_int shutdown_req;  /* drain ms + 2; 0 = none, 1 = wait forever */
 	bool shutting_down;
 	bool shutdown_done;
+	bool reap_pending; /* a connection closed: free it at the end of the round */
 	pbrpc_server_stats stats;
 };
 

@@ -11,6 +11,7 @@ void pbrpc__idmap_init(pbrpc__idmap *m)
 	m->mask = 0;
 	m->shift = 32;
 	m->count = 0;
+	m->take_at = 0;
 }
 
 void pbrpc__idmap_fini(pbrpc__idmap *m)
@@ -40,6 +41,7 @@ int pbrpc__idmap_grow(pbrpc__idmap *m)
 	m->v = nv;
 	m->mask = ((uint32_t)1 << bits) - 1;
 	m->shift = 32 - bits;
+	m->take_at = m->mask;
 	for (uint32_t i = 0; old.v && i <= old.mask; i++)
 		if (old.v[i].ptr)
 			place(m, old.v[i].id, old.v[i].ptr);
@@ -98,22 +100,27 @@ void *pbrpc__idmap_next(const pbrpc__idmap *m, uint32_t *pos, uint32_t *id)
 	return NULL;
 }
 
+static void *take_at(pbrpc__idmap *m, uint32_t i, uint32_t *id)
+{
+	void *p = m->v[i].ptr;
+	if (id)
+		*id = m->v[i].id;
+	del_slot(m, i);
+	m->take_at = i; /* a shifted entry may now sit at i: look there first */
+	return p;
+}
+
 void *pbrpc__idmap_take_any(pbrpc__idmap *m, uint32_t *id)
 {
 	if (!m->count)
 		return NULL;
-	/* The last occupied slot: deleting it shifts nothing back past it
-	 * unless its run wraps around, and then the scan simply continues. */
-	for (uint32_t i = m->mask;; i--) {
-		if (m->v[i].ptr) {
-			void *p = m->v[i].ptr;
-			if (id)
-				*id = m->v[i].id;
-			del_slot(m, i);
-			return p;
-		}
-		if (i == 0)
-			break;
-	}
+	uint32_t from = m->take_at > m->mask ? m->mask : m->take_at;
+	for (uint32_t i = from + 1; i-- > 0;)
+		if (m->v[i].ptr)
+			return take_at(m, i, id);
+	/* Only a run that wrapped around the end can have left entries above. */
+	for (uint32_t i = m->mask; i > from; i--)
+		if (m->v[i].ptr)
+			return take_at(m, i, id);
 	return NULL;
 }

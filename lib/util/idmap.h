@@ -21,6 +21,7 @@ typedef struct pbrpc__idmap {
 	uint32_t mask;        /* capacity - 1 */
 	uint32_t shift;       /* 32 - log2(capacity) */
 	uint32_t count;
+	uint32_t take_at; /* where pbrpc__idmap_take_any resumes its scan */
 } pbrpc__idmap;
 
 static inline uint32_t pbrpc__idmap_home(const pbrpc__idmap *m, uint32_t id)
@@ -90,8 +91,10 @@ void *pbrpc__idmap_del(pbrpc__idmap *m, uint32_t id);
 void *pbrpc__idmap_next(const pbrpc__idmap *m, uint32_t *pos, uint32_t *id);
 
 /* Removes and returns some entry (NULL when empty), for emptying a map one
- * entry at a time while the entries' owners react (each may delete others):
- * emptying a whole map this way scans it about once. */
+ * entry at a time while the entries' owners react (each may delete others).
+ * It scans downwards from where the previous one was found (a deletion
+ * shifts entries down into the hole, never above it, but for a probe run
+ * that wraps around the end), so emptying a whole map scans it about once. */
 void *pbrpc__idmap_take_any(pbrpc__idmap *m, uint32_t *id);
 
 #endif

@@ -58,7 +58,9 @@ typedef struct pbrpc_server_opts {
 	uint32_t max_calls;          /* calls in flight per connection; default 1024 */
 	uint32_t max_connections;    /* default 4096; one more is refused with GOAWAY */
 	int handshake_timeout_ms;    /* default 10000; < 0 none */
-	int idle_timeout_ms;         /* close connections idle this long; default none */
+	int idle_timeout_ms;         /* close connections with no call in flight that
+	                              * read nothing and answered nothing for this
+	                              * long; default none */
 	size_t max_output_queue;     /* per connection, bytes; default 4 MiB. Above
 	                              * it the server stops reading the connection */
 	int write_stall_timeout_ms;  /* ...and drops it if the peer then reads none
