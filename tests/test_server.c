@@ -22,6 +22,7 @@
 #include "pbrpc/endpoint.h"
 #include "pbrpc/server.h"
 #include "proto/wire.h"
+#include "util/clock.h"
 #include "testutil.h"
 
 /* ---- a test service: demo.Echo with behaviours chosen by the payload ---- */
@@ -971,6 +972,87 @@ Test(server, max_calls_enforced)
 	cr_assert_eq(peer_response(&p, NULL, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
 	peer_ping_echo(&p, 4);
 	peer_close(&p);
+	stop_server(&t);
+}
+
+static void copy_payload_cb(const Demo__EchoReply *reply, void *data)
+{
+	char *out = data;
+	if (reply)
+		snprintf(out, 64, "%.*s", (int)reply->payload.len, (const char *)reply->payload.data);
+	else
+		snprintf(out, 64, "(failed)");
+}
+
+static void stub_echo(ProtobufCService *svc, const char *text, char out[64])
+{
+	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
+	req.payload.data = (uint8_t *)text;
+	req.payload.len = strlen(text);
+	seen_md[0] = '\0';
+	demo__echo__echo(svc, &req, copy_payload_cb, out);
+	cr_assert_str_eq(out, text);
+}
+
+/* Per-call options without hidden state (issue 13): a service handle bound to
+ * options sends them on every call (copied when it was made); options set
+ * with pbrpc_client_next_call() are consumed by the very next call, so none
+ * leaks into a later, unrelated one. Real client, real server. */
+Test(server, call_options_bound_to_a_service_never_leak)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	pbrpc_client *c;
+	cr_assert_eq(pbrpc_client_connect(&c, t.addr, NULL), 0);
+	char out[64];
+	char value[16] = "bound-v";
+	pbrpc_metadata md = { .key = "x-test", .value = value, .value_len = strlen(value) };
+	ProtobufCService *bound = pbrpc_client_service_with(
+		c, &demo__echo__descriptor, &(pbrpc_call_opts){ .timeout_ms = 4000, .metadata = &md, .metadata_count = 1 });
+	cr_assert_not_null(bound);
+	memset(value, 'X', sizeof(value) - 1); /* the handle keeps its own copy */
+	for (int i = 0; i < 2; i++) {
+		int64_t before = pbrpc__now_ns();
+		stub_echo(bound, "through the bound handle", out);
+		cr_assert_str_eq(seen_md, "bound-v");
+		cr_assert(seen_deadline > before && seen_deadline <= before + 4100 * PBRPC__NS_PER_MS,
+			  "the bound 4 s timeout, not the default 30 s");
+	}
+	ProtobufCService *plain = pbrpc_client_service(c, &demo__echo__descriptor);
+	cr_assert_neq(plain, bound);
+	stub_echo(plain, "plain", out);
+	cr_assert_str_eq(seen_md, "", "the plain handle sends no metadata");
+
+	/* Set for the next call, which is an explicit call with its own options:
+	 * consumed there, so the stub call after it sends nothing. */
+	pbrpc_metadata leak = { .key = "x-test", .value = "leaked", .value_len = 6 };
+	pbrpc_client_next_call(&(pbrpc_call_opts){ .metadata = &leak, .metadata_count = 1 });
+	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
+	req.payload.data = (uint8_t *)"explicit";
+	req.payload.len = 8;
+	ProtobufCMessage *reply = NULL;
+	pbrpc_call_result res;
+	seen_md[0] = '\0';
+	cr_assert_eq(pbrpc_client_call(c, "demo.Echo/Echo", &req.base, &demo__echo_reply__descriptor, &reply, NULL, &res), 0);
+	protobuf_c_message_free_unpacked(reply, NULL);
+	cr_assert_str_eq(seen_md, "", "an explicit call uses its own options only");
+	stub_echo(plain, "after", out);
+	cr_assert_str_eq(seen_md, "", "options meant for an earlier call did not leak into this one");
+
+	/* ...and consumed by a stub call that fails before sending. */
+	pbrpc_client_next_call(&(pbrpc_call_opts){ .metadata = &leak, .metadata_count = 1 });
+	plain->invoke(plain, 99, &req.base, (ProtobufCClosure)copy_payload_cb, out);
+	cr_assert_str_eq(out, "(failed)");
+	stub_echo(plain, "later", out);
+	cr_assert_str_eq(seen_md, "");
+
+	/* Next-call options still win over a bound handle's, for that call. */
+	pbrpc_client_next_call(&(pbrpc_call_opts){ .metadata = &leak, .metadata_count = 1 });
+	stub_echo(bound, "override", out);
+	cr_assert_str_eq(seen_md, "leaked");
+
+	protobuf_c_service_destroy(bound); /* a bound handle is freed here */
+	pbrpc_client_free(c);
 	stop_server(&t);
 }
 

@@ -84,7 +84,7 @@ __attribute__((noinline)) void pbrpc__cl_async_invoke(svc *s, unsigned idx, cons
 	pbrpc_client *c = s->c;
 	pbrpc_call_opts o;
 	call_args a;
-	pbrpc__cl_args_init(&a, c, s->m[idx].s, s->m[idx].len, pbrpc__cl_take_opts(&o));
+	pbrpc__cl_args_init(&a, c, s->m[idx].s, s->m[idx].len, pbrpc__cl_svc_opts(s, &o));
 	a.method_checked = s->m[idx].valid;
 	a.msg = input;
 	th.last_call = 0;

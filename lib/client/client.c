@@ -200,6 +200,8 @@ static void svc_invoke(ProtobufCService *service, unsigned idx, const ProtobufCM
 {
 	svc *s = (svc *)service;
 	if (idx >= s->base.descriptor->n_methods || !input) {
+		pbrpc_call_opts unused;
+		pbrpc__cl_take_opts(&unused); /* meant for this call: never for a later one */
 		pbrpc__cl_set_statusf(PBRPC_STATUS_INVALID_ARGUMENT, "no method %u in %s", idx, s->base.descriptor->name);
 		if (closure)
 			closure(NULL, closure_data);
@@ -211,18 +213,72 @@ static void svc_invoke(ProtobufCService *service, unsigned idx, const ProtobufCM
 		pbrpc__cl_sync_invoke(s, idx, input, closure, closure_data);
 }
 
+/* A cached service lives as long as its client; one bound to options
+ * (pbrpc_client_service_with) goes when destroyed. */
 static void svc_destroy(ProtobufCService *service)
 {
-	(void)service; /* owned by the client, freed with it */
+	svc *s = (svc *)service;
+	if (!s->bound)
+		return;
+	pbrpc_client *c = s->c;
+	pthread_mutex_lock(&c->mu);
+	for (svc **p = &c->services; *p; p = &(*p)->next) {
+		if (*p == s) {
+			*p = s->next;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&c->mu);
+	free(s);
 }
 
-static ProtobufCService *service_get(pbrpc_client *c, const ProtobufCServiceDescriptor *desc, bool async)
+/* Bytes for a copy of opts' metadata (entries, then keys and values). */
+static size_t metadata_size(const pbrpc_call_opts *o)
+{
+	if (!o || !o->metadata)
+		return 0;
+	size_t n = o->metadata_count * sizeof(pbrpc_metadata);
+	for (size_t i = 0; i < o->metadata_count; i++) {
+		const pbrpc_metadata *m = &o->metadata[i];
+		n += (m->key_len ? m->key_len : strlen(m->key)) + m->value_len;
+	}
+	return n;
+}
+
+static void bind_opts(svc *s, const pbrpc_call_opts *o, uint8_t *p)
+{
+	s->bound_opts = *o;
+	s->bound = &s->bound_opts;
+	if (!o->metadata) {
+		s->bound_opts.metadata_count = 0;
+		return;
+	}
+	pbrpc_metadata *md = (pbrpc_metadata *)(void *)p;
+	p += o->metadata_count * sizeof(*md);
+	for (size_t i = 0; i < o->metadata_count; i++) {
+		const pbrpc_metadata *m = &o->metadata[i];
+		size_t kl = m->key_len ? m->key_len : strlen(m->key);
+		memcpy(p, m->key, kl);
+		md[i].key = (const char *)p;
+		md[i].key_len = kl;
+		p += kl;
+		if (m->value_len)
+			memcpy(p, m->value, m->value_len);
+		md[i].value = p;
+		md[i].value_len = m->value_len;
+		p += m->value_len;
+	}
+	s->bound_opts.metadata = md;
+}
+
+static ProtobufCService *service_get(pbrpc_client *c, const ProtobufCServiceDescriptor *desc, bool async,
+				     const pbrpc_call_opts *opts)
 {
 	if (!c || !desc || !desc->name)
 		return NULL;
 	pthread_mutex_lock(&c->mu);
-	for (svc *s = c->services; s; s = s->next) {
-		if (s->base.descriptor == desc && s->async == async) {
+	for (svc *s = c->services; s && !opts; s = s->next) {
+		if (s->base.descriptor == desc && s->async == async && !s->bound) {
 			pthread_mutex_unlock(&c->mu);
 			return &s->base;
 		}
@@ -230,6 +286,9 @@ static ProtobufCService *service_get(pbrpc_client *c, const ProtobufCServiceDesc
 	size_t nl = strlen(desc->name), size = sizeof(svc) + desc->n_methods * sizeof(method_name);
 	for (unsigned i = 0; i < desc->n_methods; i++)
 		size += nl + 1 + strlen(desc->methods[i].name) + 1;
+	size = (size + 15) & ~(size_t)15;
+	size_t md_at = size;
+	size += metadata_size(opts);
 	svc *s = calloc(1, size);
 	if (!s) {
 		pthread_mutex_unlock(&c->mu);
@@ -243,6 +302,8 @@ static ProtobufCService *service_get(pbrpc_client *c, const ProtobufCServiceDesc
 		s->m[i].valid = pbrpc_method_valid(p, (size_t)n);
 		p += n + 1;
 	}
+	if (opts)
+		bind_opts(s, opts, (uint8_t *)s + md_at);
 	s->base.descriptor = desc;
 	s->base.invoke = svc_invoke;
 	s->base.destroy = svc_destroy;
@@ -399,12 +460,29 @@ PBRPC_EXPORT void pbrpc_client_free(pbrpc_client *c)
 
 PBRPC_EXPORT ProtobufCService *pbrpc_client_service(pbrpc_client *c, const ProtobufCServiceDescriptor *desc)
 {
-	return service_get(c, desc, false);
+	return service_get(c, desc, false, NULL);
 }
 
 PBRPC_EXPORT ProtobufCService *pbrpc_client_service_async(pbrpc_client *c, const ProtobufCServiceDescriptor *desc)
 {
-	return service_get(c, desc, true);
+	return service_get(c, desc, true, NULL);
+}
+
+PBRPC_EXPORT ProtobufCService *pbrpc_client_service_with(pbrpc_client *c, const ProtobufCServiceDescriptor *desc,
+							 const pbrpc_call_opts *opts)
+{
+	if (!opts)
+		return NULL;
+	return service_get(c, desc, false, opts);
+}
+
+PBRPC_EXPORT ProtobufCService *pbrpc_client_service_async_with(pbrpc_client *c,
+							       const ProtobufCServiceDescriptor *desc,
+							       const pbrpc_call_opts *opts)
+{
+	if (!opts)
+		return NULL;
+	return service_get(c, desc, true, opts);
 }
 
 PBRPC_EXPORT void pbrpc_client_next_call(const pbrpc_call_opts *opts)
@@ -557,6 +635,8 @@ PBRPC_EXPORT int pbrpc_client_call(pbrpc_client *c, const char *method, const Pr
 				   const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
 				   const pbrpc_call_opts *opts, pbrpc_call_result *result)
 {
+	pbrpc_call_opts unused;
+	pbrpc__cl_take_opts(&unused); /* next-call options never outlive the next call */
 	if (reply)
 		*reply = NULL;
 	if (!c || !method || !request)
@@ -584,6 +664,8 @@ PBRPC_EXPORT int pbrpc_client_call_raw(pbrpc_client *c, const char *method, cons
 				       size_t request_len, uint8_t **reply, size_t *reply_len,
 				       const pbrpc_call_opts *opts, pbrpc_call_result *result)
 {
+	pbrpc_call_opts unused;
+	pbrpc__cl_take_opts(&unused); /* next-call options never outlive the next call */
 	if (reply)
 		*reply = NULL;
 	if (reply_len)

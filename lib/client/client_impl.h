@@ -170,9 +170,15 @@ typedef struct svc {
 	ProtobufCService base;
 	pbrpc_client *c;
 	bool async;
+	const pbrpc_call_opts *bound; /* pbrpc_client_service_with: &bound_opts */
+	pbrpc_call_opts bound_opts;   /* its metadata copied into this block */
 	struct svc *next;
 	method_name m[];
 } svc;
+
+/* The options of a call through s: those set for the next call on this
+ * thread (consumed here, whatever happens to the call), else s's own. */
+static inline const pbrpc_call_opts *pbrpc__cl_svc_opts(const svc *s, pbrpc_call_opts *buf);
 
 struct pbrpc_client {
 	pthread_mutex_t mu;
@@ -307,6 +313,12 @@ static inline const pbrpc_call_opts *pbrpc__cl_take_opts(pbrpc_call_opts *buf)
 	*buf = pbrpc__cl_tc.next;
 	pbrpc__cl_th.has_next = false;
 	return buf;
+}
+
+static inline const pbrpc_call_opts *pbrpc__cl_svc_opts(const svc *s, pbrpc_call_opts *buf)
+{
+	const pbrpc_call_opts *o = pbrpc__cl_take_opts(buf);
+	return o ? o : s->bound;
 }
 
 static inline const char *status_msg(void)

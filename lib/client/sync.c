@@ -533,7 +533,7 @@ void pbrpc__cl_sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, 
 	const ProtobufCMessageDescriptor *out = s->base.descriptor->methods[idx].output;
 	pbrpc_call_opts o;
 	call_args a;
-	pbrpc__cl_args_init(&a, c, s->m[idx].s, s->m[idx].len, pbrpc__cl_take_opts(&o));
+	pbrpc__cl_args_init(&a, c, s->m[idx].s, s->m[idx].len, pbrpc__cl_svc_opts(s, &o));
 	a.method_checked = s->m[idx].valid;
 	a.msg = input;
 

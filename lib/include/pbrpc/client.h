@@ -88,8 +88,12 @@ PBRPC_EXPORT ProtobufCService *pbrpc_client_service(pbrpc_client *c, const Proto
 PBRPC_EXPORT ProtobufCService *pbrpc_client_service_async(pbrpc_client *c,
 							   const ProtobufCServiceDescriptor *desc);
 
-/* Per-call options for the next stub call made by this thread (the generated
- * stubs have no room for them). Cleared by that call.
+/* Per-call options for the next call made by this thread (the generated
+ * stubs have no room for them). The very next call consumes them, whatever
+ * becomes of it: a stub call uses them; pbrpc_client_call and
+ * pbrpc_client_call_raw, which take options of their own, discard them; so
+ * options never reach a later, unrelated call. To give calls options without
+ * thread-local state, use a service bound to them (pbrpc_client_service_with).
  *
  * The deadline is sent to the server as the remaining time. When it passes,
  * the call fails with DEADLINE_EXCEEDED, a CANCEL tells the server, and the
@@ -106,6 +110,19 @@ typedef struct pbrpc_call_opts {
 } pbrpc_call_opts;
 
 PBRPC_EXPORT void pbrpc_client_next_call(const pbrpc_call_opts *opts);
+
+/* A service like pbrpc_client_service(_async)'s whose every call uses opts
+ * (timeout_ms counts from each call; metadata is copied now; deadline_ns, if
+ * set, is absolute and applies to every call). Options set with
+ * pbrpc_client_next_call() still take precedence for that one call. Each
+ * call returns a new handle, owned by the client; protobuf_c_service_destroy()
+ * frees it sooner (no call may then be using it). NULL on allocation failure
+ * or when opts is NULL. */
+PBRPC_EXPORT ProtobufCService *pbrpc_client_service_with(pbrpc_client *c, const ProtobufCServiceDescriptor *desc,
+							 const pbrpc_call_opts *opts);
+PBRPC_EXPORT ProtobufCService *pbrpc_client_service_async_with(pbrpc_client *c,
+							       const ProtobufCServiceDescriptor *desc,
+							       const pbrpc_call_opts *opts);
 
 /* Status of the call whose closure is running on this thread, or else of the
  * last synchronous call this thread made. *message (if not NULL) gets the
