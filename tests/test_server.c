@@ -1056,6 +1056,138 @@ Test(server, call_options_bound_to_a_service_never_leak)
 	stop_server(&t);
 }
 
+static bool utf8_whole(const char *s, size_t len)
+{
+	for (size_t i = 0; i < len;) {
+		unsigned char b = (unsigned char)s[i];
+		size_t n = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 0;
+		if (!n || i + n > len)
+			return false;
+		for (size_t k = 1; k < n; k++)
+			if (((unsigned char)s[i + k] & 0xC0) != 0x80)
+				return false;
+		i += n;
+	}
+	return true;
+}
+
+/* Status messages longer than 4096 bytes are cut between characters, never
+ * inside one; so is the client's 256-byte copy in pbrpc_call_result. */
+Test(server, long_status_message_cut_between_utf8_characters)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	pbrpc_client *c;
+	cr_assert_eq(pbrpc_client_connect(&c, t.addr, NULL), 0);
+	char msg[6001] = "";
+	for (int i = 0; i < 2000; i++)
+		strcat(msg, "\xe2\x82\xac"); /* U+20AC, 3 bytes: 4096 is not a multiple */
+	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
+	req.fail_status = PBRPC_STATUS_FAILED_PRECONDITION;
+	req.fail_message = msg;
+	ProtobufCService *echo = pbrpc_client_service(c, &demo__echo__descriptor);
+	char out[64];
+	demo__echo__echo(echo, &req, copy_payload_cb, out);
+	const char *got;
+	cr_assert_eq(pbrpc_client_status(&got), PBRPC_STATUS_FAILED_PRECONDITION);
+	cr_assert_eq(strlen(got), 4095, "cut to the last whole character within 4096 bytes");
+	cr_assert(utf8_whole(got, strlen(got)));
+	pbrpc_call_result res;
+	ProtobufCMessage *reply = NULL;
+	cr_assert_eq(pbrpc_client_call(c, "demo.Echo/Echo", &req.base, &demo__echo_reply__descriptor, &reply, NULL, &res),
+		     PBRPC_ESTATUS);
+	cr_assert_eq(strlen(res.message), 255);
+	cr_assert(utf8_whole(res.message, strlen(res.message)));
+	pbrpc_client_free(c);
+	stop_server(&t);
+}
+
+/* A HELLO announcing a max_frame no status answer fits in is refused. */
+Test(server, hello_below_minimum_max_frame_refused)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p, bystander;
+	peer_handshake(&bystander, t.addr);
+	peer_open(&p, t.addr);
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	pbrpc_hello h = { .version = 1, .max_frame = 1, .agent = "tiny" };
+	cr_assert_eq(pbrpc__wire_write_preface(&w, &h), 0);
+	peer_send_writer(&p, &w);
+	pbrpc__frame_writer_fini(&w);
+	peer_read_hello(&p);
+	char msg[96];
+	peer_expect_goaway(&p, PBRPC_STATUS_INVALID_ARGUMENT, msg, sizeof(msg));
+	cr_assert_str_eq(msg, "max_frame 1 is below the minimum of 64");
+	peer_close(&p);
+	peer_ping_echo(&bystander, 1);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
+/* After the client's own GOAWAY, a request is refused with that reason (it
+ * was not run), the calls before it are answered, then the server closes. */
+Test(server, request_after_client_goaway_refused)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	peer_request(&p, 1, "hold");
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	pbrpc__wire_write_goaway(&w, PBRPC_STATUS_OK, "client leaving");
+	peer_send_writer(&p, &w);
+	pbrpc__frame_writer_fini(&w);
+	peer_request(&p, 2, "too late");
+	char msg[96];
+	uint32_t id = 0;
+	cr_assert_eq(peer_response(&p, &id, msg, sizeof(msg), NULL, 0), PBRPC_STATUS_UNAVAILABLE);
+	cr_assert_eq(id, 2);
+	cr_assert_str_eq(msg, "no new calls after the client's GOAWAY");
+	atomic_store(&release_req, 1);
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+	cr_assert_eq(id, 1);
+	pbrpc__frame f;
+	int rc = pbrpc__frame_read(&p.dec, p.fd, &f, 5000);
+	cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "closed once the call is done: %s", pbrpc_strerror(rc));
+	peer_close(&p);
+	stop_server(&t);
+}
+
+/* A client that half-closes after sending its requests still gets their
+ * replies; then the server closes. (PROTOCOL.md section 8.) */
+Test(server, half_close_still_answers_calls_in_flight)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p, bystander;
+	peer_handshake(&p, t.addr);
+	peer_handshake(&bystander, t.addr);
+	peer_request(&p, 1, "hold");
+	peer_request(&p, 2, "plain");
+	cr_assert_eq(shutdown(p.fd, SHUT_WR), 0);
+	uint32_t id = 0;
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+	cr_assert_eq(id, 2);
+	usleep(100 * 1000); /* the server must neither close nor spin meanwhile */
+	peer_ping_echo(&bystander, 1);
+	atomic_store(&release_req, 1);
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_OK);
+	cr_assert_eq(id, 1);
+	pbrpc__frame f;
+	int rc = pbrpc__frame_read(&p.dec, p.fd, &f, 5000);
+	cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "closed once answered: %s", pbrpc_strerror(rc));
+	pbrpc_server_stats st;
+	peer_close(&p);
+	peer_ping_echo(&bystander, 2);
+	pbrpc_server_get_stats(t.srv, &st);
+	cr_assert_eq(st.connections_open, 1);
+	peer_close(&bystander);
+	stop_server(&t);
+}
+
 Test(server, metadata_and_peer_credentials_reach_handler)
 {
 	tsrv t;

@@ -583,7 +583,7 @@ static void result_fill(pbrpc_call_result *res, int status, const char *msg)
 	if (!res)
 		return;
 	res->status = status;
-	size_t n = msg ? strnlen(msg, sizeof(res->message) - 1) : 0;
+	size_t n = msg ? pbrpc__wire_message_len(msg, strlen(msg), sizeof(res->message) - 1) : 0; /* whole characters */
 	if (n)
 		memcpy(res->message, msg, n);
 	res->message[n] = '\0';

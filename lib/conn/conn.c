@@ -79,7 +79,10 @@ void pbrpc__conn_fail(pbrpc__conn *c, int status, int err, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(why, sizeof(why), fmt, ap);
 	va_end(ap);
-	if (pbrpc__wire_write_goaway(&c->out, status, why) == 0) {
+	char said[WHY_MAX];
+	size_t room = c->peer_max_frame > 4 ? c->peer_max_frame - 4 : 0; /* what the peer accepts */
+	snprintf(said, sizeof(said), "%.*s", (int)pbrpc__wire_message_len(why, strlen(why), room), why);
+	if (pbrpc__wire_write_goaway(&c->out, status, said) == 0) {
 		c->goaway_sent = status;
 		pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
 	}
@@ -102,7 +105,13 @@ void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
 		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err, "bad preface: peer is not a pbrpc %s", peer);
 	else if ((err == PBRPC_EOF || err == PBRPC_ETRUNCATED) && c->state != PBRPC__CONN_OPEN)
 		pbrpc__conn_close(c, err, "connection closed by %s during the handshake", peer);
-	else if (err == PBRPC_EOF)
+	else if (err == PBRPC_EOF && c->role == PBRPC__CONN_SERVER && pbrpc__idmap_count(&c->calls) && !c->read_eof) {
+		/* A half-close at a frame boundary: the client sends no more, its
+		 * calls in flight are still answered, then the server closes. */
+		c->read_eof = true;
+		c->draining = true;
+		c->peer_quiet = true;
+	} else if (err == PBRPC_EOF)
 		pbrpc__conn_close(c, err, "connection closed by %s", peer);
 	else if (err == PBRPC_ETRUNCATED)
 		pbrpc__conn_close(c, err, "connection closed by %s in the middle of a frame", peer);
@@ -187,6 +196,11 @@ static void handle_hello(pbrpc__conn *c, const pbrpc__frame *f)
 	if (rc < 0) {
 		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "expected HELLO, got a malformed %s frame",
 				 pbrpc__wire_frame_name(f->hdr.type));
+		return;
+	}
+	if (h.max_frame && h.max_frame < PBRPC_MAX_FRAME_MIN) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "max_frame %u is below the minimum of %u",
+				 (unsigned)h.max_frame, PBRPC_MAX_FRAME_MIN);
 		return;
 	}
 	/* Validated and clamped here, once, for both roles. */
@@ -383,7 +397,7 @@ int pbrpc__conn_reply_status(pbrpc__conn *c, uint32_t call_id, int status, const
 	pbrpc__wire_response r = { .call_id = call_id, .status = status, .message = message };
 	r.not_run = not_run && (c->features & PBRPC_FEATURE_NOT_RUN);
 	r.message_len = message ? strlen(message) : 0;
-	return pbrpc__wire_write_response(&c->out, &r, NULL, 0);
+	return pbrpc__wire_write_response(&c->out, &r, NULL, c->peer_max_frame);
 }
 
 /* ---- timeouts and events ---- */
@@ -425,7 +439,7 @@ uint32_t pbrpc__conn_events(const pbrpc__conn *c)
 {
 	if (c->state == PBRPC__CONN_CLOSED)
 		return 0;
-	uint32_t ev = c->read_paused ? 0 : EPOLLIN;
+	uint32_t ev = c->read_paused || c->read_eof ? 0 : EPOLLIN;
 	if (pbrpc__conn_pending_out(c))
 		ev |= EPOLLOUT;
 	return ev;

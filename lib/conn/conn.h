@@ -75,6 +75,7 @@ struct pbrpc__conn {
 	                      * requests: it answered our drain PING, sent GOAWAY */
 	bool read_paused;    /* output above max_output: stop reading */
 	bool resume;         /* just unpaused: frames stashed in the decoder wait */
+	bool read_eof;       /* server: the client half-closed with calls in flight */
 	int goaway_sent;     /* status of the GOAWAY pbrpc__conn_fail sent, or -1 */
 	                     /* (>= 0: the connection was closed by a failure) */
 	uint32_t max_frame;      /* ours: largest payload we accept */

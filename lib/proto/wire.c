@@ -91,6 +91,18 @@ PBRPC_EXPORT const char *pbrpc_version(void)
 	return PBRPC_VERSION;
 }
 
+size_t pbrpc__wire_message_len(const char *m, size_t len, size_t room)
+{
+	if (room > PBRPC_STATUS_MESSAGE_MAX)
+		room = PBRPC_STATUS_MESSAGE_MAX;
+	if (len <= room)
+		return len;
+	size_t n = room;
+	for (size_t back = 0; back < 3 && n > 0 && ((uint8_t)m[n] & 0xC0) == 0x80; back++)
+		n--;
+	return n;
+}
+
 /* ---- REQUEST ---- */
 
 int pbrpc__wire_write_request(pbrpc__frame_writer *w, const pbrpc__wire_request *req,
@@ -273,9 +285,9 @@ const void *pbrpc__wire_metadata_get(const pbrpc__wire_request *req, const char 
 int pbrpc__wire_write_response(pbrpc__frame_writer *w, const pbrpc__wire_response *resp,
 					   const ProtobufCMessage *msg, uint32_t max_payload)
 {
-	size_t ml = resp->message ? resp->message_len : 0;
-	if (ml > PBRPC_STATUS_MESSAGE_MAX)
-		ml = PBRPC_STATUS_MESSAGE_MAX;
+	/* A status answer's message is cut to what the peer accepts. */
+	size_t room = max_payload && resp->status != PBRPC_STATUS_OK && max_payload >= 4 ? max_payload - 4 : SIZE_MAX;
+	size_t ml = resp->message ? pbrpc__wire_message_len(resp->message, resp->message_len, room) : 0;
 	size_t body_len = 0;
 	if (resp->status == PBRPC_STATUS_OK)
 		body_len = msg ? protobuf_c_message_get_packed_size(msg) : resp->body_len;
@@ -349,9 +361,7 @@ int pbrpc__wire_write_ping(pbrpc__frame_writer *w, uint8_t type, const uint8_t d
 
 int pbrpc__wire_write_goaway(pbrpc__frame_writer *w, int status, const char *message)
 {
-	size_t ml = message ? strlen(message) : 0;
-	if (ml > PBRPC_STATUS_MESSAGE_MAX)
-		ml = PBRPC_STATUS_MESSAGE_MAX;
+	size_t ml = message ? pbrpc__wire_message_len(message, strlen(message), SIZE_MAX) : 0;
 	pbrpc__frame_header h = { .type = PBRPC_FRAME_GOAWAY };
 	uint8_t *p = pbrpc__frame_writer_begin(w, &h, 4 + ml);
 	if (!p)

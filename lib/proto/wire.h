@@ -124,6 +124,11 @@ const void *pbrpc__wire_metadata_get(const pbrpc__wire_request *req, const char 
 int pbrpc__wire_write_response(pbrpc__frame_writer *w, const pbrpc__wire_response *resp,
 					   const ProtobufCMessage *msg, uint32_t max_payload);
 
+/* How much of a status message (len bytes at m) is sent when `room` bytes
+ * are left for it: at most PBRPC_STATUS_MESSAGE_MAX, cut before a UTF-8
+ * continuation byte so that no character is split. */
+size_t pbrpc__wire_message_len(const char *m, size_t len, size_t room);
+
 /* Parses a RESPONSE frame. Returns 0 or PBRPC_EPROTO. */
 int pbrpc__wire_read_response(const pbrpc__frame *f, pbrpc__wire_response *out);
 

@@ -116,8 +116,9 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 	uint32_t limit = c->base.peer_max_frame;
 	int rc = pbrpc__wire_write_response(&c->base.out, &r, status == PBRPC_STATUS_OK ? msg : NULL, limit);
 	if (rc == PBRPC_ETOOBIG) {
+		/* The frame's payload, as the limit counts it: status, message, body. */
 		char text[160];
-		size_t size = msg ? protobuf_c_message_get_packed_size(msg) : body_len;
+		size_t size = 4 + r.message_len + (msg ? protobuf_c_message_get_packed_size(msg) : body_len);
 		snprintf(text, sizeof(text), "reply is %zu bytes, client accepts at most %u", size, (unsigned)limit);
 		rc = pbrpc__conn_reply_status(&c->base, call->id, PBRPC_STATUS_RESOURCE_EXHAUSTED, text, false);
 	}
@@ -329,8 +330,10 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 	if (rc == PBRPC_EINVALID)
 		return "invalid metadata key in request";
 	*status = PBRPC_STATUS_UNAVAILABLE;
-	if (c->base.draining || srv->shutting_down)
+	if (srv->shutting_down)
 		return "server is shutting down";
+	if (c->base.draining)
+		return c->base.peer_quiet ? "no new calls after the client's GOAWAY" : "server is shutting down";
 	*status = PBRPC_STATUS_RESOURCE_EXHAUSTED;
 	if (pbrpc__idmap_count(&c->base.calls) >= srv->o.max_calls) {
 		snprintf(text, len, "too many calls in flight on this connection (limit %u)", srv->o.max_calls);

@@ -142,7 +142,8 @@ static void conn_read(srv_conn *c)
 {
 	pbrpc_server *srv = c->srv;
 	pbrpc__conn *b = &c->base;
-	for (int round = 0; round < READS_PER_WAKEUP && !pbrpc__conn_closed(b) && !b->read_paused; round++) {
+	for (int round = 0; round < READS_PER_WAKEUP && !pbrpc__conn_closed(b) && !b->read_paused && !b->read_eof;
+	     round++) {
 		bool to_scratch = b->state == PBRPC__CONN_PREFACE || !pbrpc__frame_decoder_pending(&b->dec);
 		ssize_t n = pbrpc__conn_recv(b, srv->scratch, srv->scratch_cap, MSG_DONTWAIT);
 		if (n == 0)
@@ -331,6 +332,11 @@ static void on_event(pbrpc_server *srv, const struct epoll_event *ev)
 		srv_conn *c = (srv_conn *)src;
 		if (pbrpc__conn_closed(&c->base))
 			break;
+		if ((ev->events & EPOLLHUP) && c->base.read_eof) {
+			/* Half-closed, and now gone both ways: no reply can reach it. */
+			pbrpc__conn_close(&c->base, PBRPC_EOF, "connection closed by client");
+			break;
+		}
 		if (ev->events & EPOLLOUT) {
 			pbrpc__srv_mark_dirty(c);
 			flush_dirty(srv);

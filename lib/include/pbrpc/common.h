@@ -23,6 +23,7 @@ extern "C" {
 #define PBRPC_STATUS_MESSAGE_MAX 4096 /* longest status message sent (longer is cut) */
 #define PBRPC_MAX_FRAME_DEFAULT (16u * 1024u * 1024u) /* default largest payload */
 #define PBRPC_MAX_FRAME_LIMIT 0x7fffffffu             /* largest a peer may announce */
+#define PBRPC_MAX_FRAME_MIN 64u /* smallest a peer may announce: a status with a short message fits */
 
 /* One metadata entry: a key (1 to 255 bytes of lowercase ASCII letters,
  * digits, '-', '_', '.') and an opaque value. */
