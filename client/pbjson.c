@@ -1330,12 +1330,19 @@ static int build_object(decoder *dec, const schema_message *msg, slot *slots, js
 		if (f->label == SCHEMA_REPEATED) {
 			if (!s->val && !emit)
 				continue;
+			/* An empty packed run leaves an empty array: omitted like
+			 * any empty repeated field unless defaults are emitted. */
+			if (s->val && json_object_array_length(s->val) == 0 && !emit) {
+				json_object_put(s->val);
+				s->val = NULL;
+				continue;
+			}
 			v = s->val ? s->val : json_object_new_array();
 			s->val = NULL;
 			if (!v)
 				return -ENOMEM;
 		} else if (f->type == PROTOBUF_C_TYPE_MESSAGE && s->present) {
-			reader sub = { s->msg.data, s->msg.data + s->msg.len };
+			reader sub = { s->msg.data, s->msg.data ? s->msg.data + s->msg.len : NULL }; /* never NULL + 0 */
 			if ((rc = decode_message(dec, f->message, &sub, &v, depth + 1)) < 0)
 				return rc;
 		} else if (s->present) {
@@ -1417,9 +1424,11 @@ int pbjson_decode(const schema_message *msg, const uint8_t *data, size_t len, un
 		  char *err, size_t errlen)
 {
 	decoder dec = { .err = { err, errlen }, .flags = flags };
-	reader r = { data, data + len };
-	if (!data)
-		r.p = r.end = (const uint8_t *)"";
+	reader r = { (const uint8_t *)"", (const uint8_t *)"" }; /* no NULL + 0 for an empty message */
+	if (data) {
+		r.p = data;
+		r.end = data + len;
+	}
 	if (err && errlen)
 		err[0] = '\0';
 	int rc = decode_message(&dec, msg, &r, out, 0);

@@ -96,6 +96,13 @@ void pbrpc__cl_call_fail(call *x, int status, int err, const char *fmt, ...)
 int pbrpc__cl_store_reply(call *x, const pbrpc__wire_response *r)
 {
 	size_t need = r->message_len + r->body_len;
+	if (need == 0) {
+		x->msg = NULL; /* no buffer needed, and no NULL + 0 */
+		x->msg_len = 0;
+		x->body = NULL;
+		x->body_len = 0;
+		return 0;
+	}
 	if (need > x->cap) {
 		size_t cap = x->cap ? x->cap : 256;
 		while (cap < need)

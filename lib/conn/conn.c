@@ -48,7 +48,7 @@ void pbrpc__conn_fini(pbrpc__conn *c)
 
 /* ---- closing ---- */
 
-static void conn_vclose(pbrpc__conn *c, int err, const char *fmt, va_list ap)
+__attribute__((format(printf, 3, 0))) static void conn_vclose(pbrpc__conn *c, int err, const char *fmt, va_list ap)
 {
 	char why[WHY_MAX];
 	vsnprintf(why, sizeof(why), fmt, ap);
