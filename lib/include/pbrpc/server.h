@@ -125,6 +125,12 @@ PBRPC_EXPORT int pbrpc_server_add_service(pbrpc_server *srv, ProtobufCService *s
 PBRPC_EXPORT int pbrpc_server_enable_health(pbrpc_server *srv);
 PBRPC_EXPORT int pbrpc_server_enable_reflection(pbrpc_server *srv);
 
+/* Registers pbrpc.Stats (proto/pbrpc/stats.proto): per method, calls by
+ * status, a latency histogram, bytes in and out, calls in flight; and the
+ * server's connection counters. Counting starts with this call. Returns 0 or
+ * a negative code. */
+PBRPC_EXPORT int pbrpc_server_enable_stats(pbrpc_server *srv);
+
 /* Marks a registered service (or "" for the whole server) SERVING or not, as
  * pbrpc.Health reports it. Returns 0 or PBRPC_EINVALID for an unknown name. */
 PBRPC_EXPORT int pbrpc_server_set_serving(pbrpc_server *srv, const char *service, bool serving);
