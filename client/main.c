@@ -30,6 +30,7 @@
 #include "protoset.h"
 #include "reflection.pb-c.h"
 #include "schema.h"
+#include "stats.pb-c.h"
 
 /* Exit statuses. RPC statuses map to 64 + status (65..80) so that scripts can
  * tell them apart; everything the client decides on its own stays below 64. */
@@ -46,12 +47,13 @@ enum {
 #define MAX_METADATA 64
 #define MAX_STDIN (64u << 20)
 
-typedef enum output_format { FORMAT_JSON, FORMAT_COMPACT, FORMAT_TEXT } output_format;
+typedef enum output_format { FORMAT_JSON, FORMAT_COMPACT, FORMAT_TEXT, FORMAT_TABLE, FORMAT_PROMETHEUS } output_format;
 
 typedef struct cli {
 	const char *endpoint;
 	bool verbose;           /* -v: what is sent and received, on stderr */
 	output_format format;
+	bool format_given;      /* --format was on the command line */
 	bool template;          /* describe --template */
 	const char *protoset_path;
 	protoset *ps;           /* schemas from --protoset instead of reflection */
@@ -845,6 +847,200 @@ static int cmd_health(cli *c, int argc, char **argv)
 	return serving ? 0 : EXIT_NOT_SERVING;
 }
 
+/* ---- stats ---- */
+
+/* A method's label: "" (requests for methods the server does not host) is
+ * "(unknown)". */
+static const char *stats_name(const Pbrpc__MethodStats *m)
+{
+	return m->method[0] ? m->method : "(unknown)";
+}
+
+static uint64_t stats_calls(const Pbrpc__MethodStats *m, bool errors_only)
+{
+	uint64_t n = 0;
+	for (size_t i = 0; i < m->n_calls; i++)
+		if (!errors_only || m->calls[i]->status != PBRPC_STATUS_OK)
+			n += m->calls[i]->count;
+	return n;
+}
+
+/* The q-quantile estimated from the cumulative histogram, by linear
+ * interpolation inside the bucket that holds it (as Prometheus's
+ * histogram_quantile does); the largest bound when it falls beyond. < 0: no
+ * calls. */
+static double stats_quantile(const Pbrpc__StatsReply *r, const Pbrpc__MethodStats *m, double q)
+{
+	size_t n = m->n_latency_buckets < r->n_latency_bounds_seconds ? m->n_latency_buckets
+								       : r->n_latency_bounds_seconds;
+	if (!m->latency_count || !n)
+		return -1;
+	double rank = q * (double)m->latency_count;
+	uint64_t below = 0;
+	double lower = 0;
+	for (size_t b = 0; b < n; b++) {
+		uint64_t in = m->latency_buckets[b];
+		double upper = r->latency_bounds_seconds[b];
+		if ((double)in >= rank && in > below)
+			return lower + (upper - lower) * ((rank - (double)below) / (double)(in - below));
+		below = in;
+		lower = upper;
+	}
+	return r->latency_bounds_seconds[n - 1];
+}
+
+static void format_seconds(char *buf, size_t len, double s)
+{
+	if (s < 0)
+		snprintf(buf, len, "-");
+	else if (s < 1e-3)
+		snprintf(buf, len, "%.0fus", s * 1e6);
+	else if (s < 1)
+		snprintf(buf, len, "%.1fms", s * 1e3);
+	else
+		snprintf(buf, len, "%.2fs", s);
+}
+
+/* Methods that were called, or have calls in flight. */
+static bool stats_active(const Pbrpc__MethodStats *m)
+{
+	return m->latency_count || m->in_flight;
+}
+
+static void print_stats_table(const Pbrpc__StatsReply *r)
+{
+	printf("%-40s %8s %8s %9s %8s %8s %12s %12s\n", "METHOD", "CALLS", "ERRORS", "IN FLIGHT", "P50", "P99",
+	       "BYTES IN", "BYTES OUT");
+	for (size_t i = 0; i < r->n_methods; i++) {
+		const Pbrpc__MethodStats *m = r->methods[i];
+		if (!stats_active(m))
+			continue;
+		char p50[16], p99[16];
+		format_seconds(p50, sizeof(p50), stats_quantile(r, m, 0.5));
+		format_seconds(p99, sizeof(p99), stats_quantile(r, m, 0.99));
+		printf("%-40s %8llu %8llu %9llu %8s %8s %12llu %12llu\n", stats_name(m),
+		       (unsigned long long)stats_calls(m, false), (unsigned long long)stats_calls(m, true),
+		       (unsigned long long)m->in_flight, p50, p99, (unsigned long long)m->bytes_in,
+		       (unsigned long long)m->bytes_out);
+	}
+	const Pbrpc__ConnectionStats *c = r->connections;
+	if (c)
+		printf("connections: %llu open, %llu accepted, %llu refused, %llu protocol errors\n",
+		       (unsigned long long)c->open, (unsigned long long)c->accepted, (unsigned long long)c->refused,
+		       (unsigned long long)c->protocol_errors);
+}
+
+/* A label value in the exposition format: \\, \" and \n escaped. */
+static void print_label(const char *s)
+{
+	for (; *s; s++) {
+		if (*s == '\\' || *s == '"')
+			printf("\\%c", *s);
+		else if (*s == '\n')
+			fputs("\\n", stdout);
+		else
+			putchar(*s);
+	}
+}
+
+static void prom_head(const char *name, const char *type, const char *help)
+{
+	printf("# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void prom_method(const char *metric, const Pbrpc__MethodStats *m)
+{
+	printf("%s{method=\"", metric);
+	print_label(stats_name(m));
+	putchar('"');
+}
+
+/* The Prometheus text exposition format (version 0.0.4), for node-exporter's
+ * textfile collector or a scrape through a small wrapper. */
+static void print_stats_prometheus(const Pbrpc__StatsReply *r)
+{
+	prom_head("pbrpc_calls_total", "counter", "Calls answered, by method and status code.");
+	for (size_t i = 0; i < r->n_methods; i++) {
+		const Pbrpc__MethodStats *m = r->methods[i];
+		for (size_t j = 0; stats_active(m) && j < m->n_calls; j++) {
+			prom_method("pbrpc_calls_total", m);
+			printf(",code=\"%s\"} %llu\n", pbrpc_status_name((int)m->calls[j]->status),
+			       (unsigned long long)m->calls[j]->count);
+		}
+	}
+	prom_head("pbrpc_call_duration_seconds", "histogram",
+		  "Time from reading a request to queuing its reply, in seconds.");
+	for (size_t i = 0; i < r->n_methods; i++) {
+		const Pbrpc__MethodStats *m = r->methods[i];
+		if (!stats_active(m))
+			continue;
+		for (size_t b = 0; b < m->n_latency_buckets && b < r->n_latency_bounds_seconds; b++) {
+			prom_method("pbrpc_call_duration_seconds_bucket", m);
+			printf(",le=\"%g\"} %llu\n", r->latency_bounds_seconds[b], (unsigned long long)m->latency_buckets[b]);
+		}
+		prom_method("pbrpc_call_duration_seconds_bucket", m);
+		printf(",le=\"+Inf\"} %llu\n", (unsigned long long)m->latency_count);
+		prom_method("pbrpc_call_duration_seconds_sum", m);
+		printf("} %.9g\n", m->latency_sum_seconds);
+		prom_method("pbrpc_call_duration_seconds_count", m);
+		printf("} %llu\n", (unsigned long long)m->latency_count);
+	}
+	static const struct {
+		const char *name, *type, *help;
+		size_t off;
+	} per_method[] = {
+		{ "pbrpc_request_bytes_total", "counter", "REQUEST payload bytes received.",
+		  offsetof(Pbrpc__MethodStats, bytes_in) },
+		{ "pbrpc_response_bytes_total", "counter", "RESPONSE payload bytes sent.",
+		  offsetof(Pbrpc__MethodStats, bytes_out) },
+		{ "pbrpc_calls_in_flight", "gauge", "Calls handed to their handler and not answered yet.",
+		  offsetof(Pbrpc__MethodStats, in_flight) },
+	};
+	for (size_t k = 0; k < sizeof(per_method) / sizeof(per_method[0]); k++) {
+		prom_head(per_method[k].name, per_method[k].type, per_method[k].help);
+		for (size_t i = 0; i < r->n_methods; i++) {
+			const Pbrpc__MethodStats *m = r->methods[i];
+			if (!stats_active(m))
+				continue;
+			prom_method(per_method[k].name, m);
+			printf("} %llu\n", (unsigned long long)*(const uint64_t *)((const char *)m + per_method[k].off));
+		}
+	}
+	const Pbrpc__ConnectionStats *c = r->connections;
+	if (!c)
+		return;
+	prom_head("pbrpc_connections_open", "gauge", "Connections open now.");
+	printf("pbrpc_connections_open %llu\n", (unsigned long long)c->open);
+	prom_head("pbrpc_connections_accepted_total", "counter", "Connections accepted.");
+	printf("pbrpc_connections_accepted_total %llu\n", (unsigned long long)c->accepted);
+	prom_head("pbrpc_connections_refused_total", "counter", "Connections refused (too many, or shutting down).");
+	printf("pbrpc_connections_refused_total %llu\n", (unsigned long long)c->refused);
+	prom_head("pbrpc_protocol_errors_total", "counter", "Connections closed for protocol errors.");
+	printf("pbrpc_protocol_errors_total %llu\n", (unsigned long long)c->protocol_errors);
+}
+
+static int cmd_stats(cli *c, int argc, char **argv)
+{
+	(void)argc, (void)argv;
+	Pbrpc__StatsRequest req = PBRPC__STATS_REQUEST__INIT;
+	Pbrpc__StatsReply *reply;
+	pbrpc_call_result res;
+	int rc = call_typed(c, "pbrpc.Stats/Get", &req.base, &pbrpc__stats_reply__descriptor,
+			    (ProtobufCMessage **)&reply, &res);
+	if (rc != 0) {
+		const char *hint = NULL;
+		if (res.status == PBRPC_STATUS_UNIMPLEMENTED && strstr(res.message, "pbrpc.Stats"))
+			hint = " (the server does not enable pbrpc.Stats)";
+		return report_call("pbrpc.Stats/Get", rc, &res, hint);
+	}
+	if (c->format == FORMAT_PROMETHEUS)
+		print_stats_prometheus(reply);
+	else
+		print_stats_table(reply);
+	protobuf_c_message_free_unpacked(&reply->base, NULL);
+	return 0;
+}
+
 static const command commands[] = {
 	{ "list", 0, 0, "list [ENDPOINT]",
 	  "Lists the services the server offers and their methods, one per line:\n"
@@ -890,6 +1086,20 @@ static const command commands[] = {
 	  "serve, and prints SERVING or NOT_SERVING. Exits 0 when SERVING, 1 otherwise;\n"
 	  "an unknown SERVICE fails with NOT_FOUND (exit 69).\n",
 	  cmd_health },
+	{ "stats", 0, 0, "stats [ENDPOINT]",
+	  "Asks pbrpc.Stats/Get what the server has answered and prints, for each\n"
+	  "method called so far: calls, errors (calls not OK), calls in flight, the\n"
+	  "median and 99th percentile latency (estimated from the histogram), and the\n"
+	  "request and reply bytes; then the connection counters.\n"
+	  "\n"
+	  "      --format table|prometheus   a table (default), or the Prometheus text\n"
+	  "                   exposition format (pbrpc_calls_total,\n"
+	  "                   pbrpc_call_duration_seconds, ...), e.g. for\n"
+	  "                   node-exporter's textfile collector\n"
+	  "\n"
+	  "  pbrpc stats unix:/tmp/kv.sock\n"
+	  "  pbrpc stats --format prometheus > /var/lib/node-exporter/pbrpc.prom\n",
+	  cmd_stats },
 };
 
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
@@ -899,6 +1109,7 @@ static const char *const command_summaries[N_COMMANDS] = {
 	"show a schema, or all of them",
 	"call a method with a JSON request",
 	"check that a service is serving",
+	"show call and connection counters",
 };
 
 static const char options_text[] =
@@ -911,7 +1122,8 @@ static const char options_text[] =
 	"      --protoset FILE        take schemas from FILE, a FileDescriptorSet\n"
 	"                             (protoc --include_imports -o FILE), instead of\n"
 	"                             the server's reflection\n"
-	"      --format FORMAT        call: json (default), compact or text\n"
+	"      --format FORMAT        call: json (default), compact or text;\n"
+	"                             stats: table (default) or prometheus\n"
 	"      --emit-defaults        call: also print fields at their default value\n"
 	"      --template             describe: print a JSON request skeleton\n"
 	"  -v, --verbose              show what is sent and received on stderr: the\n"
@@ -980,7 +1192,7 @@ static int cmd_help(int argc, char **argv)
 	}
 	const command *cmd = find_command(argv[0]);
 	if (!cmd) {
-		die_msg("unknown command \"%s\" (commands: list, describe, call, health, help)", argv[0]);
+		die_msg("unknown command \"%s\" (commands: list, describe, call, health, stats, help)", argv[0]);
 		return EXIT_USAGE;
 	}
 	printf("Usage: pbrpc [OPTIONS] %s\n\n%s\nThe global options (pbrpc --help) apply too. See pbrpc(1).\n",
@@ -1092,14 +1304,19 @@ int main(int argc, char **argv)
 			c.json_flags |= PBJSON_EMIT_DEFAULTS;
 			break;
 		case OPT_FORMAT:
-			if (strcmp(optarg, "json") == 0) {
+			c.format_given = true;
+			if (strcmp(optarg, "table") == 0) {
+				c.format = FORMAT_TABLE;
+			} else if (strcmp(optarg, "prometheus") == 0) {
+				c.format = FORMAT_PROMETHEUS;
+			} else if (strcmp(optarg, "json") == 0) {
 				c.format = FORMAT_JSON;
 			} else if (strcmp(optarg, "compact") == 0) {
 				c.format = FORMAT_COMPACT;
 			} else if (strcmp(optarg, "text") == 0) {
 				c.format = FORMAT_TEXT;
 			} else {
-				die_msg("invalid --format \"%s\": expected json, compact or text", optarg);
+				die_msg("invalid --format \"%s\": expected json, compact, text, table or prometheus", optarg);
 				return EXIT_USAGE;
 			}
 			break;
@@ -1142,7 +1359,7 @@ int main(int argc, char **argv)
 		return finish_stdout(cmd_help(argc - 1, argv + 1));
 	const command *cmd = find_command(argv[0]);
 	if (!cmd) {
-		die_msg("unknown command \"%s\" (commands: list, describe, call, health, help)", argv[0]);
+		die_msg("unknown command \"%s\" (commands: list, describe, call, health, stats, help)", argv[0]);
 		return EXIT_USAGE;
 	}
 	if (c.template && cmd->run != cmd_describe) {
@@ -1151,6 +1368,16 @@ int main(int argc, char **argv)
 	}
 	if (c.format == FORMAT_TEXT && cmd->run != cmd_call) {
 		die_msg("--format text goes with call (see pbrpc help call)");
+		return EXIT_USAGE;
+	}
+	bool stats_format = c.format == FORMAT_TABLE || c.format == FORMAT_PROMETHEUS;
+	if (cmd->run == cmd_stats && c.format_given && !stats_format) {
+		die_msg("stats takes --format table or prometheus (see pbrpc help stats)");
+		return EXIT_USAGE;
+	}
+	if (cmd->run != cmd_stats && stats_format) {
+		die_msg("--format %s goes with stats (see pbrpc help stats)",
+			c.format == FORMAT_TABLE ? "table" : "prometheus");
 		return EXIT_USAGE;
 	}
 	int ret = c.protoset_path ? load_protoset(&c) : 0;

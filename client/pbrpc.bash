@@ -36,12 +36,12 @@ _pbrpc() {
 	_pbrpc_words
 	local n=${#_pbrpc_w[@]} cur=${_pbrpc_w[-1]} prev=
 	[ "$n" -ge 2 ] && prev=${_pbrpc_w[-2]}
-	local commands="list describe call health help"
+	local commands="list describe call health stats help"
 	local options="--timeout --metadata --protoset --format --emit-defaults --template --verbose --help --version"
 
 	case $prev in
 	--format)
-		_pbrpc_reply "$cur" json compact text
+		_pbrpc_reply "$cur" json compact text table prometheus
 		return
 		;;
 	--protoset)
@@ -94,6 +94,10 @@ _pbrpc() {
 	fi
 	[ "$npos" -gt 0 ] && { COMPREPLY=(); return; } # past METHOD, SYMBOL or SERVICE
 
+	if [ "$cmd" = stats ]; then # only an ENDPOINT
+		if [ -z "$endpoint" ]; then _pbrpc_reply "$cur" unix: tcp:; else COMPREPLY=(); fi
+		return
+	fi
 	local -a args=(--timeout 2s)
 	[ -n "$protoset" ] && args+=(--protoset "$protoset")
 	[ -n "$endpoint" ] && args+=("$endpoint")

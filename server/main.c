@@ -1,5 +1,6 @@
-/* pbrpc-server: hosts demo.Kv and demo.Echo, plus pbrpc.Health and
- * pbrpc.Reflection, on one or more endpoints.
+/* pbrpc-server: hosts demo.Kv and demo.Echo, plus pbrpc.Health,
+ * pbrpc.Reflection and pbrpc.Stats, on one or more endpoints. Each call
+ * answered leaves an access-log line at info (access_log()).
  *
  * stdout carries only "listening on ENDPOINT" lines (one per listener, flushed,
  * for scripts and tests); everything else is logged to stderr, one line per
@@ -133,12 +134,54 @@ static void logf_(pbrpc_log_level level, const char *fmt, ...)
 	log_cb(NULL, level, buf);
 }
 
+/* ---- the access log: one line per call, at info ---- */
+
+/* Appends s[0..n) to buf at *o, bytes outside printable ASCII (and '"', '\\',
+ * and ' ' when `quoted` is false) as \xHH: a peer's bytes cannot forge lines. */
+static void put_escaped(char *buf, size_t len, size_t *o, const char *s, size_t n, bool quoted)
+{
+	for (size_t i = 0; i < n && *o + 5 < len; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		if (ch < 0x20 || ch > 0x7e || ch == '"' || ch == '\\' || (ch == ' ' && !quoted))
+			*o += (size_t)snprintf(buf + *o, len - *o, "\\x%02x", ch);
+		else
+			buf[(*o)++] = (char)ch;
+	}
+	buf[*o < len ? *o : len - 1] = '\0';
+}
+
+/* "call method=M status=S duration=D peer... in=N out=N[ message="..."]":
+ * documented in pbrpc-server(8). */
+static void access_log(void *user, const pbrpc_call_info *info)
+{
+	(void)user;
+	char line[1024], peer[96];
+	size_t o = 0;
+	o += (size_t)snprintf(line, sizeof(line), "call method=");
+	put_escaped(line, sizeof(line), &o, info->method, info->method_len, false);
+	if (info->has_cred)
+		snprintf(peer, sizeof(peer), "uid=%u pid=%d", (unsigned)info->uid, (int)info->pid);
+	else
+		snprintf(peer, sizeof(peer), "peer=%s", info->peer);
+	int n = snprintf(line + o, sizeof(line) - o, " status=%s duration=%.3fms %s in=%zu out=%zu",
+			 pbrpc_status_name(info->status), (double)info->duration_ns / 1e6, peer, info->bytes_in,
+			 info->bytes_out);
+	o = n > 0 && (size_t)n < sizeof(line) - o ? o + (size_t)n : sizeof(line) - 1;
+	if (info->status != PBRPC_STATUS_OK && info->message && o + 12 < sizeof(line)) {
+		o += (size_t)snprintf(line + o, sizeof(line) - o, " message=\"");
+		put_escaped(line, sizeof(line) - 1, &o, info->message, strlen(info->message), true);
+		line[o++] = '"';
+		line[o] = '\0';
+	}
+	log_cb(NULL, PBRPC_LOG_INFO, line);
+}
+
 static void usage(FILE *f)
 {
 	fprintf(f,
 		"Usage: " PROG " [OPTION]...\n"
-		"Serve the pbrpc example services demo.Kv and demo.Echo, with pbrpc.Health\n"
-		"and pbrpc.Reflection.\n"
+		"Serve the pbrpc example services demo.Kv and demo.Echo, with pbrpc.Health,\n"
+		"pbrpc.Reflection and pbrpc.Stats. Each call is logged at info.\n"
 		"\n"
 		"  -l, --listen ENDPOINT   listen on ENDPOINT (repeatable): unix:/path,\n"
 		"                          unix:@abstract, tcp:HOST:PORT, tcp:[V6]:PORT;\n"
@@ -432,7 +475,8 @@ static int add_services(pbrpc_server *srv, Demo__Kv_Service *kv, Demo__Echo_Serv
 	int rc;
 	if ((rc = pbrpc_server_add_service(srv, &kv->base)) < 0 ||
 	    (rc = pbrpc_server_add_service(srv, &echo->base)) < 0 ||
-	    (rc = pbrpc_server_enable_health(srv)) < 0 || (rc = pbrpc_server_enable_reflection(srv)) < 0)
+	    (rc = pbrpc_server_enable_health(srv)) < 0 || (rc = pbrpc_server_enable_reflection(srv)) < 0 ||
+	    (rc = pbrpc_server_enable_stats(srv)) < 0)
 		errorf("cannot register services: %s", pbrpc_strerror(rc));
 	return rc;
 }
@@ -445,6 +489,8 @@ int main(int argc, char **argv)
 
 	g_journal = stderr_is_journal();
 	parse_args(argc, argv, &cfg);
+	if (g_log_level >= PBRPC_LOG_INFO)
+		cfg.opts.call_log = access_log; /* else no clock is read for it */
 	format_stop_lines();
 	notify_open();
 	/* Before any thread exists, so that every thread inherits the mask, and
@@ -470,8 +516,8 @@ int main(int argc, char **argv)
 		goto err_server;
 
 	g_srv = srv;
-	logf_(PBRPC_LOG_INFO, "serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection");
-	notify("READY=1\nSTATUS=serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection");
+	logf_(PBRPC_LOG_INFO, "serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection, pbrpc.Stats");
+	notify("READY=1\nSTATUS=serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection, pbrpc.Stats");
 
 	mask_stop_signals(SIG_UNBLOCK);
 	rc = pbrpc_server_run(srv);

@@ -96,7 +96,9 @@ pbrpc.Health
   pbrpc.Health/Check(pbrpc.HealthCheckRequest) returns (pbrpc.HealthCheckResponse)
 pbrpc.Reflection
   pbrpc.Reflection/ListServices(pbrpc.ListServicesRequest) returns (pbrpc.ListServicesReply)
-  pbrpc.Reflection/Describe(pbrpc.DescribeRequest) returns (pbrpc.DescribeReply)" "" \
+  pbrpc.Reflection/Describe(pbrpc.DescribeRequest) returns (pbrpc.DescribeReply)
+pbrpc.Stats
+  pbrpc.Stats/Get(pbrpc.StatsRequest) returns (pbrpc.StatsReply)" "" \
 	"$pbrpc" list "$ep"
 
 expect "describe a method" 0 "rpc demo.Kv/Put(demo.PutRequest) returns (demo.PutReply);
@@ -262,7 +264,7 @@ expect "--help" 0 "~Usage: pbrpc [[]OPTIONS[]] COMMAND*64+N*" "" "$pbrpc" --help
 expect "help call" 0 "~Usage: pbrpc [[]OPTIONS[]] call [[]ENDPOINT[]] METHOD*" "" "$pbrpc" help call
 expect "no command" 2 "" "~Usage: pbrpc*" "$pbrpc"
 expect "unknown command" 2 "" \
-	'pbrpc: unknown command "frob" (commands: list, describe, call, health, help)' "$pbrpc" frob
+	'pbrpc: unknown command "frob" (commands: list, describe, call, health, stats, help)' "$pbrpc" frob
 expect "unknown option" 2 "" "pbrpc: unknown option --frob (see pbrpc --help)" "$pbrpc" --frob list "$ep"
 expect "bad --timeout" 2 "" \
 	'pbrpc: invalid --timeout "soon": expected a duration such as 500ms, 2s, 1m or infinity' \
@@ -330,7 +332,7 @@ expect "--format text of an empty reply" 0 '' "" "$pbrpc" call --format text "$e
 expect "--format json is the default" 0 '{
   "value": "aGk="
 }' "" "$pbrpc" call --format json "$ep" demo.Kv/Get '{"key":"a"}'
-expect "bad --format" 2 "" 'pbrpc: invalid --format "yaml": expected json, compact or text' \
+expect "bad --format" 2 "" 'pbrpc: invalid --format "yaml": expected json, compact, text, table or prometheus' \
 	"$pbrpc" call --format yaml "$ep" demo.Kv/Get
 expect "--format text with describe" 2 "" "pbrpc: --format text goes with call (see pbrpc help call)" \
 	"$pbrpc" describe --format text "$ep" demo.Kv
@@ -477,6 +479,60 @@ else
 	n=$((n + 1))
 	echo "ok $n - # SKIP --protoset tests: no protoc to make the sets (Debian: protobuf-compiler)"
 fi
+
+# ---- stats (issue 13 item 5): a server of its own, so that counts are exact ----
+
+sep="unix:$tmp/st.sock"
+"$server_bin" --listen "$sep" >"$tmp/st.out" 2>"$tmp/st.err" &
+other_pids+=($!)
+for _ in $(seq 100); do grep -q '^listening on ' "$tmp/st.out" 2>/dev/null && break; sleep 0.05; done
+# Each `call` asks reflection first: 4 Describe calls and 4 Echo calls.
+for _ in 1 2 3; do "$pbrpc" call "$sep" demo.Echo/Echo '{"payload":"aGk="}' >/dev/null; done
+"$pbrpc" call "$sep" demo.Echo/Echo '{"failStatus":5,"failMessage":"gone"}' 2>/dev/null
+# The p50 and p99 columns depend on timing: globbed.
+expect "stats: a table of the methods called" 0 "~METHOD                                      CALLS   ERRORS IN FLIGHT      P50      P99     BYTES IN    BYTES OUT
+demo.Echo/Echo                                  4        1         0 *s *s          116           32
+pbrpc.Reflection/Describe                       4        0         0 *s *s          204          940
+pbrpc.Stats/Get                                 0        0         1        -        -            0            0
+connections: 1 open, 5 accepted, 0 refused, 0 protocol errors" "" "$pbrpc" stats "$sep"
+prom_lines() { "$pbrpc" stats --format prometheus "$sep" | grep -E "$1"; }
+expect "stats --format prometheus: calls by code" 0 '# HELP pbrpc_calls_total Calls answered, by method and status code.
+# TYPE pbrpc_calls_total counter
+pbrpc_calls_total{method="demo.Echo/Echo",code="OK"} 3
+pbrpc_calls_total{method="demo.Echo/Echo",code="NOT_FOUND"} 1' "" \
+	prom_lines '^# [A-Z]+ pbrpc_calls_total|^pbrpc_calls_total\{method="demo.Echo'
+expect "stats --format prometheus: the histogram" 0 '# HELP pbrpc_call_duration_seconds Time from reading a request to queuing its reply, in seconds.
+# TYPE pbrpc_call_duration_seconds histogram
+pbrpc_call_duration_seconds_bucket{method="demo.Echo/Echo",le="10"} 4
+pbrpc_call_duration_seconds_bucket{method="demo.Echo/Echo",le="+Inf"} 4
+pbrpc_call_duration_seconds_count{method="demo.Echo/Echo"} 4' "" \
+	prom_lines '^# [A-Z]+ pbrpc_call_duration|^pbrpc_call_duration_seconds_(bucket\{method="demo.Echo/Echo",le="(10|\+Inf)"|count\{method="demo.Echo)'
+expect "stats --format prometheus: 18 buckets and +Inf per method, cumulative" 0 "" "" \
+	sh -c '"$1" stats --format prometheus "$2" | awk -F"} " '"'"'/^pbrpc_call_duration_seconds_bucket\{method="demo.Echo\/Echo"/ { n++; if ($2 < last) bad = 1; last = $2 } END { exit !(n == 19 && !bad) }'"'"'' sh "$pbrpc" "$sep"
+expect "stats --format prometheus: bytes, in flight, connections" 0 'pbrpc_request_bytes_total{method="demo.Echo/Echo"} 116
+pbrpc_response_bytes_total{method="demo.Echo/Echo"} 32
+pbrpc_calls_in_flight{method="demo.Echo/Echo"} 0
+pbrpc_calls_in_flight{method="pbrpc.Stats/Get"} 1
+pbrpc_connections_open 1
+pbrpc_connections_refused_total 0
+pbrpc_protocol_errors_total 0' "" \
+	prom_lines '^pbrpc_(request|response)_bytes_total\{method="demo.Echo/Echo"|^pbrpc_calls_in_flight\{method="(demo.Echo/Echo|pbrpc.Stats/Get)"|^pbrpc_(connections_open|connections_refused_total|protocol_errors_total) '
+expect "stats --format prometheus: a sum" 0 '~pbrpc_call_duration_seconds_sum{method="demo.Echo/Echo"} [0-9]*' "" \
+	prom_lines '^pbrpc_call_duration_seconds_sum\{method="demo.Echo/Echo"'
+expect "stats takes no other format" 2 "" "pbrpc: stats takes --format table or prometheus (see pbrpc help stats)" \
+	"$pbrpc" stats --format json "$sep"
+expect "--format prometheus goes with stats" 2 "" "pbrpc: --format prometheus goes with stats (see pbrpc help stats)" \
+	"$pbrpc" --format prometheus list "$sep"
+expect "stats: too many arguments" 2 "" "pbrpc: stats: too many arguments (usage: pbrpc stats [ENDPOINT])" \
+	"$pbrpc" stats "$sep" demo.Echo
+if grep -q listening "$tmp/g.out" 2>/dev/null; then # the greeter, started for --protoset
+	expect "stats: a server without pbrpc.Stats" 76 "" \
+		"pbrpc: UNIMPLEMENTED: unknown service pbrpc.Stats (the server does not enable pbrpc.Stats)" \
+		"$pbrpc" stats "unix:$tmp/g.sock"
+fi
+expect "stats: no server" 3 "" \
+	"pbrpc: cannot connect to unix:$tmp/nope.sock: No such file or directory (is pbrpc-server running?)" \
+	"$pbrpc" stats "unix:$tmp/nope.sock"
 
 echo "1..$n"
 [ $failed = 0 ]

@@ -38,13 +38,16 @@ expect "commands" "$pbrpc " "list
 describe
 call
 health
+stats
 help"
 expect "a command by its start" "$pbrpc de" "describe"
 expect "options" "$pbrpc --t" "--timeout
 --template"
 expect "--format values" "$pbrpc call --format " "json
 compact
-text"
+text
+table
+prometheus"
 expect "no endpoint yet: its kinds" "$pbrpc call " "unix:
 tcp:"
 expect "endpoint paths, after the ':' as bash completes them" "$pbrpc call unix:$tmp/s." "$tmp/s.sock"
@@ -55,7 +58,9 @@ demo.Kv/List"
 expect "describe: services and methods" "$pbrpc describe $ep demo.E" "demo.Echo
 demo.Echo/Echo"
 expect "health: services" "$pbrpc health $ep pbrpc." "pbrpc.Health
-pbrpc.Reflection"
+pbrpc.Reflection
+pbrpc.Stats"
+expect "stats: nothing after the endpoint" "$pbrpc stats $ep " ""
 expect "nothing after the method" "$pbrpc call $ep demo.Kv/Get " ""
 PBRPC_ENDPOINT=$ep expect "methods from \$PBRPC_ENDPOINT" "$pbrpc -v call demo.Echo" "demo.Echo/Echo"
 expect "a server that is not there: nothing" "$pbrpc call unix:$tmp/none.sock d" ""

@@ -4,7 +4,9 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <regex.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -419,7 +421,7 @@ Test(daemon, stop_line_precedes_shutdown_complete)
 	stop_reading_stderr(&d, SIGTERM, err, sizeof(err));
 	snprintf(want, sizeof(want),
 		 "pbrpc-server: info: listening on %s\n"
-		 "pbrpc-server: info: serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection\n"
+		 "pbrpc-server: info: serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection, pbrpc.Stats\n"
 		 "pbrpc-server: info: stopping on SIGTERM: draining calls in flight for up to 5 s\n"
 		 "pbrpc-server: info: shutting down (drain 5000 ms)\n"
 		 "pbrpc-server: info: shutdown complete\n",
@@ -445,7 +447,7 @@ Test(daemon, journal_priorities, .fini = reset_env)
 	stop_reading_stderr(&d, SIGTERM, err, sizeof(err));
 	snprintf(want, sizeof(want),
 		 "<6>pbrpc-server: info: listening on %s\n"
-		 "<6>pbrpc-server: info: serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection\n"
+		 "<6>pbrpc-server: info: serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection, pbrpc.Stats\n"
 		 "<6>pbrpc-server: info: stopping on SIGTERM: draining calls in flight for up to 5 s\n"
 		 "<6>pbrpc-server: info: shutting down (drain 5000 ms)\n"
 		 "<6>pbrpc-server: info: shutdown complete\n",
@@ -464,6 +466,71 @@ Test(daemon, journal_priorities, .fini = reset_env)
 	code = run_to_exit((const char *[]){ "--listen", "bogus", NULL }, err, sizeof(err));
 	cr_expect_eq(code, 1);
 	cr_expect_str_eq(err, "pbrpc-server: cannot listen on bogus: invalid endpoint address\n");
+}
+
+/* Each call answered leaves one access-log line at info, in the format
+ * pbrpc-server(8) documents: Unix peers by uid and pid, TCP ones by address;
+ * failures, refusals included, with their message. */
+static void expect_line(const char *err, const char *pattern)
+{
+	regex_t re;
+	cr_assert_eq(regcomp(&re, pattern, REG_EXTENDED | REG_NEWLINE | REG_NOSUB), 0, "%s", pattern);
+	cr_expect_eq(regexec(&re, err, 0, NULL, 0), 0, "no line matching\n%s\nin:\n%s", pattern, err);
+	regfree(&re);
+}
+
+Test(daemon, access_log_line_per_call, .fini = reset_env)
+{
+	char ep[128], tcp[256], err[8192], pat[512];
+	snprintf(ep, sizeof(ep), "unix:%s/d.sock", tmpdir);
+	spawn_env[0] = "JOURNAL_STREAM=stderr";
+	child d;
+	spawn(&d, (const char *[]){ "--listen", ep, "--listen", "tcp:127.0.0.1:0", NULL }, -1, 0);
+	wait_listening(&d);
+	cr_assert_gt(read_line(d.out, tcp, sizeof(tcp), 5000), 0);
+
+	rp_conn u, t;
+	cr_assert_eq(rp_open(&u, ep), 0);
+	cr_assert_eq(rp_open(&t, tcp + 13), 0);
+	struct sockaddr_in local;
+	socklen_t sl = sizeof(local);
+	cr_assert_eq(getsockname(t.fd, (struct sockaddr *)&local, &sl), 0);
+
+	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
+	req.payload.data = (uint8_t *)"hi";
+	req.payload.len = 2;
+	rp_result res;
+	cr_assert_eq(rp_call(&u, "demo.Echo/Echo", &req.base, NULL, NULL, &res), 0);
+	cr_expect_eq(res.status, PBRPC_STATUS_OK);
+	req.fail_status = PBRPC_STATUS_NOT_FOUND;
+	req.fail_message = "no \"such\" thing";
+	cr_assert_eq(rp_call(&t, "demo.Echo/Echo", &req.base, NULL, NULL, &res), 0);
+	cr_expect_eq(res.status, PBRPC_STATUS_NOT_FOUND);
+	cr_assert_eq(rp_call(&u, "demo.Echo/Nope", &req.base, NULL, NULL, &res), 0);
+	cr_expect_eq(res.status, PBRPC_STATUS_UNIMPLEMENTED);
+	rp_close(&u);
+	rp_close(&t);
+	stop_reading_stderr(&d, SIGTERM, err, sizeof(err));
+
+	snprintf(pat, sizeof(pat),
+		 "^<6>pbrpc-server: info: call method=demo\\.Echo/Echo status=OK duration=[0-9]+\\.[0-9]{3}ms "
+		 "uid=%u pid=%d in=[1-9][0-9]* out=[1-9][0-9]*$",
+		 (unsigned)getuid(), (int)getpid());
+	expect_line(err, pat);
+	snprintf(pat, sizeof(pat),
+		 "^<6>pbrpc-server: info: call method=demo\\.Echo/Echo status=NOT_FOUND duration=[0-9]+\\.[0-9]{3}ms "
+		 "peer=tcp:127\\.0\\.0\\.1:%u in=[1-9][0-9]* out=[1-9][0-9]* message=\"no \\\\x22such\\\\x22 thing\"$",
+		 (unsigned)ntohs(local.sin_port));
+	expect_line(err, pat);
+	snprintf(pat, sizeof(pat),
+		 "^<6>pbrpc-server: info: call method=demo\\.Echo/Nope status=UNIMPLEMENTED duration=[0-9]+\\.[0-9]{3}ms "
+		 "uid=%u pid=%d in=[1-9][0-9]* out=[1-9][0-9]* message=\"unknown method demo\\.Echo/Nope\"$",
+		 (unsigned)getuid(), (int)getpid());
+	expect_line(err, pat);
+	size_t calls = 0;
+	for (const char *p = err; (p = strstr(p, "info: call ")) != NULL; p++)
+		calls++;
+	cr_expect_eq(calls, 3, "one line per call:\n%s", err);
 }
 
 /* A datagram socket standing in for systemd's notification socket; an
@@ -508,7 +575,7 @@ static void notify_ready_and_stopping(const char *name)
 	child d;
 	spawn(&d, (const char *[]){ "--listen", ep, NULL }, -1, 0);
 	wait_listening(&d);
-	expect_datagram(fd, "READY=1\nSTATUS=serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection");
+	expect_datagram(fd, "READY=1\nSTATUS=serving demo.Kv, demo.Echo, pbrpc.Health, pbrpc.Reflection, pbrpc.Stats");
 	cr_expect_eq(health_check(ep, ""), PBRPC__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING);
 	stop_reading_stderr(&d, SIGTERM, err, sizeof(err));
 	expect_datagram(fd, "STOPPING=1\nSTATUS=draining calls in flight");

@@ -17,6 +17,7 @@
 #include "reftest.pb-c.h"
 #include "reftest2.pb-c.h"
 #include "rpcpeer.h"
+#include "stats.pb-c.h"
 
 /* ---- schema-only services, for reflection ---- */
 
@@ -49,6 +50,7 @@ typedef struct tsrv {
 } tsrv;
 
 static tsrv T;
+static pbrpc_call_log_cb T_call_log; /* for the next start_server() */
 
 static void *srv_main(void *arg)
 {
@@ -66,7 +68,7 @@ static void start_server(unsigned workers, void (*setup)(pbrpc_server *))
 	cr_assert_not_null(mkdtemp(t->dir));
 	snprintf(t->ep, sizeof(t->ep), "unix:%.63s/s.sock", t->dir);
 
-	pbrpc_server_opts opts = { .workers = workers };
+	pbrpc_server_opts opts = { .workers = workers, .call_log = T_call_log };
 	cr_assert_eq(pbrpc_server_new(&t->srv, &opts), 0);
 	t->kv = demo_kv_new();
 	t->echo = demo_echo_new();
@@ -907,4 +909,197 @@ Test(echo_stop, free_answers_queued_calls)
 	pbrpc_server_free(T.srv);
 	demo_kv_free(T.kv);
 	rmdir(T.dir);
+}
+
+/* ---- pbrpc.Stats and the call_log hook (issue 13 item 5) ---- */
+
+typedef struct logged {
+	char method[64];
+	int status;
+	bool ran, has_cred;
+	uid_t uid;
+	size_t bytes_in, bytes_out;
+	int64_t duration_ns;
+	char peer[64];
+} logged;
+
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static logged log_v[64];
+static size_t log_n;
+
+static void record_call(void *user, const pbrpc_call_info *info)
+{
+	(void)user;
+	pthread_mutex_lock(&log_mu);
+	if (log_n < 64) {
+		logged *l = &log_v[log_n++];
+		snprintf(l->method, sizeof(l->method), "%.*s", (int)info->method_len, info->method);
+		l->status = info->status;
+		l->ran = info->ran;
+		l->has_cred = info->has_cred;
+		l->uid = info->uid;
+		l->bytes_in = info->bytes_in;
+		l->bytes_out = info->bytes_out;
+		l->duration_ns = info->duration_ns;
+		snprintf(l->peer, sizeof(l->peer), "%s", info->peer);
+	}
+	pthread_mutex_unlock(&log_mu);
+}
+
+static void enable_stats(pbrpc_server *srv)
+{
+	cr_assert_eq(pbrpc_server_enable_stats(srv), 0);
+}
+
+static void setup_stats(void)
+{
+	log_n = 0;
+	T_call_log = record_call;
+	start_server(0, enable_stats);
+	T_call_log = NULL;
+}
+
+static Pbrpc__StatsReply *get_stats(rp_conn *c)
+{
+	Pbrpc__StatsRequest req = PBRPC__STATS_REQUEST__INIT;
+	Pbrpc__StatsReply *reply = NULL;
+	rp_result res;
+	cr_assert_eq(rp_call(c, "pbrpc.Stats/Get", &req.base, &pbrpc__stats_reply__descriptor,
+			     (ProtobufCMessage **)&reply, &res),
+		     0);
+	cr_assert_eq(res.status, PBRPC_STATUS_OK, "%s", res.message);
+	return reply;
+}
+
+static const Pbrpc__MethodStats *method_stats(const Pbrpc__StatsReply *r, const char *name)
+{
+	for (size_t i = 0; i < r->n_methods; i++)
+		if (strcmp(r->methods[i]->method, name) == 0)
+			return r->methods[i];
+	cr_assert_fail("no stats for %s", name);
+	return NULL;
+}
+
+static uint64_t count_of(const Pbrpc__MethodStats *m, int status)
+{
+	for (size_t i = 0; i < m->n_calls; i++)
+		if ((int)m->calls[i]->status == status)
+			return m->calls[i]->count;
+	return 0;
+}
+
+static void check_histogram(const Pbrpc__StatsReply *r, const Pbrpc__MethodStats *m)
+{
+	cr_assert_eq(m->n_latency_buckets, r->n_latency_bounds_seconds);
+	uint64_t answered = 0;
+	for (size_t i = 0; i < m->n_calls; i++)
+		answered += m->calls[i]->count;
+	cr_expect_eq(m->latency_count, answered, "%s: histogram count is the calls answered", m->method);
+	for (size_t b = 0; b < m->n_latency_buckets; b++) {
+		cr_expect_leq(m->latency_buckets[b], m->latency_count);
+		if (b) {
+			cr_expect_leq(m->latency_buckets[b - 1], m->latency_buckets[b], "cumulative");
+			cr_expect_lt(r->latency_bounds_seconds[b - 1], r->latency_bounds_seconds[b]);
+		}
+	}
+	cr_expect_geq(m->latency_sum_seconds, 0);
+}
+
+TestSuite(stats, .init = setup_stats, .fini = teardown, .timeout = 30);
+
+Test(stats, counts_are_exact_and_the_hook_sees_each_call)
+{
+	enum { N_OK = 5, N_DENIED = 2 };
+	rp_conn c = open_peer();
+	rp_result res;
+	for (int i = 0; i < N_OK; i++) {
+		echo_send(&c, "hello", 0, 0, NULL);
+		free(echo_recv(&c, &res));
+		cr_assert_eq(res.status, PBRPC_STATUS_OK);
+	}
+	for (int i = 0; i < N_DENIED; i++) {
+		echo_send(&c, "x", 0, PBRPC_STATUS_PERMISSION_DENIED, "no");
+		cr_assert_null(echo_recv(&c, &res));
+	}
+	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
+	cr_assert_eq(rp_call(&c, "demo.Echo/Nope", &req.base, NULL, NULL, &res), 0);
+	cr_assert_eq(res.status, PBRPC_STATUS_UNIMPLEMENTED);
+
+	Pbrpc__StatsReply *r = get_stats(&c);
+	const Pbrpc__MethodStats *echo = method_stats(r, "demo.Echo/Echo");
+	cr_expect_eq(count_of(echo, PBRPC_STATUS_OK), N_OK);
+	cr_expect_eq(count_of(echo, PBRPC_STATUS_PERMISSION_DENIED), N_DENIED);
+	cr_expect_eq(echo->n_calls, 2, "only the statuses seen");
+	cr_expect_eq(echo->in_flight, 0);
+	check_histogram(r, echo);
+	const Pbrpc__MethodStats *unknown = method_stats(r, "");
+	cr_expect_eq(count_of(unknown, PBRPC_STATUS_UNIMPLEMENTED), 1);
+	check_histogram(r, unknown);
+	const Pbrpc__MethodStats *get = method_stats(r, "pbrpc.Stats/Get");
+	cr_expect_eq(get->latency_count, 0, "its own call is not answered yet");
+	cr_expect_eq(get->in_flight, 1, "...but in flight");
+	const Pbrpc__MethodStats *put = method_stats(r, "demo.Kv/Put");
+	cr_expect_eq(put->latency_count, 0);
+	cr_expect_eq(put->n_calls, 0);
+	cr_expect_geq(r->connections->accepted, 1);
+	cr_expect_geq(r->connections->open, 1);
+
+	pthread_mutex_lock(&log_mu);
+	/* The Get's reply was queued, and observed, before it was sent. */
+	cr_assert_eq(log_n, N_OK + N_DENIED + 2, "one hook call per answered request: %zu", log_n);
+	cr_expect_str_eq(log_v[N_OK + N_DENIED + 1].method, "pbrpc.Stats/Get");
+	uint64_t in = 0, out = 0;
+	for (size_t i = 0; i < N_OK + N_DENIED; i++) {
+		cr_expect_str_eq(log_v[i].method, "demo.Echo/Echo");
+		cr_expect_eq(log_v[i].status, i < N_OK ? PBRPC_STATUS_OK : PBRPC_STATUS_PERMISSION_DENIED);
+		cr_expect(log_v[i].ran);
+		cr_expect(log_v[i].has_cred);
+		cr_expect_eq(log_v[i].uid, getuid());
+		cr_expect_str_eq(log_v[i].peer, "unix");
+		cr_expect_geq(log_v[i].duration_ns, 0);
+		in += log_v[i].bytes_in;
+		out += log_v[i].bytes_out;
+	}
+	cr_expect_gt(log_v[0].bytes_out, 5, "the RESPONSE payload holds the reply");
+	cr_expect_eq(echo->bytes_in, in);
+	cr_expect_eq(echo->bytes_out, out);
+	cr_expect_str_eq(log_v[N_OK + N_DENIED].method, "demo.Echo/Nope");
+	cr_expect_not(log_v[N_OK + N_DENIED].ran, "refused before dispatch");
+	cr_expect_eq(log_v[N_OK + N_DENIED].status, PBRPC_STATUS_UNIMPLEMENTED);
+	pthread_mutex_unlock(&log_mu);
+	pbrpc__stats_reply__free_unpacked(r, NULL);
+
+	r = get_stats(&c);
+	get = method_stats(r, "pbrpc.Stats/Get");
+	cr_expect_eq(count_of(get, PBRPC_STATUS_OK), 1);
+	cr_expect_eq(get->in_flight, 1);
+	pbrpc__stats_reply__free_unpacked(r, NULL);
+	rp_close(&c);
+}
+
+Test(stats, in_flight_follows_delayed_and_orphaned_calls)
+{
+	rp_conn a = open_peer(), b = open_peer();
+	rp_result res;
+	echo_send(&a, "slow", 200, 0, NULL);
+	usleep(50000);
+	Pbrpc__StatsReply *r = get_stats(&b);
+	cr_expect_eq(method_stats(r, "demo.Echo/Echo")->in_flight, 1);
+	pbrpc__stats_reply__free_unpacked(r, NULL);
+	free(echo_recv(&a, &res));
+	cr_expect_eq(res.status, PBRPC_STATUS_OK);
+	r = get_stats(&b);
+	cr_expect_eq(method_stats(r, "demo.Echo/Echo")->in_flight, 0);
+	cr_expect_eq(count_of(method_stats(r, "demo.Echo/Echo"), PBRPC_STATUS_OK), 1);
+	pbrpc__stats_reply__free_unpacked(r, NULL);
+
+	/* A connection that goes away leaves no call in flight. */
+	echo_send(&a, "slow", 200, 0, NULL);
+	usleep(50000);
+	rp_close(&a);
+	usleep(50000);
+	r = get_stats(&b);
+	cr_expect_eq(method_stats(r, "demo.Echo/Echo")->in_flight, 0);
+	pbrpc__stats_reply__free_unpacked(r, NULL);
+	rp_close(&b);
 }

@@ -91,6 +91,50 @@ void pbrpc__srv_calls_free(pbrpc_server *srv)
 	srv->n_free_calls = 0;
 }
 
+/* ---- observing: opts.call_log and pbrpc.Stats (srv->reg.observe) ----
+ * Off the call path's straight line: dispatch tests one flag and calls these
+ * only when someone watches, so the clock is read only then. */
+
+__attribute__((noinline, cold)) static void observe(pbrpc_server *srv, const srv_conn *c, const pbrpc__method *m,
+						    const char *method, size_t method_len, uint32_t id, int status,
+						    const char *message, int64_t t0, size_t bytes_in, size_t bytes_out,
+						    bool ran, bool started)
+{
+	pbrpc_call_info info = {
+		.method = method ? method : "",
+		.method_len = method ? method_len : 0,
+		.call_id = id,
+		.status = status,
+		.message = message,
+		.duration_ns = pbrpc__now_ns() - t0,
+		.bytes_in = bytes_in,
+		.bytes_out = bytes_out,
+		.ran = ran,
+		.has_cred = c->has_cred,
+		.peer = c->peer,
+	};
+	if (c->has_cred) {
+		info.pid = c->cred.pid;
+		info.uid = c->cred.uid;
+		info.gid = c->cred.gid;
+	}
+	pbrpc__registry_observe(&srv->reg, m, &info, started);
+}
+
+/* RESPONSE payload bytes queued since the writer held `before` bytes. */
+static size_t queued_payload(const srv_conn *c, size_t before)
+{
+	size_t now = pbrpc__frame_writer_pending(&c->base.out);
+	return now >= before + PBRPC_FRAME_HEADER_SIZE ? now - before - PBRPC_FRAME_HEADER_SIZE : 0;
+}
+
+__attribute__((noinline, cold)) static void observe_answer(const srv_call *call, const srv_conn *c, int status,
+							   const char *message, size_t before)
+{
+	observe(call->srv, c, call->m, call->m->name, call->m->len, call->id, status, message, call->t0,
+		call->bytes_in, queued_payload(c, before), !call->not_run, call->started);
+}
+
 /* ---- answering ---- */
 
 /* Queues the RESPONSE for a call and takes it out of its connection's map.
@@ -114,17 +158,22 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 	r.message = message;
 	r.message_len = message ? strlen(message) : 0;
 	uint32_t limit = c->base.peer_max_frame;
+	size_t before = pbrpc__frame_writer_pending(&c->base.out);
+	char text[160];
 	int rc = pbrpc__wire_write_response(&c->base.out, &r, status == PBRPC_STATUS_OK ? msg : NULL, limit);
 	if (rc == PBRPC_ETOOBIG) {
 		/* The frame's payload, as the limit counts it: status, message, body. */
-		char text[160];
 		size_t size = 4 + r.message_len + (msg ? protobuf_c_message_get_packed_size(msg) : body_len);
 		snprintf(text, sizeof(text), "reply is %zu bytes, client accepts at most %u", size, (unsigned)limit);
-		rc = pbrpc__conn_reply_status(&c->base, call->id, PBRPC_STATUS_RESOURCE_EXHAUSTED, text, false);
+		status = PBRPC_STATUS_RESOURCE_EXHAUSTED;
+		message = text;
+		rc = pbrpc__conn_reply_status(&c->base, call->id, status, text, false);
 	}
 	if (rc < 0)
 		pbrpc__srv_log(call->srv, PBRPC_LOG_ERROR, "cannot queue reply for call %u: %s", call->id,
 			       pbrpc_strerror(rc));
+	if (__builtin_expect(call->srv->reg.observe, 0))
+		observe_answer(call, c, status, message, before);
 	pbrpc__srv_mark_dirty(c);
 }
 
@@ -135,12 +184,16 @@ static void reply_status(srv_conn *c, uint32_t id, int status, const char *messa
 		pbrpc__srv_mark_dirty(c);
 }
 
-/* Answers a call that was never handed to a handler, and frees it. */
-static void call_reject(srv_call *call, int status, const char *message)
+/* reply_status for a request refused before dispatch, which the observers
+ * see too (m: the method it names, if hosted). */
+static void refuse_request(srv_conn *c, const pbrpc__frame *f, const pbrpc__wire_request *req,
+			   const pbrpc__method *m, int status, const char *message)
 {
-	call->not_run = true;
-	pbrpc__srv_call_answer(call, status, message, NULL, NULL, 0);
-	call_put(call->srv, call);
+	size_t before = pbrpc__frame_writer_pending(&c->base.out);
+	reply_status(c, req->call_id, status, message);
+	if (__builtin_expect(c->srv->reg.observe, 0))
+		observe(c->srv, c, m, req->method, req->method_len, req->call_id, status, message, c->srv->now,
+			f->hdr.length, queued_payload(c, before), false, false);
 }
 
 void pbrpc__srv_wake(pbrpc_server *srv)
@@ -297,6 +350,10 @@ void pbrpc__srv_workers_stop(pbrpc_server *srv)
 static void dispatch(pbrpc_server *srv, srv_call *call)
 {
 	srv->stats.calls_started++;
+	if (__builtin_expect(srv->reg.observe, 0)) {
+		call->started = true;
+		pbrpc__registry_observe_start(&srv->reg, call->m);
+	}
 	/* Built-in services read server state: they stay on the loop thread. */
 	if (!srv->n_workers || srv->reg.services[call->m->service].owned) {
 		/* Most handlers answer before returning: arm the deadline timer
@@ -383,22 +440,25 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	int status;
 	const char *why = request_refusal(c, &req, rc, &m, &status, text, sizeof(text));
 	if (why) {
-		reply_status(c, req.call_id, status, why);
+		refuse_request(c, f, &req, m, status, why);
 		return;
 	}
 	srv_call *call = call_get(srv);
 	if (!call) {
-		reply_status(c, req.call_id, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
+		refuse_request(c, f, &req, m, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
 		return;
 	}
 	call->id = req.call_id;
 	call->m = m;
+	call->t0 = srv->now;
+	call->bytes_in = f->hdr.length;
+	call->started = false;
 	const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, m)->input;
 	call->input = protobuf_c_message_unpack(in, &call->arena.pa, req.body_len, req.body);
 	if (!call->input) {
 		snprintf(text, sizeof(text), "request body is not a valid %s", in->name);
 		call->answered = true;
-		reply_status(c, req.call_id, PBRPC_STATUS_INVALID_ARGUMENT, text);
+		refuse_request(c, f, &req, m, PBRPC_STATUS_INVALID_ARGUMENT, text);
 		call_put(srv, call);
 		return;
 	}
@@ -406,7 +466,10 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 		if (call->md_cap < req.metadata_raw_len) {
 			uint8_t *p = realloc(call->md, req.metadata_raw_len);
 			if (!p) {
-				call_reject(call, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
+				/* Not yet in the map nor on the connection: answer here. */
+				call->answered = true;
+				refuse_request(c, f, &req, m, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
+				call_put(srv, call);
 				return;
 			}
 			call->md = p;
@@ -417,7 +480,7 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	}
 	if (pbrpc__idmap_put(&base->calls, call->id, call) < 0) {
 		call->answered = true;
-		reply_status(c, req.call_id, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
+		refuse_request(c, f, &req, m, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
 		call_put(srv, call);
 		return;
 	}
@@ -472,6 +535,8 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 	uint32_t id;
 	srv_call *call;
 	while ((call = pbrpc__idmap_take_any(&base->calls, &id)) != NULL) {
+		if (call->started && !call->answered)
+			pbrpc__registry_observe_orphan(&srv->reg, call->m);
 		call->conn = NULL;
 		call->answered = true;
 		pbrpc__heap_stop(&srv->timers, &call->timer);

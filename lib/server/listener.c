@@ -1,9 +1,11 @@
 /* Endpoints: listening sockets, accepting connections, and the rule for the
  * Unix socket files a server creates. */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -54,6 +56,29 @@ static void refuse(pbrpc_server *srv, int fd)
 	pbrpc__srv_log(srv, PBRPC_LOG_WARN, "refused a connection: %s", down ? "shutting down" : "too many connections");
 }
 
+/* The client's address, as pbrpc_call_info.peer reports it: read once here. */
+static void conn_set_peer(srv_conn *c, int fd, bool tcp)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	char host[INET6_ADDRSTRLEN] = "?";
+	unsigned port = 0;
+	snprintf(c->peer, sizeof(c->peer), "%s", tcp ? "tcp:?" : "unix");
+	if (!tcp || getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
+		return;
+	if (ss.ss_family == AF_INET) {
+		const struct sockaddr_in *a = (const struct sockaddr_in *)&ss;
+		inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+		port = ntohs(a->sin_port);
+		snprintf(c->peer, sizeof(c->peer), "tcp:%s:%u", host, port);
+	} else if (ss.ss_family == AF_INET6) {
+		const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
+		inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+		port = ntohs(a->sin6_port);
+		snprintf(c->peer, sizeof(c->peer), "tcp:[%s]:%u", host, port);
+	}
+}
+
 static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l)
 {
 	srv_conn *c = calloc(1, sizeof(*c));
@@ -83,6 +108,7 @@ static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l)
 		socklen_t sl = sizeof(c->cred);
 		c->has_cred = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c->cred, &sl) == 0;
 	}
+	conn_set_peer(c, fd, l->ep.kind == PBRPC_ENDPOINT_TCP);
 	return c;
 }
 

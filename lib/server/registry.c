@@ -29,8 +29,11 @@ void pbrpc__registry_fini(pbrpc__registry *r)
 		if (r->services[i].owned)
 			protobuf_c_service_destroy(r->services[i].service);
 	free(r->services);
-	for (size_t i = 0; i < r->methods_cap; i++)
+	for (size_t i = 0; i < r->methods_cap; i++) {
 		free(r->methods[i].name);
+		free(r->methods[i].stats);
+	}
+	free(r->unknown);
 	free(r->methods);
 	memset(r, 0, sizeof(*r));
 }
@@ -115,9 +118,15 @@ static int add(pbrpc__registry *r, ProtobufCService *service, bool owned)
 		fresh[i] = (pbrpc__method){ .name = strdup(name), .len = (size_t)len, .service = r->n_services, .index = i };
 		fresh[i].hash = hash_name(name, fresh[i].len);
 		fresh[i].missing = handlers && !handlers[i];
-		if (!fresh[i].name) {
-			for (unsigned j = 0; j < i; j++)
+		if (r->counting)
+			fresh[i].stats = calloc(1, sizeof(*fresh[i].stats));
+		if (!fresh[i].name || (r->counting && !fresh[i].stats)) {
+			free(fresh[i].name);
+			free(fresh[i].stats);
+			for (unsigned j = 0; j < i; j++) {
 				free(fresh[j].name);
+				free(fresh[j].stats);
+			}
 			free(fresh);
 			return -ENOMEM;
 		}
@@ -181,4 +190,43 @@ int pbrpc__registry_set_serving(pbrpc__registry *r, const char *name, bool servi
 		return PBRPC_EINVALID;
 	e->serving = serving;
 	return 0;
+}
+
+int pbrpc__registry_enable_stats(pbrpc__registry *r)
+{
+	if (r->counting)
+		return 0;
+	if (!r->unknown && !(r->unknown = calloc(1, sizeof(*r->unknown))))
+		return -ENOMEM;
+	for (size_t i = 0; i < r->methods_cap; i++) {
+		if (r->methods[i].name && !r->methods[i].stats &&
+		    !(r->methods[i].stats = calloc(1, sizeof(*r->methods[i].stats))))
+			return -ENOMEM; /* the ones allocated go with the registry */
+	}
+	r->counting = true;
+	r->observe = true;
+	return 0;
+}
+
+static const int64_t stats_bounds[PBRPC__STATS_N_BOUNDS] = { PBRPC__STATS_BOUNDS };
+
+void pbrpc__registry_observe(pbrpc__registry *r, const pbrpc__method *m, const pbrpc_call_info *info,
+			     bool started)
+{
+	pbrpc__method_stats *st = m ? m->stats : r->unknown;
+	if (st && r->counting) {
+		int status = info->status >= 0 && info->status < PBRPC_STATUS_COUNT ? info->status : PBRPC_STATUS_UNKNOWN;
+		st->calls[status]++;
+		size_t b = 0;
+		while (b < PBRPC__STATS_N_BOUNDS && info->duration_ns > stats_bounds[b])
+			b++;
+		st->buckets[b]++;
+		st->duration_ns += info->duration_ns > 0 ? (uint64_t)info->duration_ns : 0;
+		st->bytes_in += info->bytes_in;
+		st->bytes_out += info->bytes_out;
+		if (started && st->in_flight)
+			st->in_flight--;
+	}
+	if (r->call_log)
+		r->call_log(r->call_log_user, info);
 }

@@ -12,6 +12,22 @@
 
 #include "pbrpc/server.h"
 
+/* Latency histogram bounds for pbrpc.Stats, in nanoseconds: 25 us to 10 s
+ * in 1-2.5-5 steps; a last bucket (+Inf) takes the rest. */
+#define PBRPC__STATS_BOUNDS                                                                              \
+	25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000, 25000000, 50000000, \
+		100000000, 250000000, 500000000, 1000000000, 2500000000, 5000000000, 10000000000
+#define PBRPC__STATS_N_BOUNDS 18
+
+/* One method's counters (or those of requests naming no hosted method). */
+typedef struct pbrpc__method_stats {
+	uint64_t calls[PBRPC_STATUS_COUNT]; /* answered, by status */
+	uint64_t buckets[PBRPC__STATS_N_BOUNDS + 1]; /* by duration, not cumulative */
+	uint64_t duration_ns;               /* sum over the answered calls */
+	uint64_t bytes_in, bytes_out;
+	uint64_t in_flight;                 /* handed to the handler, not answered */
+} pbrpc__method_stats;
+
 typedef struct pbrpc__method {
 	char *name; /* "pkg.Service/Method", NUL-terminated */
 	size_t len;
@@ -19,6 +35,7 @@ typedef struct pbrpc__method {
 	size_t service; /* index into the registry's services */
 	unsigned index; /* method index within the service */
 	bool missing;   /* its handler slot was NULL at registration */
+	pbrpc__method_stats *stats; /* once counting is on (stays put on rehash) */
 } pbrpc__method;
 
 typedef struct pbrpc__service_entry {
@@ -34,6 +51,13 @@ typedef struct pbrpc__registry {
 	size_t methods_cap, n_methods;
 	bool serving;       /* the server as a whole ("" in pbrpc.Health) */
 	bool shutting_down; /* every service reports NOT_SERVING */
+	/* Someone watches each call (a call_log hook or pbrpc.Stats): dispatch
+	 * then reports it through pbrpc__registry_observe(). */
+	bool observe;
+	bool counting;      /* methods have stats */
+	pbrpc__method_stats *unknown; /* requests for no hosted method */
+	pbrpc_call_log_cb call_log;
+	void *call_log_user;
 } pbrpc__registry;
 
 void pbrpc__registry_init(pbrpc__registry *r);
@@ -73,6 +97,33 @@ int pbrpc__registry_serving(const pbrpc__registry *r, const char *name);
 
 /* Returns 0 or PBRPC_EINVALID for an unknown name. */
 int pbrpc__registry_set_serving(pbrpc__registry *r, const char *name, bool serving);
+
+/* Turns per-method counting on (pbrpc.Stats), for methods registered so far
+ * and later. Returns 0 or -ENOMEM. */
+int pbrpc__registry_enable_stats(pbrpc__registry *r);
+
+/* The observe point (r->observe): the counters of `m` (NULL: a request for no
+ * hosted method), then the call_log hook. `started`: the call was counted in
+ * flight by pbrpc__registry_observe_start(). */
+void pbrpc__registry_observe(pbrpc__registry *r, const pbrpc__method *m, const pbrpc_call_info *info,
+			     bool started);
+
+/* A handler was invoked for `m` (calls in flight). */
+static inline void pbrpc__registry_observe_start(pbrpc__registry *r, const pbrpc__method *m)
+{
+	if (m->stats)
+		m->stats->in_flight++;
+	(void)r;
+}
+
+/* A call handed to its handler will never be answered (its connection
+ * closed). */
+static inline void pbrpc__registry_observe_orphan(pbrpc__registry *r, const pbrpc__method *m)
+{
+	if (m->stats && m->stats->in_flight)
+		m->stats->in_flight--;
+	(void)r;
+}
 
 /* The server's registry, for the built-in services' registration. */
 pbrpc__registry *pbrpc__server_registry(pbrpc_server *srv);

@@ -68,6 +68,9 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 				    .max_calls = srv->o.max_calls, .features = PBRPC_FEATURES,
 				    .agent = PBRPC_WIRE_AGENT };
 	pbrpc__registry_init(&srv->reg);
+	srv->reg.call_log = srv->o.call_log;
+	srv->reg.call_log_user = srv->o.call_log_user;
+	srv->reg.observe = srv->o.call_log != NULL;
 	pbrpc__list_init(&srv->conns);
 	pbrpc__list_init(&srv->dirty);
 	pbrpc__list_init(&srv->free_calls);

@@ -52,6 +52,7 @@ typedef struct srv_conn {
 	bool has_cred;
 	uint32_t events; /* what epoll has registered */
 	struct ucred cred;
+	char peer[64]; /* "unix" or "tcp:ADDR:PORT", for pbrpc_call_info */
 	pbrpc__timer timer; /* armed at pbrpc__conn_deadline(&base) */
 	pbrpc__list link;   /* srv->conns */
 	pbrpc__list dirty;  /* srv->dirty while output waits for a flush */
@@ -70,6 +71,9 @@ typedef struct srv_call {
 	bool answered; /* its RESPONSE has been queued (or can no longer be) */
 	bool not_run;  /* expired while queued for a worker */
 	int64_t deadline_ns;
+	int64_t t0;      /* srv->now when its REQUEST was read (duration_ns) */
+	size_t bytes_in; /* its REQUEST's payload */
+	bool started;    /* counted in flight (pbrpc__registry_observe_start) */
 	pbrpc__timer timer;
 	bool has_cred;
 	struct ucred cred; /* copied from the connection: it may close first */

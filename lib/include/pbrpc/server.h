@@ -52,6 +52,32 @@ typedef enum pbrpc_log_level {
 /* A log sink: one event per call, no trailing newline. */
 typedef void (*pbrpc_log_cb)(void *user, pbrpc_log_level level, const char *msg);
 
+/* What the server reports of each REQUEST it answers, to opts.call_log. The
+ * pointers are valid during the callback only. */
+typedef struct pbrpc_call_info {
+	const char *method;    /* as requested: not NUL-terminated, any bytes */
+	size_t method_len;
+	uint32_t call_id;
+	int status;            /* PBRPC_STATUS_* sent in the RESPONSE */
+	const char *message;   /* its message, or NULL */
+	int64_t duration_ns;   /* from the loop's wake-up that read the request
+	                        * to the reply being queued */
+	size_t bytes_in;       /* REQUEST payload bytes (PROTOCOL.md section 5) */
+	size_t bytes_out;      /* RESPONSE payload bytes */
+	bool ran;              /* a handler was invoked (false: refused before) */
+	bool has_cred;         /* Unix peers: SO_PEERCRED of the client */
+	pid_t pid;
+	uid_t uid;
+	gid_t gid;
+	const char *peer;      /* "unix", or "tcp:ADDR:PORT" of the client */
+} pbrpc_call_info;
+
+/* Called on the loop thread once per REQUEST the server answers: calls a
+ * handler answered (or that were cancelled or timed out) and requests refused
+ * before reaching one (unknown method, bad body, too many calls, shutting
+ * down, ...). Keep it short: the loop waits for it. */
+typedef void (*pbrpc_call_log_cb)(void *user, const pbrpc_call_info *info);
+
 /* Options; zero means the default for every field. */
 typedef struct pbrpc_server_opts {
 	uint32_t max_frame;          /* largest request payload; default 16 MiB */
@@ -73,6 +99,9 @@ typedef struct pbrpc_server_opts {
 	pbrpc_log_cb log;            /* default: none (the library never prints) */
 	void *log_user;
 	pbrpc_log_level log_level;   /* events up to this level reach log; default WARN */
+	pbrpc_call_log_cb call_log;  /* default: none (then the clock is not read
+	                              * for it) */
+	void *call_log_user;
 } pbrpc_server_opts;
 
 /* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
@@ -95,6 +124,12 @@ PBRPC_EXPORT int pbrpc_server_add_service(pbrpc_server *srv, ProtobufCService *s
  * added before and after this call. Returns 0 or a negative code. */
 PBRPC_EXPORT int pbrpc_server_enable_health(pbrpc_server *srv);
 PBRPC_EXPORT int pbrpc_server_enable_reflection(pbrpc_server *srv);
+
+/* Registers pbrpc.Stats (proto/pbrpc/stats.proto): per method, calls by
+ * status, a latency histogram, bytes in and out, calls in flight; and the
+ * server's connection counters. Counting starts with this call. Returns 0 or
+ * a negative code. */
+PBRPC_EXPORT int pbrpc_server_enable_stats(pbrpc_server *srv);
 
 /* Marks a registered service (or "" for the whole server) SERVING or not, as
  * pbrpc.Health reports it. Returns 0 or PBRPC_EINVALID for an unknown name. */
