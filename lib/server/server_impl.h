@@ -125,7 +125,9 @@ struct pbrpc_server {
 
 	int64_t now;              /* CLOCK_MONOTONIC at the last wake-up */
 	srv_call *dispatching;    /* the call whose handler runs inline right now */
-	atomic_int shutdown_req;  /* drain ms + 2; 0 = none, 1 = wait forever */
+	atomic_int shutdown_req;  /* the shortest drain asked for: ms + 1; 0 = none,
+	                           * INT_MAX = wait forever */
+	int shutdown_seen;        /* the shutdown_req the loop acted on */
 	bool shutting_down;
 	bool shutdown_done;
 	bool reap_pending; /* a connection closed: free it at the end of the round */
