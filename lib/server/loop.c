@@ -56,6 +56,8 @@ void pbrpc__srv_conn_closed(srv_conn *c)
 	pbrpc__heap_stop(&srv->timers, &c->timer);
 	srv->stats.connections_open--;
 	srv->reap_pending = true;
+	if (srv->accept_paused)
+		pbrpc__srv_accept_resume(srv); /* out of fds: one just came free */
 }
 
 void pbrpc__srv_conn_free(srv_conn *c)
@@ -228,6 +230,9 @@ static void run_timers(pbrpc_server *srv)
 		}
 		case SRV_TIMER_SWEEP:
 			sweep(srv, now);
+			break;
+		case SRV_TIMER_ACCEPT:
+			pbrpc__srv_accept_resume(srv);
 			break;
 		case SRV_TIMER_DRAIN:
 			pbrpc__srv_log(srv, PBRPC_LOG_WARN, "drain deadline passed; closing remaining connections");
