@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -31,10 +32,13 @@
 
 #define PROG "pbrpc-server"
 #define DRAIN_MS 5000
+#define MAX_COUNT 1048576u        /* --max-connections, --max-calls */
+#define MAX_DURATION_MS 86400000L /* one day */
 #define SD_LISTEN_FDS_START 3
 
 static pbrpc_server *volatile g_srv;
 static volatile sig_atomic_t g_signal;
+static int g_drain_ms = DRAIN_MS; /* --drain-timeout */
 
 static const char *const level_names[] = { [PBRPC_LOG_ERROR] = "error", [PBRPC_LOG_WARN] = "warn",
 					    [PBRPC_LOG_INFO] = "info", [PBRPC_LOG_DEBUG] = "debug" };
@@ -191,17 +195,34 @@ static void usage(FILE *f)
 		"  -f, --max-frame BYTES   largest request accepted; suffixes K and M\n"
 		"                          (default 16M)\n"
 		"  -w, --workers N         run handlers on N threads (default 0: on the loop)\n"
+		"      --max-connections N\n"
+		"                          connections open at once (default 4096); one more\n"
+		"                          is told \"too many connections\" and closed\n"
+		"      --max-calls N       calls in flight per connection (default 1024)\n"
+		"      --idle-timeout DURATION\n"
+		"                          close a connection with no call in flight that\n"
+		"                          was silent this long (default 0: never)\n"
+		"      --handshake-timeout DURATION\n"
+		"                          close a connection whose HELLO has not come\n"
+		"                          within this (default 10s)\n"
+		"      --drain-timeout DURATION\n"
+		"                          on SIGINT or SIGTERM, let calls in flight finish\n"
+		"                          for this long (default 5s; 0: close at once)\n"
 		"  -L, --log-level LEVEL   error, warn, info (default) or debug\n"
 		"  -h, --help              show this help and exit\n"
 		"  -V, --version           show the version and exit\n"
 		"\n"
-		"Listening sockets passed by systemd (LISTEN_FDS) replace the default\n"
-		"endpoint. SIGINT or SIGTERM drains calls in flight for up to %d s and\n"
-		"exits; a second signal closes at once. Under systemd, readiness goes to\n"
-		"$NOTIFY_SOCKET (Type=notify) and log lines carry journal priorities.\n"
+		"DURATION is a whole number with a unit, ms, s or m (250ms, 10s, 2m); a bare\n"
+		"number is seconds. At most one day.\n"
 		"\n"
-		"See pbrpc-server(8) for more.\n",
-		DRAIN_MS / 1000);
+		"Listening sockets passed by systemd (LISTEN_FDS) replace the default\n"
+		"endpoint. SIGINT or SIGTERM drains calls in flight (see --drain-timeout)\n"
+		"and exits; a second signal closes at once. The soft open-file limit is\n"
+		"raised, up to the hard one, to fit --max-connections. Under systemd,\n"
+		"readiness goes to $NOTIFY_SOCKET (Type=notify) and log lines carry\n"
+		"journal priorities.\n"
+		"\n"
+		"See pbrpc-server(8) for more.\n");
 }
 
 static _Noreturn void bad_option(const char *opt, const char *val, const char *why)
@@ -245,6 +266,41 @@ static uint32_t parse_size(const char *opt, const char *s)
 	return (uint32_t)(v * mul);
 }
 
+/* A count from 1 to MAX_COUNT. */
+static uint32_t parse_count(const char *opt, const char *s)
+{
+	unsigned long v = parse_ulong(opt, s, 10, MAX_COUNT);
+	if (v == 0)
+		bad_option(opt, s, "must be at least 1");
+	return (uint32_t)v;
+}
+
+/* A DURATION (see usage()) in milliseconds; 0 only when zero_ok. */
+static int parse_duration(const char *opt, const char *s, bool zero_ok)
+{
+	char *end;
+	errno = 0;
+	if (*s < '0' || *s > '9')
+		bad_option(opt, s, "not a duration (e.g. 250ms, 10s, 2m)");
+	unsigned long long v = strtoull(s, &end, 10);
+	long mul = 1000;
+	if (strcmp(end, "ms") == 0)
+		mul = 1;
+	else if (strcmp(end, "s") == 0 || *end == '\0')
+		mul = 1000;
+	else if (strcmp(end, "m") == 0)
+		mul = 60000;
+	else
+		errno = EINVAL;
+	if (errno)
+		bad_option(opt, s, "not a duration (a whole number with ms, s or m, e.g. 250ms, 10s, 2m)");
+	if (v > (unsigned long long)(MAX_DURATION_MS / mul))
+		bad_option(opt, s, "longer than a day");
+	if (v == 0 && !zero_ok)
+		bad_option(opt, s, "must be more than 0");
+	return (int)(v * (unsigned long long)mul);
+}
+
 static pbrpc_log_level parse_level(const char *opt, const char *s)
 {
 	for (unsigned i = PBRPC_LOG_ERROR; i <= PBRPC_LOG_DEBUG; i++)
@@ -261,10 +317,16 @@ static char g_stop_line[2][2][128];
 static void format_stop_lines(void)
 {
 	static const int sigs[2] = { SIGINT, SIGTERM };
+	char drain[48];
+	if (g_drain_ms == 0)
+		snprintf(drain, sizeof(drain), "closing every connection now");
+	else if (g_drain_ms % 1000 == 0)
+		snprintf(drain, sizeof(drain), "draining calls in flight for up to %d s", g_drain_ms / 1000);
+	else
+		snprintf(drain, sizeof(drain), "draining calls in flight for up to %d ms", g_drain_ms);
 	for (int i = 0; i < 2; i++) {
-		snprintf(g_stop_line[i][0], sizeof(g_stop_line[i][0]),
-			 "%s" PROG ": info: stopping on SIG%s: draining calls in flight for up to %d s\n",
-			 prio(PBRPC_LOG_INFO), sigabbrev_np(sigs[i]), DRAIN_MS / 1000);
+		snprintf(g_stop_line[i][0], sizeof(g_stop_line[i][0]), "%s" PROG ": info: stopping on SIG%s: %s\n",
+			 prio(PBRPC_LOG_INFO), sigabbrev_np(sigs[i]), drain);
 		snprintf(g_stop_line[i][1], sizeof(g_stop_line[i][1]),
 			 "%s" PROG ": warn: second SIG%s: closing every connection now\n", prio(PBRPC_LOG_WARN),
 			 sigabbrev_np(sigs[i]));
@@ -285,7 +347,7 @@ static void on_signal(int sig)
 	if (!again)
 		notify("STOPPING=1\nSTATUS=draining calls in flight");
 	if (srv)
-		pbrpc_server_shutdown(srv, again ? 0 : DRAIN_MS);
+		pbrpc_server_shutdown(srv, again ? 0 : g_drain_ms);
 	errno = saved;
 }
 
@@ -365,6 +427,9 @@ typedef struct config {
 	pbrpc_server_opts opts;
 } config;
 
+/* Long options without a short form. */
+enum { OPT_MAX_CONNECTIONS = 256, OPT_MAX_CALLS, OPT_IDLE_TIMEOUT, OPT_HANDSHAKE_TIMEOUT, OPT_DRAIN_TIMEOUT };
+
 static void parse_args(int argc, char **argv, config *cfg)
 {
 	static const struct option longopts[] = {
@@ -373,6 +438,11 @@ static void parse_args(int argc, char **argv, config *cfg)
 		{ "max-frame", required_argument, NULL, 'f' },
 		{ "workers", required_argument, NULL, 'w' },
 		{ "log-level", required_argument, NULL, 'L' },
+		{ "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
+		{ "max-calls", required_argument, NULL, OPT_MAX_CALLS },
+		{ "idle-timeout", required_argument, NULL, OPT_IDLE_TIMEOUT },
+		{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
+		{ "drain-timeout", required_argument, NULL, OPT_DRAIN_TIMEOUT },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -406,6 +476,21 @@ static void parse_args(int argc, char **argv, config *cfg)
 			g_log_level = parse_level("--log-level", optarg);
 			cfg->opts.log_level = g_log_level;
 			break;
+		case OPT_MAX_CONNECTIONS:
+			cfg->opts.max_connections = parse_count("--max-connections", optarg);
+			break;
+		case OPT_MAX_CALLS:
+			cfg->opts.max_calls = parse_count("--max-calls", optarg);
+			break;
+		case OPT_IDLE_TIMEOUT:
+			cfg->opts.idle_timeout_ms = parse_duration("--idle-timeout", optarg, true);
+			break;
+		case OPT_HANDSHAKE_TIMEOUT:
+			cfg->opts.handshake_timeout_ms = parse_duration("--handshake-timeout", optarg, false);
+			break;
+		case OPT_DRAIN_TIMEOUT:
+			g_drain_ms = parse_duration("--drain-timeout", optarg, true);
+			break;
 		case 'h':
 			usage(stdout);
 			exit(0);
@@ -430,6 +515,30 @@ static void parse_args(int argc, char **argv, config *cfg)
 		errorf("unexpected argument '%s' (see --help)", argv[optind]);
 		exit(2);
 	}
+}
+
+/* Every connection is a file descriptor: the soft open-file limit is raised
+ * to fit max_connections and a margin, up to the hard limit (the server uses
+ * epoll, never select, so a large limit is harmless). When even that is too
+ * low for an explicit --max-connections, say so: the connections beyond it
+ * are refused as out of file descriptors. */
+static void fit_open_files(const pbrpc_server_opts *o)
+{
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+		return;
+	rlim_t want = (rlim_t)(o->max_connections ? o->max_connections : 4096) + 64;
+	if (rl.rlim_cur < want && rl.rlim_cur < rl.rlim_max) {
+		struct rlimit nl = { want < rl.rlim_max ? want : rl.rlim_max, rl.rlim_max };
+		if (setrlimit(RLIMIT_NOFILE, &nl) == 0)
+			rl = nl;
+	}
+	if (rl.rlim_cur < want && o->max_connections)
+		logf_(PBRPC_LOG_WARN,
+		      "the open-file limit is %llu: connections beyond about %llu are refused as out of file "
+		      "descriptors, not at --max-connections %u",
+		      (unsigned long long)rl.rlim_cur, (unsigned long long)(rl.rlim_cur > 16 ? rl.rlim_cur - 16 : 0),
+		      (unsigned)o->max_connections);
 }
 
 /* Adds every listener; returns 0 or prints why not and returns -1. */
@@ -492,6 +601,7 @@ int main(int argc, char **argv)
 	if (g_log_level >= PBRPC_LOG_INFO)
 		cfg.opts.call_log = access_log; /* else no clock is read for it */
 	format_stop_lines();
+	fit_open_files(&cfg.opts);
 	notify_open();
 	/* Before any thread exists, so that every thread inherits the mask, and
 	 * before the "listening on" line, after which a test may signal us. */

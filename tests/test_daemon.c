@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -35,6 +36,12 @@ static char tmpdir[64];
 /* Extra environment for the next spawn(), "K=V" strings, NULL-terminated;
  * "JOURNAL_STREAM=stderr" names the child's own stderr, as systemd does. */
 static const char *spawn_env[8];
+
+/* For the next spawn(): RLIMIT_NOFILE (soft and hard) in the child when
+ * non-zero, and stderr to this file instead of a pipe when set (a server that
+ * logs a lot must not block on a pipe nobody reads). */
+static rlim_t spawn_nofile;
+static const char *spawn_errfile;
 
 static void make_tmpdir(void)
 {
@@ -76,6 +83,16 @@ static void spawn(child *d, const char *const *args, int listen_fd, int pid_offs
 	if (pid == 0) {
 		dup2(out[1], 1);
 		dup2(err[1], 2);
+		if (spawn_errfile) {
+			int fd = open(spawn_errfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+			if (fd < 0 || dup2(fd, 2) < 0)
+				_exit(126);
+		}
+		if (spawn_nofile) {
+			struct rlimit rl = { spawn_nofile, spawn_nofile };
+			if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+				_exit(126);
+		}
 		if (listen_fd >= 0) {
 			if (listen_fd != 3) {
 				dup2(listen_fd, 3);
@@ -226,6 +243,8 @@ static void stop_reading_stderr(child *d, int sig, char *err, size_t len)
 static void reset_env(void)
 {
 	memset(spawn_env, 0, sizeof(spawn_env));
+	spawn_nofile = 0;
+	spawn_errfile = NULL;
 }
 
 TestSuite(daemon, .init = make_tmpdir, .fini = remove_tmpdir, .timeout = 30);
@@ -636,4 +655,458 @@ Test(daemon, systemd_socket_activate)
 	cr_expect_str_eq(wait_listening(&d), ep);
 	stop_reading_stderr(&d, SIGTERM, err, sizeof(err));
 	cr_expect_not_null(strstr(err, "pbrpc-server: info: stopping on SIGTERM"), "%s", err);
+}
+
+/* ---- issue 9: file descriptors, a second signal, the limits ---- */
+
+static int64_t tu_now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* utime + stime of a process, in seconds, from /proc/PID/stat. */
+static double cpu_seconds(pid_t pid)
+{
+	char path[64], buf[1024];
+	snprintf(path, sizeof(path), "/proc/%ld/stat", (long)pid);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	cr_assert_geq(fd, 0);
+	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	cr_assert_gt(n, 0);
+	buf[n] = '\0';
+	/* Fields after the command name, which is in parentheses: state is 3,
+	 * utime 14, stime 15. */
+	const char *p = strrchr(buf, ')');
+	cr_assert_not_null(p);
+	unsigned long long ut = 0, st = 0;
+	cr_assert_eq(sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st), 2);
+	return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+/* A /proc/PID/status field in kB ("VmRSS", "VmHWM"). */
+static long proc_kb(pid_t pid, const char *field)
+{
+	char path[64], line[256];
+	snprintf(path, sizeof(path), "/proc/%ld/status", (long)pid);
+	FILE *f = fopen(path, "r");
+	cr_assert_not_null(f);
+	long v = -1;
+	size_t fl = strlen(field);
+	while (fgets(line, sizeof(line), f))
+		if (strncmp(line, field, fl) == 0 && line[fl] == ':')
+			v = strtol(line + fl + 1, NULL, 10);
+	fclose(f);
+	return v;
+}
+
+/* Lines of a file that contain needle. */
+static int count_lines(const char *path, const char *needle, char *last, size_t lastlen)
+{
+	FILE *f = fopen(path, "r");
+	cr_assert_not_null(f);
+	static char line[4096];
+	int n = 0;
+	while (fgets(line, sizeof(line), f))
+		if (strstr(line, needle)) {
+			n++;
+			if (last)
+				snprintf(last, lastlen, "%.500s", line);
+		}
+	fclose(f);
+	return n;
+}
+
+static void echo_request(Demo__EchoRequest *req, const char *text, uint32_t delay_ms)
+{
+	*req = (Demo__EchoRequest)DEMO__ECHO_REQUEST__INIT;
+	req->payload.data = (uint8_t *)text;
+	req->payload.len = strlen(text);
+	req->delay_ms = delay_ms;
+}
+
+/* A nonblocking connect to a Unix path; the server's bytes are read later. */
+static int raw_connect(const char *path)
+{
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	cr_assert_geq(fd, 0);
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 && errno != EINPROGRESS && errno != EAGAIN) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/* rp_call, but a server that refuses the connection may close it before the
+ * request goes out (EPIPE): its GOAWAY is still there to read. */
+static int call_refusable(rp_conn *c, const ProtobufCMessage *req, rp_result *res)
+{
+	int rc = rp_call(c, "demo.Echo/Echo", req, NULL, NULL, res);
+	if (rc == -EPIPE || rc == -ECONNRESET)
+		rc = rp_recv(c, 2000, NULL, NULL, res);
+	return rc;
+}
+
+/* The next RESPONSE, skipping the drain's GOAWAY(OK) and PING (unanswered:
+ * the server may have closed by then). Returns its status or a negative code. */
+static int next_response_status(rp_conn *c, int timeout_ms)
+{
+	for (;;) {
+		pbrpc__frame f;
+		int rc = pbrpc__frame_read(&c->dec, c->fd, &f, timeout_ms);
+		if (rc < 0)
+			return rc;
+		if (f.hdr.type != PBRPC_FRAME_RESPONSE)
+			continue;
+		pbrpc__wire_response r;
+		rc = pbrpc__wire_read_response(&f, &r);
+		return rc < 0 ? rc : r.status;
+	}
+}
+
+/* Connects without sending anything and reads what the server sends until
+ * it closes (3 s at most); true when that contains `why` (a refusal's
+ * GOAWAY message). */
+static bool refused_with(const char *path, const char *why)
+{
+	int fd = raw_connect(path);
+	cr_assert_geq(fd, 0);
+	char buf[1024];
+	size_t got = 0;
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	while (got < sizeof(buf) && poll(&p, 1, 3000) == 1) {
+		ssize_t n = read(fd, buf + got, sizeof(buf) - got);
+		if (n <= 0)
+			break;
+		got += (size_t)n;
+	}
+	close(fd);
+	return memmem(buf, got, why, strlen(why)) != NULL;
+}
+
+static void cleanup_env_and_tmpdir(void)
+{
+	reset_env();
+	remove_tmpdir();
+}
+
+#define FD_LIMIT 64
+#define FD_CLIENTS 200
+
+/* Defect 1: under RLIMIT_NOFILE 64 with 200 clients, the server neither
+ * spins nor floods its log. The clients beyond the limit are told why
+ * (GOAWAY RESOURCE_EXHAUSTED "out of file descriptors"), accepting backs off,
+ * and a good client is served as soon as descriptors free up. */
+Test(daemon, out_of_file_descriptors, .init = make_tmpdir, .fini = cleanup_env_and_tmpdir)
+{
+	char ep[128], errpath[128];
+	snprintf(ep, sizeof(ep), "unix:%s/d.sock", tmpdir);
+	snprintf(errpath, sizeof(errpath), "%s/stderr", tmpdir);
+	spawn_nofile = FD_LIMIT;
+	spawn_errfile = errpath;
+	child d;
+	spawn(&d, (const char *[]){ "--listen", ep, "--log-level", "warn", NULL }, -1, 0);
+	wait_listening(&d);
+
+	/* Fill the server up with served connections: the first refusal
+	 * says why. */
+	static rp_conn held[FD_CLIENTS];
+	int n_held = 0, told = 0;
+	Demo__EchoRequest req;
+	echo_request(&req, "hi", 0);
+	rp_result res;
+	while (n_held < FD_CLIENTS) {
+		rp_conn *c = &held[n_held];
+		int rc = rp_open(c, ep);
+		if (rc == -EPIPE || rc == -ECONNRESET) {
+			/* Refused and closed before our HELLO went out: the next
+			 * one is refused too, and read without writing. */
+			cr_assert(refused_with(ep + 5, "out of file descriptors"));
+			told++;
+			break;
+		}
+		cr_assert_eq(rc, 0, "connection %d: %s", n_held, pbrpc_strerror(rc));
+		rc = call_refusable(c, &req.base, &res);
+		if (rc == PBRPC_EGOAWAY) {
+			cr_assert_eq(res.status, PBRPC_STATUS_RESOURCE_EXHAUSTED, "%s", res.message);
+			cr_assert_str_eq(res.message, "out of file descriptors");
+			rp_close(c);
+			told++;
+			break;
+		}
+		cr_assert_eq(rc, 0, "connection %d: %s", n_held, pbrpc_strerror(rc));
+		cr_assert_eq(res.status, PBRPC_STATUS_OK, "%s", res.message);
+		n_held++;
+	}
+	cr_assert_eq(told, 1, "the server took all %d connections under a limit of %d fds", n_held, FD_LIMIT);
+	cr_assert_gt(n_held, FD_LIMIT - 16, "only %d connections served", n_held);
+
+	/* The other clients keep connecting: each that is closed connects again. */
+	enum { PENDING = FD_CLIENTS - FD_LIMIT };
+	int pend[PENDING];
+	const char *path = ep + 5;
+	for (int i = 0; i < PENDING; i++)
+		cr_assert_geq(pend[i] = raw_connect(path), 0);
+	int lines0 = count_lines(errpath, "accept", NULL, 0);
+	double cpu0 = cpu_seconds(d.pid);
+	int64_t t0 = tu_now_ms(), t1;
+	while ((t1 = tu_now_ms()) - t0 < 2000) {
+		struct pollfd p[PENDING];
+		for (int i = 0; i < PENDING; i++)
+			p[i] = (struct pollfd){ .fd = pend[i], .events = POLLIN };
+		if (poll(p, PENDING, 100) <= 0)
+			continue;
+		for (int i = 0; i < PENDING; i++) {
+			if (!p[i].revents)
+				continue;
+			char buf[512];
+			ssize_t n = read(pend[i], buf, sizeof(buf));
+			if (n > 0 && memmem(buf, (size_t)n, "out of file descriptors", 23))
+				told++;
+			if (n <= 0 || n < (ssize_t)sizeof(buf)) {
+				close(pend[i]);
+				cr_assert_geq(pend[i] = raw_connect(path), 0);
+			}
+		}
+	}
+	double cpu = (cpu_seconds(d.pid) - cpu0) / ((double)(t1 - t0) / 1000.0);
+	char last[512] = "";
+	int lines = count_lines(errpath, "accept", last, sizeof(last)) - lines0;
+	double per_s = lines / ((double)(t1 - t0) / 1000.0);
+	fprintf(stderr, "out_of_file_descriptors: server CPU %.1f%% at the limit, %.1f accept log lines/s, "
+		"%d clients told why; last line: %s", cpu * 100, per_s, told, last);
+	cr_expect_lt(cpu, 0.20, "server CPU %.0f%% while at the fd limit", cpu * 100);
+	cr_expect_leq(per_s, 3.0, "%.0f log lines a second", per_s);
+	cr_expect_not_null(strstr(last, "accept: out of file descriptors ("), "%s", last);
+	cr_expect_not_null(strstr(last, " refused in the last second)"), "%s", last);
+	cr_expect_gt(told, 1, "clients over the limit are told why");
+
+	/* Descriptors free up: a good client is served at once. */
+	for (int i = 0; i < PENDING; i++)
+		close(pend[i]);
+	for (int i = 0; i < 8; i++)
+		rp_close(&held[--n_held]);
+	int64_t t2 = tu_now_ms();
+	rp_conn g;
+	int rc = -1;
+	while (tu_now_ms() - t2 < 3000) {
+		if ((rc = rp_open(&g, ep)) < 0) {
+			usleep(20000);
+			continue;
+		}
+		rc = call_refusable(&g, &req.base, &res);
+		if (rc == 0)
+			break;
+		rp_close(&g);
+		usleep(20000);
+	}
+	cr_assert_eq(rc, 0, "no good client served 3 s after fds were freed: %s %s", pbrpc_strerror(rc), res.message);
+	cr_expect_eq(res.status, PBRPC_STATUS_OK);
+	fprintf(stderr, "out_of_file_descriptors: a good client served %lld ms after fds were freed\n",
+		(long long)(tu_now_ms() - t2));
+	cr_expect_lt(tu_now_ms() - t2, 1500);
+	rp_close(&g);
+	while (n_held > 0)
+		rp_close(&held[--n_held]);
+	stop_with(&d, SIGTERM);
+}
+
+/* Defect 3: a second SIGTERM during a drain closes at once; the held call is
+ * answered UNAVAILABLE. */
+Test(daemon, second_signal_closes_at_once)
+{
+	char ep[128], err[4096];
+	snprintf(ep, sizeof(ep), "unix:%s/d.sock", tmpdir);
+	child d;
+	spawn(&d, (const char *[]){ "--listen", ep, "--drain-timeout", "20s", NULL }, -1, 0);
+	wait_listening(&d);
+	rp_conn c;
+	cr_assert_eq(rp_open(&c, ep), 0);
+	Demo__EchoRequest req;
+	echo_request(&req, "held", 15000);
+	cr_assert_gt(rp_send(&c, "demo.Echo/Echo", &req.base), 0);
+	usleep(100000);
+	cr_assert_eq(kill(d.pid, SIGTERM), 0);
+	usleep(300000);
+	int st;
+	cr_assert_eq(waitpid(d.pid, &st, WNOHANG), 0, "exited on the first signal with a call in flight");
+	int64_t t0 = tu_now_ms();
+	cr_assert_eq(kill(d.pid, SIGTERM), 0);
+	st = wait_exit(&d, 1500);
+	int64_t took = tu_now_ms() - t0;
+	read_all(d.err, err, sizeof(err));
+	cr_assert_neq(st, -1, "still draining 1.5 s after the second SIGTERM; stderr:\n%s", err);
+	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0, "status 0x%x; stderr:\n%s", st, err);
+	cr_expect_lt(took, 1000, "the second signal took %lld ms", (long long)took);
+	cr_expect_not_null(strstr(err, "second SIGTERM: closing every connection now"), "%s", err);
+	cr_expect_eq(next_response_status(&c, 2000), PBRPC_STATUS_UNAVAILABLE);
+	rp_close(&c);
+	finish(&d);
+}
+
+/* Defect 8: the limits as flags, validated. */
+Test(daemon, limit_options_apply)
+{
+	char ep[128];
+	snprintf(ep, sizeof(ep), "unix:%s/d.sock", tmpdir);
+	child d;
+	spawn(&d, (const char *[]){ "--listen", ep, "--max-connections", "2", "--max-calls", "3", "--idle-timeout",
+				    "300ms", "--handshake-timeout", "200ms", "--drain-timeout", "1s", NULL },
+	      -1, 0);
+	wait_listening(&d);
+	rp_conn a, b;
+	cr_assert_eq(rp_open(&a, ep), 0);
+	cr_expect_eq(a.hello.max_calls, 3);
+	cr_assert_eq(rp_open(&b, ep), 0);
+	/* A third connection is over --max-connections. */
+	cr_expect(refused_with(ep + 5, "too many connections"));
+	Demo__EchoRequest req;
+	/* --idle-timeout: a connection with nothing in flight is closed. */
+	int64_t t0 = tu_now_ms();
+	pbrpc__frame f;
+	int rc = pbrpc__frame_read(&a.dec, a.fd, &f, 3000);
+	while (rc == 1)
+		rc = pbrpc__frame_read(&a.dec, a.fd, &f, 3000); /* its GOAWAY(UNAVAILABLE) */
+	cr_expect(rc == PBRPC_EOF || rc == -ECONNRESET, "%s", pbrpc_strerror(rc));
+	cr_expect_geq(tu_now_ms() - t0, 250);
+	cr_expect_lt(tu_now_ms() - t0, 2000);
+	rp_close(&a);
+	rp_close(&b);
+	/* --handshake-timeout: a silent connection is closed. */
+	int s = raw_connect(ep + 5);
+	cr_assert_geq(s, 0);
+	t0 = tu_now_ms();
+	struct pollfd p = { .fd = s, .events = POLLIN };
+	char buf[256];
+	for (;;) {
+		cr_assert_eq(poll(&p, 1, 3000), 1, "the silent connection is still open after 3 s");
+		if (read(s, buf, sizeof(buf)) <= 0)
+			break;
+	}
+	cr_expect_geq(tu_now_ms() - t0, 150);
+	cr_expect_lt(tu_now_ms() - t0, 2000);
+	close(s);
+	/* --drain-timeout 1s: a held call is answered UNAVAILABLE after 1 s. */
+	cr_assert_eq(rp_open(&a, ep), 0);
+	echo_request(&req, "held", 10000);
+	cr_assert_gt(rp_send(&a, "demo.Echo/Echo", &req.base), 0);
+	usleep(50000);
+	t0 = tu_now_ms();
+	cr_assert_eq(kill(d.pid, SIGTERM), 0);
+	cr_expect_eq(next_response_status(&a, 5000), PBRPC_STATUS_UNAVAILABLE);
+	cr_expect_geq(tu_now_ms() - t0, 900);
+	cr_expect_lt(tu_now_ms() - t0, 3000);
+	rp_close(&a);
+	int st = wait_exit(&d, 3000);
+	cr_expect(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	finish(&d);
+}
+
+Test(daemon, bad_limit_options_exit_2)
+{
+	struct {
+		const char *args[3];
+		const char *needle;
+	} cases[] = {
+		{ { "--max-connections", "0" }, "--max-connections" },
+		{ { "--max-connections", "lots" }, "--max-connections" },
+		{ { "--max-connections", "99999999999" }, "--max-connections" },
+		{ { "--max-calls", "0" }, "--max-calls" },
+		{ { "--max-calls", "-4" }, "--max-calls" },
+		{ { "--idle-timeout", "soon" }, "--idle-timeout" },
+		{ { "--idle-timeout", "5h" }, "--idle-timeout" },
+		{ { "--idle-timeout", "-1s" }, "--idle-timeout" },
+		{ { "--handshake-timeout", "0" }, "--handshake-timeout" },
+		{ { "--handshake-timeout", "99999999s" }, "--handshake-timeout" },
+		{ { "--drain-timeout", "1.5s" }, "--drain-timeout" },
+		{ { "--drain-timeout" }, "--drain-timeout" },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char err[4096];
+		int code = run_to_exit(cases[i].args, err, sizeof(err));
+		cr_expect_eq(code, 2, "%s %s: exit %d", cases[i].args[0], cases[i].args[1], code);
+		cr_expect_not_null(strstr(err, cases[i].needle), "%s: stderr \"%s\"", cases[i].args[0], err);
+		cr_expect_eq(strchr(err, '\n'), err + strlen(err) - 1, "one line: \"%s\"", err);
+	}
+	char out[8192];
+	child d;
+	spawn(&d, (const char *[]){ "--help", NULL }, -1, 0);
+	int st = wait_exit(&d, 5000);
+	read_all(d.out, out, sizeof(out));
+	finish(&d);
+	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	static const char *const flags[] = { "--max-connections N", "--max-calls N", "--idle-timeout DURATION",
+					     "--handshake-timeout DURATION", "--drain-timeout DURATION" };
+	for (size_t i = 0; i < sizeof(flags) / sizeof(flags[0]); i++)
+		cr_expect_not_null(strstr(out, flags[i]), "--help lacks %s:\n%s", flags[i], out);
+}
+
+#define MANY 10000
+
+/* Defect 8: through the daemon, 10,000 concurrent connections each make one
+ * call, and all succeed. Needs RLIMIT_NOFILE above 10,000 for this process
+ * (raised up to the hard limit, which root may raise too). */
+Test(daemon, ten_thousand_connections, .timeout = 120)
+{
+	struct rlimit rl;
+	cr_assert_eq(getrlimit(RLIMIT_NOFILE, &rl), 0);
+	rlim_t want = MANY + 256;
+	if (rl.rlim_max < want)
+		rl.rlim_max = want; /* root only */
+	rl.rlim_cur = want;
+	if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+		cr_skip_test("cannot raise RLIMIT_NOFILE to %lu (not root, hard limit lower)", (unsigned long)want);
+
+	char ep[128];
+	snprintf(ep, sizeof(ep), "unix:%s/d.sock", tmpdir);
+	child d;
+	spawn(&d, (const char *[]){ "--listen", ep, "--max-connections", "20000", "--log-level", "warn", NULL }, -1,
+	      0);
+	wait_listening(&d);
+	long rss0 = proc_kb(d.pid, "VmRSS");
+
+	rp_conn *c = calloc(MANY, sizeof(*c));
+	cr_assert_not_null(c);
+	int64_t t0 = tu_now_ms();
+	for (int i = 0; i < MANY; i++) {
+		int rc = rp_open(&c[i], ep);
+		cr_assert_eq(rc, 0, "connection %d: %s", i, pbrpc_strerror(rc));
+	}
+	int64_t t1 = tu_now_ms();
+	Demo__EchoRequest req;
+	char text[32];
+	for (int i = 0; i < MANY; i++) {
+		snprintf(text, sizeof(text), "call %d", i);
+		echo_request(&req, text, 0);
+		cr_assert_eq(rp_send(&c[i], "demo.Echo/Echo", &req.base), 1, "connection %d", i);
+	}
+	int ok = 0;
+	for (int i = 0; i < MANY; i++) {
+		rp_result res;
+		Demo__EchoReply *reply = NULL;
+		int rc = rp_recv(&c[i], 10000, &demo__echo_reply__descriptor, (ProtobufCMessage **)&reply, &res);
+		snprintf(text, sizeof(text), "call %d", i);
+		if (rc == 0 && res.status == PBRPC_STATUS_OK && reply && reply->payload.len == strlen(text) &&
+		    memcmp(reply->payload.data, text, reply->payload.len) == 0)
+			ok++;
+		else
+			cr_expect_fail("connection %d: %s, status %d %s", i, pbrpc_strerror(rc), res.status, res.message);
+		if (reply)
+			demo__echo_reply__free_unpacked(reply, NULL);
+	}
+	int64_t t2 = tu_now_ms();
+	long rss = proc_kb(d.pid, "VmRSS"), hwm = proc_kb(d.pid, "VmHWM");
+	fprintf(stderr,
+		"ten_thousand_connections: %d/%d calls ok; %lld ms to connect, %lld ms for the calls, %lld ms in all; "
+		"daemon RSS %ld kB before, %ld kB with %d connections open (peak %ld kB)\n",
+		ok, MANY, (long long)(t1 - t0), (long long)(t2 - t1), (long long)(t2 - t0), rss0, rss, MANY, hwm);
+	cr_expect_eq(ok, MANY);
+	for (int i = 0; i < MANY; i++)
+		rp_close(&c[i]);
+	free(c);
+	stop_with(&d, SIGTERM);
 }

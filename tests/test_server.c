@@ -1605,3 +1605,54 @@ Test(server, forced_drain_answers_unavailable)
 	rmdir(t.dir);
 	peer_close(&p);
 }
+
+/* Issue 9, defect 3: while a drain runs, a later pbrpc_server_shutdown() with
+ * a shorter drain shortens it (0: at once); a longer one changes nothing. */
+Test(server, shorter_shutdown_shortens_a_drain)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	peer_request(&p, 1, "hold");
+	wait_held(1);
+	pbrpc_server_shutdown(t.srv, 30000);
+	usleep(100000);
+	pbrpc_server_shutdown(t.srv, 60000); /* longer: ignored */
+	usleep(100000);
+	int64_t t0 = tu_now_ms();
+	pbrpc_server_shutdown(t.srv, 0);
+	uint32_t id = 0;
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_UNAVAILABLE);
+	cr_assert_eq(id, 1);
+	pthread_join(t.thr, NULL);
+	cr_assert_lt(tu_now_ms() - t0, 1000, "the second shutdown took %lld ms", (long long)(tu_now_ms() - t0));
+	cr_assert_eq(t.rc, 0);
+	pbrpc_server_free(t.srv);
+	rmdir(t.dir);
+	peer_close(&p);
+}
+
+/* A drain without a deadline, then one with: the deadline applies. */
+Test(server, deadline_after_an_endless_drain)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_handshake(&p, t.addr);
+	peer_request(&p, 1, "hold");
+	wait_held(1);
+	pbrpc_server_shutdown(t.srv, -1);
+	usleep(100000);
+	int64_t t0 = tu_now_ms();
+	pbrpc_server_shutdown(t.srv, 300);
+	uint32_t id = 0;
+	cr_assert_eq(peer_response(&p, &id, NULL, 0, NULL, 0), PBRPC_STATUS_UNAVAILABLE);
+	pthread_join(t.thr, NULL);
+	int64_t took = tu_now_ms() - t0;
+	cr_assert_geq(took, 250);
+	cr_assert_lt(took, 2000);
+	pbrpc_server_free(t.srv);
+	rmdir(t.dir);
+	peer_close(&p);
+}

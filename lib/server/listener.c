@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
@@ -33,26 +34,36 @@ void pbrpc__srv_listeners_close(pbrpc_server *srv)
 		close(l->fd);
 		l->fd = -1;
 	}
+	pbrpc__heap_stop(&srv->timers, &srv->accept_timer);
+	srv->accept_paused = false;
 }
 
-/* Over the connection limit or shutting down: say why before closing, so the
- * client reports something useful (preface, HELLO, GOAWAY, close). */
+/* Over the connection limit, out of file descriptors or shutting down: say
+ * why before closing, so the client reports something useful (preface,
+ * HELLO, GOAWAY, close). */
 static void refused_close(pbrpc__conn *c, int err, const char *why)
 {
-	(void)c, (void)err, (void)why; /* counted and logged by refuse() */
+	(void)c, (void)err, (void)why; /* counted and logged by the caller */
 }
 
 static const pbrpc__conn_ops refused_ops = { .on_close = refused_close };
 
-static void refuse(pbrpc_server *srv, int fd)
+static void refuse_with(pbrpc_server *srv, int fd, int status, const char *why)
 {
 	pbrpc__conn c;
-	bool down = srv->shutting_down;
 	if (pbrpc__conn_init(&c, fd, PBRPC__CONN_SERVER, &refused_ops, &srv->hello) == 0)
-		pbrpc__conn_fail(&c, down ? PBRPC_STATUS_UNAVAILABLE : PBRPC_STATUS_RESOURCE_EXHAUSTED, 0, "%s",
-				 down ? "server is shutting down" : "too many connections");
+		pbrpc__conn_fail(&c, status, 0, "%s", why);
+	else
+		c.fd = fd; /* closed by fini */
 	pbrpc__conn_fini(&c);
 	srv->stats.connections_refused++;
+}
+
+static void refuse(pbrpc_server *srv, int fd)
+{
+	bool down = srv->shutting_down;
+	refuse_with(srv, fd, down ? PBRPC_STATUS_UNAVAILABLE : PBRPC_STATUS_RESOURCE_EXHAUSTED,
+		    down ? "server is shutting down" : "too many connections");
 	pbrpc__srv_log(srv, PBRPC_LOG_WARN, "refused a connection: %s", down ? "shutting down" : "too many connections");
 }
 
@@ -77,6 +88,96 @@ static void conn_set_peer(srv_conn *c, int fd, bool tcp)
 		port = ntohs(a->sin6_port);
 		snprintf(c->peer, sizeof(c->peer), "tcp:[%s]:%u", host, port);
 	}
+}
+
+/* ---- out of file descriptors ----
+ * A level-triggered listener with a connection waiting and no fd to take it
+ * wakes the loop for ever. So at EMFILE or ENFILE (and ENOBUFS, ENOMEM) the
+ * listeners leave the epoll set for a backoff, 100 ms doubling to 1 s, reset
+ * by the next successful accept, and come back early when a connection
+ * closes. Before pausing, the one reserved fd is given up to accept what
+ * waits (at most REFUSE_PER_PAUSE) and answer it GOAWAY(RESOURCE_EXHAUSTED,
+ * "out of file descriptors"), so the client is told why; then it is taken
+ * again. One log line a second at most, with a count. */
+
+#define ACCEPT_BACKOFF_MIN_MS 100
+#define ACCEPT_BACKOFF_MAX_MS 1000
+#define REFUSE_PER_PAUSE 64
+
+/* Takes the reserved fd if it is not held; returns it or -1. */
+int pbrpc__srv_reserve_fd(pbrpc_server *srv)
+{
+	if (srv->reserve_fd < 0)
+		srv->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	return srv->reserve_fd;
+}
+
+static void listeners_watch(pbrpc_server *srv, bool on)
+{
+	for (size_t i = 0; i < srv->n_listeners; i++) {
+		srv_listener *l = srv->listeners[i];
+		if (l->fd < 0)
+			continue;
+		struct epoll_event e = { .events = EPOLLIN, .data.ptr = l };
+		epoll_ctl(srv->epfd, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, l->fd, on ? &e : NULL);
+	}
+	srv->accept_paused = !on;
+}
+
+/* The backoff is over, or a connection closed and freed its fd. */
+void pbrpc__srv_accept_resume(pbrpc_server *srv)
+{
+	pbrpc__heap_stop(&srv->timers, &srv->accept_timer);
+	if (!srv->accept_paused)
+		return;
+	pbrpc__srv_reserve_fd(srv);
+	listeners_watch(srv, true);
+}
+
+static void at_limit(pbrpc_server *srv, srv_listener *l, int err)
+{
+	bool fds = err == EMFILE || err == ENFILE;
+	uint64_t refused = 0;
+	while (fds && refused < REFUSE_PER_PAUSE && srv->reserve_fd >= 0) {
+		close(srv->reserve_fd);
+		srv->reserve_fd = -1;
+		int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		int aerr = errno;
+		if (fd >= 0) {
+			refuse_with(srv, fd, PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of file descriptors");
+			refused++;
+		}
+		pbrpc__srv_reserve_fd(srv);
+		if (fd < 0 && aerr != EINTR && aerr != ECONNABORTED)
+			break; /* EAGAIN: nothing waits any more */
+	}
+	srv->accept_refused += refused;
+
+	int ms = srv->accept_backoff_ms ? srv->accept_backoff_ms * 2 : ACCEPT_BACKOFF_MIN_MS;
+	srv->accept_backoff_ms = ms > ACCEPT_BACKOFF_MAX_MS ? ACCEPT_BACKOFF_MAX_MS : ms;
+	int64_t now = pbrpc__now_ns();
+	if (now >= srv->accept_log_next) {
+		pbrpc__srv_log(srv, PBRPC_LOG_WARN, "accept: %s (%" PRIu64 " refused in the last second)",
+			       fds ? "out of file descriptors" : "out of memory", srv->accept_refused);
+		srv->accept_refused = 0;
+		srv->accept_log_next = now + PBRPC__NS_PER_S;
+	}
+	/* Without a timer the listeners would never come back: keep them. */
+	if (pbrpc__heap_start(&srv->timers, &srv->accept_timer,
+			      now + (int64_t)srv->accept_backoff_ms * PBRPC__NS_PER_MS) == 0 &&
+	    !srv->accept_paused)
+		listeners_watch(srv, false);
+}
+
+/* Accepting works again. */
+static void accept_recovered(pbrpc_server *srv)
+{
+	srv->accept_backoff_ms = 0;
+	if (srv->accept_refused)
+		pbrpc__srv_log(srv, PBRPC_LOG_WARN, "accept: accepting again (%" PRIu64
+			       " refused since the last report)", srv->accept_refused);
+	srv->accept_refused = 0;
+	srv->accept_log_next = 0;
 }
 
 static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l)
@@ -114,15 +215,21 @@ static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l)
 
 void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l)
 {
+	if (l->fd < 0 || srv->accept_paused)
+		return; /* closed or paused earlier in this batch of events */
 	for (int i = 0; i < ACCEPTS_PER_WAKEUP; i++) {
 		int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd < 0) {
 			if (errno == EINTR || errno == ECONNABORTED)
 				continue;
-			if (errno != EAGAIN && errno != EWOULDBLOCK)
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+				at_limit(srv, l, errno);
+			else if (errno != EAGAIN && errno != EWOULDBLOCK)
 				pbrpc__srv_log(srv, PBRPC_LOG_ERROR, "accept: %s", strerror(errno));
 			return;
 		}
+		if (srv->accept_backoff_ms)
+			accept_recovered(srv);
 		if (srv->stats.connections_open >= srv->o.max_connections || srv->shutting_down) {
 			refuse(srv, fd);
 			continue;
@@ -130,14 +237,17 @@ void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l)
 		srv_conn *c = conn_new(srv, fd, l);
 		if (!c) {
 			close(fd);
-			continue;
+			at_limit(srv, l, ENOMEM);
+			return;
 		}
 		c->events = EPOLLIN;
 		struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
 		if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &e) < 0) {
+			int err = errno;
 			pbrpc__conn_fini(&c->base);
 			free(c);
-			continue;
+			at_limit(srv, l, err == ENOSPC ? ENOMEM : err); /* max_user_watches: no memory for it */
+			return;
 		}
 		pbrpc__list_insert(&srv->conns, &c->link);
 		srv->stats.connections_accepted++;

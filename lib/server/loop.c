@@ -2,6 +2,7 @@
  * wake-up eventfd; reads into the loop's scratch buffer; one flush per dirty
  * connection per batch; timers; graceful and forced drain. */
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -55,6 +56,8 @@ void pbrpc__srv_conn_closed(srv_conn *c)
 	pbrpc__heap_stop(&srv->timers, &c->timer);
 	srv->stats.connections_open--;
 	srv->reap_pending = true;
+	if (srv->accept_paused)
+		pbrpc__srv_accept_resume(srv); /* out of fds: one just came free */
 }
 
 void pbrpc__srv_conn_free(srv_conn *c)
@@ -229,6 +232,9 @@ static void run_timers(pbrpc_server *srv)
 		case SRV_TIMER_SWEEP:
 			sweep(srv, now);
 			break;
+		case SRV_TIMER_ACCEPT:
+			pbrpc__srv_accept_resume(srv);
+			break;
 		case SRV_TIMER_DRAIN:
 			pbrpc__srv_log(srv, PBRPC_LOG_WARN, "drain deadline passed; closing remaining connections");
 			finish_drain(srv);
@@ -252,6 +258,19 @@ static int next_timeout(pbrpc_server *srv, int timeout_ms)
 
 /* ---- shutdown ---- */
 
+/* Arms (or brings forward) the drain deadline: drain_ms from now; < 0 none. */
+static void drain_within(pbrpc_server *srv, int drain_ms)
+{
+	if (drain_ms == 0) {
+		pbrpc__heap_stop(&srv->timers, &srv->drain);
+		finish_drain(srv);
+		return;
+	}
+	int64_t when = pbrpc__now_ns() + (int64_t)drain_ms * PBRPC__NS_PER_MS;
+	if (drain_ms > 0 && (!pbrpc__timer_armed(&srv->drain) || when < srv->drain.when))
+		pbrpc__heap_start(&srv->timers, &srv->drain, when);
+}
+
 static void begin_shutdown(pbrpc_server *srv, int drain_ms)
 {
 	if (srv->shutting_down)
@@ -268,19 +287,36 @@ static void begin_shutdown(pbrpc_server *srv, int drain_ms)
 			pbrpc__conn_close(&c->base, 0, "server is shutting down");
 		}
 	}
-	if (drain_ms == 0)
-		finish_drain(srv);
-	else if (drain_ms > 0)
-		pbrpc__heap_start(&srv->timers, &srv->drain, pbrpc__now_ns() + (int64_t)drain_ms * PBRPC__NS_PER_MS);
+	drain_within(srv, drain_ms);
 	flush_dirty(srv);
 }
 
+/* A request, from any thread or a signal handler (atomics only): the
+ * shortest drain asked for wins, so a second SIGTERM's 0 ends a 5 s drain. */
 PBRPC_EXPORT void pbrpc_server_shutdown(pbrpc_server *srv, int drain_ms)
 {
-	int v = drain_ms < 0 ? 1 : (drain_ms > INT32_MAX - 2 ? INT32_MAX : drain_ms + 2);
-	int expected = 0;
-	atomic_compare_exchange_strong(&srv->shutdown_req, &expected, v);
+	int v = drain_ms < 0 ? INT_MAX : (drain_ms >= INT_MAX - 1 ? INT_MAX - 1 : drain_ms + 1);
+	int cur = atomic_load(&srv->shutdown_req);
+	while ((cur == 0 || v < cur) && !atomic_compare_exchange_weak(&srv->shutdown_req, &cur, v))
+		;
 	pbrpc__srv_wake(srv);
+}
+
+/* On the loop thread, after a wake-up: begin the drain, or shorten it. */
+static void shutdown_requested(pbrpc_server *srv)
+{
+	int req = atomic_load(&srv->shutdown_req);
+	if (!req || req == srv->shutdown_seen)
+		return;
+	srv->shutdown_seen = req;
+	int drain_ms = req == INT_MAX ? -1 : req - 1;
+	if (!srv->shutting_down) {
+		begin_shutdown(srv, drain_ms);
+		return;
+	}
+	pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutting down sooner (drain %d ms)", drain_ms);
+	drain_within(srv, drain_ms);
+	flush_dirty(srv);
 }
 
 /* ---- the loop ---- */
@@ -323,9 +359,7 @@ static void on_event(pbrpc_server *srv, const struct epoll_event *ev)
 		ssize_t r = read(srv->wake.fd, &v, sizeof(v));
 		(void)r;
 		pbrpc__srv_drain_completions(srv);
-		int req = atomic_load(&srv->shutdown_req);
-		if (req && !srv->shutting_down)
-			begin_shutdown(srv, req == 1 ? -1 : req - 2);
+		shutdown_requested(srv);
 		break;
 	}
 	case SRV_SRC_CONN: {

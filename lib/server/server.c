@@ -79,6 +79,8 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	pbrpc__list_init(&srv->wq);
 	pbrpc__timer_init(&srv->sweep, SRV_TIMER_SWEEP);
 	pbrpc__timer_init(&srv->drain, SRV_TIMER_DRAIN);
+	pbrpc__timer_init(&srv->accept_timer, SRV_TIMER_ACCEPT);
+	srv->reserve_fd = -1;
 	srv->wake.src = SRV_SRC_WAKE;
 	srv->wake.fd = -1;
 	pthread_mutex_init(&srv->cq_mu, NULL);
@@ -111,6 +113,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 		err = -ENOMEM;
 		goto err_scratch;
 	}
+	pbrpc__srv_reserve_fd(srv); /* best effort: taken again when needed */
 	err = pbrpc__srv_workers_start(srv);
 	if (err < 0)
 		goto err_timers;
@@ -118,6 +121,8 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	return 0;
 
 err_timers:
+	if (srv->reserve_fd >= 0)
+		close(srv->reserve_fd);
 	pbrpc__heap_fini(&srv->timers);
 err_scratch:
 	free(srv->scratch);
@@ -154,6 +159,8 @@ PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
 	pbrpc__arena_spare_free(&srv->spare_big);
 	pbrpc__heap_fini(&srv->timers);
 	free(srv->scratch);
+	if (srv->reserve_fd >= 0)
+		close(srv->reserve_fd);
 	close(srv->wake.fd);
 	close(srv->epfd);
 	pthread_mutex_destroy(&srv->cq_mu);

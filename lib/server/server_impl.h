@@ -34,7 +34,7 @@
 /* What an epoll event's data.ptr points at: the first member of each. */
 enum srv_src { SRV_SRC_LISTENER, SRV_SRC_CONN, SRV_SRC_WAKE };
 
-enum srv_timer { SRV_TIMER_CALL, SRV_TIMER_CONN, SRV_TIMER_SWEEP, SRV_TIMER_DRAIN };
+enum srv_timer { SRV_TIMER_CALL, SRV_TIMER_CONN, SRV_TIMER_SWEEP, SRV_TIMER_DRAIN, SRV_TIMER_ACCEPT };
 
 typedef struct srv_listener {
 	enum srv_src src;
@@ -112,6 +112,16 @@ struct pbrpc_server {
 	pbrpc__timer sweep;
 	pbrpc__timer drain;
 
+	/* Out of file descriptors (or memory) in accept: the listeners leave
+	 * the epoll set for a backoff (listener.c), and one reserved fd lets
+	 * the server accept a connection at the limit to say why it refuses. */
+	pbrpc__timer accept_timer; /* SRV_TIMER_ACCEPT: watch the listeners again */
+	int reserve_fd;            /* /dev/null, or -1 */
+	int accept_backoff_ms;     /* 0 while accepting works */
+	bool accept_paused;        /* the listeners are out of the epoll set */
+	uint64_t accept_refused;   /* refused at the limit since the last log line */
+	int64_t accept_log_next;   /* no "out of file descriptors" line before this */
+
 	pbrpc__list free_calls;
 	size_t n_free_calls;
 	pbrpc__arena_chunk *spare_big; /* shared by every call's arena */
@@ -129,7 +139,9 @@ struct pbrpc_server {
 
 	int64_t now;              /* CLOCK_MONOTONIC at the last wake-up */
 	srv_call *dispatching;    /* the call whose handler runs inline right now */
-	atomic_int shutdown_req;  /* drain ms + 2; 0 = none, 1 = wait forever */
+	atomic_int shutdown_req;  /* the shortest drain asked for: ms + 1; 0 = none,
+	                           * INT_MAX = wait forever */
+	int shutdown_seen;        /* the shutdown_req the loop acted on */
 	bool shutting_down;
 	bool shutdown_done;
 	bool reap_pending; /* a connection closed: free it at the end of the round */
@@ -159,6 +171,8 @@ void pbrpc__srv_conn_free(srv_conn *c);
 
 /* listener.c */
 void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l);
+void pbrpc__srv_accept_resume(pbrpc_server *srv);
+int pbrpc__srv_reserve_fd(pbrpc_server *srv);
 void pbrpc__srv_listeners_close(pbrpc_server *srv);
 
 #endif

@@ -163,13 +163,16 @@ PBRPC_EXPORT int pbrpc_server_run(pbrpc_server *srv);
 /* Begins a graceful shutdown: stop accepting, send GOAWAY to every
  * connection, let calls in flight finish for up to drain_ms (then they are
  * answered UNAVAILABLE and connections closed). drain_ms < 0 waits for ever;
- * 0 closes at once. Safe from any thread and from a signal handler. */
+ * 0 closes at once. Called again, the shortest drain asked for wins: a later
+ * 0 ends a drain at once (a second SIGTERM), a longer one changes nothing.
+ * Safe from any thread and from a signal handler. */
 PBRPC_EXPORT void pbrpc_server_shutdown(pbrpc_server *srv, int drain_ms);
 
 /* Counters, for tests and monitoring. Read on the loop thread. */
 typedef struct pbrpc_server_stats {
 	uint64_t connections_accepted;
-	uint64_t connections_refused;  /* over max_connections */
+	uint64_t connections_refused;  /* told why and closed: over max_connections,
+	                                * out of file descriptors, shutting down */
 	uint64_t connections_open;
 	uint64_t protocol_errors;      /* connections closed for bad bytes */
 	uint64_t calls_started;
