@@ -77,13 +77,37 @@ static pid_t start_replacement(const char *endpoint)
 {
 	for (int i = 0; i < 200; i++) {
 		pid_t pid = spawn_server(endpoint);
-		sleep_ms(30);
+		sleep_ms(100);
 		int st;
 		if (waitpid(pid, &st, WNOHANG) == 0)
 			return pid;
 		sleep_ms(5);
 	}
 	cr_assert_fail("the replacement never started on %s", endpoint);
+	return -1;
+}
+
+/* Waits until `pid`, or a replacement started again after it exited, is
+ * alive and a new client completes a handshake with it. */
+static pid_t serving_replacement(const char *endpoint, pid_t pid)
+{
+	pbrpc_client_opts o = { .connect_timeout_ms = 200 };
+	for (int i = 0; i < 1000; i++) {
+		int st;
+		if (waitpid(pid, &st, WNOHANG) == pid) {
+			pid = spawn_server(endpoint);
+			sleep_ms(50);
+			continue;
+		}
+		pbrpc_client *c;
+		if (pbrpc_client_connect(&c, endpoint, &o) == 0) {
+			pbrpc_client_free(c);
+			if (waitpid(pid, &st, WNOHANG) == 0)
+				return pid;
+		}
+		sleep_ms(10);
+	}
+	cr_assert_fail("no replacement came up on %s", endpoint);
 	return -1;
 }
 
@@ -147,9 +171,11 @@ static void restart_loop(const char *endpoint)
 		int st;
 		cr_assert_eq(waitpid(server, &st, 0), server);
 		cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the old server exits cleanly after its drain");
-		/* The replacement's socket file survived the old server's exit. */
-		wait_listening(endpoint);
-		server = next;
+		/* The replacement's socket file survived the old server's exit: a
+		 * new client connects to it. (A slow start under sanitizers may have
+		 * let a replacement find the endpoint still taken and exit: start
+		 * it again until one is up.) */
+		server = serving_replacement(endpoint, next);
 	}
 	sleep_ms(150);
 	atomic_store(&stop, true);

@@ -1554,7 +1554,7 @@ Test(server, drain_reads_until_the_client_has_seen_goaway)
 	p.answer_pings = false;
 	int rc;
 	int64_t t0 = tu_now_ms();
-	pbrpc_server_shutdown(t.srv, 600);
+	pbrpc_server_shutdown(t.srv, 2500);
 	pbrpc__frame f;
 	cr_assert_eq(pbrpc__frame_read(&p.dec, p.fd, &f, 5000), 1);
 	cr_assert_eq(f.hdr.type, PBRPC_FRAME_GOAWAY);
@@ -1570,11 +1570,11 @@ Test(server, drain_reads_until_the_client_has_seen_goaway)
 	/* q answers the PING: closed as soon as it has. */
 	rc = peer_response(&q, NULL, NULL, 0, NULL, 0);
 	cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "q: expected close, got %s", pbrpc_strerror(rc));
-	cr_assert_lt(tu_now_ms() - t0, 500, "a client that answered the PING is closed at once");
+	cr_assert_lt(tu_now_ms() - t0, 2000, "a client that answered the PING is closed before the deadline");
 	/* p stays silent: closed at the drain deadline. */
 	rc = pbrpc__frame_read(&p.dec, p.fd, &f, 5000);
 	cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "expected close, got %s", pbrpc_strerror(rc));
-	cr_assert_geq(tu_now_ms() - t0, 550, "the silent client was kept until the drain deadline");
+	cr_assert_geq(tu_now_ms() - t0, 2400, "the silent client was kept until the drain deadline");
 	pthread_join(t.thr, NULL);
 	pbrpc_server_free(t.srv);
 	rmdir(t.dir);
