@@ -150,7 +150,7 @@ static struct {
 	bool systems[N_SYSTEMS];
 	bool sizes[N_SIZES];
 	bool transports[2]; /* unix, tcp */
-	bool pin_modes[2];  /* unpinned, pinned */
+	bool pin_modes[3];  /* placements: PL_DEFAULT, PL_PINNED, PL_SPLIT */
 	bool seq, conc, pipe, idle;
 	double secs;
 	int rounds;
@@ -163,7 +163,7 @@ static struct {
 	.systems = { true, true, true, true, true, true, true },
 	.sizes = { true, true, true, true },
 	.transports = { true, true },
-	.pin_modes = { true, true },
+	.pin_modes = { true, true, true },
 	.seq = true,
 	.conc = true,
 	.pipe = true,
@@ -177,6 +177,15 @@ static struct {
 
 static const char *const transport_names[2] = { "unix", "tcp" };
 
+/* Where the two processes of a sequential row run: wherever the scheduler
+ * puts them (what a user gets), both on one CPU, or one CPU each (client on
+ * the other CPU, server on pin_cpu: every call crosses vCPUs twice). */
+enum { PL_DEFAULT, PL_PINNED, PL_SPLIT, N_PL };
+static const int pl_order[N_PL] = { PL_PINNED, PL_DEFAULT, PL_SPLIT };
+static const char *const pl_col[N_PL] = { "2", "pinned", "split" };      /* table column */
+static const char *const pl_key[N_PL] = { "unpinned", "pinned", "split" }; /* --pin, progress */
+static int cur_pl;                                                        /* set_pinned's */
+
 /* ---- affinity ---- */
 
 static cpu_set_t all_cpus;
@@ -184,14 +193,23 @@ static cpu_set_t all_cpus;
 /* Applies to every thread of the client process, not only the caller: gRPC
  * and nng keep threads of their own between measurements, which would
  * otherwise keep the placement of the measurement that created them. */
-static void set_pinned(bool pinned)
+static int split_client_cpu(void)
+{
+	for (int c = 0; c < CPU_SETSIZE; c++)
+		if (c != cfg.pin_cpu && CPU_ISSET(c, &all_cpus))
+			return c;
+	return cfg.pin_cpu;
+}
+
+static void set_pinned(int pl)
 {
 	cpu_set_t s;
-	if (pinned) {
-		CPU_ZERO(&s);
-		CPU_SET(cfg.pin_cpu, &s);
-	} else {
+	cur_pl = pl;
+	if (pl == PL_DEFAULT) {
 		s = all_cpus;
+	} else {
+		CPU_ZERO(&s);
+		CPU_SET(pl == PL_SPLIT ? split_client_cpu() : cfg.pin_cpu, &s);
 	}
 	if (sched_setaffinity(0, sizeof(s), &s) < 0)
 		bench_die("sched_setaffinity: %s", strerror(errno));
@@ -257,6 +275,15 @@ static pid_t spawn_server(const bench_system *s, const bench_target *t, int lfd,
 		bench_die("fork: %s", strerror(errno));
 	if (pid == 0) {
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (cur_pl == PL_SPLIT) {
+			/* The server on pin_cpu, the client (set_pinned) elsewhere;
+			 * an exec keeps it. */
+			cpu_set_t cs;
+			CPU_ZERO(&cs);
+			CPU_SET(cfg.pin_cpu, &cs);
+			if (sched_setaffinity(0, sizeof(cs), &cs) < 0)
+				bench_die("sched_setaffinity: %s", strerror(errno));
+		}
 		if (s->exec_server) {
 			char fd_s[16], buf_s[16];
 			snprintf(fd_s, sizeof(fd_s), "%d", shm_fd);
@@ -425,11 +452,11 @@ static result median(const result *rs, int n)
 #define MAX_SAMPLES (2u << 20)
 static uint32_t *samples;
 
-static result run_seq(const bench_system *s, bool tcp, size_t size, bool pinned)
+static result run_seq(const bench_system *s, bool tcp, size_t size, int pl)
 {
 	result r = { 0 };
 	bench_target t;
-	set_pinned(pinned);
+	set_pinned(pl);
 	int lfd = make_listener(tcp, &t);
 	pid_t pid = spawn_server(s, &t, lfd, false);
 	void *c = s->open(&t);
@@ -478,7 +505,7 @@ close:
 	s->close(c);
 out:
 	stop_server(pid);
-	set_pinned(false);
+	set_pinned(PL_DEFAULT);
 	return r;
 }
 
@@ -692,7 +719,7 @@ static result run_idle(const bench_system *s, bool tcp, int nconn)
 
 /* ---- tables ---- */
 
-static result seq_res[N_SYSTEMS][2][2][N_SIZES]; /* system, transport, pinned, size */
+static result seq_res[N_SYSTEMS][2][N_PL][N_SIZES]; /* system, transport, placement, size */
 static result conc_res[N_SYSTEMS][2][2];         /* system, transport, count index */
 static result pipe_res[N_SYSTEMS][2][3];         /* system, transport, depth index */
 static result idle_res[N_SYSTEMS][2];
@@ -778,14 +805,15 @@ static void print_seq(void)
 	for (size_t m = 0; m < sizeof(metrics) / sizeof(metrics[0]); m++) {
 		printf("#### %s\n\n| transport | CPUs | payload " CMP_HEAD "|---|---|---:" CMP_RULE, metrics[m].title);
 		for (int tr = 0; tr < 2; tr++)
-			for (int pin = 1; pin >= 0; pin--)
+			for (int o = 0; o < N_PL; o++)
 				for (int z = 0; z < N_SIZES; z++) {
+					int pin = pl_order[o];
 					if (!cfg.transports[tr] || !cfg.pin_modes[pin] || !cfg.sizes[z])
 						continue;
 					result *row[N_SYSTEMS];
 					for (int s = 0; s < N_SYSTEMS; s++)
 						row[s] = &seq_res[s][tr][pin][z];
-					printf("| %s | %s | %s |", transport_names[tr], pin ? "pinned" : "2", size_name(all_sizes[z]));
+					printf("| %s | %s | %s |", transport_names[tr], pl_col[pin], size_name(all_sizes[z]));
 					put_cmp(row, metrics[m].f);
 				}
 		printf("\n");
@@ -797,13 +825,14 @@ static void print_seq(void)
 	       "client ctx sw | server ctx sw | client allocs | server allocs |\n"
 	       "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
 	for (int tr = 0; tr < 2; tr++)
-		for (int pin = 1; pin >= 0; pin--)
+		for (int o = 0; o < N_PL; o++)
 			for (int z = 0; z < N_SIZES; z++)
 				for (int s = 0; s < N_SYSTEMS; s++) {
+					int pin = pl_order[o];
 					const result *r = &seq_res[s][tr][pin][z];
 					if (!cfg.transports[tr] || !cfg.pin_modes[pin] || !cfg.sizes[z] || !r->ok)
 						continue;
-					printf("| %s | %s | %s | %s |", transport_names[tr], pin ? "pinned" : "2",
+					printf("| %s | %s | %s | %s |", transport_names[tr], pl_col[pin],
 					       size_name(all_sizes[z]), all_systems[s]->name);
 					static const int fs[] = { V_CCPU, V_SCPU, V_CFLT, V_SFLT, V_CCSW, V_SCSW, V_CALLOC, V_SALLOC };
 					for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++)
@@ -923,15 +952,16 @@ static void print_peers(void)
 	       "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
 	char what[96];
 	result *x[2][N_SYSTEMS];
-	for (int pin = 1; cfg.seq && pin >= 0; pin--)
+	static const char *const pl_what[N_PL] = { "default placement", "pinned", "split placement" };
+	for (int o = 0; cfg.seq && o < N_PL; o++)
 		for (int z = 0; z < N_SIZES; z++) {
+			int pin = pl_order[o];
 			if (!cfg.pin_modes[pin] || !cfg.sizes[z])
 				continue;
 			for (int tr = 0; tr < 2; tr++)
 				for (int sy = 0; sy < N_SYSTEMS; sy++)
 					x[tr][sy] = &seq_res[sy][tr][pin][z];
-			snprintf(what, sizeof(what), "%s sequential, %s", size_name(all_sizes[z]),
-				 pin ? "pinned" : "default placement");
+			snprintf(what, sizeof(what), "%s sequential, %s", size_name(all_sizes[z]), pl_what[pin]);
 			peer_row(what, "p50", x, V_P50);
 			peer_row(what, "CPU/call", x, V_CPU);
 		}
@@ -1026,7 +1056,7 @@ static void progress(const char *what)
  * with --calls (profiling wants one run). */
 static int key_rows(int pin, int z)
 {
-	return pin && z == 0 && !cfg.calls ? 2 * cfg.rounds + 1 : cfg.rounds;
+	return pin == PL_PINNED && z == 0 && !cfg.calls ? 2 * cfg.rounds + 1 : cfg.rounds;
 }
 
 static void run_all(void)
@@ -1034,10 +1064,10 @@ static void run_all(void)
 	int nsys = 0, ntr = 0, npin = 0, nsz = 0;
 	for (int i = 0; i < N_SYSTEMS; i++)
 		nsys += cfg.systems[i];
-	for (int i = 0; i < 2; i++) {
+	for (int i = 0; i < 2; i++)
 		ntr += cfg.transports[i];
+	for (int i = 0; i < N_PL; i++)
 		npin += cfg.pin_modes[i];
-	}
 	for (int i = 0; i < N_SIZES; i++)
 		nsz += cfg.sizes[i];
 	n_runs_total = cfg.rounds * nsys * ntr *
@@ -1051,7 +1081,8 @@ static void run_all(void)
 	for (int tr = 0; tr < 2; tr++) {
 		if (!cfg.transports[tr])
 			continue;
-		for (int pin = 1; cfg.seq && pin >= 0; pin--) {
+		for (int o = 0; cfg.seq && o < N_PL; o++) {
+			int pin = pl_order[o];
 			if (!cfg.pin_modes[pin])
 				continue;
 			for (int z = 0; z < N_SIZES; z++) {
@@ -1065,7 +1096,7 @@ static void run_all(void)
 						if (!cfg.systems[s])
 							continue;
 						snprintf(what, sizeof(what), "seq %s %s %s %s", transport_names[tr],
-							 pin ? "pinned" : "unpinned", size_name(all_sizes[z]), all_systems[s]->key);
+							 pl_key[pin], size_name(all_sizes[z]), all_systems[s]->key);
 						progress(what);
 						rs[s][k] = run_seq(all_systems[s], tr, all_sizes[z], pin);
 					}
@@ -1152,7 +1183,8 @@ static void usage(FILE *f)
 		"  --systems LIST     pbrpc,rawpb,raw,epoll,wire,grpc,nng (default: all built in)\n"
 		"  --transports LIST  unix,tcp (default: both)\n"
 		"  --sizes LIST       32,1024,65536,1048576 (default: all)\n"
-		"  --pin MODE         both, pinned, unpinned (default: both)\n"
+		"  --pin LIST         pinned,unpinned,split; both (pinned,unpinned) or all\n"
+		"                     (default: all; split needs 2 CPUs)\n"
 		"  --time SECONDS     measuring time per sequential row (default 0.25; concurrency 2x)\n"
 		"  --rounds N         repetitions per row, median reported (default 3, max 7;\n"
 		"                     pinned 32 B rows: 2N+1)\n"
@@ -1217,8 +1249,9 @@ static void parse_args(int argc, char **argv)
 			}
 			break;
 		case O_PIN:
-			cfg.pin_modes[0] = strcmp(optarg, "pinned") != 0;
-			cfg.pin_modes[1] = strcmp(optarg, "unpinned") != 0;
+			for (int i = 0; i < N_PL; i++)
+				cfg.pin_modes[i] = strcmp(optarg, "all") == 0 ||
+						   (strcmp(optarg, "both") == 0 && i != PL_SPLIT) || in_list(optarg, pl_key[i]);
 			break;
 		case O_TIME:
 			cfg.secs = atof(optarg);
@@ -1287,6 +1320,10 @@ int main(int argc, char **argv)
 	if (sched_getaffinity(0, sizeof(all_cpus), &all_cpus) < 0)
 		bench_die("sched_getaffinity: %s", strerror(errno));
 	cfg.pin_cpu = CPU_ISSET(1, &all_cpus) ? 1 : 0;
+	if (cfg.pin_modes[PL_SPLIT] && split_client_cpu() == cfg.pin_cpu) {
+		fprintf(stderr, "pbrpc-bench: one CPU: no split placement\n");
+		cfg.pin_modes[PL_SPLIT] = false;
+	}
 
 	/* A memfd rather than an anonymous mapping, so that servers which exec
 	 * (exec_server) can map it too. */
