@@ -92,6 +92,15 @@ typedef struct bench_system {
 	void *(*open_idle)(const bench_target *t);
 	void (*close)(void *conn);
 	void (*close_idle)(void *conn);
+	/* Peers whose libraries keep process-wide state and threads (gRPC, nng)
+	 * cannot be forked from a process that has used them: their server runs
+	 * in a fresh image (the child execs `pbrpc-bench --serve KEY ...`), gets
+	 * lfd -1 and binds t's address itself, and sets bench_shared->ready once
+	 * it accepts. Their clients wait for that (bench_wait_ready). */
+	bool exec_server;
+	/* Non-NULL: not built into this pbrpc-bench; says why (the bench skips
+	 * the system with that message). */
+	const char *unavailable;
 } bench_system;
 
 extern const bench_system bench_raw;    /* baseline A */
@@ -99,6 +108,12 @@ extern const bench_system bench_rawpb;  /* baseline B */
 extern const bench_system bench_epoll;  /* B's client, one-thread epoll server */
 extern const bench_system bench_pbrpc;  /* pbrpc client + pbrpc server */
 extern const bench_system bench_wire;   /* minimal frame/wire client + pbrpc server */
+extern const bench_system bench_grpc;   /* peer: gRPC C++ (grpc.cc, grpc_sys.c) */
+extern const bench_system bench_nng;    /* peer: nng req/rep + protobuf-c (nng.c) */
+
+/* Waits until the server of this measurement says it accepts connections
+ * (bench_shared->ready); dies after 10 s. */
+void bench_wait_ready(void);
 
 /* The payload every request carries (BENCH_MAX_PAYLOAD bytes of a pattern). */
 extern const uint8_t *bench_payload;

@@ -7,9 +7,9 @@
  * not serialise on one atomic.
  *
  * Socket buffers: libpbrpc has no option for SO_SNDBUF/SO_RCVBUF, so when
- * bench_hook_sockets is set, connect() and accept4() apply bench_sockbuf to
- * the sockets the library creates, the same sizes the baselines set
- * themselves.
+ * bench_hook_sockets is set, connect(), accept4() and accept() apply
+ * bench_sockbuf to the sockets the library creates, the same sizes the
+ * baselines set themselves. The peers (gRPC, nng) get theirs the same way.
  */
 #include <errno.h>
 #include <malloc.h>
@@ -199,4 +199,10 @@ int accept4(int fd, __SOCKADDR_ARG addr, socklen_t *restrict len, int flags)
 	if (r >= 0 && bench_hook_sockets)
 		hook_tune(r);
 	return r;
+}
+
+/* nng accepts with accept(), not accept4(). */
+int accept(int fd, __SOCKADDR_ARG addr, socklen_t *restrict len)
+{
+	return accept4(fd, addr, len, 0);
 }

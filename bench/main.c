@@ -3,7 +3,9 @@
  * `pbrpc-bench --help` for the options. Benchmarks never assert anything:
  * the targets table only reports.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <sched.h>
@@ -108,11 +110,38 @@ static bool snap_wait(uint32_t r, double timeout_s)
 	return true;
 }
 
+void bench_wait_ready(void)
+{
+	double end = now_s() + 10;
+	while (!atomic_load(&bench_shared->ready)) {
+		if (now_s() > end)
+			bench_die("the server did not start accepting within 10 s");
+		sleep_s(1e-3);
+	}
+}
+
 /* ---- configuration ---- */
 
-static const bench_system *const all_systems[] = { &bench_pbrpc, &bench_rawpb, &bench_raw, &bench_epoll, &bench_wire };
-#define N_SYSTEMS 5
-enum { SYS_PBRPC, SYS_RAWPB, SYS_RAW, SYS_EPOLL, SYS_WIRE };
+/* The peers are built only when their libraries are found (bench/meson.build). */
+#ifndef BENCH_HAVE_GRPC
+const bench_system bench_grpc = {
+	.key = "grpc",
+	.name = "G gRPC",
+	.unavailable = "built without gRPC C++ (run scripts/setup-bench, then reconfigure)",
+};
+#endif
+#ifndef BENCH_HAVE_NNG
+const bench_system bench_nng = {
+	.key = "nng",
+	.name = "N nng",
+	.unavailable = "built without nng (run scripts/setup-bench, then reconfigure)",
+};
+#endif
+
+static const bench_system *const all_systems[] = { &bench_pbrpc, &bench_rawpb, &bench_raw, &bench_epoll,
+						   &bench_wire,  &bench_grpc,  &bench_nng };
+#define N_SYSTEMS 7
+enum { SYS_PBRPC, SYS_RAWPB, SYS_RAW, SYS_EPOLL, SYS_WIRE, SYS_GRPC, SYS_NNG };
 
 static const size_t all_sizes[] = { 32, 1024, 64 * 1024, 1024 * 1024 };
 #define N_SIZES 4
@@ -121,7 +150,7 @@ static struct {
 	bool systems[N_SYSTEMS];
 	bool sizes[N_SIZES];
 	bool transports[2]; /* unix, tcp */
-	bool pin_modes[2];  /* unpinned, pinned */
+	bool pin_modes[3];  /* placements: PL_DEFAULT, PL_PINNED, PL_SPLIT */
 	bool seq, conc, pipe, idle;
 	double secs;
 	int rounds;
@@ -131,10 +160,10 @@ static struct {
 	int depths[3];
 	int pin_cpu;
 } cfg = {
-	.systems = { true, true, true, true, true },
+	.systems = { true, true, true, true, true, true, true },
 	.sizes = { true, true, true, true },
 	.transports = { true, true },
-	.pin_modes = { true, true },
+	.pin_modes = { true, true, true },
 	.seq = true,
 	.conc = true,
 	.pipe = true,
@@ -148,21 +177,50 @@ static struct {
 
 static const char *const transport_names[2] = { "unix", "tcp" };
 
+/* Where the two processes of a sequential row run: wherever the scheduler
+ * puts them (what a user gets), both on one CPU, or one CPU each (client on
+ * the other CPU, server on pin_cpu: every call crosses vCPUs twice). */
+enum { PL_DEFAULT, PL_PINNED, PL_SPLIT, N_PL };
+static const int pl_order[N_PL] = { PL_PINNED, PL_DEFAULT, PL_SPLIT };
+static const char *const pl_col[N_PL] = { "2", "pinned", "split" };      /* table column */
+static const char *const pl_key[N_PL] = { "unpinned", "pinned", "split" }; /* --pin, progress */
+static int cur_pl;                                                        /* set_pinned's */
+
 /* ---- affinity ---- */
 
 static cpu_set_t all_cpus;
 
-static void set_pinned(bool pinned)
+/* Applies to every thread of the client process, not only the caller: gRPC
+ * and nng keep threads of their own between measurements, which would
+ * otherwise keep the placement of the measurement that created them. */
+static int split_client_cpu(void)
+{
+	for (int c = 0; c < CPU_SETSIZE; c++)
+		if (c != cfg.pin_cpu && CPU_ISSET(c, &all_cpus))
+			return c;
+	return cfg.pin_cpu;
+}
+
+static void set_pinned(int pl)
 {
 	cpu_set_t s;
-	if (pinned) {
-		CPU_ZERO(&s);
-		CPU_SET(cfg.pin_cpu, &s);
-	} else {
+	cur_pl = pl;
+	if (pl == PL_DEFAULT) {
 		s = all_cpus;
+	} else {
+		CPU_ZERO(&s);
+		CPU_SET(pl == PL_SPLIT ? split_client_cpu() : cfg.pin_cpu, &s);
 	}
 	if (sched_setaffinity(0, sizeof(s), &s) < 0)
 		bench_die("sched_setaffinity: %s", strerror(errno));
+	DIR *d = opendir("/proc/self/task");
+	if (!d)
+		return;
+	struct dirent *e;
+	while ((e = readdir(d)))
+		if (e->d_name[0] != '.')
+			sched_setaffinity((pid_t)atoi(e->d_name), sizeof(s), &s); /* a thread may be gone */
+	closedir(d);
 }
 
 /* ---- server child ---- */
@@ -198,18 +256,42 @@ static void on_term(int sig)
 	_exit(0);
 }
 
+static int shm_fd = -1; /* bench_shared's memfd, for servers that exec */
+
 static pid_t spawn_server(const bench_system *s, const bench_target *t, int lfd, bool idle)
 {
 	atomic_store(&bench_shared->snap_req, 0);
 	atomic_store(&bench_shared->snap_ack, 0);
 	atomic_store(&bench_shared->conns, 0);
 	atomic_store(&bench_shared->ready, 0);
+	if (s->exec_server) {
+		/* Its server binds the address itself: free it first. */
+		close(lfd);
+		lfd = -1;
+	}
 	fflush(NULL);
 	pid_t pid = fork();
 	if (pid < 0)
 		bench_die("fork: %s", strerror(errno));
 	if (pid == 0) {
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (cur_pl == PL_SPLIT) {
+			/* The server on pin_cpu, the client (set_pinned) elsewhere;
+			 * an exec keeps it. */
+			cpu_set_t cs;
+			CPU_ZERO(&cs);
+			CPU_SET(cfg.pin_cpu, &cs);
+			if (sched_setaffinity(0, sizeof(cs), &cs) < 0)
+				bench_die("sched_setaffinity: %s", strerror(errno));
+		}
+		if (s->exec_server) {
+			char fd_s[16], buf_s[16];
+			snprintf(fd_s, sizeof(fd_s), "%d", shm_fd);
+			snprintf(buf_s, sizeof(buf_s), "%d", bench_sockbuf);
+			fcntl(shm_fd, F_SETFD, 0);
+			execl("/proc/self/exe", "pbrpc-bench", "--serve", s->key, t->endpoint, fd_s, buf_s, (char *)NULL);
+			bench_die("exec /proc/self/exe: %s", strerror(errno));
+		}
 		signal(SIGTERM, on_term);
 		if (idle && s->serve_idle)
 			s->serve_idle(lfd, t);
@@ -217,8 +299,37 @@ static pid_t spawn_server(const bench_system *s, const bench_target *t, int lfd,
 			s->serve(lfd, t);
 		_exit(0);
 	}
-	close(lfd);
+	if (lfd >= 0)
+		close(lfd);
 	return pid;
+}
+
+/* `pbrpc-bench --serve KEY ENDPOINT SHM_FD SOCKBUF`: the server side of an
+ * exec_server system, in a fresh process image (see spawn_server). */
+static int serve_main(char **argv)
+{
+	const bench_system *s = NULL;
+	for (size_t i = 0; i < sizeof(all_systems) / sizeof(all_systems[0]); i++)
+		if (strcmp(all_systems[i]->key, argv[2]) == 0)
+			s = all_systems[i];
+	if (!s || !s->serve)
+		bench_die("--serve: no system %s", argv[2]);
+	bench_target t;
+	memset(&t, 0, sizeof(t));
+	int rc = pbrpc_endpoint_parse(argv[3], &t.ep);
+	if (rc < 0)
+		bench_die("--serve: endpoint %s: %s", argv[3], pbrpc_strerror(rc));
+	t.tcp = t.ep.kind == PBRPC_ENDPOINT_TCP;
+	snprintf(t.endpoint, sizeof(t.endpoint), "%s", argv[3]);
+	bench_shared = mmap(NULL, sizeof(*bench_shared), PROT_READ | PROT_WRITE, MAP_SHARED, atoi(argv[4]), 0);
+	if (bench_shared == MAP_FAILED)
+		bench_die("--serve: mmap: %s", strerror(errno));
+	close(atoi(argv[4]));
+	bench_sockbuf = atoi(argv[5]);
+	bench_hook_sockets = true; /* the peers' accepted sockets get the baselines' buffers */
+	signal(SIGPIPE, SIG_IGN);
+	s->serve(-1, &t);
+	return 0;
 }
 
 static void stop_server(pid_t pid)
@@ -341,11 +452,11 @@ static result median(const result *rs, int n)
 #define MAX_SAMPLES (2u << 20)
 static uint32_t *samples;
 
-static result run_seq(const bench_system *s, bool tcp, size_t size, bool pinned)
+static result run_seq(const bench_system *s, bool tcp, size_t size, int pl)
 {
 	result r = { 0 };
 	bench_target t;
-	set_pinned(pinned);
+	set_pinned(pl);
 	int lfd = make_listener(tcp, &t);
 	pid_t pid = spawn_server(s, &t, lfd, false);
 	void *c = s->open(&t);
@@ -394,7 +505,7 @@ close:
 	s->close(c);
 out:
 	stop_server(pid);
-	set_pinned(false);
+	set_pinned(PL_DEFAULT);
 	return r;
 }
 
@@ -608,7 +719,7 @@ static result run_idle(const bench_system *s, bool tcp, int nconn)
 
 /* ---- tables ---- */
 
-static result seq_res[N_SYSTEMS][2][2][N_SIZES]; /* system, transport, pinned, size */
+static result seq_res[N_SYSTEMS][2][N_PL][N_SIZES]; /* system, transport, placement, size */
 static result conc_res[N_SYSTEMS][2][2];         /* system, transport, count index */
 static result pipe_res[N_SYSTEMS][2][3];         /* system, transport, depth index */
 static result idle_res[N_SYSTEMS][2];
@@ -655,7 +766,7 @@ static void put_ratio(const result *a, const result *b, int f)
 		printf(" %.2f |", a->v[f] / b->v[f]);
 }
 
-/* pbrpc | B | pbrpc/B | A | pbrpc/A | E | pbrpc/E | W | W/E */
+/* pbrpc | B | pbrpc/B | A | pbrpc/A | E | pbrpc/E | W | W/E | G | G/B | N | N/B */
 static void put_cmp(result *const row[N_SYSTEMS], int f)
 {
 	put_cell(row[SYS_PBRPC], f);
@@ -667,11 +778,17 @@ static void put_cmp(result *const row[N_SYSTEMS], int f)
 	put_ratio(row[SYS_PBRPC], row[SYS_EPOLL], f);
 	put_cell(row[SYS_WIRE], f);
 	put_ratio(row[SYS_WIRE], row[SYS_EPOLL], f);
+	put_cell(row[SYS_GRPC], f);
+	put_ratio(row[SYS_GRPC], row[SYS_RAWPB], f);
+	put_cell(row[SYS_NNG], f);
+	put_ratio(row[SYS_NNG], row[SYS_RAWPB], f);
 	putchar('\n');
 }
 
-#define CMP_HEAD "| pbrpc | B raw+pb | pbrpc/B | A raw | pbrpc/A | E epoll+pb | pbrpc/E | W wire | W/E |\n"
-#define CMP_RULE "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+#define CMP_HEAD                                                                                            \
+	"| pbrpc | B raw+pb | pbrpc/B | A raw | pbrpc/A | E epoll+pb | pbrpc/E | W wire | W/E | G gRPC | G/B " \
+	"| N nng | N/B |\n"
+#define CMP_RULE "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
 
 static void print_seq(void)
 {
@@ -688,14 +805,15 @@ static void print_seq(void)
 	for (size_t m = 0; m < sizeof(metrics) / sizeof(metrics[0]); m++) {
 		printf("#### %s\n\n| transport | CPUs | payload " CMP_HEAD "|---|---|---:" CMP_RULE, metrics[m].title);
 		for (int tr = 0; tr < 2; tr++)
-			for (int pin = 1; pin >= 0; pin--)
+			for (int o = 0; o < N_PL; o++)
 				for (int z = 0; z < N_SIZES; z++) {
+					int pin = pl_order[o];
 					if (!cfg.transports[tr] || !cfg.pin_modes[pin] || !cfg.sizes[z])
 						continue;
 					result *row[N_SYSTEMS];
 					for (int s = 0; s < N_SYSTEMS; s++)
 						row[s] = &seq_res[s][tr][pin][z];
-					printf("| %s | %s | %s |", transport_names[tr], pin ? "pinned" : "2", size_name(all_sizes[z]));
+					printf("| %s | %s | %s |", transport_names[tr], pl_col[pin], size_name(all_sizes[z]));
 					put_cmp(row, metrics[m].f);
 				}
 		printf("\n");
@@ -707,13 +825,14 @@ static void print_seq(void)
 	       "client ctx sw | server ctx sw | client allocs | server allocs |\n"
 	       "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
 	for (int tr = 0; tr < 2; tr++)
-		for (int pin = 1; pin >= 0; pin--)
+		for (int o = 0; o < N_PL; o++)
 			for (int z = 0; z < N_SIZES; z++)
 				for (int s = 0; s < N_SYSTEMS; s++) {
+					int pin = pl_order[o];
 					const result *r = &seq_res[s][tr][pin][z];
 					if (!cfg.transports[tr] || !cfg.pin_modes[pin] || !cfg.sizes[z] || !r->ok)
 						continue;
-					printf("| %s | %s | %s | %s |", transport_names[tr], pin ? "pinned" : "2",
+					printf("| %s | %s | %s | %s |", transport_names[tr], pl_col[pin],
 					       size_name(all_sizes[z]), all_systems[s]->name);
 					static const int fs[] = { V_CCPU, V_SCPU, V_CFLT, V_SFLT, V_CCSW, V_SCSW, V_CALLOC, V_SALLOC };
 					for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++)
@@ -747,7 +866,8 @@ static void print_pipe(void)
 	printf("### Pipelined calls on one connection, 32 B (2 CPUs)\n\n"
 	       "N requests sent, then N replies read, repeated. pbrpc: N async stub calls, then "
 	       "`pbrpc_client_process()` until all closures ran; B and A: N writes, then N reads; W: N requests "
-	       "gathered in one write.\n\n"
+	       "gathered in one write; G: N calls on the async stub and one completion queue; N: N req contexts, "
+	       "each sent through its aio, then N receives.\n\n"
 	       "| transport | depth | metric " CMP_HEAD "|---|---:|---" CMP_RULE);
 	for (int tr = 0; tr < 2; tr++)
 		for (int k = 0; k < 3; k++) {
@@ -792,6 +912,75 @@ static void print_idle(void)
 			       s == SYS_PBRPC ? "pbrpc" : "baseline (accept and hold)", r->v[V_RSS0] / 1024,
 			       r->v[V_RSS1] / 1024, d / 1024, d * 1024 / cfg.idle_conns);
 		}
+	printf("\n");
+}
+
+/* The headline: every system against B in one table, as time ratios (lower
+ * is faster): p50 and CPU per call as X/B, throughput as B's calls/s over
+ * X's. */
+static void put_time_ratio(const result *x, const result *b, int f)
+{
+	if (!x->ok || !b->ok || x->v[f] == 0 || b->v[f] == 0)
+		printf(" — |");
+	else if (f == V_RATE)
+		printf(" %.2f |", b->v[f] / x->v[f]);
+	else
+		printf(" %.2f |", x->v[f] / b->v[f]);
+}
+
+static const int peer_cols[] = { SYS_RAW, SYS_PBRPC, SYS_GRPC, SYS_NNG };
+#define N_PEER_COLS 4
+
+static void peer_row(const char *what, const char *metric, result *x[2][N_SYSTEMS], int f)
+{
+	printf("| %s | %s |", what, metric);
+	for (int tr = 0; tr < 2; tr++)
+		for (int i = 0; i < N_PEER_COLS; i++)
+			put_time_ratio(x[tr][peer_cols[i]], x[tr][SYS_RAWPB], f);
+	putchar('\n');
+}
+
+static void print_peers(void)
+{
+	if (!cfg.systems[SYS_RAWPB])
+		return;
+	printf("### All systems against B (raw+pb), same run\n\n"
+	       "Each figure is a system's time over B's (lower is faster): p50 latency and CPU per call divided by "
+	       "B's, and for throughput B's calls/s divided by the system's. A raw does less work than B (no "
+	       "protobuf); pbrpc, gRPC and nng do B's work and more.\n\n"
+	       "| workload | metric | unix: A raw | pbrpc | gRPC | nng | tcp: A raw | pbrpc | gRPC | nng |\n"
+	       "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+	char what[96];
+	result *x[2][N_SYSTEMS];
+	static const char *const pl_what[N_PL] = { "default placement", "pinned", "split placement" };
+	for (int o = 0; cfg.seq && o < N_PL; o++)
+		for (int z = 0; z < N_SIZES; z++) {
+			int pin = pl_order[o];
+			if (!cfg.pin_modes[pin] || !cfg.sizes[z])
+				continue;
+			for (int tr = 0; tr < 2; tr++)
+				for (int sy = 0; sy < N_SYSTEMS; sy++)
+					x[tr][sy] = &seq_res[sy][tr][pin][z];
+			snprintf(what, sizeof(what), "%s sequential, %s", size_name(all_sizes[z]), pl_what[pin]);
+			peer_row(what, "p50", x, V_P50);
+			peer_row(what, "CPU/call", x, V_CPU);
+		}
+	for (int m = 0; cfg.conc && m < 2; m++) {
+		for (int tr = 0; tr < 2; tr++)
+			for (int sy = 0; sy < N_SYSTEMS; sy++)
+				x[tr][sy] = &conc_res[sy][tr][m];
+		snprintf(what, sizeof(what), "%d connections × 32 B", cfg.conc_counts[m]);
+		peer_row(what, "calls/s", x, V_RATE);
+		peer_row(what, "CPU/call", x, V_CPU);
+	}
+	for (int d = 1; cfg.pipe && d < 3; d++) {
+		for (int tr = 0; tr < 2; tr++)
+			for (int sy = 0; sy < N_SYSTEMS; sy++)
+				x[tr][sy] = &pipe_res[sy][tr][d];
+		snprintf(what, sizeof(what), "%d calls pipelined, 32 B", cfg.depths[d]);
+		peer_row(what, "calls/s", x, V_RATE);
+		peer_row(what, "CPU/call", x, V_CPU);
+	}
 	printf("\n");
 }
 
@@ -867,7 +1056,7 @@ static void progress(const char *what)
  * with --calls (profiling wants one run). */
 static int key_rows(int pin, int z)
 {
-	return pin && z == 0 && !cfg.calls ? 2 * cfg.rounds + 1 : cfg.rounds;
+	return pin == PL_PINNED && z == 0 && !cfg.calls ? 2 * cfg.rounds + 1 : cfg.rounds;
 }
 
 static void run_all(void)
@@ -875,10 +1064,10 @@ static void run_all(void)
 	int nsys = 0, ntr = 0, npin = 0, nsz = 0;
 	for (int i = 0; i < N_SYSTEMS; i++)
 		nsys += cfg.systems[i];
-	for (int i = 0; i < 2; i++) {
+	for (int i = 0; i < 2; i++)
 		ntr += cfg.transports[i];
+	for (int i = 0; i < N_PL; i++)
 		npin += cfg.pin_modes[i];
-	}
 	for (int i = 0; i < N_SIZES; i++)
 		nsz += cfg.sizes[i];
 	n_runs_total = cfg.rounds * nsys * ntr *
@@ -892,7 +1081,8 @@ static void run_all(void)
 	for (int tr = 0; tr < 2; tr++) {
 		if (!cfg.transports[tr])
 			continue;
-		for (int pin = 1; cfg.seq && pin >= 0; pin--) {
+		for (int o = 0; cfg.seq && o < N_PL; o++) {
+			int pin = pl_order[o];
 			if (!cfg.pin_modes[pin])
 				continue;
 			for (int z = 0; z < N_SIZES; z++) {
@@ -906,7 +1096,7 @@ static void run_all(void)
 						if (!cfg.systems[s])
 							continue;
 						snprintf(what, sizeof(what), "seq %s %s %s %s", transport_names[tr],
-							 pin ? "pinned" : "unpinned", size_name(all_sizes[z]), all_systems[s]->key);
+							 pl_key[pin], size_name(all_sizes[z]), all_systems[s]->key);
 						progress(what);
 						rs[s][k] = run_seq(all_systems[s], tr, all_sizes[z], pin);
 					}
@@ -990,10 +1180,11 @@ static void usage(FILE *f)
 		"Usage: pbrpc-bench [OPTION]...\n"
 		"Benchmark pbrpc against raw-socket baselines; markdown tables on stdout.\n\n"
 		"  --only LIST        seq,conc,pipe,idle (default: all)\n"
-		"  --systems LIST     pbrpc,rawpb,raw,epoll,wire (default: all)\n"
+		"  --systems LIST     pbrpc,rawpb,raw,epoll,wire,grpc,nng (default: all built in)\n"
 		"  --transports LIST  unix,tcp (default: both)\n"
 		"  --sizes LIST       32,1024,65536,1048576 (default: all)\n"
-		"  --pin MODE         both, pinned, unpinned (default: both)\n"
+		"  --pin LIST         pinned,unpinned,split; both (pinned,unpinned) or all\n"
+		"                     (default: all; split needs 2 CPUs)\n"
 		"  --time SECONDS     measuring time per sequential row (default 0.25; concurrency 2x)\n"
 		"  --rounds N         repetitions per row, median reported (default 3, max 7;\n"
 		"                     pinned 32 B rows: 2N+1)\n"
@@ -1058,8 +1249,9 @@ static void parse_args(int argc, char **argv)
 			}
 			break;
 		case O_PIN:
-			cfg.pin_modes[0] = strcmp(optarg, "pinned") != 0;
-			cfg.pin_modes[1] = strcmp(optarg, "unpinned") != 0;
+			for (int i = 0; i < N_PL; i++)
+				cfg.pin_modes[i] = strcmp(optarg, "all") == 0 ||
+						   (strcmp(optarg, "both") == 0 && i != PL_SPLIT) || in_list(optarg, pl_key[i]);
 			break;
 		case O_TIME:
 			cfg.secs = atof(optarg);
@@ -1096,8 +1288,15 @@ static void parse_args(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+	if (argc == 6 && strcmp(argv[1], "--serve") == 0)
+		return serve_main(argv);
 	parse_args(argc, argv);
 	signal(SIGPIPE, SIG_IGN);
+	for (int i = 0; i < N_SYSTEMS; i++)
+		if (cfg.systems[i] && all_systems[i]->unavailable) {
+			fprintf(stderr, "pbrpc-bench: skipping %s: %s\n", all_systems[i]->key, all_systems[i]->unavailable);
+			cfg.systems[i] = false;
+		}
 
 	/* 10,000 idle connections need that many descriptors on both sides. */
 	struct rlimit rl;
@@ -1121,8 +1320,17 @@ int main(int argc, char **argv)
 	if (sched_getaffinity(0, sizeof(all_cpus), &all_cpus) < 0)
 		bench_die("sched_getaffinity: %s", strerror(errno));
 	cfg.pin_cpu = CPU_ISSET(1, &all_cpus) ? 1 : 0;
+	if (cfg.pin_modes[PL_SPLIT] && split_client_cpu() == cfg.pin_cpu) {
+		fprintf(stderr, "pbrpc-bench: one CPU: no split placement\n");
+		cfg.pin_modes[PL_SPLIT] = false;
+	}
 
-	bench_shared = mmap(NULL, sizeof(*bench_shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	/* A memfd rather than an anonymous mapping, so that servers which exec
+	 * (exec_server) can map it too. */
+	shm_fd = memfd_create("pbrpc-bench", MFD_CLOEXEC);
+	if (shm_fd < 0 || ftruncate(shm_fd, sizeof(*bench_shared)) < 0)
+		bench_die("memfd: %s", strerror(errno));
+	bench_shared = mmap(NULL, sizeof(*bench_shared), PROT_READ | PROT_WRITE, MAP_SHARED, shm_fd, 0);
 	if (bench_shared == MAP_FAILED)
 		bench_die("mmap: %s", strerror(errno));
 	uint8_t *payload = malloc(BENCH_MAX_PAYLOAD);
@@ -1149,6 +1357,7 @@ int main(int argc, char **argv)
 	       bench_counts_allocs ? "" : " **Sanitizer build: heap allocations were not counted.**");
 	printf("Other processes took %.0f%% of the CPUs while this ran%s.\n\n", others_pct < 0 ? 0 : others_pct,
 	       others_pct > 5 ? ": **the figures are skewed by that work**" : "");
+	print_peers();
 	if (cfg.seq)
 		print_seq();
 	if (cfg.conc)
