@@ -1695,3 +1695,103 @@ Test(reliability, metadata_bytes_checked_by_server)
 	peer_close(&p);
 	srv_stop(&t);
 }
+
+/* Side 4: a RESPONSE over the client's own max_frame (no real server sends
+ * one: a fake does) is a connection error. The client refuses it on the
+ * header, before reading the payload: GOAWAY(RESOURCE_EXHAUSTED) naming both
+ * sizes, close; the call fails and the next call dials again. */
+typedef struct fake_big {
+	int lfd;
+	uint32_t size;
+	int goaway_status;
+	char goaway_msg[128];
+	int conns;
+} fake_big;
+
+static void *fake_big_main(void *arg)
+{
+	fake_big *f = arg;
+	for (int n = 0; n < 2; n++) {
+		int fd = accept4(f->lfd, NULL, NULL, SOCK_CLOEXEC);
+		if (fd < 0)
+			return NULL;
+		f->conns++;
+		struct timeval tv = { .tv_sec = 5 };
+		setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+		pbrpc__frame_writer w;
+		pbrpc__frame_writer_init(&w);
+		pbrpc_hello h = { .version = 1, .max_calls = 16, .features = PBRPC_FEATURES, .agent = "fake" };
+		pbrpc__wire_write_preface(&w, &h);
+		while (pbrpc__frame_writer_pending(&w))
+			if (pbrpc__frame_writer_flush(&w, fd, 0) < 0)
+				break;
+		pbrpc__frame_writer_fini(&w);
+		uint8_t pre[PBRPC_WIRE_PREFACE_SIZE];
+		tu_read_full(fd, pre, sizeof(pre));
+		pbrpc__frame_decoder dec;
+		pbrpc__frame_decoder_init(&dec, 1u << 20);
+		pbrpc__frame fr;
+		while (pbrpc__frame_read(&dec, fd, &fr, 5000) == 1) {
+			if (fr.hdr.type == PBRPC_FRAME_REQUEST) {
+				if (n == 0) {
+					/* A RESPONSE one byte over the client's limit. */
+					uint8_t *body = calloc(1, f->size);
+					pbrpc__frame_header rh = { .type = PBRPC_FRAME_RESPONSE, .flags = PBRPC_RESPONSE_END,
+								   .stream = fr.hdr.stream };
+					pbrpc__frame_write(fd, &rh, body, f->size, 5000);
+					free(body);
+				} else {
+					pbrpc__frame_writer_init(&w);
+					Demo__EchoReply r = DEMO__ECHO_REPLY__INIT;
+					r.payload.data = (uint8_t *)"fine";
+					r.payload.len = 4;
+					pbrpc__wire_response resp = { .call_id = fr.hdr.stream };
+					pbrpc__wire_write_response(&w, &resp, &r.base, 0);
+					while (pbrpc__frame_writer_pending(&w))
+						if (pbrpc__frame_writer_flush(&w, fd, 0) < 0)
+							break;
+					pbrpc__frame_writer_fini(&w);
+				}
+			} else if (fr.hdr.type == PBRPC_FRAME_GOAWAY) {
+				const char *m;
+				size_t ml;
+				pbrpc__wire_read_goaway(&fr, &f->goaway_status, &m, &ml);
+				snprintf(f->goaway_msg, sizeof(f->goaway_msg), "%.*s", (int)ml, m);
+			}
+		}
+		pbrpc__frame_decoder_fini(&dec);
+		close(fd);
+	}
+	return NULL;
+}
+
+Test(reliability, reply_over_client_limit_from_a_peer_is_refused_on_the_header)
+{
+	pbrpc_endpoint ep;
+	const char *addr = unix_path("big.sock");
+	char saved[128];
+	snprintf(saved, sizeof(saved), "%s", addr);
+	cr_assert_eq(pbrpc_endpoint_parse(saved, &ep), 0);
+	fake_big f = { .lfd = pbrpc_endpoint_listen(&ep, NULL), .size = 1001, .goaway_status = -1 };
+	cr_assert_geq(f.lfd, 0);
+	pthread_t thr;
+	pthread_create(&thr, NULL, fake_big_main, &f);
+	pbrpc_client *c;
+	pbrpc_client_opts co = { .max_frame = 1000 };
+	cr_assert_eq(pbrpc_client_connect(&c, saved, &co), 0);
+	ProtobufCService *echo = pbrpc_client_service(c, &demo__echo__descriptor);
+	outcome o = echo_call(echo, "x");
+	cr_assert_neq(o.status, PBRPC_STATUS_OK);
+	cr_assert(o.status == PBRPC_STATUS_UNAVAILABLE || o.status == PBRPC_STATUS_RESOURCE_EXHAUSTED, "%s: %s",
+		  pbrpc_status_name(o.status), o.message);
+	o = echo_call(echo, "y"); /* a new connection */
+	cr_assert_eq(o.status, PBRPC_STATUS_OK, "%s", o.message);
+	cr_assert_str_eq(o.text, "fine");
+	pbrpc_client_free(c);
+	pthread_join(thr, NULL);
+	close(f.lfd);
+	unlink(ep.path);
+	cr_assert_eq(f.conns, 2);
+	cr_assert_eq(f.goaway_status, PBRPC_STATUS_RESOURCE_EXHAUSTED);
+	cr_assert_str_eq(f.goaway_msg, "RESPONSE frame of 1001 bytes exceeds the limit of 1000");
+}
