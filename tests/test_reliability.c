@@ -1625,6 +1625,7 @@ Test(reliability, metadata_limits)
 	echo_ok(echo, "fine");
 	pbrpc_client_free(c);
 	free(many);
+	pbrpc_client_free(b.c);
 	srv_stop(&t);
 }
 
