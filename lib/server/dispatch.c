@@ -39,6 +39,7 @@ static srv_call *call_get(pbrpc_server *srv)
 	call->not_run = false;
 	call->deadline_ns = 0;
 	call->md_len = 0;
+	call->mem = 0;
 	call->input = NULL;
 	atomic_store(&call->cancelled, false);
 	pbrpc__list_insert(&srv->live, &call->live);
@@ -53,6 +54,7 @@ static void call_destroy(srv_call *call)
 	free(call->done_msg);
 	free(call->done_body);
 	free(call->md);
+	free(call->raw);
 	free(call);
 }
 
@@ -66,7 +68,16 @@ static void call_put(pbrpc_server *srv, srv_call *call)
 	free(call->done_body);
 	call->done_body = NULL;
 	call->done_len = 0;
+	if (call->raw) {
+		free(call->raw);
+		call->raw = NULL;
+	}
+	call->refused = false;
+	call->arena.spare = &srv->spare_big; /* taken away while a worker unpacked */
 	pbrpc__arena_reset(&call->arena);
+	srv->mem_calls -= call->mem;
+	if (call->mem > SRV_BUF_KEEP)
+		srv->trim = true;
 	call->magic = 0;
 	pbrpc__list_remove(&call->live);
 	srv->stats.calls_in_flight--;
@@ -106,6 +117,7 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 	if (!c)
 		return;
 	call->conn = NULL;
+	c->mem_calls -= call->mem; /* the server counts it until call_put */
 	pbrpc__idmap_del(&c->base.calls, call->id);
 	c->base.last_active = call->srv->now;
 
@@ -217,7 +229,7 @@ void pbrpc__srv_drain_completions(pbrpc_server *srv)
 	pthread_mutex_unlock(&srv->cq_mu);
 	pbrpc__list_for_each_safe(call, &done, srv_call, qlink) {
 		pbrpc__list_remove(&call->qlink);
-		if (call->not_run)
+		if (call->not_run && !call->refused)
 			pbrpc__srv_call_answer(call, PBRPC_STATUS_DEADLINE_EXCEEDED,
 					       "deadline passed before the call was dispatched", NULL, NULL, 0);
 		else
@@ -235,6 +247,88 @@ static void invoke(pbrpc_server *srv, srv_call *call)
 	svc->invoke(svc, call->m->index, call->input, call_closure, call);
 }
 
+/* What protobuf-c's unpack allocates at least for a message's top level:
+ * its scan keeps 32 bytes per field occurrence (a ScannedMember), an unknown
+ * field 24 bytes and a copy of its value, a string or bytes field a copy.
+ * Counts until past `limit`; bytes it cannot parse are left to unpack. Run
+ * before unpacking a large body, so that one of millions of tiny fields is
+ * refused without allocating. */
+static size_t unpack_estimate(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t len, size_t limit)
+{
+	size_t est = d->sizeof_message, i = 0;
+	while (i < len && est <= limit) {
+		uint64_t tag = 0, vlen = 0;
+		int shift = 0;
+		do {
+			if (i == len || shift > 63)
+				return est;
+			tag |= (uint64_t)(p[i] & 0x7f) << shift;
+			shift += 7;
+		} while (p[i++] & 0x80);
+		switch (tag & 7) {
+		case 0:
+			while (i + vlen < len && (p[i + vlen] & 0x80))
+				vlen++;
+			vlen++;
+			break;
+		case 1:
+			vlen = 8;
+			break;
+		case 5:
+			vlen = 4;
+			break;
+		case 2:
+			shift = 0;
+			do {
+				if (i == len || shift > 63)
+					return est;
+				vlen |= (uint64_t)(p[i] & 0x7f) << shift;
+				shift += 7;
+			} while (p[i++] & 0x80);
+			break;
+		default:
+			return est;
+		}
+		if (vlen > len - i)
+			return est;
+		const ProtobufCFieldDescriptor *f =
+			tag >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3)) : NULL;
+		est += 32;
+		if (!f)
+			est += 24 + (((size_t)vlen + 15) & ~(size_t)15);
+		else if ((tag & 7) == 2 && (f->type == PROTOBUF_C_TYPE_STRING || f->type == PROTOBUF_C_TYPE_BYTES))
+			est += ((size_t)vlen + 16) & ~(size_t)15;
+		i += (size_t)vlen;
+	}
+	return est;
+}
+
+/* Unpacks a call's request into its arena, within call->unpack_limit (on
+ * the loop thread, or on a worker for a large body). Returns 0, or the
+ * status to answer with and its words in text. */
+static int call_unpack(pbrpc_server *srv, srv_call *call, const uint8_t *body, size_t len, char *text, size_t tlen)
+{
+	const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, call->m)->input;
+	if (len <= SRV_ARENA_KEEP || unpack_estimate(in, body, len, call->unpack_limit) <= call->unpack_limit) {
+		call->input = protobuf_c_message_unpack(in, &call->arena.pa, len, body);
+		if (call->input)
+			return 0;
+		if (!call->arena.limited) {
+			snprintf(text, tlen, "request body is not a valid %s", in->name);
+			return PBRPC_STATUS_INVALID_ARGUMENT;
+		}
+	}
+	if (call->by_budget)
+		snprintf(text, tlen,
+			 "request needs more than the %zu bytes left in the server's memory budget to unpack (its size: "
+			 "%zu bytes)",
+			 call->unpack_limit, len);
+	else
+		snprintf(text, tlen, "request needs more than %zu bytes to unpack (%u x its %zu-byte size)",
+			 call->unpack_limit, srv->o.unpack_factor, len);
+	return PBRPC_STATUS_RESOURCE_EXHAUSTED;
+}
+
 static void *worker_main(void *arg)
 {
 	pbrpc_server *srv = arg;
@@ -248,6 +342,21 @@ static void *worker_main(void *arg)
 		pbrpc__list_remove(l);
 		pthread_mutex_unlock(&srv->wq_mu);
 		srv_call *call = pbrpc__container_of(l, srv_call, qlink);
+		if (call->raw && !atomic_load(&call->cancelled)) {
+			char text[256];
+			int st = call_unpack(srv, call, call->raw, call->raw_len, text, sizeof(text));
+			free(call->raw);
+			call->raw = NULL;
+			if (st) {
+				call->not_run = true;
+				call->refused = true;
+				call->done_status = st;
+				call->done_msg = strdup(text);
+				cq_push(srv, call);
+				pthread_mutex_lock(&srv->wq_mu);
+				continue;
+			}
+		}
 		if (atomic_load(&call->cancelled)) {
 			/* Expired or cancelled while queued: never dispatched. */
 			call->not_run = true;
@@ -365,7 +474,7 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	srv_conn *c = pbrpc__container_of(base, srv_conn, base);
 	pbrpc_server *srv = c->srv;
 	size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)f->hdr.length;
-	if (total > srv->scratch_cap / 2 && 2 * total > srv->scratch_want)
+	if (total > srv->scratch_cap / 2 && 2 * total > srv->scratch_want && 2 * total <= SRV_SCRATCH_MAX)
 		srv->scratch_want = 2 * total; /* see scratch_fit() in loop.c */
 	pbrpc__wire_request req;
 	char text[PBRPC_METHOD_MAX + 128];
@@ -390,15 +499,42 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	}
 	call->id = req.call_id;
 	call->m = m;
-	const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, m)->input;
-	call->input = protobuf_c_message_unpack(in, &call->arena.pa, req.body_len, req.body);
-	if (!call->input) {
-		snprintf(text, sizeof(text), "request body is not a valid %s", in->name);
+	/* Unpacked, the request may take unpack_factor x its size (+ 64 KiB),
+	 * and no more than the budget has left. With workers, a large body is
+	 * copied and unpacked there, so that the loop goes on serving others. */
+	bool on_worker = req.body_len > SRV_WORKER_UNPACK && srv->n_workers && !srv->reg.services[m->service].owned;
+	size_t avail = pbrpc__srv_mem_avail(c);
+	if (on_worker)
+		avail = avail > req.body_len ? avail - req.body_len : 0;
+	size_t lim = (size_t)srv->o.unpack_factor * req.body_len + SRV_ARENA_KEEP;
+	call->by_budget = avail < lim;
+	call->unpack_limit = call->by_budget ? avail : lim;
+	pbrpc__arena_set_limit(&call->arena, call->unpack_limit);
+	int st = 0;
+	if (!on_worker) {
+		st = call_unpack(srv, call, req.body, req.body_len, text, sizeof(text));
+		call->mem = call->arena.want;
+	} else if (avail == 0) {
+		snprintf(text, sizeof(text), "request of %zu bytes does not fit in the server's memory budget now",
+			 req.body_len);
+		st = PBRPC_STATUS_RESOURCE_EXHAUSTED;
+	} else if ((call->raw = malloc(req.body_len)) == NULL) {
+		snprintf(text, sizeof(text), "server out of memory");
+		st = PBRPC_STATUS_RESOURCE_EXHAUSTED;
+	} else {
+		memcpy(call->raw, req.body, req.body_len);
+		call->raw_len = req.body_len;
+		call->arena.spare = NULL; /* the loop's spare is not the worker's to take */
+		call->mem = req.body_len + call->unpack_limit; /* the worker's arena, at most */
+	}
+	if (st) {
 		call->answered = true;
-		reply_status(c, req.call_id, PBRPC_STATUS_INVALID_ARGUMENT, text);
+		call->mem = 0;
+		reply_status(c, req.call_id, st, text);
 		call_put(srv, call);
 		return;
 	}
+	srv->mem_calls += call->mem; /* until call_put */
 	if (req.metadata_raw_len) {
 		if (call->md_cap < req.metadata_raw_len) {
 			uint8_t *p = realloc(call->md, req.metadata_raw_len);
@@ -412,6 +548,8 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 		memcpy(call->md, req.metadata_raw, req.metadata_raw_len);
 		call->md_len = req.metadata_raw_len;
 	}
+	call->mem += call->md_len;
+	srv->mem_calls += call->md_len;
 	if (pbrpc__idmap_put(&base->calls, call->id, call) < 0) {
 		call->answered = true;
 		reply_status(c, req.call_id, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
@@ -419,6 +557,7 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 		return;
 	}
 	call->conn = c;
+	c->mem_calls += call->mem; /* until answered */
 	call->has_cred = c->has_cred;
 	call->cred = c->cred;
 	if (req.has_timeout) {
@@ -474,6 +613,7 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 		pbrpc__heap_stop(&srv->timers, &call->timer);
 		atomic_store(&call->cancelled, true);
 	}
+	c->mem_calls = 0;
 	pbrpc__srv_conn_closed(c);
 }
 

@@ -53,6 +53,18 @@ static void opts_defaults(pbrpc_server_opts *o)
 		o->write_stall_timeout_ms = 30000;
 	if (!o->log_level)
 		o->log_level = PBRPC_LOG_WARN;
+	if (!o->max_memory)
+		o->max_memory = (size_t)512 << 20;
+	if (o->max_memory < SRV_MEM_FLOOR)
+		o->max_memory = SRV_MEM_FLOOR;
+	if (!o->max_conn_memory)
+		o->max_conn_memory = (size_t)10 * o->max_frame;
+	if (o->max_conn_memory < SRV_CONN_MEM_FLOOR)
+		o->max_conn_memory = SRV_CONN_MEM_FLOOR;
+	if (o->max_conn_memory > o->max_memory)
+		o->max_conn_memory = o->max_memory;
+	if (!o->unpack_factor)
+		o->unpack_factor = SRV_UNPACK_FACTOR;
 }
 
 PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *opts)
