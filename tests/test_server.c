@@ -1400,6 +1400,26 @@ Test(server, forced_drain_answers_unavailable)
 #include <malloc.h>
 #include <poll.h>
 
+/* Under ASan, freed memory sits in its quarantine and every byte has a shadow:
+ * the behaviour is checked, the RSS figures only reported. */
+#if defined(__SANITIZE_ADDRESS__)
+#define RSS_CHECKED 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define RSS_CHECKED 0
+#endif
+#endif
+#ifndef RSS_CHECKED
+#define RSS_CHECKED 1
+#endif
+
+/* Megabytes in 1-byte reads take minutes: these run at full I/O size only. */
+#define SKIP_IF_SHORT_IO() \
+	do { \
+		if (tu_short_io()) \
+			cr_skip_test("megabytes in pieces of a few bytes take too long"); \
+	} while (0)
+
 #define MiB (1024L * 1024L)
 
 static long status_kib(const char *key)
@@ -1504,13 +1524,15 @@ static void one_tiny_fields_request(const uint8_t *pattern, size_t plen, unsigne
 	long peak = hwm_bytes() - base;
 	cr_log_info("16 MiB request of %02x %02x...: peak growth %.1f MiB (%s)", pattern[0], pattern[1],
 		    (double)peak / MiB, msg);
-	cr_assert_leq(peak, 3 * (long)size, "peak RSS growth %ld MiB > 3 x 16 MiB", peak / MiB);
+	if (RSS_CHECKED)
+		cr_assert_leq(peak, 3 * (long)size, "peak RSS growth %ld MiB > 3 x 16 MiB", peak / MiB);
 	free(frame);
 	peer_close(&p);
 	usleep(3000 * 1000);
 	long after = rss_bytes() - base;
 	cr_log_info("3 s after: %+.1f MiB from the baseline", (double)after / MiB);
-	cr_assert_leq(after, 64 * MiB, "RSS 3 s after is %ld MiB above the baseline", after / MiB);
+	if (RSS_CHECKED)
+		cr_assert_leq(after, 64 * MiB, "RSS 3 s after is %ld MiB above the baseline", after / MiB);
 	peer_ping_echo(&bystander, 4);
 	peer_close(&bystander);
 	stop_server(&t);
@@ -1518,16 +1540,19 @@ static void one_tiny_fields_request(const uint8_t *pattern, size_t plen, unsigne
 
 Test(server, unknown_fields_request_refused_within_memory_bounds, .timeout = 60)
 {
+	SKIP_IF_SHORT_IO();
 	one_tiny_fields_request(unknown_78_00, sizeof(unknown_78_00), 0);
 }
 
 Test(server, repeated_field_request_refused_within_memory_bounds, .timeout = 60)
 {
+	SKIP_IF_SHORT_IO();
 	one_tiny_fields_request(payload_0a_01_58, sizeof(payload_0a_01_58), 0);
 }
 
 Test(server, unknown_fields_request_refused_on_a_worker, .timeout = 60)
 {
+	SKIP_IF_SHORT_IO();
 	one_tiny_fields_request(unknown_78_00, sizeof(unknown_78_00), 2);
 }
 
@@ -1548,6 +1573,7 @@ static void *send_thread(void *arg)
  * each one answered, a bystander served. */
 Test(server, many_tiny_fields_requests_stay_in_the_budget, .timeout = 90)
 {
+	SKIP_IF_SHORT_IO();
 	enum { NCONN = 8, PER = 2 };
 	const size_t budget = 96 * MiB;
 	tsrv t;
@@ -1592,7 +1618,8 @@ Test(server, many_tiny_fields_requests_stay_in_the_budget, .timeout = 90)
 	cr_log_info("%d x 16 MiB on %d connections, budget %zu MiB: peak growth %.1f MiB", NCONN * PER, NCONN,
 		    budget / MiB, (double)peak / MiB);
 	cr_assert_eq(exhausted, NCONN * PER);
-	cr_assert_leq(peak, (long)budget + 64 * MiB, "peak growth %ld MiB over budget + 64 MiB", peak / MiB);
+	if (RSS_CHECKED)
+		cr_assert_leq(peak, (long)budget + 64 * MiB, "peak growth %ld MiB over budget + 64 MiB", peak / MiB);
 	free(frames);
 	for (int i = 0; i < NCONN; i++)
 		peer_close(&p[i]);
@@ -1605,6 +1632,7 @@ Test(server, many_tiny_fields_requests_stay_in_the_budget, .timeout = 90)
  * once they are answered, memory comes back and large requests pass again. */
 Test(server, held_requests_share_the_budget, .timeout = 90)
 {
+	SKIP_IF_SHORT_IO();
 	enum { NCONN = 6 };
 	const size_t budget = 64 * MiB;
 	tsrv t;
@@ -1669,7 +1697,8 @@ Test(server, held_requests_share_the_budget, .timeout = 90)
 	peer_ping_echo(&bystander, 1);
 	long peak = hwm_bytes() - base;
 	cr_log_info("%d x 12 MiB held, budget %zu MiB: peak growth %.1f MiB", NCONN, budget / MiB, (double)peak / MiB);
-	cr_assert_leq(peak, (long)budget + 64 * MiB);
+	if (RSS_CHECKED)
+		cr_assert_leq(peak, (long)budget + 64 * MiB, "peak growth %ld MiB over budget + 64 MiB", peak / MiB);
 	/* answer the held ones: their memory goes back and a large one passes again */
 	atomic_store(&release_req, 1);
 	for (int i = 0; i < NCONN; i++) {
@@ -1724,6 +1753,7 @@ static void largest_request_passes(unsigned workers)
 
 Test(server, largest_request_passes_the_budget, .timeout = 60)
 {
+	SKIP_IF_SHORT_IO();
 	largest_request_passes(0);
 	largest_request_passes(2);
 }
