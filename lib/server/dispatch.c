@@ -39,7 +39,6 @@ static srv_call *call_get(pbrpc_server *srv)
 	call->not_run = false;
 	call->deadline_ns = 0;
 	call->md_len = 0;
-	call->mem = 0;
 	call->input = NULL;
 	atomic_store(&call->cancelled, false);
 	pbrpc__list_insert(&srv->live, &call->live);
@@ -68,16 +67,19 @@ static void call_put(pbrpc_server *srv, srv_call *call)
 	free(call->done_body);
 	call->done_body = NULL;
 	call->done_len = 0;
-	if (call->raw) {
+	if (!call->arena.spare) {
+		/* it was (to be) unpacked on a worker */
 		free(call->raw);
 		call->raw = NULL;
+		call->raw_len = 0;
+		call->refused = false;
+		call->arena.spare = &srv->spare_big;
 	}
-	call->refused = false;
-	call->arena.spare = &srv->spare_big; /* taken away while a worker unpacked */
 	pbrpc__arena_reset(&call->arena);
-	srv->mem_calls -= call->mem;
+	srv->mem_used -= call->mem;
 	if (call->mem > SRV_BUF_KEEP)
 		srv->trim = true;
+	call->mem = 0;
 	call->magic = 0;
 	pbrpc__list_remove(&call->live);
 	srv->stats.calls_in_flight--;
@@ -117,7 +119,7 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 	if (!c)
 		return;
 	call->conn = NULL;
-	c->mem_calls -= call->mem; /* the server counts it until call_put */
+	c->mem_used -= call->mem; /* the server counts it until call_put */
 	pbrpc__idmap_del(&c->base.calls, call->id);
 	c->base.last_active = call->srv->now;
 
@@ -303,31 +305,79 @@ static size_t unpack_estimate(const ProtobufCMessageDescriptor *d, const uint8_t
 	return est;
 }
 
-/* Unpacks a call's request into its arena, within call->unpack_limit (on
- * the loop thread, or on a worker for a large body). Returns 0, or the
- * status to answer with and its words in text. */
-static int call_unpack(pbrpc_server *srv, srv_call *call, const uint8_t *body, size_t len, char *text, size_t tlen)
+/* The words for a request over its unpack limit. */
+static int unpack_refused(pbrpc_server *srv, const srv_call *call, size_t len, char *text, size_t tlen)
 {
-	const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, call->m)->input;
-	if (len <= SRV_ARENA_KEEP || unpack_estimate(in, body, len, call->unpack_limit) <= call->unpack_limit) {
-		call->input = protobuf_c_message_unpack(in, &call->arena.pa, len, body);
-		if (call->input)
-			return 0;
-		if (!call->arena.limited) {
-			snprintf(text, tlen, "request body is not a valid %s", in->name);
-			return PBRPC_STATUS_INVALID_ARGUMENT;
-		}
-	}
-	if (call->by_budget)
+	size_t limit = call->arena.limit;
+	if (limit < (size_t)srv->o.unpack_factor * len + SRV_ARENA_KEEP) /* what the budget had left */
 		snprintf(text, tlen,
 			 "request needs more than the %zu bytes left in the server's memory budget to unpack (its size: "
 			 "%zu bytes)",
-			 call->unpack_limit, len);
+			 limit, len);
 	else
-		snprintf(text, tlen, "request needs more than %zu bytes to unpack (%u x its %zu-byte size)",
-			 call->unpack_limit, srv->o.unpack_factor, len);
+		snprintf(text, tlen, "request needs more than %zu bytes to unpack (%u x its %zu-byte size)", limit,
+			 srv->o.unpack_factor, len);
 	return PBRPC_STATUS_RESOURCE_EXHAUSTED;
 }
+
+/* protobuf-c's unpack returned NULL: over the limit, or not a valid message. */
+static int unpack_failed(pbrpc_server *srv, const srv_call *call, size_t len, char *text, size_t tlen)
+{
+	if (call->arena.limited)
+		return unpack_refused(srv, call, len, text, tlen);
+	snprintf(text, tlen, "request body is not a valid %s",
+		 pbrpc__registry_method_desc(&srv->reg, call->m)->input->name);
+	return PBRPC_STATUS_INVALID_ARGUMENT;
+}
+
+/* Unpacks a large body into the call's arena within its limit,
+ * after a scan that refuses one of millions of tiny fields without
+ * allocating (on the loop thread, or on a worker). Returns 0, or the status
+ * to answer with and its words in text. */
+static int call_unpack(pbrpc_server *srv, srv_call *call, const uint8_t *body, size_t len, char *text, size_t tlen)
+{
+	const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, call->m)->input;
+	if (unpack_estimate(in, body, len, call->arena.limit) > call->arena.limit)
+		return unpack_refused(srv, call, len, text, tlen);
+	call->input = protobuf_c_message_unpack(in, &call->arena.pa, len, body);
+	return call->input ? 0 : unpack_failed(srv, call, len, text, tlen);
+}
+
+/* A body above SRV_SMALL_BODY: its limit is unpack_factor x its size
+ * (+ 64 KiB), or what the budget has left, counted exactly; it is scanned
+ * before it is unpacked. Above SRV_WORKER_UNPACK and with workers (for a
+ * service that may run there), it is copied into the call and unpacked on the
+ * worker, so that the loop goes on serving others; the copy comes out of the
+ * room too. */
+static __attribute__((noinline)) int large_request(srv_conn *c, srv_call *call, const pbrpc__wire_request *req,
+						   char *text, size_t tlen)
+{
+	pbrpc_server *srv = c->srv;
+	size_t len = req->body_len, room = pbrpc__srv_mem_avail(c);
+	size_t lim = (size_t)srv->o.unpack_factor * len + SRV_ARENA_KEEP;
+	bool on_worker = len > SRV_WORKER_UNPACK && srv->n_workers && !srv->reg.services[call->m->service].owned;
+	if (on_worker) {
+		if (room <= len) {
+			snprintf(text, tlen, "request of %zu bytes does not fit in the server's memory budget now", len);
+			return PBRPC_STATUS_RESOURCE_EXHAUSTED;
+		}
+		room -= len;
+	}
+	pbrpc__arena_set_limit(&call->arena, lim < room ? lim : room);
+	if (!on_worker)
+		return call_unpack(srv, call, req->body, len, text, tlen);
+	call->raw = malloc(len);
+	if (!call->raw) {
+		snprintf(text, tlen, "server out of memory");
+		return PBRPC_STATUS_RESOURCE_EXHAUSTED;
+	}
+	memcpy(call->raw, req->body, len);
+	call->raw_len = len;
+	call->arena.spare = NULL; /* the loop's spare is not the worker's to take */
+	call->mem = len + call->arena.limit; /* the worker's arena is not the loop's to read */
+	return 0;
+}
+
 
 static void *worker_main(void *arg)
 {
@@ -500,32 +550,17 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	call->id = req.call_id;
 	call->m = m;
 	/* Unpacked, the request may take unpack_factor x its size (+ 64 KiB),
-	 * and no more than the budget has left. With workers, a large body is
-	 * copied and unpacked there, so that the loop goes on serving others. */
-	bool on_worker = req.body_len > SRV_WORKER_UNPACK && srv->n_workers && !srv->reg.services[m->service].owned;
-	size_t avail = pbrpc__srv_mem_avail(c);
-	if (on_worker)
-		avail = avail > req.body_len ? avail - req.body_len : 0;
-	size_t lim = (size_t)srv->o.unpack_factor * req.body_len + SRV_ARENA_KEEP;
-	call->by_budget = avail < lim;
-	call->unpack_limit = call->by_budget ? avail : lim;
-	pbrpc__arena_set_limit(&call->arena, call->unpack_limit);
-	int st = 0;
-	if (!on_worker) {
-		st = call_unpack(srv, call, req.body, req.body_len, text, sizeof(text));
-		call->mem = call->arena.want;
-	} else if (avail == 0) {
-		snprintf(text, sizeof(text), "request of %zu bytes does not fit in the server's memory budget now",
-			 req.body_len);
-		st = PBRPC_STATUS_RESOURCE_EXHAUSTED;
-	} else if ((call->raw = malloc(req.body_len)) == NULL) {
-		snprintf(text, sizeof(text), "server out of memory");
-		st = PBRPC_STATUS_RESOURCE_EXHAUSTED;
+	 * and no more than the budget has left. A small body's bound is fixed:
+	 * the read that brought it had SRV_MEM_MIN of room at least, and the
+	 * calls it unpacks count from here on. */
+	int st;
+	if (req.body_len <= SRV_SMALL_BODY) {
+		pbrpc__arena_set_limit(&call->arena, SRV_SMALL_LIMIT);
+		const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, m)->input;
+		call->input = protobuf_c_message_unpack(in, &call->arena.pa, req.body_len, req.body);
+		st = call->input ? 0 : unpack_failed(srv, call, req.body_len, text, sizeof(text));
 	} else {
-		memcpy(call->raw, req.body, req.body_len);
-		call->raw_len = req.body_len;
-		call->arena.spare = NULL; /* the loop's spare is not the worker's to take */
-		call->mem = req.body_len + call->unpack_limit; /* the worker's arena, at most */
+		st = large_request(c, call, &req, text, sizeof(text));
 	}
 	if (st) {
 		call->answered = true;
@@ -534,11 +569,11 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 		call_put(srv, call);
 		return;
 	}
-	srv->mem_calls += call->mem; /* until call_put */
 	if (req.metadata_raw_len) {
 		if (call->md_cap < req.metadata_raw_len) {
 			uint8_t *p = realloc(call->md, req.metadata_raw_len);
 			if (!p) {
+				call->mem = 0;
 				call_reject(call, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
 				return;
 			}
@@ -548,16 +583,20 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 		memcpy(call->md, req.metadata_raw, req.metadata_raw_len);
 		call->md_len = req.metadata_raw_len;
 	}
-	call->mem += call->md_len;
-	srv->mem_calls += call->md_len;
 	if (pbrpc__idmap_put(&base->calls, call->id, call) < 0) {
 		call->answered = true;
+		call->mem = 0;
 		reply_status(c, req.call_id, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
 		call_put(srv, call);
 		return;
 	}
 	call->conn = c;
-	c->mem_calls += call->mem; /* until answered */
+	/* Counted by the connection until answered, by the server until put
+	 * back; a worker's arena is not the loop's to read: its limit counts. */
+	size_t mem = call->mem + call->arena.want + call->md_len;
+	call->mem = mem;
+	c->mem_used += mem;
+	srv->mem_used += mem;
 	call->has_cred = c->has_cred;
 	call->cred = c->cred;
 	if (req.has_timeout) {
@@ -613,7 +652,7 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 		pbrpc__heap_stop(&srv->timers, &call->timer);
 		atomic_store(&call->cancelled, true);
 	}
-	c->mem_calls = 0;
+	c->mem_used = c->mem_io;
 	pbrpc__srv_conn_closed(c);
 }
 

@@ -47,17 +47,31 @@ static void rearm(srv_conn *c)
 /* Brings the server's count of a connection's buffers up to date: its
  * decoder (a frame in progress counts whole from its header on) and its
  * writer. Called after each read and flush, and when buffers are freed. */
-void pbrpc__srv_mem_sample(srv_conn *c)
+static void mem_sample_slow(srv_conn *c)
 {
-	size_t m = pbrpc__frame_decoder_footprint(&c->base.dec) + c->base.out.cap;
-	c->srv->mem_io += m - c->mem_io;
+	pbrpc__conn *b = &c->base;
+	if (b->dec.cap > SRV_BUF_KEEP && !pbrpc__frame_decoder_pending(&b->dec)) {
+		pbrpc__frame_decoder_release(&b->dec); /* a large frame's buffer goes once handled */
+		c->srv->trim = true;
+	}
+	size_t m = pbrpc__frame_decoder_footprint(&b->dec) + b->out.cap;
+	c->srv->mem_used += m - c->mem_io;
+	c->mem_used += m - c->mem_io;
 	c->mem_io = m;
+}
+
+/* After it, a decoder above SRV_BUF_KEEP holds a frame in progress. */
+static inline void mem_sample(srv_conn *c)
+{
+	const pbrpc__conn *b = &c->base;
+	if (b->dec.tail != b->dec.head || b->dec.cap + b->out.cap != c->mem_io)
+		mem_sample_slow(c); /* a frame in progress, or a buffer changed */
 }
 
 /* Before a read: refuse frames larger than the budget's room from their
  * header on, and stop reading a connection once less than SRV_MEM_MIN is
  * left (unless it is in the middle of a frame already counted). */
-static bool mem_admit(srv_conn *c)
+static bool mem_admit_slow(srv_conn *c)
 {
 	size_t avail = pbrpc__srv_mem_avail(c);
 	if (avail < SRV_MEM_MIN) {
@@ -70,6 +84,16 @@ static bool mem_admit(srv_conn *c)
 	}
 	pbrpc__conn_admit(&c->base, avail);
 	return true;
+}
+
+static inline bool mem_admit(srv_conn *c)
+{
+	const pbrpc_server *srv = c->srv;
+	if (srv->mem_used < srv->mem_easy && c->mem_used < srv->conn_easy) {
+		c->base.dec.max_payload = c->base.max_frame;
+		return true;
+	}
+	return mem_admit_slow(c);
 }
 
 /* Connections paused for memory are read again once there is room. */
@@ -112,7 +136,7 @@ void pbrpc__srv_conn_free(srv_conn *c)
 	pbrpc__list_remove(&c->dirty);
 	if (c->mem_io > SRV_BUF_KEEP)
 		c->srv->trim = true;
-	c->srv->mem_io -= c->mem_io;
+	c->srv->mem_used -= c->mem_io; /* its calls count until put back */
 	pbrpc__conn_fini(&c->base);
 	free(c);
 }
@@ -137,7 +161,7 @@ static void conn_flush(srv_conn *c)
 		pbrpc__frame_writer_trim(&c->base.out, 0); /* a large reply's buffer goes once it is out */
 		c->srv->trim = true;
 	}
-	pbrpc__srv_mem_sample(c);
+	mem_sample(c);
 	update_events(c);
 	rearm(c);
 }
@@ -177,6 +201,7 @@ static void scratch_fit(pbrpc_server *srv)
 	uint8_t *nb = malloc(want);
 	if (!nb)
 		return;
+	srv->mem_used += want - srv->scratch_cap;
 	free(srv->scratch);
 	srv->scratch = nb;
 	srv->scratch_cap = want;
@@ -188,6 +213,7 @@ static void scratch_sweep(pbrpc_server *srv)
 		uint8_t *nb = malloc(SRV_SCRATCH_SIZE);
 		if (nb) {
 			srv->trim = true;
+			srv->mem_used -= srv->scratch_cap - SRV_SCRATCH_SIZE;
 			free(srv->scratch);
 			srv->scratch = nb;
 			srv->scratch_cap = SRV_SCRATCH_SIZE;
@@ -201,6 +227,8 @@ static void conn_read(srv_conn *c)
 	pbrpc_server *srv = c->srv;
 	pbrpc__conn *b = &c->base;
 	for (int round = 0; round < READS_PER_WAKEUP && !pbrpc__conn_closed(b) && !b->read_paused; round++) {
+		if (round)
+			mem_sample(c); /* the last round's bytes count before this one */
 		if (!mem_admit(c))
 			break;
 		bool to_scratch = b->state == PBRPC__CONN_PREFACE || !pbrpc__frame_decoder_pending(&b->dec);
@@ -213,11 +241,6 @@ static void conn_read(srv_conn *c)
 		}
 		b->last_active = srv->now;
 		pbrpc__conn_dispatch(b, NULL);
-		if (b->dec.cap > SRV_BUF_KEEP && !pbrpc__frame_decoder_pending(&b->dec)) {
-			pbrpc__frame_decoder_release(&b->dec); /* a large frame's buffer goes once handled */
-			srv->trim = true;
-		}
-		pbrpc__srv_mem_sample(c);
 		if (to_scratch && (size_t)n > srv->scratch_used)
 			srv->scratch_used = (size_t)n;
 		scratch_fit(srv);
@@ -229,8 +252,9 @@ static void conn_read(srv_conn *c)
 	 * connection is busy; the sweep frees it once idle. */
 	if (!pbrpc__conn_closed(b)) {
 		if (pbrpc__conn_pending_out(b))
-			pbrpc__srv_mark_dirty(c);
+			pbrpc__srv_mark_dirty(c); /* conn_flush samples memory */
 		else {
+			mem_sample(c);
 			update_events(c);
 			rearm(c);
 		}
@@ -263,7 +287,7 @@ static void sweep(pbrpc_server *srv, int64_t now)
 		if (!pbrpc__conn_closed(&c->base) && now - c->base.last_active >= SWEEP_INTERVAL_NS) {
 			pbrpc__frame_decoder_release(&c->base.dec);
 			pbrpc__frame_writer_trim(&c->base.out, 0);
-			pbrpc__srv_mem_sample(c);
+			mem_sample(c);
 		}
 	}
 	scratch_sweep(srv);

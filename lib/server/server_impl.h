@@ -37,6 +37,8 @@
 #define SRV_CONN_MEM_FLOOR (1u << 20)  /* opts.max_conn_memory is at least this */
 #define SRV_UNPACK_FACTOR 8u            /* default opts.unpack_factor (docs/ARCHITECTURE.md) */
 #define SRV_WORKER_UNPACK (64u * 1024u) /* with workers, larger bodies are unpacked there */
+#define SRV_SMALL_BODY 4096u            /* bodies up to this unpack within SRV_SMALL_LIMIT */
+#define SRV_SMALL_LIMIT (SRV_UNPACK_FACTOR * SRV_SMALL_BODY + SRV_ARENA_KEEP)
 
 /* What an epoll event's data.ptr points at: the first member of each. */
 enum srv_src { SRV_SRC_LISTENER, SRV_SRC_CONN, SRV_SRC_WAKE };
@@ -63,7 +65,7 @@ typedef struct srv_conn {
 	pbrpc__list link;   /* srv->conns */
 	pbrpc__list dirty;  /* srv->dirty while output waits for a flush */
 	size_t mem_io;      /* decoder footprint + writer capacity, last sampled */
-	size_t mem_calls;   /* sum of mem of its calls not yet answered */
+	size_t mem_used;    /* mem_io + the mem of its calls not yet answered */
 } srv_conn;
 
 typedef struct srv_call {
@@ -80,8 +82,6 @@ typedef struct srv_call {
 	bool not_run;  /* expired while queued for a worker, or refused there */
 	bool refused;  /* its request could not be unpacked on the worker */
 	size_t mem;    /* bytes counted against the budget (arena, copies) */
-	size_t unpack_limit; /* the arena's limit for its request */
-	bool by_budget;      /* unpack_limit is what the budget had left */
 	uint8_t *raw;  /* the request body, copied for a worker to unpack */
 	size_t raw_len;
 	int64_t deadline_ns;
@@ -147,22 +147,19 @@ struct pbrpc_server {
 	pbrpc_server_stats stats;
 	/* the memory budget (opts.max_memory): sum of connections' mem_io, of
 	 * calls' mem, and scratch_cap */
-	size_t mem_io, mem_calls;
+	size_t mem_used;
+	size_t mem_easy, conn_easy; /* below these, at least easy_room is left */
+	size_t easy_room;           /* max(max_frame, 1 MiB) */
 	unsigned mem_paused; /* connections not read for want of memory */
 	bool trim;           /* large blocks were freed: malloc_trim at the sweep */
 };
-
-static inline size_t pbrpc__srv_mem_used(const pbrpc_server *srv)
-{
-	return srv->mem_io + srv->mem_calls + srv->scratch_cap;
-}
 
 /* The bytes a connection may still take: the smaller of its share's and the
  * server's room. */
 static inline size_t pbrpc__srv_mem_avail(const srv_conn *c)
 {
 	const pbrpc_server *srv = c->srv;
-	size_t used = pbrpc__srv_mem_used(srv), cused = c->mem_io + c->mem_calls;
+	size_t used = srv->mem_used, cused = c->mem_used;
 	size_t s = used < srv->o.max_memory ? srv->o.max_memory - used : 0;
 	size_t cs = cused < srv->o.max_conn_memory ? srv->o.max_conn_memory - cused : 0;
 	return s < cs ? s : cs;
@@ -185,7 +182,6 @@ void pbrpc__srv_workers_stop(pbrpc_server *srv);
 void pbrpc__srv_calls_free(pbrpc_server *srv);
 
 /* loop.c */
-void pbrpc__srv_mem_sample(srv_conn *c);
 void pbrpc__srv_mark_dirty(srv_conn *c);
 void pbrpc__srv_conn_closed(srv_conn *c);
 void pbrpc__srv_conn_free(srv_conn *c);

@@ -52,7 +52,7 @@ static inline void pbrpc__arena_set_limit(pbrpc__arena *a, size_t limit)
  * chunks). spare: where the largest extra chunk is kept at reset, or NULL. */
 void pbrpc__arena_init(pbrpc__arena *a, size_t keep, pbrpc__arena_chunk **spare);
 
-void *pbrpc__arena_grow(pbrpc__arena *a, size_t n);
+__attribute__((noinline)) void *pbrpc__arena_grow(pbrpc__arena *a, size_t n); /* the slow path */
 
 /* size bytes aligned for any type, or NULL (a->failed is then set). */
 static inline void *pbrpc__arena_alloc(pbrpc__arena *a, size_t size)
