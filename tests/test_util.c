@@ -812,6 +812,39 @@ Test(util, arena_reset_reuses_buffer)
 	pbrpc__arena_fini(&a);
 }
 
+Test(util, arena_limit_fails_allocations_past_it)
+{
+	pbrpc__arena_chunk *spare = NULL;
+	pbrpc__arena a;
+	pbrpc__arena_init(&a, 4096, &spare);
+	pbrpc__arena_set_limit(&a, 100000);
+	size_t got = 0;
+	while (pbrpc__arena_alloc(&a, 1000))
+		got += 1008; /* rounded to 16 */
+	cr_assert(a.failed && a.limited);
+	cr_assert_leq(a.want, 100000);
+	cr_assert_geq(got, 100000 - 1008 - 8192, "the limit, not less, bounds the arena: %zu", got);
+	/* exactly at the limit passes */
+	pbrpc__arena_reset(&a);
+	cr_assert(!a.failed && !a.limited);
+	pbrpc__arena_set_limit(&a, 50000);
+	cr_assert_not_null(pbrpc__arena_alloc(&a, 50000 - 16));
+	cr_assert_not_null(pbrpc__arena_alloc(&a, 16));
+	cr_assert_null(pbrpc__arena_alloc(&a, 1));
+	/* a chunk larger than PBRPC__ARENA_SPARE_MAX is freed at reset, not kept */
+	pbrpc__arena_reset(&a);
+	pbrpc__arena_spare_free(&spare);
+	pbrpc__arena_set_limit(&a, SIZE_MAX);
+	cr_assert_not_null(pbrpc__arena_alloc(&a, PBRPC__ARENA_SPARE_MAX + 1));
+	pbrpc__arena_reset(&a);
+	cr_assert_null(spare);
+	cr_assert_not_null(pbrpc__arena_alloc(&a, 100000));
+	pbrpc__arena_reset(&a);
+	cr_assert_not_null(spare);
+	pbrpc__arena_fini(&a);
+	pbrpc__arena_spare_free(&spare);
+}
+
 Test(util, arena_keep_is_an_upper_bound)
 {
 	pbrpc__arena a;

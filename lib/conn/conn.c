@@ -56,7 +56,7 @@ __attribute__((format(printf, 3, 0))) static void conn_vclose(pbrpc__conn *c, in
 	c->state = PBRPC__CONN_CLOSED;
 	c->read_paused = false;
 	c->resume = false;
-	c->ops->on_close(c, err, why);
+	c->ops->on_close(c, err, why); /* the role clears mem_paused, its own flag */
 }
 
 void pbrpc__conn_close(pbrpc__conn *c, int err, const char *fmt, ...)
@@ -310,8 +310,13 @@ static void handle_toobig(pbrpc__conn *c)
 	if (c->role == PBRPC__CONN_SERVER && c->state == PBRPC__CONN_OPEN && h->type == PBRPC_FRAME_REQUEST &&
 	    h->stream != 0 && !pbrpc__idmap_get(&c->calls, h->stream)) {
 		char text[160];
-		snprintf(text, sizeof(text), "request is %u bytes, server accepts at most %u", (unsigned)h->length,
-			 (unsigned)c->max_frame);
+		if (h->length > c->max_frame)
+			snprintf(text, sizeof(text), "request is %u bytes, server accepts at most %u", (unsigned)h->length,
+				 (unsigned)c->max_frame);
+		else
+			snprintf(text, sizeof(text),
+				 "request is %u bytes, the server's memory budget has room for %u now",
+				 (unsigned)h->length, (unsigned)c->dec.max_payload);
 		uint32_t id = h->stream;
 		pbrpc__frame_decoder_skip(&c->dec);
 		pbrpc__conn_reply_status(c, id, PBRPC_STATUS_RESOURCE_EXHAUSTED, text, true);
@@ -439,7 +444,7 @@ uint32_t pbrpc__conn_events(const pbrpc__conn *c)
 {
 	if (c->state == PBRPC__CONN_CLOSED)
 		return 0;
-	uint32_t ev = c->read_paused || c->read_eof ? 0 : EPOLLIN;
+	uint32_t ev = c->read_paused || c->read_eof || c->mem_paused ? 0 : EPOLLIN;
 	if (pbrpc__conn_pending_out(c))
 		ev |= EPOLLOUT;
 	return ev;

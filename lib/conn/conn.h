@@ -76,6 +76,7 @@ struct pbrpc__conn {
 	bool read_paused;    /* output above max_output: stop reading */
 	bool resume;         /* just unpaused: frames stashed in the decoder wait */
 	bool read_eof;       /* server: the client half-closed with calls in flight */
+	bool mem_paused;     /* the role's memory budget is spent: stop reading */
 	int goaway_sent;     /* status of the GOAWAY pbrpc__conn_fail sent, or -1 */
 	                     /* (>= 0: the connection was closed by a failure) */
 	uint32_t max_frame;      /* ours: largest payload we accept */
@@ -168,7 +169,16 @@ void pbrpc__conn_expire(pbrpc__conn *c, int64_t now);
 /* When pbrpc__conn_expire has something to do next (0: nothing pending). */
 pbrpc__deadline pbrpc__conn_deadline(const pbrpc__conn *c);
 
-/* EPOLLIN unless paused or closed, EPOLLOUT while output is queued. */
+/* Frames larger than `avail` bytes (and than max_frame) are refused from
+ * their header on: a REQUEST is skipped as it arrives and answered
+ * RESOURCE_EXHAUSTED, as one over max_frame is. The role's memory budget. */
+static inline void pbrpc__conn_admit(pbrpc__conn *c, size_t avail)
+{
+	c->dec.max_payload = avail < c->max_frame ? (uint32_t)avail : c->max_frame;
+}
+
+/* EPOLLIN unless paused (output or memory) or closed, EPOLLOUT while output
+ * is queued. */
 uint32_t pbrpc__conn_events(const pbrpc__conn *c);
 
 static inline bool pbrpc__conn_closed(const pbrpc__conn *c)

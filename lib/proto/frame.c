@@ -241,6 +241,17 @@ size_t pbrpc__frame_decoder_pending(const pbrpc__frame_decoder *d)
 	return d->tail - d->head + d->in_len + (size_t)d->discard;
 }
 
+size_t pbrpc__frame_decoder_footprint(const pbrpc__frame_decoder *d)
+{
+	size_t buffered = d->tail - d->head;
+	if (buffered < PBRPC_FRAME_HEADER_SIZE || d->discard)
+		return d->cap;
+	size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)pbrpc__get_u32(d->buf + d->head);
+	if (total <= buffered || d->head + total <= d->cap)
+		return d->cap;
+	return d->head + total;
+}
+
 void pbrpc__frame_decoder_release(pbrpc__frame_decoder *d)
 {
 	if (d->head == d->tail && d->buf) {

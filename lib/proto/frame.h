@@ -112,6 +112,11 @@ int pbrpc__frame_decoder_skip(pbrpc__frame_decoder *d);
 /* Bytes held that belong to an incomplete frame (0 at a frame boundary). */
 size_t pbrpc__frame_decoder_pending(const pbrpc__frame_decoder *d);
 
+/* Bytes the decoder holds or will hold: its buffer, or for a frame in
+ * progress whose header has arrived, as much as that whole frame needs (so
+ * that a budget can count a frame from its header on). */
+size_t pbrpc__frame_decoder_footprint(const pbrpc__frame_decoder *d);
+
 /* Frees the buffer if it holds nothing, so an idle connection costs no buffer.
  * Cheap to call after each batch of reads. */
 void pbrpc__frame_decoder_release(pbrpc__frame_decoder *d);

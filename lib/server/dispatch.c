@@ -53,6 +53,7 @@ static void call_destroy(srv_call *call)
 	free(call->done_msg);
 	free(call->done_body);
 	free(call->md);
+	free(call->raw);
 	free(call);
 }
 
@@ -66,7 +67,19 @@ static void call_put(pbrpc_server *srv, srv_call *call)
 	free(call->done_body);
 	call->done_body = NULL;
 	call->done_len = 0;
+	if (!call->arena.spare) {
+		/* it was (to be) unpacked on a worker */
+		free(call->raw);
+		call->raw = NULL;
+		call->raw_len = 0;
+		call->refused = false;
+		call->arena.spare = &srv->spare_big;
+	}
 	pbrpc__arena_reset(&call->arena);
+	srv->mem_used -= call->mem;
+	if (call->mem > SRV_BUF_KEEP)
+		srv->trim = true;
+	call->mem = 0;
 	call->magic = 0;
 	pbrpc__list_remove(&call->live);
 	srv->stats.calls_in_flight--;
@@ -150,6 +163,7 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 	if (!c)
 		return;
 	call->conn = NULL;
+	c->mem_used -= call->mem; /* the server counts it until call_put */
 	pbrpc__idmap_del(&c->base.calls, call->id);
 	c->base.last_active = call->srv->now;
 
@@ -271,7 +285,7 @@ void pbrpc__srv_drain_completions(pbrpc_server *srv)
 	pthread_mutex_unlock(&srv->cq_mu);
 	pbrpc__list_for_each_safe(call, &done, srv_call, qlink) {
 		pbrpc__list_remove(&call->qlink);
-		if (call->not_run)
+		if (call->not_run && !call->refused)
 			pbrpc__srv_call_answer(call, PBRPC_STATUS_DEADLINE_EXCEEDED,
 					       "deadline passed before the call was dispatched", NULL, NULL, 0);
 		else
@@ -289,6 +303,136 @@ static void invoke(pbrpc_server *srv, srv_call *call)
 	svc->invoke(svc, call->m->index, call->input, call_closure, call);
 }
 
+/* What protobuf-c's unpack allocates at least for a message's top level:
+ * its scan keeps 32 bytes per field occurrence (a ScannedMember), an unknown
+ * field 24 bytes and a copy of its value, a string or bytes field a copy.
+ * Counts until past `limit`; bytes it cannot parse are left to unpack. Run
+ * before unpacking a large body, so that one of millions of tiny fields is
+ * refused without allocating. */
+static size_t unpack_estimate(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t len, size_t limit)
+{
+	size_t est = d->sizeof_message, i = 0;
+	while (i < len && est <= limit) {
+		uint64_t tag = 0, vlen = 0;
+		int shift = 0;
+		do {
+			if (i == len || shift > 63)
+				return est;
+			tag |= (uint64_t)(p[i] & 0x7f) << shift;
+			shift += 7;
+		} while (p[i++] & 0x80);
+		switch (tag & 7) {
+		case 0:
+			while (i + vlen < len && (p[i + vlen] & 0x80))
+				vlen++;
+			vlen++;
+			break;
+		case 1:
+			vlen = 8;
+			break;
+		case 5:
+			vlen = 4;
+			break;
+		case 2:
+			shift = 0;
+			do {
+				if (i == len || shift > 63)
+					return est;
+				vlen |= (uint64_t)(p[i] & 0x7f) << shift;
+				shift += 7;
+			} while (p[i++] & 0x80);
+			break;
+		default:
+			return est;
+		}
+		if (vlen > len - i)
+			return est;
+		const ProtobufCFieldDescriptor *f =
+			tag >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3)) : NULL;
+		est += 32;
+		if (!f)
+			est += 24 + (((size_t)vlen + 15) & ~(size_t)15);
+		else if ((tag & 7) == 2 && (f->type == PROTOBUF_C_TYPE_STRING || f->type == PROTOBUF_C_TYPE_BYTES))
+			est += ((size_t)vlen + 16) & ~(size_t)15;
+		i += (size_t)vlen;
+	}
+	return est;
+}
+
+/* The words for a request over its unpack limit. */
+static int unpack_refused(pbrpc_server *srv, const srv_call *call, size_t len, char *text, size_t tlen)
+{
+	size_t limit = call->arena.limit;
+	if (limit < (size_t)srv->o.unpack_factor * len + SRV_ARENA_KEEP) /* what the budget had left */
+		snprintf(text, tlen,
+			 "request needs more than the %zu bytes left in the server's memory budget to unpack (its size: "
+			 "%zu bytes)",
+			 limit, len);
+	else
+		snprintf(text, tlen, "request needs more than %zu bytes to unpack (%u x its %zu-byte size)", limit,
+			 srv->o.unpack_factor, len);
+	return PBRPC_STATUS_RESOURCE_EXHAUSTED;
+}
+
+/* protobuf-c's unpack returned NULL: over the limit, or not a valid message. */
+static int unpack_failed(pbrpc_server *srv, const srv_call *call, size_t len, char *text, size_t tlen)
+{
+	if (call->arena.limited)
+		return unpack_refused(srv, call, len, text, tlen);
+	snprintf(text, tlen, "request body is not a valid %s",
+		 pbrpc__registry_method_desc(&srv->reg, call->m)->input->name);
+	return PBRPC_STATUS_INVALID_ARGUMENT;
+}
+
+/* Unpacks a large body into the call's arena within its limit,
+ * after a scan that refuses one of millions of tiny fields without
+ * allocating (on the loop thread, or on a worker). Returns 0, or the status
+ * to answer with and its words in text. */
+static int call_unpack(pbrpc_server *srv, srv_call *call, const uint8_t *body, size_t len, char *text, size_t tlen)
+{
+	const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, call->m)->input;
+	if (unpack_estimate(in, body, len, call->arena.limit) > call->arena.limit)
+		return unpack_refused(srv, call, len, text, tlen);
+	call->input = protobuf_c_message_unpack(in, &call->arena.pa, len, body);
+	return call->input ? 0 : unpack_failed(srv, call, len, text, tlen);
+}
+
+/* A body above SRV_SMALL_BODY: its limit is unpack_factor x its size
+ * (+ 64 KiB), or what the budget has left, counted exactly; it is scanned
+ * before it is unpacked. Above SRV_WORKER_UNPACK and with workers (for a
+ * service that may run there), it is copied into the call and unpacked on the
+ * worker, so that the loop goes on serving others; the copy comes out of the
+ * room too. */
+static __attribute__((noinline)) int large_request(srv_conn *c, srv_call *call, const pbrpc__wire_request *req,
+						   char *text, size_t tlen)
+{
+	pbrpc_server *srv = c->srv;
+	size_t len = req->body_len, room = pbrpc__srv_mem_avail(c);
+	size_t lim = (size_t)srv->o.unpack_factor * len + SRV_ARENA_KEEP;
+	bool on_worker = len > SRV_WORKER_UNPACK && srv->n_workers && !srv->reg.services[call->m->service].owned;
+	if (on_worker) {
+		if (room <= len) {
+			snprintf(text, tlen, "request of %zu bytes does not fit in the server's memory budget now", len);
+			return PBRPC_STATUS_RESOURCE_EXHAUSTED;
+		}
+		room -= len;
+	}
+	pbrpc__arena_set_limit(&call->arena, lim < room ? lim : room);
+	if (!on_worker)
+		return call_unpack(srv, call, req->body, len, text, tlen);
+	call->raw = malloc(len);
+	if (!call->raw) {
+		snprintf(text, tlen, "server out of memory");
+		return PBRPC_STATUS_RESOURCE_EXHAUSTED;
+	}
+	memcpy(call->raw, req->body, len);
+	call->raw_len = len;
+	call->arena.spare = NULL; /* the loop's spare is not the worker's to take */
+	call->mem = len + call->arena.limit; /* the worker's arena is not the loop's to read */
+	return 0;
+}
+
+
 static void *worker_main(void *arg)
 {
 	pbrpc_server *srv = arg;
@@ -302,6 +446,21 @@ static void *worker_main(void *arg)
 		pbrpc__list_remove(l);
 		pthread_mutex_unlock(&srv->wq_mu);
 		srv_call *call = pbrpc__container_of(l, srv_call, qlink);
+		if (call->raw && !atomic_load(&call->cancelled)) {
+			char text[256];
+			int st = call_unpack(srv, call, call->raw, call->raw_len, text, sizeof(text));
+			free(call->raw);
+			call->raw = NULL;
+			if (st) {
+				call->not_run = true;
+				call->refused = true;
+				call->done_status = st;
+				call->done_msg = strdup(text);
+				cq_push(srv, call);
+				pthread_mutex_lock(&srv->wq_mu);
+				continue;
+			}
+		}
 		if (atomic_load(&call->cancelled)) {
 			/* Expired or cancelled while queued: never dispatched. */
 			call->not_run = true;
@@ -425,7 +584,7 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	srv_conn *c = pbrpc__container_of(base, srv_conn, base);
 	pbrpc_server *srv = c->srv;
 	size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)f->hdr.length;
-	if (total > srv->scratch_cap / 2 && 2 * total > srv->scratch_want)
+	if (total > srv->scratch_cap / 2 && 2 * total > srv->scratch_want && 2 * total <= SRV_SCRATCH_MAX)
 		srv->scratch_want = 2 * total; /* see scratch_fit() in loop.c */
 	pbrpc__wire_request req;
 	char text[PBRPC_METHOD_MAX + 128];
@@ -453,12 +612,23 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	call->t0 = srv->now;
 	call->bytes_in = f->hdr.length;
 	call->started = false;
-	const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, m)->input;
-	call->input = protobuf_c_message_unpack(in, &call->arena.pa, req.body_len, req.body);
-	if (!call->input) {
-		snprintf(text, sizeof(text), "request body is not a valid %s", in->name);
+	/* Unpacked, the request may take unpack_factor x its size (+ 64 KiB),
+	 * and no more than the budget has left. A small body's bound is fixed:
+	 * the read that brought it had SRV_MEM_MIN of room at least, and the
+	 * calls it unpacks count from here on. */
+	int st;
+	if (req.body_len <= SRV_SMALL_BODY) {
+		pbrpc__arena_set_limit(&call->arena, SRV_SMALL_LIMIT);
+		const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, m)->input;
+		call->input = protobuf_c_message_unpack(in, &call->arena.pa, req.body_len, req.body);
+		st = call->input ? 0 : unpack_failed(srv, call, req.body_len, text, sizeof(text));
+	} else {
+		st = large_request(c, call, &req, text, sizeof(text));
+	}
+	if (st) {
 		call->answered = true;
-		refuse_request(c, f, &req, m, PBRPC_STATUS_INVALID_ARGUMENT, text);
+		call->mem = 0;
+		refuse_request(c, f, &req, m, st, text);
 		call_put(srv, call);
 		return;
 	}
@@ -467,6 +637,7 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 			uint8_t *p = realloc(call->md, req.metadata_raw_len);
 			if (!p) {
 				/* Not yet in the map nor on the connection: answer here. */
+				call->mem = 0;
 				call->answered = true;
 				refuse_request(c, f, &req, m, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
 				call_put(srv, call);
@@ -480,11 +651,18 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	}
 	if (pbrpc__idmap_put(&base->calls, call->id, call) < 0) {
 		call->answered = true;
+		call->mem = 0;
 		refuse_request(c, f, &req, m, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
 		call_put(srv, call);
 		return;
 	}
 	call->conn = c;
+	/* Counted by the connection until answered, by the server until put
+	 * back; a worker's arena is not the loop's to read: its limit counts. */
+	size_t mem = call->mem + call->arena.want + call->md_len;
+	call->mem = mem;
+	c->mem_used += mem;
+	srv->mem_used += mem;
 	call->has_cred = c->has_cred;
 	call->cred = c->cred;
 	if (req.has_timeout) {
@@ -542,6 +720,7 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 		pbrpc__heap_stop(&srv->timers, &call->timer);
 		atomic_store(&call->cancelled, true);
 	}
+	c->mem_used = c->mem_io;
 	pbrpc__srv_conn_closed(c);
 }
 

@@ -3,6 +3,9 @@
  * connection per batch; timers; graceful and forced drain. */
 #include <errno.h>
 #include <limits.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -40,6 +43,72 @@ static void rearm(srv_conn *c)
 		pbrpc__heap_start(&c->srv->timers, &c->timer, d);
 }
 
+/* ---- the memory budget ---- */
+
+/* Brings the server's count of a connection's buffers up to date: its
+ * decoder (a frame in progress counts whole from its header on) and its
+ * writer. Called after each read and flush, and when buffers are freed. */
+static void mem_sample_slow(srv_conn *c)
+{
+	pbrpc__conn *b = &c->base;
+	if (b->dec.cap > SRV_BUF_KEEP && !pbrpc__frame_decoder_pending(&b->dec)) {
+		pbrpc__frame_decoder_release(&b->dec); /* a large frame's buffer goes once handled */
+		c->srv->trim = true;
+	}
+	size_t m = pbrpc__frame_decoder_footprint(&b->dec) + b->out.cap;
+	c->srv->mem_used += m - c->mem_io;
+	c->mem_used += m - c->mem_io;
+	c->mem_io = m;
+}
+
+/* After it, a decoder above SRV_BUF_KEEP holds a frame in progress. */
+static inline void mem_sample(srv_conn *c)
+{
+	const pbrpc__conn *b = &c->base;
+	if (b->dec.tail != b->dec.head || b->dec.cap + b->out.cap != c->mem_io)
+		mem_sample_slow(c); /* a frame in progress, or a buffer changed */
+}
+
+/* Before a read: refuse frames larger than the budget's room from their
+ * header on, and stop reading a connection once less than SRV_MEM_MIN is
+ * left (unless it is in the middle of a frame already counted). */
+static bool mem_admit_slow(srv_conn *c)
+{
+	size_t avail = pbrpc__srv_mem_avail(c);
+	if (avail < SRV_MEM_MIN) {
+		if (!pbrpc__frame_decoder_pending(&c->base.dec)) {
+			c->base.mem_paused = true;
+			c->srv->mem_paused++;
+			return false;
+		}
+		avail = SRV_MEM_MIN;
+	}
+	pbrpc__conn_admit(&c->base, avail);
+	return true;
+}
+
+static inline bool mem_admit(srv_conn *c)
+{
+	const pbrpc_server *srv = c->srv;
+	if (srv->mem_used < srv->mem_easy && c->mem_used < srv->conn_easy) {
+		c->base.dec.max_payload = c->base.max_frame;
+		return true;
+	}
+	return mem_admit_slow(c);
+}
+
+/* Connections paused for memory are read again once there is room. */
+static void mem_resume(pbrpc_server *srv)
+{
+	pbrpc__list_for_each(c, &srv->conns, srv_conn, link) {
+		if (c->base.mem_paused && pbrpc__srv_mem_avail(c) >= SRV_MEM_MIN) {
+			c->base.mem_paused = false;
+			srv->mem_paused--;
+			update_events(c);
+		}
+	}
+}
+
 void pbrpc__srv_mark_dirty(srv_conn *c)
 {
 	if (!pbrpc__list_linked(&c->dirty))
@@ -54,6 +123,10 @@ void pbrpc__srv_conn_closed(srv_conn *c)
 	close(c->base.fd);
 	c->base.fd = -1;
 	pbrpc__heap_stop(&srv->timers, &c->timer);
+	if (c->base.mem_paused) {
+		c->base.mem_paused = false;
+		srv->mem_paused--;
+	}
 	srv->stats.connections_open--;
 	srv->reap_pending = true;
 	if (srv->accept_paused)
@@ -64,6 +137,9 @@ void pbrpc__srv_conn_free(srv_conn *c)
 {
 	pbrpc__list_remove(&c->link);
 	pbrpc__list_remove(&c->dirty);
+	if (c->mem_io > SRV_BUF_KEEP)
+		c->srv->trim = true;
+	c->srv->mem_used -= c->mem_io; /* its calls count until put back */
 	pbrpc__conn_fini(&c->base);
 	free(c);
 }
@@ -84,6 +160,11 @@ static void conn_flush(srv_conn *c)
 	}
 	if (c->base.state != PBRPC__CONN_OPEN && !pbrpc__conn_pending_out(&c->base))
 		pbrpc__frame_writer_trim(&c->base.out, 0); /* the preface is out: idle handshakes hold no buffer */
+	if (c->base.out.cap > SRV_BUF_KEEP && !pbrpc__conn_pending_out(&c->base)) {
+		pbrpc__frame_writer_trim(&c->base.out, 0); /* a large reply's buffer goes once it is out */
+		c->srv->trim = true;
+	}
+	mem_sample(c);
 	update_events(c);
 	rearm(c);
 }
@@ -123,6 +204,7 @@ static void scratch_fit(pbrpc_server *srv)
 	uint8_t *nb = malloc(want);
 	if (!nb)
 		return;
+	srv->mem_used += want - srv->scratch_cap;
 	free(srv->scratch);
 	srv->scratch = nb;
 	srv->scratch_cap = want;
@@ -133,6 +215,8 @@ static void scratch_sweep(pbrpc_server *srv)
 	if (srv->scratch_cap > SRV_SCRATCH_SIZE && srv->scratch_used <= SRV_SCRATCH_SIZE) {
 		uint8_t *nb = malloc(SRV_SCRATCH_SIZE);
 		if (nb) {
+			srv->trim = true;
+			srv->mem_used -= srv->scratch_cap - SRV_SCRATCH_SIZE;
 			free(srv->scratch);
 			srv->scratch = nb;
 			srv->scratch_cap = SRV_SCRATCH_SIZE;
@@ -147,6 +231,10 @@ static void conn_read(srv_conn *c)
 	pbrpc__conn *b = &c->base;
 	for (int round = 0; round < READS_PER_WAKEUP && !pbrpc__conn_closed(b) && !b->read_paused && !b->read_eof;
 	     round++) {
+		if (round)
+			mem_sample(c); /* the last round's bytes count before this one */
+		if (!mem_admit(c))
+			break;
 		bool to_scratch = b->state == PBRPC__CONN_PREFACE || !pbrpc__frame_decoder_pending(&b->dec);
 		ssize_t n = pbrpc__conn_recv(b, srv->scratch, srv->scratch_cap, MSG_DONTWAIT);
 		if (n == 0)
@@ -168,8 +256,9 @@ static void conn_read(srv_conn *c)
 	 * connection is busy; the sweep frees it once idle. */
 	if (!pbrpc__conn_closed(b)) {
 		if (pbrpc__conn_pending_out(b))
-			pbrpc__srv_mark_dirty(c);
+			pbrpc__srv_mark_dirty(c); /* conn_flush samples memory */
 		else {
+			mem_sample(c);
 			update_events(c);
 			rearm(c);
 		}
@@ -202,11 +291,20 @@ static void sweep(pbrpc_server *srv, int64_t now)
 		if (!pbrpc__conn_closed(&c->base) && now - c->base.last_active >= SWEEP_INTERVAL_NS) {
 			pbrpc__frame_decoder_release(&c->base.dec);
 			pbrpc__frame_writer_trim(&c->base.out, 0);
+			mem_sample(c);
 		}
 	}
 	scratch_sweep(srv);
 	if (pbrpc__list_empty(&srv->live))
 		pbrpc__arena_spare_free(&srv->spare_big); /* no call holds big blocks */
+#ifdef __GLIBC__
+	/* glibc keeps freed memory below its top and, once a large block has
+	 * been freed, serves the next ones from the heap rather than mmap: give
+	 * it back after large requests, not on every sweep. */
+	if (srv->trim)
+		malloc_trim(0);
+#endif
+	srv->trim = false;
 	pbrpc__heap_start(&srv->timers, &srv->sweep, now + SWEEP_INTERVAL_NS);
 }
 
@@ -402,6 +500,8 @@ PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 	pbrpc__srv_tl_loop = prev;
 	if (srv->reap_pending)
 		reap_closed(srv); /* closed by an event, a timer or a flush */
+	if (srv->mem_paused)
+		mem_resume(srv);
 	if (srv->shutting_down && drain_done(srv)) {
 		pbrpc__heap_stop(&srv->timers, &srv->drain);
 		srv->shutdown_done = true;

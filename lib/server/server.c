@@ -53,6 +53,28 @@ static void opts_defaults(pbrpc_server_opts *o)
 		o->write_stall_timeout_ms = 30000;
 	if (!o->log_level)
 		o->log_level = PBRPC_LOG_WARN;
+	if (!o->max_memory)
+		o->max_memory = (size_t)512 << 20;
+	if (o->max_memory < SRV_MEM_FLOOR)
+		o->max_memory = SRV_MEM_FLOOR;
+	if (!o->max_conn_memory)
+		o->max_conn_memory = (size_t)10 * o->max_frame;
+	if (o->max_conn_memory < SRV_CONN_MEM_FLOOR)
+		o->max_conn_memory = SRV_CONN_MEM_FLOOR;
+	if (o->max_conn_memory > o->max_memory)
+		o->max_conn_memory = o->max_memory;
+	if (!o->unpack_factor)
+		o->unpack_factor = SRV_UNPACK_FACTOR;
+}
+
+/* While usage is under these, every frame up to max_frame is admitted and a
+ * read needs no exact count (loop.c, mem_admit). */
+static void budget_init(pbrpc_server *srv)
+{
+	const pbrpc_server_opts *o = &srv->o;
+	srv->easy_room = o->max_frame > SRV_BUF_KEEP ? o->max_frame : SRV_BUF_KEEP;
+	srv->mem_easy = o->max_memory > srv->easy_room ? o->max_memory - srv->easy_room : 0;
+	srv->conn_easy = o->max_conn_memory > srv->easy_room ? o->max_conn_memory - srv->easy_room : 0;
 }
 
 PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *opts)
@@ -64,6 +86,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	if (opts)
 		srv->o = *opts;
 	opts_defaults(&srv->o);
+	budget_init(srv);
 	srv->hello = (pbrpc_hello){ .version = PBRPC_WIRE_VERSION, .max_frame = srv->o.max_frame,
 				    .max_calls = srv->o.max_calls, .features = PBRPC_FEATURES,
 				    .agent = PBRPC_WIRE_AGENT };
@@ -105,6 +128,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	}
 	srv->scratch = malloc(SRV_SCRATCH_SIZE);
 	srv->scratch_cap = SRV_SCRATCH_SIZE;
+	srv->mem_used = SRV_SCRATCH_SIZE;
 	if (!srv->scratch) {
 		err = -ENOMEM;
 		goto err_wake;

@@ -30,6 +30,15 @@
 #define SRV_CALL_MAGIC 0x7062726bu
 #define SRV_ARENA_KEEP (64u * 1024u)  /* a call's arena keeps up to this */
 #define SRV_SCRATCH_SIZE (256u * 1024u) /* the loop's read buffer */
+#define SRV_SCRATCH_MAX (4u << 20)      /* it grows for large requests up to this */
+#define SRV_BUF_KEEP (1u << 20)         /* a decoder or writer keeps up to this between frames */
+#define SRV_MEM_MIN (64u * 1024u)       /* a connection is read while this much budget is left */
+#define SRV_MEM_FLOOR (4u << 20)       /* opts.max_memory is at least this */
+#define SRV_CONN_MEM_FLOOR (1u << 20)  /* opts.max_conn_memory is at least this */
+#define SRV_UNPACK_FACTOR 8u            /* default opts.unpack_factor (docs/ARCHITECTURE.md) */
+#define SRV_WORKER_UNPACK (64u * 1024u) /* with workers, larger bodies are unpacked there */
+#define SRV_SMALL_BODY 4096u            /* bodies up to this unpack within SRV_SMALL_LIMIT */
+#define SRV_SMALL_LIMIT (SRV_UNPACK_FACTOR * SRV_SMALL_BODY + SRV_ARENA_KEEP)
 
 /* What an epoll event's data.ptr points at: the first member of each. */
 enum srv_src { SRV_SRC_LISTENER, SRV_SRC_CONN, SRV_SRC_WAKE };
@@ -56,6 +65,8 @@ typedef struct srv_conn {
 	pbrpc__timer timer; /* armed at pbrpc__conn_deadline(&base) */
 	pbrpc__list link;   /* srv->conns */
 	pbrpc__list dirty;  /* srv->dirty while output waits for a flush */
+	size_t mem_io;      /* decoder footprint + writer capacity, last sampled */
+	size_t mem_used;    /* mem_io + the mem of its calls not yet answered */
 } srv_conn;
 
 typedef struct srv_call {
@@ -69,7 +80,11 @@ typedef struct srv_call {
 	char *status_msg;
 	atomic_bool cancelled;
 	bool answered; /* its RESPONSE has been queued (or can no longer be) */
-	bool not_run;  /* expired while queued for a worker */
+	bool not_run;  /* expired while queued for a worker, or refused there */
+	bool refused;  /* its request could not be unpacked on the worker */
+	size_t mem;    /* bytes counted against the budget (arena, copies) */
+	uint8_t *raw;  /* the request body, copied for a worker to unpack */
+	size_t raw_len;
 	int64_t deadline_ns;
 	int64_t t0;      /* srv->now when its REQUEST was read (duration_ns) */
 	size_t bytes_in; /* its REQUEST's payload */
@@ -146,7 +161,25 @@ struct pbrpc_server {
 	bool shutdown_done;
 	bool reap_pending; /* a connection closed: free it at the end of the round */
 	pbrpc_server_stats stats;
+	/* the memory budget (opts.max_memory): sum of connections' mem_io, of
+	 * calls' mem, and scratch_cap */
+	size_t mem_used;
+	size_t mem_easy, conn_easy; /* below these, at least easy_room is left */
+	size_t easy_room;           /* max(max_frame, 1 MiB) */
+	unsigned mem_paused; /* connections not read for want of memory */
+	bool trim;           /* large blocks were freed: malloc_trim at the sweep */
 };
+
+/* The bytes a connection may still take: the smaller of its share's and the
+ * server's room. */
+static inline size_t pbrpc__srv_mem_avail(const srv_conn *c)
+{
+	const pbrpc_server *srv = c->srv;
+	size_t used = srv->mem_used, cused = c->mem_used;
+	size_t s = used < srv->o.max_memory ? srv->o.max_memory - used : 0;
+	size_t cs = cused < srv->o.max_conn_memory ? srv->o.max_conn_memory - cused : 0;
+	return s < cs ? s : cs;
+}
 
 /* server.c */
 __attribute__((format(printf, 3, 4))) void pbrpc__srv_log(pbrpc_server *srv, pbrpc_log_level lvl,

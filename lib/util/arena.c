@@ -33,7 +33,9 @@ void pbrpc__arena_init(pbrpc__arena *a, size_t keep, pbrpc__arena_chunk **spare)
 	a->keep = keep;
 	a->extra = NULL;
 	a->spare = spare;
+	a->limit = SIZE_MAX;
 	a->failed = false;
+	a->limited = false;
 }
 
 static size_t pow2_at_least(size_t n, size_t from)
@@ -50,10 +52,17 @@ void *pbrpc__arena_grow(pbrpc__arena *a, size_t n)
 		a->failed = true;
 		return NULL;
 	}
+	if (a->want > a->limit || n > a->limit - a->want) {
+		a->failed = true;
+		a->limited = true;
+		return NULL;
+	}
 	if (!a->buf && n <= a->keep) {
 		size_t cap = pow2_at_least(n, ARENA_FIRST);
 		if (cap > a->keep)
 			cap = a->keep;
+		if (cap > a->limit - a->want)
+			cap = a->limit - a->want;
 		a->buf = malloc(cap);
 		if (a->buf) {
 			a->cap = cap;
@@ -64,6 +73,8 @@ void *pbrpc__arena_grow(pbrpc__arena *a, size_t n)
 		}
 	}
 	size_t size = n > ARENA_CHUNK ? n : ARENA_CHUNK;
+	if (size > a->limit - a->want)
+		size = a->limit - a->want; /* no slack past the limit (>= n, checked above) */
 	pbrpc__arena_chunk *c;
 	if (a->spare && *a->spare && (*a->spare)->size >= size) {
 		c = *a->spare;
@@ -79,7 +90,7 @@ void *pbrpc__arena_grow(pbrpc__arena *a, size_t n)
 	c->next = a->extra;
 	a->extra = c;
 	a->p = c->data + n;
-	a->end = c->data + c->size;
+	a->end = c->data + (c->size < a->limit - a->want ? c->size : a->limit - a->want); /* a spare may be larger */
 	a->want += n; /* only what was had: a failed request must not grow the buffer */
 	return c->data;
 }
@@ -89,7 +100,7 @@ void pbrpc__arena_reset_slow(pbrpc__arena *a)
 	while (a->extra) {
 		pbrpc__arena_chunk *c = a->extra;
 		a->extra = c->next;
-		if (a->spare && (!*a->spare || (*a->spare)->size < c->size)) {
+		if (a->spare && c->size <= PBRPC__ARENA_SPARE_MAX && (!*a->spare || (*a->spare)->size < c->size)) {
 			free(*a->spare);
 			*a->spare = c;
 		} else {
@@ -111,6 +122,7 @@ void pbrpc__arena_reset_slow(pbrpc__arena *a)
 	a->end = a->buf ? a->buf + a->cap : NULL;
 	a->want = 0;
 	a->failed = false;
+	a->limited = false;
 }
 
 void pbrpc__arena_shrink(pbrpc__arena *a, size_t limit)

@@ -6,7 +6,12 @@
  * of message allocates nothing. What does not fit goes to extra chunks,
  * freed at reset, except that the largest may become the owner's shared
  * spare block (`spare`, optional): the server's loop keeps one, so that a
- * run of 1 MiB requests reuses it instead of allocating each time.
+ * run of 1 MiB requests reuses it instead of allocating each time. Chunks
+ * above PBRPC__ARENA_SPARE_MAX are never kept: they go back at reset.
+ *
+ * An optional limit bounds the bytes handed out between resets: an
+ * allocation past it fails (NULL, `limited` set), so that protobuf-c's
+ * unpack gives up instead of growing without bound.
  *
  * Not thread-safe: one thread at a time uses an arena (and its spare). */
 #ifndef PBRPC_UTIL_ARENA_H
@@ -28,14 +33,26 @@ typedef struct pbrpc__arena {
 	size_t keep;           /* the retained buffer grows up to this */
 	pbrpc__arena_chunk *extra;
 	pbrpc__arena_chunk **spare;
+	size_t limit;          /* bytes handed out between resets; SIZE_MAX: none */
 	bool failed;           /* an allocation failed since the last reset */
+	bool limited;          /* ...because it would have passed `limit` */
 } pbrpc__arena;
+
+#define PBRPC__ARENA_SPARE_MAX (4u << 20) /* largest chunk kept as the spare */
+
+/* Bytes the next allocations may take in all (SIZE_MAX: no limit); holds
+ * across resets until changed. Exact when the limit is at least `keep`
+ * (allocations inside the retained buffer are not checked). */
+static inline void pbrpc__arena_set_limit(pbrpc__arena *a, size_t limit)
+{
+	a->limit = limit;
+}
 
 /* keep: largest buffer retained across resets (0: none, every use allocates
  * chunks). spare: where the largest extra chunk is kept at reset, or NULL. */
 void pbrpc__arena_init(pbrpc__arena *a, size_t keep, pbrpc__arena_chunk **spare);
 
-void *pbrpc__arena_grow(pbrpc__arena *a, size_t n);
+__attribute__((noinline)) void *pbrpc__arena_grow(pbrpc__arena *a, size_t n); /* the slow path */
 
 /* size bytes aligned for any type, or NULL (a->failed is then set). */
 static inline void *pbrpc__arena_alloc(pbrpc__arena *a, size_t size)
@@ -63,6 +80,7 @@ static inline void pbrpc__arena_reset(pbrpc__arena *a)
 		a->p = a->buf;
 		a->want = 0;
 		a->failed = false;
+		a->limited = false;
 		return;
 	}
 	pbrpc__arena_reset_slow(a);

@@ -102,6 +102,19 @@ typedef struct pbrpc_server_opts {
 	pbrpc_call_log_cb call_log;  /* default: none (then the clock is not read
 	                              * for it) */
 	void *call_log_user;
+	/* The memory budget (docs/ARCHITECTURE.md, "The memory budget"): bytes
+	 * read (decoder buffers, counted from a frame's header on), requests
+	 * held and unpacked (call arenas, request copies, metadata) and queued
+	 * replies (writers), plus the loop's read buffer. A request that does not
+	 * fit is answered RESOURCE_EXHAUSTED; a connection over its share, or any
+	 * connection while the server is over its budget, is not read until
+	 * memory comes back. */
+	size_t max_memory;           /* server-wide, bytes; default 512 MiB, at
+	                              * least 4 MiB */
+	size_t max_conn_memory;      /* per connection, bytes; default 10 x max_frame
+	                              * (160 MiB); at least 1 MiB, at most max_memory */
+	unsigned unpack_factor;      /* a request may take this many times its wire
+	                              * size (+ 64 KiB) once unpacked; default 8 */
 } pbrpc_server_opts;
 
 /* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
