@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <json-c/json.h>
+
 #include "clitest.pb-c.h"
 #include "clitest2.pb-c.h"
 #include "pbjson.h"
@@ -195,22 +197,65 @@ static void check_unpacks(const ProtobufCMessageDescriptor *d, const uint8_t *b,
 	protobuf_c_message_free_unpacked(m, NULL);
 }
 
-/* The text without the sign of "-0" tokens. protobuf's JSON prints a float
- * or double -0 as -0 (tests/test_cli_codec.c pins it), and json-c reads that
- * back as the integer 0: the one place a round trip may change the text, a
- * documented limitation (docs/CLI.md). */
-static char *drop_negative_zero(const char *s)
+static bool is_number(json_object *v)
 {
-	size_t n = strlen(s);
-	char *o = malloc(n + 1), *q = o;
-	CHECK(o != NULL, "malloc");
-	for (size_t i = 0; i < n; i++) {
-		if (s[i] == '-' && s[i + 1] == '0' && !strchr("0123456789.eE", s[i + 2]))
-			continue;
-		*q++ = s[i];
+	enum json_type t = json_object_get_type(v);
+	return t == json_type_int || t == json_type_double;
+}
+
+static bool is_zero(json_object *v)
+{
+	return is_number(v) && json_object_get_double(v) == 0;
+}
+
+/* Equal as JSON values, but for -0: protobuf's JSON prints a float or double
+ * -0 as -0 (tests/test_cli_codec.c pins it) and json-c reads that back as the
+ * integer 0, which is the default and then omitted. So numbers compare by
+ * value, and a member that is a zero on one side may be missing on the
+ * other: the one documented way a round trip changes the text (docs/CLI.md). */
+static bool same_json(json_object *a, json_object *b)
+{
+	if (is_number(a) && is_number(b))
+		return json_object_get_double(a) == json_object_get_double(b) &&
+		       (json_object_get_type(a) != json_type_int || json_object_get_type(b) != json_type_int ||
+			json_object_get_int64(a) == json_object_get_int64(b));
+	if (json_object_get_type(a) != json_object_get_type(b))
+		return false;
+	switch (json_object_get_type(a)) {
+	case json_type_object: {
+		json_object_object_foreach(a, ka, va) {
+			json_object *vb;
+			if (!json_object_object_get_ex(b, ka, &vb)) {
+				if (!is_zero(va))
+					return false;
+			} else if (!same_json(va, vb)) {
+				return false;
+			}
+		}
+		json_object_object_foreach(b, kb, vb2) {
+			json_object *unused;
+			if (!json_object_object_get_ex(a, kb, &unused) && !is_zero(vb2))
+				return false;
+		}
+		return true;
 	}
-	*q = 0;
-	return o;
+	case json_type_array: {
+		size_t n = json_object_array_length(a);
+		if (n != json_object_array_length(b))
+			return false;
+		for (size_t i = 0; i < n; i++)
+			if (!same_json(json_object_array_get_idx(a, i), json_object_array_get_idx(b, i)))
+				return false;
+		return true;
+	}
+	case json_type_string:
+		return json_object_get_string_len(a) == json_object_get_string_len(b) &&
+		       memcmp(json_object_get_string(a), json_object_get_string(b), (size_t)json_object_get_string_len(a)) == 0;
+	case json_type_boolean:
+		return json_object_get_boolean(a) == json_object_get_boolean(b);
+	default:
+		return true; /* null */
+	}
 }
 
 /* JSON text decoded from a valid binary: it must encode, and the encoding
@@ -235,10 +280,12 @@ static void check_fixed_point(int t, unsigned flags, const char *text)
 	const char *again = pbjson_to_string(back);
 	/* Decoding is canonical: binary -> JSON -> binary -> JSON gives the
 	 * same text (-0.0 and empty packed fields included, once fixed). */
-	char *x = drop_negative_zero(text), *y = drop_negative_zero(again);
-	CHECK(strcmp(x, y) == 0, "round trip changed the JSON:\n%s\nbecame\n%s", text, again);
-	free(x);
-	free(y);
+	if (strcmp(text, again) != 0) {
+		json_object *x = json_tokener_parse(text), *y = json_tokener_parse(again);
+		CHECK(x && y && same_json(x, y), "round trip changed the JSON:\n%s\nbecame\n%s", text, again);
+		json_object_put(x);
+		json_object_put(y);
+	}
 	json_object_put(back);
 	free(bin);
 }
