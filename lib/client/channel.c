@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "client/client_impl.h"
+#include "util/io.h"
 
 /* ---- lifetime ---- */
 
@@ -300,18 +301,6 @@ void pbrpc__cl_watch_enable(pbrpc_client *c)
 
 /* ---- connecting ---- */
 
-static int wait_fd(int fd, short events, int64_t deadline)
-{
-	struct pollfd p = { .fd = fd, .events = events };
-	int r;
-	do
-		r = poll(&p, 1, pbrpc__ms_until(deadline));
-	while (r < 0 && errno == EINTR);
-	if (r < 0)
-		return -errno;
-	return r == 0 ? -ETIMEDOUT : 0;
-}
-
 /* How a handshake that closed the connection is reported to the caller. */
 static int handshake_error(pbrpc_client *c, chan *k, char *msg, size_t len)
 {
@@ -346,7 +335,7 @@ static int handshake(pbrpc_client *c, chan *k, int64_t deadline, char *msg, size
 				wrc = (int)n;
 			out = pbrpc__conn_pending_out(b) && !wrc;
 		}
-		int r = wait_fd(b->fd, (short)(POLLIN | (out ? POLLOUT : 0)), deadline);
+		int r = pbrpc__io_wait(b->fd, (short)(POLLIN | (out ? POLLOUT : 0)), deadline);
 		if (r < 0) {
 			snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(r));
 			return r;

@@ -424,24 +424,6 @@ void pbrpc__frame_writer_trim(pbrpc__frame_writer *w, size_t keep)
 
 /* ---- blocking helpers ---- */
 
-/* Waits for events on fd until `deadline` (0: forever). */
-static int wait_fd(int fd, short events, pbrpc__deadline deadline)
-{
-	int ms = pbrpc__ms_until(deadline);
-	if (ms == 0)
-		return -ETIMEDOUT;
-	struct pollfd p = { .fd = fd, .events = events };
-	int r;
-	do
-		r = poll(&p, 1, ms);
-	while (r < 0 && errno == EINTR);
-	if (r < 0)
-		return -errno;
-	if (r == 0)
-		return -ETIMEDOUT;
-	return 0;
-}
-
 int pbrpc__frame_write(int fd, const pbrpc__frame_header *hdr, const void *payload, size_t len,
 				   int timeout_ms)
 {
@@ -463,7 +445,7 @@ int pbrpc__frame_write(int fd, const pbrpc__frame_header *hdr, const void *paylo
 				continue;
 			if (errno != EAGAIN && errno != EWOULDBLOCK)
 				return -errno;
-			int r = wait_fd(fd, POLLOUT, deadline);
+			int r = pbrpc__io_wait(fd, POLLOUT, deadline);
 			if (r < 0)
 				return r;
 			continue;
@@ -492,7 +474,7 @@ int pbrpc__frame_read(pbrpc__frame_decoder *d, int fd, pbrpc__frame *out, int ti
 		if (n < 0)
 			return (int)n;
 		if (n == 0) {
-			int r = wait_fd(fd, POLLIN, deadline);
+			int r = pbrpc__io_wait(fd, POLLIN, deadline);
 			if (r < 0)
 				return r;
 		}

@@ -2,6 +2,7 @@
 #include "util/clock.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdatomic.h>
 
 #include "pbrpc/error.h"
@@ -60,3 +61,20 @@ ssize_t pbrpc__io_recv(int fd, void *buf, size_t cap, int flags)
  * own, because every program that compiles lib/ sources into itself (the
  * fuzzers, the benchmark's private codecs) compiles io.c. */
 _Atomic int64_t pbrpc__clock_skew = 0;
+
+int pbrpc__io_wait(int fd, short events, pbrpc__deadline deadline)
+{
+	struct pollfd p = { .fd = fd, .events = events };
+	for (;;) {
+		int ms = pbrpc__ms_until(deadline);
+		if (ms == 0)
+			return -ETIMEDOUT;
+		int r = poll(&p, 1, ms);
+		if (r > 0)
+			return 0;
+		if (r == 0)
+			return -ETIMEDOUT;
+		if (errno != EINTR)
+			return -errno;
+	}
+}

@@ -8,6 +8,8 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include "util/clock.h"
+
 typedef struct pbrpc__io {
 	ssize_t (*recvmsg)(int fd, struct msghdr *msg, int flags);
 	ssize_t (*sendmsg)(int fd, const struct msghdr *msg, int flags);
@@ -23,5 +25,10 @@ ssize_t pbrpc__sendmsg(int fd, const struct msghdr *msg, int flags);
 /* One read of up to cap bytes into buf, EINTR retried. Returns the bytes
  * read (> 0), 0 when it would block, PBRPC_EOF at end of stream, or -errno. */
 ssize_t pbrpc__io_recv(int fd, void *buf, size_t cap, int flags);
+
+/* Waits until fd has `events` (poll's) or `deadline` (0: none) passes.
+ * Returns 0 when ready, -ETIMEDOUT once the deadline has passed (checked
+ * before each wait, which is shortened after an EINTR), or -errno. */
+int pbrpc__io_wait(int fd, short events, pbrpc__deadline deadline);
 
 #endif
