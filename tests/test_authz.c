@@ -338,6 +338,29 @@ Test(authz, denied_calls_counted_in_stats_service)
 	cr_assert_eq(srv_stop(&t).calls_denied, 4);
 }
 
+/* On one connection: Echo (admitted), Put (refused by another policy),
+ * twice each: an admission is remembered per policy, never across them. */
+static int child_alternate(void *arg)
+{
+	pbrpc_client *c;
+	if (pbrpc_client_connect(&c, arg, NULL) < 0)
+		return X_CONNECT;
+	int rc = 0;
+	for (int i = 0; i < 4 && !rc; i++) {
+		bool echo = i % 2 == 0;
+		uint8_t *reply = NULL;
+		size_t rlen;
+		pbrpc_call_result res;
+		pbrpc_client_call_raw(c, echo ? "demo.Echo/Echo" : "demo.Kv/Put", echo ? echo_body : put_body,
+				      echo ? sizeof(echo_body) : sizeof(put_body), &reply, &rlen, NULL, &res);
+		free(reply);
+		if (res.status != (echo ? PBRPC_STATUS_OK : PBRPC_STATUS_PERMISSION_DENIED))
+			rc = X_UNEXPECTED + i + 1;
+	}
+	pbrpc_client_free(c);
+	return rc;
+}
+
 Test(authz, group_policy_admits_primary_and_supplementary_groups)
 {
 	need_root();
@@ -364,6 +387,16 @@ Test(authz, group_policy_admits_primary_and_supplementary_groups)
 	cr_assert_eq(st, PBRPC_STATUS_PERMISSION_DENIED, "status %d: %s", st, shared_msg);
 	cr_assert_eq(atomic_load(&echo_runs), 2);
 	srv_stop(&t);
+
+	srv_new(&t, NULL);
+	uid_t root = 0;
+	pbrpc_policy put = { .uids = &root, .n_uids = 1 };
+	cr_assert_eq(pbrpc_server_set_policy(t.srv, "demo.Echo", &p), 0);
+	cr_assert_eq(pbrpc_server_set_policy(t.srv, "demo.Kv/Put", &put), 0);
+	srv_start(&t, abstract_endpoint());
+	cr_assert_eq(as_user(&in_adm, child_alternate, t.addr), 0);
+	cr_assert_eq(atomic_load(&echo_runs), 2);
+	cr_assert_eq(srv_stop(&t).calls_denied, 2);
 }
 
 /* Admits demo.Kv/Get for everyone, nothing else; records what it saw. */

@@ -299,6 +299,8 @@ PBRPC_EXPORT int pbrpc_server_set_policy(pbrpc_server *srv, const char *name, co
 		service_apply(r, svc);
 	}
 	want_pidfd(srv);
+	pbrpc__list_for_each(c, &srv->conns, srv_conn, link)
+		c->admitted = NULL;
 	return 0;
 }
 
@@ -363,8 +365,11 @@ static void log_denied(pbrpc_server *srv, const srv_conn *c, const pbrpc__method
 __attribute__((noinline)) const char *pbrpc__authz_refusal(srv_conn *c, const pbrpc__method *m, char *text,
 							   size_t len)
 {
-	if (admits(c, m))
+	if (admits(c, m)) {
+		if (!m->policy->p.check)
+			c->admitted = m->policy; /* the same answer next time */
 		return NULL;
+	}
 	pbrpc_server *srv = c->srv;
 	srv->stats.calls_denied++;
 	log_denied(srv, c, m);

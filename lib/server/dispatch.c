@@ -579,7 +579,7 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 		return text;
 	}
 	*status = PBRPC_STATUS_PERMISSION_DENIED;
-	if (__builtin_expect((*m)->policy != NULL, 0)) {
+	if (__builtin_expect((*m)->policy != NULL, 0) && (*m)->policy != c->admitted) {
 		const char *why = pbrpc__authz_refusal(c, *m, text, len);
 		if (why)
 			return why;

@@ -79,6 +79,9 @@ typedef struct srv_conn {
 	size_t mem_io;      /* decoder footprint + writer capacity, last sampled */
 	size_t mem_used;    /* mem_io + the mem of its calls not yet answered */
 	srv_peer *peer_ext; /* groups and pidfd, or NULL (authz.c) */
+	const pbrpc__policy *admitted; /* the last policy without a check that
+	                                * admitted this peer (cleared when any
+	                                * policy changes): no second look */
 	bool uid_counted;   /* counted in srv->uids (max_connections_per_uid) */
 } srv_conn;
 
