@@ -65,8 +65,10 @@ static void sleep_ms(int ms)
 		;
 }
 
-/* Raises the soft (and, as root, the hard) open-file limit to want, or as
- * near as the system allows; returns the soft limit now. */
+static int g_hard_errno; /* why the hard limit could not be raised */
+
+/* Raises the soft (and, with CAP_SYS_RESOURCE, the hard) open-file limit to
+ * want, or as near as the system allows; returns the soft limit now. */
 static rlim_t raise_nofile(rlim_t want)
 {
 	struct rlimit rl;
@@ -83,6 +85,8 @@ static rlim_t raise_nofile(rlim_t want)
 		struct rlimit nl = { hard, hard };
 		if (hard > rl.rlim_max && setrlimit(RLIMIT_NOFILE, &nl) == 0)
 			rl = nl;
+		else
+			g_hard_errno = hard > rl.rlim_max ? errno : 0;
 	}
 	rl.rlim_cur = want < rl.rlim_max ? want : rl.rlim_max;
 	setrlimit(RLIMIT_NOFILE, &rl);
@@ -338,8 +342,13 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	rlim_t lim = raise_nofile((rlim_t)conns + 1024);
 	if (lim < (rlim_t)conns + 64) {
-		fprintf(stderr, "pbrpc-memory: RLIMIT_NOFILE is %lu (not root, or nr_open): %lu connections instead of %lu\n",
-			(unsigned long)lim, (unsigned long)lim - 64, conns);
+		fprintf(stderr,
+			"pbrpc-memory: RLIMIT_NOFILE is %lu and cannot be raised (%s): %lu connections instead of %lu\n",
+			(unsigned long)lim,
+			g_hard_errno == EPERM ? "no CAP_SYS_RESOURCE"
+			: g_hard_errno	      ? strerror(g_hard_errno)
+					      : "/proc/sys/fs/nr_open",
+			(unsigned long)lim - 64, conns);
 		conns = (unsigned long)lim - 64;
 	}
 

@@ -70,6 +70,7 @@ typedef struct srv_conn {
 	pbrpc__conn base;
 	pbrpc_server *srv;
 	bool has_cred;
+	bool uid_counted; /* counted in srv->uids (max_connections_per_uid) */
 	uint32_t events; /* what epoll has registered */
 	struct ucred cred;
 	char peer[64]; /* "unix" or "tcp:ADDR:PORT", for pbrpc_call_info */
@@ -82,7 +83,6 @@ typedef struct srv_conn {
 	const pbrpc__policy *admitted; /* the last policy without a check that
 	                                * admitted this peer (cleared when any
 	                                * policy changes): no second look */
-	bool uid_counted;   /* counted in srv->uids (max_connections_per_uid) */
 } srv_conn;
 
 typedef struct srv_call {
