@@ -48,7 +48,7 @@ static void refused_close(pbrpc__conn *c, int err, const char *why)
 
 static const pbrpc__conn_ops refused_ops = { .on_close = refused_close };
 
-void pbrpc__srv_refuse_with(pbrpc_server *srv, int fd, int status, const char *why)
+static void refuse_with(pbrpc_server *srv, int fd, int status, const char *why)
 {
 	pbrpc__conn c;
 	if (pbrpc__conn_init(&c, fd, PBRPC__CONN_SERVER, &refused_ops, &srv->hello) == 0)
@@ -59,10 +59,16 @@ void pbrpc__srv_refuse_with(pbrpc_server *srv, int fd, int status, const char *w
 	srv->stats.connections_refused++;
 }
 
+/* The same for authz.c's per-uid cap. */
+void pbrpc__srv_refuse_with(pbrpc_server *srv, int fd, int status, const char *why)
+{
+	refuse_with(srv, fd, status, why);
+}
+
 static void refuse(pbrpc_server *srv, int fd)
 {
 	bool down = srv->shutting_down;
-	pbrpc__srv_refuse_with(srv, fd, down ? PBRPC_STATUS_UNAVAILABLE : PBRPC_STATUS_RESOURCE_EXHAUSTED,
+	refuse_with(srv, fd, down ? PBRPC_STATUS_UNAVAILABLE : PBRPC_STATUS_RESOURCE_EXHAUSTED,
 		    down ? "server is shutting down" : "too many connections");
 	pbrpc__srv_log(srv, PBRPC_LOG_WARN, "refused a connection: %s", down ? "shutting down" : "too many connections");
 }
@@ -144,7 +150,7 @@ static void at_limit(pbrpc_server *srv, srv_listener *l, int err)
 		int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		int aerr = errno;
 		if (fd >= 0) {
-			pbrpc__srv_refuse_with(srv, fd, PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of file descriptors");
+			refuse_with(srv, fd, PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of file descriptors");
 			refused++;
 		}
 		pbrpc__srv_reserve_fd(srv);
