@@ -208,6 +208,18 @@ static void usage(FILE *f)
 		"      --drain-timeout DURATION\n"
 		"                          on SIGINT or SIGTERM, let calls in flight finish\n"
 		"                          for this long (default 5s; 0: close at once)\n"
+		"      --keepalive-interval DURATION\n"
+		"                          PING a connection that sent nothing this long\n"
+		"                          (default 0: never)\n"
+		"      --keepalive-timeout DURATION\n"
+		"                          ...and close it when nothing comes back within\n"
+		"                          this (default 20s)\n"
+		"      --max-connection-age DURATION\n"
+		"                          drain a connection this old (+-10%%) with GOAWAY,\n"
+		"                          so that clients reconnect (default 0: never)\n"
+		"      --max-connection-age-grace DURATION\n"
+		"                          close a connection this long after its age\n"
+		"                          GOAWAY, calls still in flight failing (default 30s)\n"
 		"  -L, --log-level LEVEL   error, warn, info (default) or debug\n"
 		"  -h, --help              show this help and exit\n"
 		"  -V, --version           show the version and exit\n"
@@ -429,6 +441,8 @@ typedef struct config {
 
 /* Long options without a short form. */
 enum { OPT_MAX_CONNECTIONS = 256, OPT_MAX_CALLS, OPT_IDLE_TIMEOUT, OPT_HANDSHAKE_TIMEOUT, OPT_DRAIN_TIMEOUT };
+/* Keepalive and connection age. */
+enum { OPT_KEEPALIVE_INTERVAL = 320, OPT_KEEPALIVE_TIMEOUT, OPT_MAX_CONNECTION_AGE, OPT_MAX_CONNECTION_AGE_GRACE };
 
 static void parse_args(int argc, char **argv, config *cfg)
 {
@@ -443,6 +457,10 @@ static void parse_args(int argc, char **argv, config *cfg)
 		{ "idle-timeout", required_argument, NULL, OPT_IDLE_TIMEOUT },
 		{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
 		{ "drain-timeout", required_argument, NULL, OPT_DRAIN_TIMEOUT },
+		{ "keepalive-interval", required_argument, NULL, OPT_KEEPALIVE_INTERVAL },
+		{ "keepalive-timeout", required_argument, NULL, OPT_KEEPALIVE_TIMEOUT },
+		{ "max-connection-age", required_argument, NULL, OPT_MAX_CONNECTION_AGE },
+		{ "max-connection-age-grace", required_argument, NULL, OPT_MAX_CONNECTION_AGE_GRACE },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -490,6 +508,18 @@ static void parse_args(int argc, char **argv, config *cfg)
 			break;
 		case OPT_DRAIN_TIMEOUT:
 			g_drain_ms = parse_duration("--drain-timeout", optarg, true);
+			break;
+		case OPT_KEEPALIVE_INTERVAL:
+			cfg->opts.keepalive_interval_ms = parse_duration("--keepalive-interval", optarg, true);
+			break;
+		case OPT_KEEPALIVE_TIMEOUT:
+			cfg->opts.keepalive_timeout_ms = parse_duration("--keepalive-timeout", optarg, false);
+			break;
+		case OPT_MAX_CONNECTION_AGE:
+			cfg->opts.max_connection_age_ms = parse_duration("--max-connection-age", optarg, true);
+			break;
+		case OPT_MAX_CONNECTION_AGE_GRACE:
+			cfg->opts.max_connection_age_grace_ms = parse_duration("--max-connection-age-grace", optarg, false);
 			break;
 		case 'h':
 			usage(stdout);

@@ -549,7 +549,9 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 	if (srv->shutting_down)
 		return "server is shutting down";
 	if (c->base.draining)
-		return c->base.peer_quiet ? "no new calls after the client's GOAWAY" : "server is shutting down";
+		return c->base.peer_quiet ? "no new calls after the client's GOAWAY"
+		       : c->base.drain_close_at ? "connection is draining (max connection age)"
+						: "server is shutting down";
 	*status = PBRPC_STATUS_RESOURCE_EXHAUSTED;
 	if (pbrpc__idmap_count(&c->base.calls) >= srv->o.max_calls) {
 		snprintf(text, len, "too many calls in flight on this connection (limit %u)", srv->o.max_calls);

@@ -168,6 +168,7 @@ struct pbrpc_server {
 	size_t easy_room;           /* max(max_frame, 1 MiB) */
 	unsigned mem_paused; /* connections not read for want of memory */
 	bool trim;           /* large blocks were freed: malloc_trim at the sweep */
+	uint64_t rng;        /* xorshift state: the connection age's jitter */
 };
 
 /* The bytes a connection may still take: the smaller of its share's and the

@@ -115,6 +115,18 @@ typedef struct pbrpc_server_opts {
 	                              * (160 MiB); at least 1 MiB, at most max_memory */
 	unsigned unpack_factor;      /* a request may take this many times its wire
 	                              * size (+ 64 KiB) once unpacked; default 8 */
+	/* Keepalive and connection age (docs/PROTOCOL.md sections 7 and 8). */
+	int keepalive_interval_ms;   /* PING a connection that sent nothing for this
+	                              * long; default none */
+	int keepalive_timeout_ms;    /* ...and close it when nothing comes back
+	                              * within this; default 20000 */
+	int ping_min_interval_ms;    /* a client's PINGs less than this apart with no
+	                              * call between are strikes; the third closes
+	                              * it; default 1000; < 0 no limit */
+	int max_connection_age_ms;   /* drain a connection this old (+-10%, random)
+	                              * with GOAWAY; default none */
+	int max_connection_age_grace_ms; /* ...and close it this long after, calls
+	                              * still in flight failing; default 30000 */
 } pbrpc_server_opts;
 
 /* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
