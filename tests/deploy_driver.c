@@ -10,7 +10,8 @@
  *
  *   calls=N ok=N failed=N unavailable=N
  *
- * It prints "ready t=MS" once every client has completed a call.
+ * It prints "ready t=MS" once every client has completed a call, then every
+ * 50 ms "progress t=MS ok=N" (the calls that succeeded so far, all clients).
  *
  * "deploy-driver ENDPOINT probe" makes one call and exits 0 if it succeeded
  * (the script's "is this backend serving yet"). */
@@ -30,6 +31,7 @@
 
 static atomic_bool stop;
 static atomic_int ready;
+static atomic_long total_ok;
 static pthread_mutex_t out_mu = PTHREAD_MUTEX_INITIALIZER;
 
 typedef struct client {
@@ -70,6 +72,7 @@ static void *client_main(void *arg)
 		if (rc == 0 && r && r->payload.len == req.payload.len &&
 		    memcmp(r->payload.data, text, req.payload.len) == 0) {
 			cl->ok++;
+			atomic_fetch_add(&total_ok, 1);
 			if (!counted) {
 				counted = true;
 				atomic_fetch_add(&ready, 1);
@@ -137,6 +140,13 @@ int main(int argc, char **argv)
 	printf("ready t=%lld\n", wall_ms());
 	fflush(stdout);
 	pthread_mutex_unlock(&out_mu);
+	while (!atomic_load(&stop)) {
+		usleep(50000);
+		pthread_mutex_lock(&out_mu);
+		printf("progress t=%lld ok=%ld\n", wall_ms(), atomic_load(&total_ok));
+		fflush(stdout);
+		pthread_mutex_unlock(&out_mu);
+	}
 	long ok = 0, failed = 0, unavailable = 0;
 	for (int i = 0; i < n; i++) {
 		pthread_join(thr[i], NULL);

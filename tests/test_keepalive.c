@@ -424,13 +424,14 @@ Test(age, grace_ends)
 	cr_assert_geq(took, 250, "failed after %lld ms: age 90..110 + grace 200", (long long)took);
 	cr_assert_eq(echo_once(c, "next", err, sizeof(err)), 0, "%s", err);
 	pbrpc_client_free(c);
-	srv_stop(&s, NULL);
-	/* The held call's closure: the connection is gone, it is dropped. */
+	/* The held call's closure, while the server exists: its connection is
+	 * gone, the reply is dropped. */
 	pthread_mutex_lock(&held_mu);
 	if (held_closure)
 		reply_with(held_closure, held_data, "late", 4);
 	held_closure = NULL;
 	pthread_mutex_unlock(&held_mu);
+	srv_stop(&s, NULL);
 }
 
 /* ---- names with several addresses ---- */
