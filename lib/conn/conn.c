@@ -116,7 +116,7 @@ static void refuse_plaintext(pbrpc__conn *c)
 	pbrpc__frame_writer_fini(&c->out);
 	pbrpc__frame_writer_init(&c->out);
 	pbrpc__frame_writer_append_raw(&c->out, PBRPC_WIRE_PREFACE, PBRPC_WIRE_PREFACE_SIZE);
-	pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, PBRPC_ENOTLS, "this port expects TLS: connect with tls:HOST:PORT");
+	pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, PBRPC_ENOTLS, "the client sent a plaintext pbrpc preface: this port expects TLS (connect with tls:HOST:PORT)");
 }
 
 static void tls_failed(pbrpc__conn *c, int err)
@@ -135,8 +135,8 @@ static void tls_failed(pbrpc__conn *c, int err)
 void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
 {
 	const char *peer = pbrpc__conn_peer_name(c);
-	if ((err == PBRPC_ETLS || err == PBRPC_ENOTLS) && c->tls)
-		tls_failed(c, err);
+	if (c->tls && (err == PBRPC_ETLS || err == PBRPC_ENOTLS || (err > -4096 && err < 0 && c->state != PBRPC__CONN_OPEN)))
+		tls_failed(c, err); /* a socket error in the handshakes too: TLS knows more */
 	else if (err == PBRPC_ETLSPEER)
 		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err,
 				 "bad preface: the %s speaks TLS and this port is plaintext (use tcp:, or serve tls:)", peer);

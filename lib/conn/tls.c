@@ -118,7 +118,11 @@ static int failed(pbrpc__tls *t, int r, const char *what)
 		snprintf(t->why, sizeof(t->why), "the peer closed the TLS session");
 	} else if (e == SSL_ERROR_SYSCALL && t->sys_err) {
 		code = -t->sys_err;
-		snprintf(t->why, sizeof(t->why), "%s: %s", what, strerror(t->sys_err));
+		if (!t->server && t->established && (t->sys_err == ECONNRESET || t->sys_err == EPIPE))
+			snprintf(t->why, sizeof(t->why), "%s: %s (the server may have refused our certificate: see its log)",
+				 what, strerror(t->sys_err));
+		else
+			snprintf(t->why, sizeof(t->why), "%s: %s", what, strerror(t->sys_err));
 	} else if (e == SSL_ERROR_SYSCALL && !ERR_peek_error()) {
 		code = PBRPC_EOF; /* end of stream without close_notify */
 		snprintf(t->why, sizeof(t->why), "the peer closed the connection during %s", what);
@@ -228,7 +232,10 @@ static int ctx_fail(SSL_CTX *ssl, char *why, size_t len, const char *what, const
 {
 	unsigned long e = ERR_peek_last_error();
 	char buf[160];
-	snprintf(why, len, "%s %s: %s", what, file, e ? reason_text(e, buf, sizeof(buf)) : "failed");
+	const char *r = e ? reason_text(e, buf, sizeof(buf)) : "failed";
+	if (ERR_GET_LIB(e) == ERR_LIB_X509 && ERR_GET_REASON(e) == X509_R_KEY_VALUES_MISMATCH)
+		r = "it does not match the certificate";
+	snprintf(why, len, "%s %s: %s", what, file, r);
 	ERR_clear_error();
 	SSL_CTX_free(ssl);
 	return PBRPC_ETLS;
@@ -418,9 +425,22 @@ bool pbrpc__tls_usable(const pbrpc__tls *t)
 	return t->established && !t->fatal;
 }
 
+/* A server that refused a handshake reads what the client sent meanwhile
+ * (the rest of its flight, its preface): closing with bytes unread would
+ * send a reset, which can overtake the alert that says why. */
+static void drain_input(pbrpc__tls *t)
+{
+	uint8_t buf[4096];
+	for (int i = 0; i < 1024; i++)
+		if (pbrpc__io_recv(t->fd, buf, sizeof(buf), MSG_DONTWAIT) <= 0)
+			return;
+}
+
 void pbrpc__tls_close(pbrpc__tls *t)
 {
 	lock(t);
+	if (t->server && t->fatal && !t->established)
+		drain_input(t);
 	if (t->established && !t->shut) {
 		ERR_clear_error();
 		SSL_shutdown(t->ssl); /* best effort, without waiting for the peer's */
