@@ -188,7 +188,8 @@ static void usage(FILE *f)
 		"pbrpc.Reflection and pbrpc.Stats. Each call is logged at info.\n"
 		"\n"
 		"  -l, --listen ENDPOINT   listen on ENDPOINT (repeatable): unix:/path,\n"
-		"                          unix:@abstract, tcp:HOST:PORT, tcp:[V6]:PORT;\n"
+		"                          unix:@abstract, tcp:HOST:PORT, tcp:[V6]:PORT,\n"
+		"                          tls:HOST:PORT (TLS: needs --cert and --key);\n"
 		"                          default unix:$XDG_RUNTIME_DIR/pbrpc-demo.sock\n"
 		"                          (or unix:/tmp/pbrpc-demo-$UID.sock)\n"
 		"  -m, --socket-mode OCTAL permissions of Unix socket files (e.g. 0660)\n"
@@ -208,6 +209,12 @@ static void usage(FILE *f)
 		"      --drain-timeout DURATION\n"
 		"                          on SIGINT or SIGTERM, let calls in flight finish\n"
 		"                          for this long (default 5s; 0: close at once)\n"
+		"      --cert FILE         TLS certificate chain (PEM) for tls: endpoints\n"
+		"      --key FILE          its private key (PEM; default: in --cert's file)\n"
+		"      --ca FILE|DIR       verify client certificates with these CAs (mutual\n"
+		"                          TLS); clients without a valid one are refused\n"
+		"      --client-cert MODE  with --ca: require (default) or request (verify\n"
+		"                          one if sent, accept clients without)\n"
 		"  -L, --log-level LEVEL   error, warn, info (default) or debug\n"
 		"  -h, --help              show this help and exit\n"
 		"  -V, --version           show the version and exit\n"
@@ -429,6 +436,8 @@ typedef struct config {
 
 /* Long options without a short form. */
 enum { OPT_MAX_CONNECTIONS = 256, OPT_MAX_CALLS, OPT_IDLE_TIMEOUT, OPT_HANDSHAKE_TIMEOUT, OPT_DRAIN_TIMEOUT };
+/* TLS's options (issue 12), apart so that other options' enums merge. */
+enum { OPT_TLS_CERT = 512, OPT_TLS_KEY, OPT_TLS_CA, OPT_TLS_CLIENT_CERT };
 
 static void parse_args(int argc, char **argv, config *cfg)
 {
@@ -443,6 +452,10 @@ static void parse_args(int argc, char **argv, config *cfg)
 		{ "idle-timeout", required_argument, NULL, OPT_IDLE_TIMEOUT },
 		{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
 		{ "drain-timeout", required_argument, NULL, OPT_DRAIN_TIMEOUT },
+		{ "cert", required_argument, NULL, OPT_TLS_CERT },
+		{ "key", required_argument, NULL, OPT_TLS_KEY },
+		{ "ca", required_argument, NULL, OPT_TLS_CA },
+		{ "client-cert", required_argument, NULL, OPT_TLS_CLIENT_CERT },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -491,6 +504,25 @@ static void parse_args(int argc, char **argv, config *cfg)
 		case OPT_DRAIN_TIMEOUT:
 			g_drain_ms = parse_duration("--drain-timeout", optarg, true);
 			break;
+		case OPT_TLS_CERT:
+			cfg->opts.tls.cert = optarg;
+			break;
+		case OPT_TLS_KEY:
+			cfg->opts.tls.key = optarg;
+			break;
+		case OPT_TLS_CA:
+			cfg->opts.tls.ca = optarg;
+			break;
+		case OPT_TLS_CLIENT_CERT:
+			if (strcmp(optarg, "require") == 0)
+				cfg->opts.tls.verify = PBRPC_TLS_VERIFY_REQUIRE;
+			else if (strcmp(optarg, "request") == 0)
+				cfg->opts.tls.verify = PBRPC_TLS_VERIFY_REQUEST;
+			else {
+				errorf("--client-cert: expected require or request, got '%s'", optarg);
+				exit(2);
+			}
+			break;
 		case 'h':
 			usage(stdout);
 			exit(0);
@@ -513,6 +545,14 @@ static void parse_args(int argc, char **argv, config *cfg)
 	}
 	if (optind < argc) {
 		errorf("unexpected argument '%s' (see --help)", argv[optind]);
+		exit(2);
+	}
+	if ((cfg->opts.tls.key || cfg->opts.tls.ca) && !cfg->opts.tls.cert) {
+		errorf("%s needs --cert", cfg->opts.tls.key ? "--key" : "--ca");
+		exit(2);
+	}
+	if (cfg->opts.tls.verify && !cfg->opts.tls.ca) {
+		errorf("--client-cert needs --ca");
 		exit(2);
 	}
 }

@@ -235,6 +235,8 @@ static int ctx_fail(SSL_CTX *ssl, char *why, size_t len, const char *what, const
 	const char *r = e ? reason_text(e, buf, sizeof(buf)) : "failed";
 	if (ERR_GET_LIB(e) == ERR_LIB_X509 && ERR_GET_REASON(e) == X509_R_KEY_VALUES_MISMATCH)
 		r = "it does not match the certificate";
+	else if (ERR_GET_LIB(e) == ERR_LIB_SSL && ERR_GET_REASON(e) == ERR_R_PEM_LIB)
+		r = "no PEM key or certificate of that kind in it, or it does not exist";
 	snprintf(why, len, "%s %s: %s", what, file, r);
 	ERR_clear_error();
 	SSL_CTX_free(ssl);
