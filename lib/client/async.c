@@ -307,6 +307,12 @@ static void process_wait(pbrpc_client *c, bool watch, int64_t deadline)
 	if (!pbrpc__list_empty(&c->retry) && !c->cur)
 		wake = pbrpc__deadline_min(wake, c->next_attempt ? c->next_attempt : pbrpc__now_ns());
 	int ms = pbrpc__ms_until(wake);
+	if (c->tls_ctx) {
+		/* Bytes inside OpenSSL make no socket readable: read them now. */
+		pbrpc__list_for_each(k, &c->conns, chan, link)
+			if (!chan_dead(k) && !k->reading && pbrpc__conn_buffered(&k->base))
+				ms = 0;
+	}
 	if (!watch)
 		c->proc_efd_only++;
 	pthread_mutex_unlock(&c->mu);

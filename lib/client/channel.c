@@ -334,9 +334,9 @@ static int handshake(pbrpc_client *c, chan *k, int64_t deadline, char *msg, size
 			ssize_t n = pbrpc__conn_flush(b, 0);
 			if (n < 0)
 				wrc = (int)n;
-			out = pbrpc__conn_pending_out(b) && !wrc;
+			out = (pbrpc__conn_events(b) & EPOLLOUT) && !wrc; /* TLS: what its handshake waits for */
 		}
-		int r = pbrpc__io_wait(b->fd, (short)(POLLIN | (out ? POLLOUT : 0)), deadline);
+		int r = pbrpc__conn_buffered(b) ? 0 : pbrpc__io_wait(b->fd, (short)(POLLIN | (out ? POLLOUT : 0)), deadline);
 		if (r < 0) {
 			snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(r));
 			return r;
@@ -384,6 +384,12 @@ static int chan_open(pbrpc_client *c, int timeout_ms, chan **out, char *msg, siz
 			pbrpc__conn_fini(&k->base);
 		else
 			close(fd);
+		free(k);
+		snprintf(msg, len, "out of memory");
+		return -ENOMEM;
+	}
+	if (c->tls_ctx && pbrpc__tls_new(&k->base.tls, c->tls_ctx, fd, c->tls_host, true) < 0) {
+		pbrpc__conn_fini(&k->base);
 		free(k);
 		snprintf(msg, len, "out of memory");
 		return -ENOMEM;

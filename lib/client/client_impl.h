@@ -33,6 +33,7 @@
 #include <stdint.h>
 
 #include "conn/conn.h"
+#include "conn/tls.h"
 #include "pbrpc/client.h"
 #include "pbrpc/endpoint.h"
 #include "util/arena.h"
@@ -188,6 +189,8 @@ struct pbrpc_client {
 	pthread_condattr_t cattr;
 	pbrpc_endpoint ep;
 	char ep_str[PBRPC_ENDPOINT_STRLEN];
+	pbrpc__tls_ctx *tls_ctx; /* tls: endpoints; NULL: plaintext */
+	char tls_host[256];      /* the name verified (opts.tls.server_name or the host) */
 	uint32_t max_frame;
 	int connect_timeout_ms, call_timeout_ms, backoff_min_ms, backoff_max_ms;
 

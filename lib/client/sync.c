@@ -242,6 +242,7 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
  * enough, so that a stream of calls with the same timeout costs no syscall. */
 static void set_rcvtimeo(chan *k, int64_t need)
 {
+	k->base.recv_timeout_ns = need; /* TLS waits in poll (conn/tls.c) */
 	int64_t cur = k->rcvtimeo;
 	if (need == 0) {
 		if (cur == 0)
@@ -271,7 +272,7 @@ static void reader_wait_both(pbrpc_client *c, chan *k, call *me, int64_t deadlin
 	struct pollfd p = { .fd = k->base.fd, .events = POLLIN | POLLOUT };
 	ssize_t n = 0;
 	pthread_mutex_unlock(&c->mu);
-	int r = poll(&p, 1, ms < 0 || ms > 1000 ? 1000 : ms);
+	int r = pbrpc__conn_buffered(&k->base) ? (p.revents = POLLIN, 1) : poll(&p, 1, ms < 0 || ms > 1000 ? 1000 : ms);
 	if (r > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)))
 		n = pbrpc__conn_recv_open(&k->base, MSG_DONTWAIT);
 	pthread_mutex_lock(&c->mu);

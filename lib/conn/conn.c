@@ -8,6 +8,7 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
+#include "conn/tls.h"
 #include "util/io.h"
 
 #define WHY_MAX 256
@@ -43,6 +44,9 @@ void pbrpc__conn_fini(pbrpc__conn *c)
 	pbrpc__frame_decoder_fini(&c->dec);
 	pbrpc__frame_writer_fini(&c->out);
 	pbrpc__idmap_fini(&c->calls);
+	if (c->tls)
+		pbrpc__tls_free(c->tls);
+	c->tls = NULL;
 	if (c->fd >= 0)
 		close(c->fd);
 	c->fd = -1;
@@ -58,6 +62,8 @@ __attribute__((format(printf, 3, 0))) static void conn_vclose(pbrpc__conn *c, in
 	c->state = PBRPC__CONN_CLOSED;
 	c->read_paused = false;
 	c->resume = false;
+	if (c->tls)
+		pbrpc__tls_close(c->tls);
 	c->ops->on_close(c, err, why); /* the role clears mem_paused, its own flag */
 }
 
@@ -86,7 +92,10 @@ void pbrpc__conn_fail(pbrpc__conn *c, int status, int err, const char *fmt, ...)
 	snprintf(said, sizeof(said), "%.*s", (int)pbrpc__wire_message_len(why, strlen(why), room), why);
 	if (pbrpc__wire_write_goaway(&c->out, status, said) == 0) {
 		c->goaway_sent = status;
-		pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
+		if (c->tls)
+			pbrpc__conn_tls_flush(c);
+		else
+			pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
 	}
 	pbrpc__conn_close(c, err, "%s", why);
 }
@@ -100,10 +109,40 @@ void pbrpc__conn_goaway(pbrpc__conn *c, const char *why)
 	pbrpc__wire_write_ping(&c->out, PBRPC_FRAME_PING, drain_ping);
 }
 
+/* A plaintext pbrpc client on a TLS port: it is told so in plaintext, in
+ * place of our HELLO (docs/PROTOCOL.md, "TLS"). */
+static void refuse_plaintext(pbrpc__conn *c)
+{
+	pbrpc__tls_free(c->tls);
+	c->tls = NULL;
+	pbrpc__frame_writer_fini(&c->out);
+	pbrpc__frame_writer_init(&c->out);
+	pbrpc__frame_writer_append_raw(&c->out, PBRPC_WIRE_PREFACE, PBRPC_WIRE_PREFACE_SIZE);
+	pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, PBRPC_ENOTLS, "the client sent a plaintext pbrpc preface: this port expects TLS (connect with tls:HOST:PORT)");
+}
+
+static void tls_failed(pbrpc__conn *c, int err)
+{
+	if (err == PBRPC_ENOTLS && c->role == PBRPC__CONN_SERVER && !pbrpc__tls_established(c->tls)) {
+		refuse_plaintext(c);
+		return;
+	}
+	const char *why = pbrpc__tls_why(c->tls);
+	if (pbrpc__tls_usable(c->tls))
+		pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, err, "TLS: %s", why);
+	else
+		pbrpc__conn_close(c, err, "TLS: %s", why);
+}
+
 void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
 {
 	const char *peer = pbrpc__conn_peer_name(c);
-	if (err == PBRPC_EBADMAGIC)
+	if (c->tls && (err == PBRPC_ETLS || err == PBRPC_ENOTLS || (err > -4096 && err < 0 && c->state != PBRPC__CONN_OPEN)))
+		tls_failed(c, err); /* a socket error in the handshakes too: TLS knows more */
+	else if (err == PBRPC_ETLSPEER)
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err,
+				 "bad preface: the %s speaks TLS and this port is plaintext (use tcp:, or serve tls:)", peer);
+	else if (err == PBRPC_EBADMAGIC)
 		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err, "bad preface: peer is not a pbrpc %s", peer);
 	else if ((err == PBRPC_EOF || err == PBRPC_ETRUNCATED) && c->state != PBRPC__CONN_OPEN)
 		pbrpc__conn_close(c, err, "connection closed by %s during the handshake", peer);
@@ -142,7 +181,7 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 	if (c->state == PBRPC__CONN_CLOSED)
 		return PBRPC_ECLOSED;
 	if (c->state != PBRPC__CONN_PREFACE && (!scratch || pbrpc__frame_decoder_pending(&c->dec)))
-		return pbrpc__frame_decoder_recv(&c->dec, c->fd, flags); /* the rest of a split frame */
+		return pbrpc__conn_recv_open(c, flags); /* the rest of a split frame */
 
 	/* Preface bytes never enter the decoder: read them (and what follows)
 	 * into a buffer of our own, check them, and feed the rest. */
@@ -152,15 +191,16 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 		scratch = small;
 		cap = sizeof(small);
 	}
-	ssize_t n = pbrpc__io_recv(c->fd, scratch, cap, flags);
+	ssize_t n = c->tls ? pbrpc__conn_tls_recv(c, scratch, cap) : pbrpc__io_recv(c->fd, scratch, cap, flags);
 	if (n <= 0)
 		return n == PBRPC_EOF && c->state == PBRPC__CONN_PREFACE && c->preface_got ? PBRPC_ETRUNCATED : n;
 	const uint8_t *p = scratch;
 	size_t len = (size_t)n;
 	if (c->state == PBRPC__CONN_PREFACE) {
+		bool first = c->preface_got == 0;
 		ssize_t used = eat_preface(c, p, len);
 		if (used < 0)
-			return PBRPC_EBADMAGIC;
+			return first && p[0] == 0x16 && !c->tls ? PBRPC_ETLSPEER : PBRPC_EBADMAGIC; /* 0x16: a TLS handshake record */
 		p += used;
 		len -= (size_t)used;
 	}
@@ -404,7 +444,7 @@ ssize_t pbrpc__conn_flush(pbrpc__conn *c, int64_t now)
 		return 0;
 	ssize_t n = 0;
 	if (pbrpc__conn_pending_out(c)) {
-		n = pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
+		n = c->tls ? pbrpc__conn_tls_flush(c) : pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
 		if (n < 0)
 			return n;
 	}
@@ -516,5 +556,5 @@ uint32_t pbrpc__conn_events(const pbrpc__conn *c)
 	uint32_t ev = c->read_paused || c->read_eof || c->mem_paused ? 0 : EPOLLIN;
 	if (pbrpc__conn_pending_out(c))
 		ev |= EPOLLOUT;
-	return ev;
+	return c->tls ? pbrpc__conn_tls_events(c, ev) : ev;
 }

@@ -46,6 +46,7 @@ typedef enum pbrpc__conn_role {
 } pbrpc__conn_role;
 
 typedef struct pbrpc__conn pbrpc__conn;
+struct pbrpc__tls;
 
 /* How the role hears of what arrives. Each runs inside a conn call, on the
  * thread that made it; any may close the connection. `arg` is what the role
@@ -111,6 +112,11 @@ struct pbrpc__conn {
 	pbrpc__deadline age_at;   /* OPEN at then: begin a drain ("max connection age") */
 	int64_t drain_grace_ns;   /* a drain begun by age closes this long after */
 	pbrpc__deadline drain_close_at; /* ...then (calls still in flight fail) */
+	/* TLS (conn/tls.h): NULL for plaintext. Set by the role right after
+	 * pbrpc__conn_init; owned: pbrpc__conn_fini frees it. */
+	struct pbrpc__tls *tls;
+	int64_t recv_timeout_ns; /* TLS: how long a blocking read waits (0: for
+	                          * ever), as SO_RCVTIMEO does for plaintext */
 };
 
 /* A peer may send this many PINGs too soon (see ping_min_ns); the next one
@@ -140,8 +146,11 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 /* pbrpc__conn_recv for an OPEN connection's one reader, which may hold no
  * lock: reads into the decoder and touches nothing another thread writes
  * (a concurrent close only shuts the socket down, so this returns EOF). */
+ssize_t pbrpc__conn_tls_recv_open(pbrpc__conn *c, int flags);
 static inline ssize_t pbrpc__conn_recv_open(pbrpc__conn *c, int flags)
 {
+	if (__builtin_expect(c->tls != NULL, 0))
+		return pbrpc__conn_tls_recv_open(c, flags);
 	return pbrpc__frame_decoder_recv(&c->dec, c->fd, flags);
 }
 
@@ -198,8 +207,27 @@ static inline void pbrpc__conn_admit(pbrpc__conn *c, size_t avail)
 }
 
 /* EPOLLIN unless paused (output or memory) or closed, EPOLLOUT while output
- * is queued. */
+ * is queued; during a TLS handshake, what the handshake waits for. */
 uint32_t pbrpc__conn_events(const pbrpc__conn *c);
+
+/* ---- the TLS transport (conn/tls.c; only when c->tls is set) ---- */
+
+/* One read of decrypted bytes into buf, without blocking (after the
+ * handshake, which it drives). Returns as pbrpc__io_recv does, or
+ * PBRPC_ETLS / PBRPC_ENOTLS (pbrpc__tls_why says why). */
+ssize_t pbrpc__conn_tls_recv(pbrpc__conn *c, uint8_t *buf, size_t cap);
+/* Writes queued output (after the handshake, which it drives). Returns as
+ * pbrpc__frame_writer_flush does, or PBRPC_ETLS. */
+ssize_t pbrpc__conn_tls_flush(pbrpc__conn *c);
+uint32_t pbrpc__conn_tls_events(const pbrpc__conn *c, uint32_t plain);
+bool pbrpc__conn_tls_buffered(const pbrpc__conn *c);
+
+/* Bytes that no poll will report: decrypted or buffered inside OpenSSL, or
+ * an error waiting to be read. The role reads again without waiting. */
+static inline bool pbrpc__conn_buffered(const pbrpc__conn *c)
+{
+	return c->tls && pbrpc__conn_tls_buffered(c);
+}
 
 static inline bool pbrpc__conn_closed(const pbrpc__conn *c)
 {

@@ -48,6 +48,7 @@ static srv_call *call_get(pbrpc_server *srv)
 
 static void call_destroy(srv_call *call)
 {
+	pbrpc__tls_peer_unref(call->tls_peer);
 	pbrpc__arena_fini(&call->arena);
 	free(call->status_msg);
 	free(call->done_msg);
@@ -60,6 +61,8 @@ static void call_destroy(srv_call *call)
 static void call_put(pbrpc_server *srv, srv_call *call)
 {
 	pbrpc__heap_stop(&srv->timers, &call->timer);
+	pbrpc__tls_peer_unref(call->tls_peer);
+	call->tls_peer = NULL;
 	free(call->status_msg);
 	call->status_msg = NULL;
 	free(call->done_msg);
@@ -667,6 +670,8 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	srv->mem_used += mem;
 	call->has_cred = c->has_cred;
 	call->cred = c->cred;
+	if (__builtin_expect(c->base.tls != NULL, 0))
+		call->tls_peer = pbrpc__tls_peer_ref(c->base.tls);
 	if (req.has_timeout) {
 		int64_t us = req.timeout_us > (uint64_t)INT64_MAX / 2000 ? INT64_MAX / 2000 : (int64_t)req.timeout_us;
 		call->deadline_ns = srv->now + us * 1000;

@@ -101,19 +101,20 @@ static void conn_set_peer(srv_conn *c, int fd, bool tcp)
 	socklen_t sl = sizeof(ss);
 	char host[INET6_ADDRSTRLEN] = "?";
 	unsigned port = 0;
-	snprintf(c->peer, sizeof(c->peer), "%s", tcp ? "tcp:?" : "unix");
+	const char *scheme = c->base.tls ? "tls" : "tcp";
+	snprintf(c->peer, sizeof(c->peer), "%s", !tcp ? "unix" : c->base.tls ? "tls:?" : "tcp:?");
 	if (!tcp || getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
 		return;
 	if (ss.ss_family == AF_INET) {
 		const struct sockaddr_in *a = (const struct sockaddr_in *)&ss;
 		inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
 		port = ntohs(a->sin_port);
-		snprintf(c->peer, sizeof(c->peer), "tcp:%s:%u", host, port);
+		snprintf(c->peer, sizeof(c->peer), "%s:%s:%u", scheme, host, port);
 	} else if (ss.ss_family == AF_INET6) {
 		const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
 		inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
 		port = ntohs(a->sin6_port);
-		snprintf(c->peer, sizeof(c->peer), "tcp:[%s]:%u", host, port);
+		snprintf(c->peer, sizeof(c->peer), "%s:[%s]:%u", scheme, host, port);
 	}
 }
 
@@ -218,8 +219,15 @@ static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l)
 		free(c);
 		return NULL;
 	}
+	if (l->ep.tls && pbrpc__tls_new(&c->base.tls, srv->tls_ctx, fd, NULL, false) < 0) {
+		c->base.fd = -1; /* the caller closes fd */
+		pbrpc__conn_fini(&c->base);
+		free(c);
+		return NULL;
+	}
 	c->src = SRV_SRC_CONN;
 	c->srv = srv;
+	pbrpc__list_init(&c->again);
 	pbrpc__timer_init(&c->timer, SRV_TIMER_CONN);
 	pbrpc__list_init(&c->link);
 	pbrpc__list_init(&c->dirty);
@@ -324,6 +332,10 @@ PBRPC_EXPORT int pbrpc_server_listen(pbrpc_server *srv, const char *endpoint)
 	int rc = pbrpc_endpoint_parse(endpoint, &ep);
 	if (rc < 0)
 		return rc;
+	if (ep.tls && !srv->tls_ctx) {
+		pbrpc__srv_log(srv, PBRPC_LOG_ERROR, "tls: %s needs a certificate and key (opts.tls)", endpoint);
+		return PBRPC_ETLS;
+	}
 	pbrpc_listen_opts lo = { .mode = srv->o.socket_mode, .nonblock = true };
 	int fd = pbrpc_endpoint_listen(&ep, &lo);
 	if (fd < 0)

@@ -18,9 +18,19 @@
 
 /* ---- connection bookkeeping ---- */
 
+/* OpenSSL holds bytes (or an error) that epoll will not report: read the
+ * connection again at the end of this round. */
+static void tls_again(srv_conn *c, uint32_t ev)
+{
+	if ((ev & EPOLLIN) && !pbrpc__list_linked(&c->again) && pbrpc__conn_buffered(&c->base))
+		pbrpc__list_append(&c->srv->again, &c->again);
+}
+
 static void update_events(srv_conn *c)
 {
 	uint32_t ev = pbrpc__conn_events(&c->base);
+	if (__builtin_expect(c->base.tls != NULL, 0))
+		tls_again(c, ev);
 	if (ev == c->events || pbrpc__conn_closed(&c->base))
 		return;
 	struct epoll_event e = { .events = ev, .data.ptr = c };
@@ -143,6 +153,7 @@ void pbrpc__srv_conn_free(srv_conn *c)
 {
 	pbrpc__list_remove(&c->link);
 	pbrpc__list_remove(&c->dirty);
+	pbrpc__list_remove(&c->again);
 	if (c->mem_io > SRV_BUF_KEEP)
 		c->srv->trim = true;
 	c->srv->mem_used -= c->mem_io; /* its calls count until put back */
@@ -488,6 +499,21 @@ static void on_event(pbrpc_server *srv, const struct epoll_event *ev)
 	}
 }
 
+/* TLS connections whose bytes wait inside OpenSSL (tls_again). */
+static void read_again(pbrpc_server *srv)
+{
+	pbrpc__list l;
+	pbrpc__list_init(&l);
+	pbrpc__list_splice(&l, &srv->again);
+	pbrpc__list *e;
+	while ((e = pbrpc__list_first(&l)) != NULL) {
+		pbrpc__list_remove(e);
+		srv_conn *c = pbrpc__container_of(e, srv_conn, again);
+		if (!pbrpc__conn_closed(&c->base))
+			conn_read(c);
+	}
+}
+
 PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 {
 	if (srv->shutdown_done)
@@ -495,7 +521,7 @@ PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 	struct epoll_event evs[64];
 	pbrpc_server *prev = pbrpc__srv_tl_loop;
 	pbrpc__srv_tl_loop = srv;
-	int n = epoll_wait(srv->epfd, evs, 64, next_timeout(srv, timeout_ms));
+	int n = epoll_wait(srv->epfd, evs, 64, pbrpc__list_empty(&srv->again) ? next_timeout(srv, timeout_ms) : 0);
 	if (n < 0 && errno != EINTR) {
 		pbrpc__srv_tl_loop = prev;
 		return -errno;
@@ -503,6 +529,7 @@ PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 	srv->now = pbrpc__now_ns();
 	for (int i = 0; i < n; i++)
 		on_event(srv, &evs[i]);
+	read_again(srv);
 	run_timers(srv);
 	flush_dirty(srv);
 	pbrpc__srv_tl_loop = prev;

@@ -102,6 +102,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	srv->reg.observe = srv->o.call_log != NULL;
 	pbrpc__list_init(&srv->conns);
 	pbrpc__list_init(&srv->dirty);
+	pbrpc__list_init(&srv->again);
 	pbrpc__list_init(&srv->free_calls);
 	pbrpc__list_init(&srv->live);
 	pbrpc__list_init(&srv->cq);
@@ -120,6 +121,14 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	pthread_cond_init(&srv->wq_cv, NULL);
 
 	int err;
+	if (srv->o.tls.cert || srv->o.tls.ca) {
+		char why[256];
+		err = pbrpc__tls_ctx_new(&srv->tls_ctx, true, &srv->o.tls, why, sizeof(why));
+		if (err < 0) {
+			pbrpc__srv_log(srv, PBRPC_LOG_ERROR, "tls: %s", why[0] ? why : pbrpc_strerror(err));
+			goto err_srv;
+		}
+	}
 	srv->epfd = epoll_create1(EPOLL_CLOEXEC);
 	if (srv->epfd < 0) {
 		err = -errno;
@@ -164,6 +173,7 @@ err_wake:
 err_ep:
 	close(srv->epfd);
 err_srv:
+	pbrpc__tls_ctx_free(srv->tls_ctx);
 	pthread_mutex_destroy(&srv->cq_mu);
 	pthread_mutex_destroy(&srv->wq_mu);
 	pthread_cond_destroy(&srv->wq_cv);
@@ -196,6 +206,7 @@ PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
 		close(srv->reserve_fd);
 	close(srv->wake.fd);
 	close(srv->epfd);
+	pbrpc__tls_ctx_free(srv->tls_ctx);
 	pthread_mutex_destroy(&srv->cq_mu);
 	pthread_mutex_destroy(&srv->wq_mu);
 	pthread_cond_destroy(&srv->wq_cv);

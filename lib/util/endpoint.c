@@ -101,6 +101,7 @@ static int parse_tcp(const char *rest, pbrpc_endpoint *out)
 	out->addrlen = res->ai_addrlen;
 	freeaddrinfo(res);
 	out->kind = PBRPC_ENDPOINT_TCP;
+	memcpy(out->host, host, sizeof(host));
 	return 0;
 }
 
@@ -113,6 +114,10 @@ PBRPC_EXPORT int pbrpc_endpoint_parse(const char *str, pbrpc_endpoint *out)
 		return parse_unix(str + 5, out);
 	if (strncmp(str, "tcp:", 4) == 0)
 		return parse_tcp(str + 4, out);
+	if (strncmp(str, "tls:", 4) == 0) {
+		out->tls = true;
+		return parse_tcp(str + 4, out);
+	}
 	return PBRPC_EADDRESS;
 }
 
@@ -130,11 +135,11 @@ PBRPC_EXPORT void pbrpc_endpoint_format(const pbrpc_endpoint *ep, char *buf, siz
 		if (ep->addr.ss_family == AF_INET6) {
 			const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ep->addr;
 			inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
-			snprintf(buf, len, "tcp:[%s]:%u", host, ntohs(a->sin6_port));
+			snprintf(buf, len, "%s:[%s]:%u", ep->tls ? "tls" : "tcp", host, ntohs(a->sin6_port));
 		} else {
 			const struct sockaddr_in *a = (const struct sockaddr_in *)&ep->addr;
 			inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
-			snprintf(buf, len, "tcp:%s:%u", host, ntohs(a->sin_port));
+			snprintf(buf, len, "%s:%s:%u", ep->tls ? "tls" : "tcp", host, ntohs(a->sin_port));
 		}
 		return;
 	}

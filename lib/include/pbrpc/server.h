@@ -127,6 +127,11 @@ typedef struct pbrpc_server_opts {
 	                              * with GOAWAY; default none */
 	int max_connection_age_grace_ms; /* ...and close it this long after, calls
 	                              * still in flight failing; default 30000 */
+	/* TLS for tls: listeners (common.h): cert and key are required for
+	 * them; ca turns on client certificates (mutual TLS). Read by
+	 * pbrpc_server_new, which fails with PBRPC_ETLS (and logs why) when
+	 * they do not load. */
+	pbrpc_tls_opts tls;
 } pbrpc_server_opts;
 
 /* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
@@ -236,6 +241,22 @@ PBRPC_EXPORT const void *pbrpc_call_metadata(void *closure_data, const char *key
 /* The peer's credentials (SO_PEERCRED) on Unix sockets. Returns 0, or
  * -ENOTSUP on TCP. */
 PBRPC_EXPORT int pbrpc_call_peer_cred(void *closure_data, pid_t *pid, uid_t *uid, gid_t *gid);
+
+/* What a TLS connection's client proved (docs/PROTOCOL.md, "TLS"). */
+typedef struct pbrpc_tls_peer {
+	const char *subject;     /* its certificate's subject, RFC 2253
+	                          * ("CN=alice,O=Example"); NULL: it sent none */
+	const char *const *sans; /* its subjectAltNames: "DNS:name", "IP:addr",
+	                          * "URI:uri", "email:addr" */
+	size_t n_sans;
+	const char *version;     /* "TLSv1.3" */
+	const char *cipher;      /* "TLS_AES_256_GCM_SHA384" */
+} pbrpc_tls_peer;
+
+/* The TLS peer of the call's connection. *out stays valid until the
+ * closure has been called. Returns 0, -ENOTSUP when the call did not come
+ * over TLS, or PBRPC_EINVALID. */
+PBRPC_EXPORT int pbrpc_call_peer_tls(void *closure_data, const pbrpc_tls_peer **out);
 
 #ifdef __cplusplus
 }
