@@ -14,7 +14,11 @@
  * 50 ms "progress t=MS ok=N" (the calls that succeeded so far, all clients).
  *
  * "deploy-driver ENDPOINT probe" makes one call and exits 0 if it succeeded
- * (the script's "is this backend serving yet"). */
+ * (the script's "is this backend serving yet").
+ *
+ * For tls: endpoints, PBRPC_DEPLOY_CA, PBRPC_DEPLOY_CERT, PBRPC_DEPLOY_KEY
+ * and PBRPC_DEPLOY_SERVER_NAME fill pbrpc_client_opts.tls (the names are
+ * borrowed from the environment for the whole run). */
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -40,6 +44,14 @@ typedef struct client {
 	long ok, failed, unavailable;
 } client;
 
+static void tls_from_env(pbrpc_client_opts *o)
+{
+	o->tls.ca = getenv("PBRPC_DEPLOY_CA");
+	o->tls.cert = getenv("PBRPC_DEPLOY_CERT");
+	o->tls.key = getenv("PBRPC_DEPLOY_KEY");
+	o->tls.server_name = getenv("PBRPC_DEPLOY_SERVER_NAME");
+}
+
 static long long wall_ms(void)
 {
 	struct timespec ts;
@@ -52,6 +64,7 @@ static void *client_main(void *arg)
 	client *cl = arg;
 	pbrpc_client_opts o = { .lazy = true, .call_timeout_ms = 10000, .connect_timeout_ms = 2000,
 				.backoff_min_ms = 10, .backoff_max_ms = 200 };
+	tls_from_env(&o);
 	pbrpc_client *c;
 	int rc = pbrpc_client_connect(&c, cl->endpoint, &o);
 	if (rc < 0) {
@@ -108,6 +121,7 @@ int main(int argc, char **argv)
 	}
 	if (strcmp(argv[2], "probe") == 0) {
 		pbrpc_client_opts o = { .connect_timeout_ms = 500, .call_timeout_ms = 1000 };
+		tls_from_env(&o);
 		pbrpc_client *c;
 		if (pbrpc_client_connect(&c, argv[1], &o) < 0)
 			return 1;

@@ -18,13 +18,19 @@
 # Needs root, ip netns and veth pairs, and haproxy: otherwise it says why and
 # exits 77 (meson's skip). Every namespace and process goes on every exit.
 #
-# Usage: test_deploy.sh PBRPC_SERVER DEPLOY_DRIVER [tls]
+# The same with "tls": the backends listen on tls: with a certificate for
+# "localhost" and require client certificates (mutual TLS); HAProxy passes
+# the TLS bytes through in TCP mode and runs the same pbrpc health check
+# inside its own TLS connection (ALPN pbrpc/1, a client certificate).
+#
+# Usage: test_deploy.sh PBRPC_SERVER DEPLOY_DRIVER [plain | tls TLS_CERTS]
 # (PBRPC_DEPLOY_KEEP=DIR keeps the logs there.)
 set -u
 
 SERVER=$1
 DRIVER=$2
 MODE=${3:-plain}
+CERTS_BIN=${4:-}
 
 skip() {
 	echo "SKIP: $*"
@@ -108,8 +114,28 @@ done
 # Keepalive well under HAProxy's timeouts; a short connection age, so that
 # the clients' long-lived connections move between backends (and every
 # call crosses several ages without failing).
-SERVER_FLAGS="--listen tcp:0.0.0.0:7000 --log-level warn --drain-timeout 5s \
+SERVER_FLAGS="--log-level warn --drain-timeout 5s \
  --keepalive-interval 10s --keepalive-timeout 5s --max-connection-age 2s --max-connection-age-grace 10s"
+SCHEME=tcp
+CHECK_TLS=
+SERVER_TLS=
+if [ "$MODE" = tls ]; then
+	[ -x "$CERTS_BIN" ] || fail "tls mode needs the tls-certs program"
+	mkdir -p "$DIR/certs" && "$CERTS_BIN" "$DIR/certs" || fail "tls-certs failed"
+	C=$DIR/certs
+	SCHEME=tls
+	SERVER_FLAGS="$SERVER_FLAGS --cert $C/server.pem --key $C/server.key --ca $C/ca.pem"
+	cat "$C/client.pem" "$C/client.key" >"$C/check.pem"
+	# TLS only for the checks (check-ssl, not ssl: the traffic passes through).
+	# The check verifies the backend's certificate for "localhost" (check-sni
+	# and verifyhost on the server line: an sni on the tcp-check rule is not
+	# what HAProxy 2.6 verifies against) and shows its own (mutual TLS).
+	CHECK_TLS=" ssl alpn pbrpc/1"
+	SERVER_TLS=" check-ssl check-sni localhost verify required verifyhost localhost ca-file $C/ca.pem crt $C/check.pem"
+	export PBRPC_DEPLOY_CA=$C/ca.pem PBRPC_DEPLOY_CERT=$C/client.pem PBRPC_DEPLOY_KEY=$C/client.key
+	export PBRPC_DEPLOY_SERVER_NAME=localhost
+fi
+SERVER_FLAGS="--listen $SCHEME:0.0.0.0:7000 $SERVER_FLAGS"
 
 start_backend() {
 	ip netns exec "${TAG}b$1" "$SERVER" $SERVER_FLAGS >>"$DIR/b$1.log" 2>&1 &
@@ -158,13 +184,13 @@ frontend pbrpc
 backend pbrpc_servers
     balance leastconn
     option tcp-check
-    tcp-check connect
+    tcp-check connect$CHECK_TLS
     tcp-check send-binary $HELLO_HEX$CHECK_HEX
     tcp-check expect binary $EXPECT_HEX
     default-server inter 200ms fall 2 rise 2
-    server b1 10.210.1.2:7000 check
-    server b2 10.210.2.2:7000 check
-    server b3 10.210.3.2:7000 check
+    server b1 10.210.1.2:7000 check$SERVER_TLS
+    server b2 10.210.2.2:7000 check$SERVER_TLS
+    server b3 10.210.3.2:7000 check$SERVER_TLS
 EOF
 ip netns exec "$NS_LB" "$HAPROXY" -f "$DIR/haproxy.cfg" -db >"$DIR/haproxy.log" 2>&1 &
 HAPROXY_PID=$!
@@ -181,7 +207,7 @@ wait_log() {
 # Waits until backend $1 answers a call directly (from the balancer's host).
 wait_serving() {
 	deadline=$(($(now_ms) + 5000))
-	until ip netns exec "$NS_LB" "$DRIVER" "tcp:10.210.$1.2:7000" probe; do
+	until ip netns exec "$NS_LB" "$DRIVER" "$SCHEME:10.210.$1.2:7000" probe; do
 		[ "$(now_ms)" -lt "$deadline" ] || return 1
 		sleep 0.02
 	done
@@ -197,7 +223,7 @@ kill -0 "$HAPROXY_PID" 2>/dev/null || fail "haproxy did not start: $(cat "$DIR/h
 
 # ---- the clients ----
 
-ENDPOINT=tcp:10.210.0.1:7000
+ENDPOINT=$SCHEME:10.210.0.1:7000
 ip netns exec "$NS_CL" "$DRIVER" "$ENDPOINT" 4 >"$DIR/driver.out" 2>"$DIR/driver.log" &
 DRIVER_PID=$!
 deadline=$(($(now_ms) + 10000))
