@@ -114,7 +114,7 @@ done
 # Keepalive well under HAProxy's timeouts; a short connection age, so that
 # the clients' long-lived connections move between backends (and every
 # call crosses several ages without failing).
-SERVER_FLAGS="--log-level warn --drain-timeout 5s \
+SERVER_FLAGS="--log-level ${PBRPC_DEPLOY_LOG_LEVEL:-warn} --drain-timeout 5s \
  --keepalive-interval 10s --keepalive-timeout 5s --max-connection-age 2s --max-connection-age-grace 10s"
 SCHEME=tcp
 CHECK_TLS=
