@@ -130,8 +130,8 @@ static int failed(pbrpc__tls *t, int r, const char *what)
 		why_ssl(t, what);
 		code = strncmp(t->why, "server does not speak TLS", 25) == 0 ? PBRPC_ENOTLS : PBRPC_ETLS;
 	}
-	if (!t->established && code == PBRPC_EOF && !t->server && t->first_len &&
-	    t->first[0] == (uint8_t)PBRPC_WIRE_PREFACE[0]) {
+	if (!t->established && code != PBRPC_ETLS && !t->server && t->first_len &&
+	    t->first[0] == (uint8_t)PBRPC_WIRE_PREFACE[0]) { /* it closed, or reset, after its preface */
 		code = PBRPC_ENOTLS;
 		snprintf(t->why, sizeof(t->why), "server does not speak TLS (it answered with a plaintext pbrpc preface)");
 	}
