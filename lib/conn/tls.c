@@ -41,6 +41,8 @@ struct pbrpc__tls {
 	bool peeked;      /* server: the first byte was a TLS record */
 	bool shut;        /* close_notify sent (or not to be sent) */
 	bool read_wants_write;
+	bool full;        /* the last read stopped with the buffer full, not
+	                   * because OpenSSL needed the socket */
 	int err;          /* sticky: every later call returns it */
 	bool fatal;       /* err left the session unusable (no GOAWAY through it) */
 	int sys_err;      /* errno of the BIO's last failed socket call */
@@ -715,6 +717,7 @@ static ssize_t tls_read(pbrpc__tls *t, uint8_t *buf, size_t cap)
 			return code;
 		break;
 	}
+	t->full = got == cap;
 	return (ssize_t)got;
 }
 
@@ -818,8 +821,8 @@ bool pbrpc__conn_tls_buffered(const pbrpc__conn *c)
 	pbrpc__tls *t = c->tls;
 	if (t->err)
 		return true;
-	if (!t->established)
-		return false;
+	if (!t->established || !t->full)
+		return false; /* OpenSSL stopped for want of socket bytes: poll reports them */
 	lock(t);
 	bool more = SSL_has_pending(t->ssl) == 1;
 	unlock(t);
