@@ -223,6 +223,18 @@ static void usage(FILE *f)
 		"      --drain-timeout DURATION\n"
 		"                          on SIGINT or SIGTERM, let calls in flight finish\n"
 		"                          for this long (default 5s; 0: close at once)\n"
+		"      --keepalive-interval DURATION\n"
+		"                          PING a connection that sent nothing this long\n"
+		"                          (default 0: never)\n"
+		"      --keepalive-timeout DURATION\n"
+		"                          ...and close it when nothing comes back within\n"
+		"                          this (default 20s)\n"
+		"      --max-connection-age DURATION\n"
+		"                          drain a connection this old (+-10%%) with GOAWAY,\n"
+		"                          so that clients reconnect (default 0: never)\n"
+		"      --max-connection-age-grace DURATION\n"
+		"                          close a connection this long after its age\n"
+		"                          GOAWAY, calls still in flight failing (default 30s)\n"
 		"      --cert FILE         TLS certificate chain (PEM) for tls: endpoints\n"
 		"      --key FILE          its private key (PEM; default: in --cert's file)\n"
 		"      --ca FILE|DIR       verify client certificates with these CAs (mutual\n"
@@ -555,10 +567,12 @@ static void parse_allow(config *cfg, char *arg)
 
 /* Long options without a short form. */
 enum { OPT_MAX_CONNECTIONS = 256, OPT_MAX_CALLS, OPT_IDLE_TIMEOUT, OPT_HANDSHAKE_TIMEOUT, OPT_DRAIN_TIMEOUT };
+/* Local trust (--allow and friends). */
+enum { OPT_ALLOW = 384, OPT_MAX_PER_UID, OPT_SOCKET_GROUP };
+/* Keepalive and connection age. */
+enum { OPT_KEEPALIVE_INTERVAL = 320, OPT_KEEPALIVE_TIMEOUT, OPT_MAX_CONNECTION_AGE, OPT_MAX_CONNECTION_AGE_GRACE };
 /* TLS's options (issue 12), apart so that other options' enums merge. */
 enum { OPT_TLS_CERT = 512, OPT_TLS_KEY, OPT_TLS_CA, OPT_TLS_CLIENT_CERT };
-/* Local trust (--allow and friends). */
-enum { OPT_ALLOW = 320, OPT_MAX_PER_UID, OPT_SOCKET_GROUP };
 
 static void parse_args(int argc, char **argv, config *cfg)
 {
@@ -573,14 +587,18 @@ static void parse_args(int argc, char **argv, config *cfg)
 		{ "idle-timeout", required_argument, NULL, OPT_IDLE_TIMEOUT },
 		{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
 		{ "drain-timeout", required_argument, NULL, OPT_DRAIN_TIMEOUT },
-		{ "cert", required_argument, NULL, OPT_TLS_CERT },
-		{ "key", required_argument, NULL, OPT_TLS_KEY },
-		{ "ca", required_argument, NULL, OPT_TLS_CA },
-		{ "client-cert", required_argument, NULL, OPT_TLS_CLIENT_CERT },
 		{ "allow", required_argument, NULL, OPT_ALLOW },
 		{ "max-connections-per-uid", required_argument, NULL, OPT_MAX_PER_UID },
 		{ "max-conns-per-uid", required_argument, NULL, OPT_MAX_PER_UID },
 		{ "socket-group", required_argument, NULL, OPT_SOCKET_GROUP },
+		{ "keepalive-interval", required_argument, NULL, OPT_KEEPALIVE_INTERVAL },
+		{ "keepalive-timeout", required_argument, NULL, OPT_KEEPALIVE_TIMEOUT },
+		{ "max-connection-age", required_argument, NULL, OPT_MAX_CONNECTION_AGE },
+		{ "max-connection-age-grace", required_argument, NULL, OPT_MAX_CONNECTION_AGE_GRACE },
+		{ "cert", required_argument, NULL, OPT_TLS_CERT },
+		{ "key", required_argument, NULL, OPT_TLS_KEY },
+		{ "ca", required_argument, NULL, OPT_TLS_CA },
+		{ "client-cert", required_argument, NULL, OPT_TLS_CLIENT_CERT },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -630,6 +648,28 @@ static void parse_args(int argc, char **argv, config *cfg)
 		case OPT_DRAIN_TIMEOUT:
 			g_drain_ms = parse_duration("--drain-timeout", optarg, true);
 			break;
+		case OPT_ALLOW:
+			parse_allow(cfg, optarg);
+			break;
+		case OPT_MAX_PER_UID:
+			cfg->opts.max_connections_per_uid = parse_count("--max-connections-per-uid", optarg);
+			break;
+		case OPT_SOCKET_GROUP:
+			cfg->socket_group = parse_group("--socket-group", optarg, optarg);
+			cfg->has_group = true;
+			break;
+		case OPT_KEEPALIVE_INTERVAL:
+			cfg->opts.keepalive_interval_ms = parse_duration("--keepalive-interval", optarg, true);
+			break;
+		case OPT_KEEPALIVE_TIMEOUT:
+			cfg->opts.keepalive_timeout_ms = parse_duration("--keepalive-timeout", optarg, false);
+			break;
+		case OPT_MAX_CONNECTION_AGE:
+			cfg->opts.max_connection_age_ms = parse_duration("--max-connection-age", optarg, true);
+			break;
+		case OPT_MAX_CONNECTION_AGE_GRACE:
+			cfg->opts.max_connection_age_grace_ms = parse_duration("--max-connection-age-grace", optarg, false);
+			break;
 		case OPT_TLS_CERT:
 			cfg->opts.tls.cert = optarg;
 			break;
@@ -648,16 +688,6 @@ static void parse_args(int argc, char **argv, config *cfg)
 				errorf("--client-cert: expected require or request, got '%s'", optarg);
 				exit(2);
 			}
-			break;
-		case OPT_ALLOW:
-			parse_allow(cfg, optarg);
-			break;
-		case OPT_MAX_PER_UID:
-			cfg->opts.max_connections_per_uid = parse_count("--max-connections-per-uid", optarg);
-			break;
-		case OPT_SOCKET_GROUP:
-			cfg->socket_group = parse_group("--socket-group", optarg, optarg);
-			cfg->has_group = true;
 			break;
 		case 'h':
 			usage(stdout);
@@ -683,6 +713,8 @@ static void parse_args(int argc, char **argv, config *cfg)
 		errorf("unexpected argument '%s' (see --help)", argv[optind]);
 		exit(2);
 	}
+	if (cfg->has_group && !cfg->has_mode)
+		cfg->opts.socket_mode = 0660;
 	if ((cfg->opts.tls.key || cfg->opts.tls.ca) && !cfg->opts.tls.cert) {
 		errorf("%s needs --cert", cfg->opts.tls.key ? "--key" : "--ca");
 		exit(2);
@@ -691,8 +723,6 @@ static void parse_args(int argc, char **argv, config *cfg)
 		errorf("--client-cert needs --ca");
 		exit(2);
 	}
-	if (cfg->has_group && !cfg->has_mode)
-		cfg->opts.socket_mode = 0660;
 }
 
 /* The --allow rules, once the services are registered. Returns 0, or prints

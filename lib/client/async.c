@@ -36,6 +36,9 @@ static chan *async_conn(pbrpc_client *c, call *x, int64_t *now_io)
 			return NULL;
 		}
 		chan *k = c->cur;
+		if (k && __builtin_expect(*now_io - k->used_at >= CL_PROBE_IDLE_NS, 0) &&
+		    pbrpc__cl_probe_idle(c, k, *now_io))
+			continue;
 		if (k) {
 			if (k->base.peer_max_calls && chan_inflight(k) >= k->base.peer_max_calls) {
 				pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_EQUEUEFULL,

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "client/client_impl.h"
+#include "util/dial.h"
 #include "util/io.h"
 
 /* ---- lifetime ---- */
@@ -369,7 +370,8 @@ static int handshake(pbrpc_client *c, chan *k, int64_t deadline, char *msg, size
 static int chan_open(pbrpc_client *c, int timeout_ms, chan **out, char *msg, size_t len)
 {
 	int64_t deadline = pbrpc__deadline_in(pbrpc__now_ns(), timeout_ms);
-	int fd = pbrpc_endpoint_connect(&c->ep, timeout_ms);
+	pbrpc_endpoint ep = c->ep; /* a host name is resolved again at each dial */
+	int fd = pbrpc__endpoint_dial(&ep, c->ep_str, timeout_ms);
 	if (fd < 0) {
 		snprintf(msg, len, "cannot connect to %s: %s", c->ep_str, pbrpc_strerror(fd));
 		return fd;
@@ -441,6 +443,7 @@ int pbrpc__cl_connect_locked(pbrpc_client *c, int64_t deadline)
 	}
 	if (rc == 0) {
 		pbrpc__list_insert(&c->conns, &k->link);
+		k->used_at = pbrpc__now_ns();
 		c->cur = k;
 		c->hello = k->base.peer;
 		c->backoff_ms = c->backoff_min_ms;
@@ -495,4 +498,23 @@ void pbrpc__cl_release_big(pbrpc_client *c)
 		}
 	}
 	c->big_at = left ? c->now : 0;
+}
+
+/* ---- idle connections ---- */
+
+/* A connection nobody has used for CL_PROBE_IDLE_NS may hold what the
+ * server sent meanwhile: keepalive PINGs (answered here), a drain GOAWAY, or
+ * the GOAWAY and end of stream of a connection it closed (keepalive timeout,
+ * connection age, idle timeout). Reading that without blocking before the
+ * next REQUEST lets the call go to a new connection instead of failing on a
+ * dead one. Returns true when it read (c->cur may have changed). */
+bool pbrpc__cl_probe_idle(pbrpc_client *c, chan *k, int64_t now)
+{
+	k->used_at = now;
+	if (k->reading || chan_inflight(k))
+		return false; /* its reader sees all of it */
+	pbrpc__cl_reader_enter(k); /* holds a reference */
+	pbrpc__cl_read_nb(c, k, 4096); /* until it would block: a few frames, maybe 1 byte per read */
+	pbrpc__cl_reader_leave(c, k);
+	return true;
 }

@@ -211,6 +211,7 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
 		return -ENOMEM;
 	}
+	k->used_at = now;
 	x->id = pbrpc__cl_alloc_id(c);
 	req.call_id = x->id;
 	size_t before = pbrpc__conn_pending_out(&k->base);
@@ -385,6 +386,9 @@ static chan *sync_conn(pbrpc_client *c, call *x, int64_t *now_io)
 			return NULL;
 		}
 		chan *k = c->cur;
+		if (k && __builtin_expect(*now_io - k->used_at >= CL_PROBE_IDLE_NS, 0) &&
+		    pbrpc__cl_probe_idle(c, k, *now_io))
+			continue;
 		if (k && (!k->base.peer_max_calls || chan_inflight(k) < k->base.peer_max_calls))
 			return k; /* the fast path reads no clock */
 		int64_t now = *now_io = waited ? pbrpc__now_ns() : *now_io;

@@ -15,6 +15,8 @@
 
 /* The payload of the PING that follows our drain GOAWAY. */
 static const uint8_t drain_ping[PBRPC_WIRE_PING_SIZE] = { 'p', 'b', 'r', 'p', 'c', '-', 'd', 'r' };
+/* The payload of a keepalive PING. */
+static const uint8_t ka_ping[PBRPC_WIRE_PING_SIZE] = { 'p', 'b', 'r', 'p', 'c', '-', 'k', 'a' };
 
 int pbrpc__conn_init(pbrpc__conn *c, int fd, pbrpc__conn_role role, const pbrpc__conn_ops *ops,
 		     const pbrpc_hello *ours)
@@ -296,6 +298,25 @@ static void unexpected(pbrpc__conn *c, const pbrpc__frame *f)
 			 pbrpc__wire_frame_name(f->hdr.type), pbrpc__conn_peer_name(c));
 }
 
+/* A PING within ping_min_ns of the peer's previous one, with no REQUEST
+ * between, is a strike (gRPC's ping strikes); past PBRPC__CONN_PING_STRIKES
+ * the connection is closed. A REQUEST forgives them. Returns true when it
+ * closed c. */
+static bool too_many_pings(pbrpc__conn *c)
+{
+	int64_t now = c->last_read;
+	if (c->peer_ping_at && now - c->peer_ping_at < c->ping_min_ns && !c->request_since_ping &&
+	    ++c->ping_strikes > PBRPC__CONN_PING_STRIKES) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_EPROTO,
+				 "too many pings: more than %d PINGs less than %lld ms apart without a call",
+				 PBRPC__CONN_PING_STRIKES + 1, (long long)(c->ping_min_ns / PBRPC__NS_PER_MS));
+		return true;
+	}
+	c->peer_ping_at = now;
+	c->request_since_ping = false;
+	return false;
+}
+
 /* Returns true when on_response asked to stop. */
 static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 {
@@ -314,6 +335,8 @@ static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 	case PBRPC_FRAME_REQUEST:
 		if (!server)
 			break;
+		c->request_since_ping = true;
+		c->ping_strikes = 0;
 		c->ops->on_request(c, f);
 		return false;
 	case PBRPC_FRAME_RESPONSE: {
@@ -338,11 +361,15 @@ static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 		c->ops->on_cancel(c, f->hdr.stream);
 		return false;
 	case PBRPC_FRAME_PING:
+		if (c->ping_min_ns > 0 && too_many_pings(c))
+			return false;
 		pbrpc__wire_write_ping(&c->out, PBRPC_FRAME_PONG, f->payload); /* the role flushes */
 		return false;
 	case PBRPC_FRAME_PONG:
 		if (c->draining && memcmp(f->payload, drain_ping, sizeof(drain_ping)) == 0)
 			c->peer_quiet = true; /* it has read our GOAWAY and everything before */
+		else if (memcmp(f->payload, ka_ping, sizeof(ka_ping)) == 0)
+			c->ka_ping_at = 0;
 		return false;
 	case PBRPC_FRAME_GOAWAY:
 		handle_goaway(c, f);
@@ -457,6 +484,26 @@ int pbrpc__conn_reply_status(pbrpc__conn *c, uint32_t call_id, int status, const
 
 /* ---- timeouts and events ---- */
 
+/* Our keepalive PING is out and nothing has been read since: any bytes
+ * from the peer show it is alive, as its PONG does. */
+static inline bool ka_waiting(const pbrpc__conn *c)
+{
+	return c->ka_ping_at && c->last_read <= c->ka_ping_at;
+}
+
+/* Keepalive and age: what is due at `now` that does not close c. */
+static void expire_queue(pbrpc__conn *c, int64_t now)
+{
+	if (c->age_at && !c->draining && now >= c->age_at) {
+		pbrpc__conn_goaway(c, "max connection age reached");
+		if (c->drain_grace_ns > 0)
+			c->drain_close_at = now + c->drain_grace_ns;
+	}
+	if (c->ka_interval_ns > 0 && !ka_waiting(c) && now >= c->last_read + c->ka_interval_ns &&
+	    pbrpc__wire_write_ping(&c->out, PBRPC_FRAME_PING, ka_ping) == 0)
+		c->ka_ping_at = now;
+}
+
 pbrpc__deadline pbrpc__conn_deadline(const pbrpc__conn *c)
 {
 	if (c->state == PBRPC__CONN_CLOSED)
@@ -468,6 +515,13 @@ pbrpc__deadline pbrpc__conn_deadline(const pbrpc__conn *c)
 		d = c->last_active + c->idle_ns;
 	if (c->read_paused && c->stall_ns > 0)
 		d = pbrpc__deadline_min(d, c->stalled_since + c->stall_ns);
+	if (c->ka_interval_ns > 0)
+		d = pbrpc__deadline_min(d, ka_waiting(c) ? c->ka_ping_at + c->ka_timeout_ns
+							 : c->last_read + c->ka_interval_ns);
+	if (c->age_at && !c->draining)
+		d = pbrpc__deadline_min(d, c->age_at);
+	if (c->drain_close_at)
+		d = pbrpc__deadline_min(d, c->drain_close_at);
 	return d;
 }
 
@@ -486,8 +540,23 @@ void pbrpc__conn_expire(pbrpc__conn *c, int64_t now)
 				 pbrpc__conn_pending_out(c), (long long)(c->stall_ns / PBRPC__NS_PER_MS));
 		return;
 	}
-	if (c->idle_ns > 0 && pbrpc__idmap_count(&c->calls) == 0 && now >= c->last_active + c->idle_ns)
+	if (c->drain_close_at && now >= c->drain_close_at) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, -ETIMEDOUT,
+				 "max connection age: drain grace of %lld ms ended with %u calls in flight",
+				 (long long)(c->drain_grace_ns / PBRPC__NS_PER_MS), (unsigned)pbrpc__idmap_count(&c->calls));
+		return;
+	}
+	if (c->ka_interval_ns > 0 && ka_waiting(c) && now >= c->ka_ping_at + c->ka_timeout_ns) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, -ETIMEDOUT,
+				 "keepalive timeout: %s sent nothing for %lld ms after a PING", pbrpc__conn_peer_name(c),
+				 (long long)(c->ka_timeout_ns / PBRPC__NS_PER_MS));
+		return;
+	}
+	if (c->idle_ns > 0 && pbrpc__idmap_count(&c->calls) == 0 && now >= c->last_active + c->idle_ns) {
 		pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, -ETIMEDOUT, "idle timeout");
+		return;
+	}
+	expire_queue(c, now);
 }
 
 uint32_t pbrpc__conn_events(const pbrpc__conn *c)

@@ -73,6 +73,33 @@ static void refuse(pbrpc_server *srv, int fd)
 	pbrpc__srv_log(srv, PBRPC_LOG_WARN, "refused a connection: %s", down ? "shutting down" : "too many connections");
 }
 
+/* Keepalive and connection age: the connection core derives its timer from
+ * these. The age gets +-10% of jitter, so that the connections a balancer
+ * opened at once are not all drained at once. */
+static void conn_set_keepalive(pbrpc_server *srv, pbrpc__conn *b)
+{
+	const pbrpc_server_opts *o = &srv->o;
+	b->last_read = b->last_active;
+	if (o->keepalive_interval_ms > 0) {
+		b->ka_interval_ns = (int64_t)o->keepalive_interval_ms * PBRPC__NS_PER_MS;
+		b->ka_timeout_ns = (int64_t)o->keepalive_timeout_ms * PBRPC__NS_PER_MS;
+	}
+	if (o->ping_min_interval_ms > 0)
+		b->ping_min_ns = (int64_t)o->ping_min_interval_ms * PBRPC__NS_PER_MS;
+	if (o->max_connection_age_ms > 0) {
+		uint64_t x = srv->rng;
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		srv->rng = x;
+		int64_t age = (int64_t)o->max_connection_age_ms * PBRPC__NS_PER_MS;
+		int64_t span = age / 10;
+		int64_t jitter = span > 0 ? (int64_t)(x % (uint64_t)(2 * span + 1)) - span : 0;
+		b->age_at = b->last_active + age + jitter;
+		b->drain_grace_ns = (int64_t)o->max_connection_age_grace_ms * PBRPC__NS_PER_MS;
+	}
+}
+
 /* The client's address, as pbrpc_call_info.peer reports it: read once here. */
 static void conn_set_peer(srv_conn *c, int fd, bool tcp)
 {
@@ -216,6 +243,7 @@ static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l, cons
 	c->base.last_active = pbrpc__now_ns();
 	if (srv->o.handshake_timeout_ms > 0)
 		c->base.handshake_deadline = c->base.last_active + (int64_t)srv->o.handshake_timeout_ms * PBRPC__NS_PER_MS;
+	conn_set_keepalive(srv, &c->base);
 	if (l->ep.kind == PBRPC_ENDPOINT_TCP) {
 		int one = 1;
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));

@@ -38,19 +38,25 @@ static void update_events(srv_conn *c)
 	c->events = ev;
 }
 
-/* The connection's timer follows its state (handshake, idle, stall). A
+/* The connection's timer follows its state (handshake, idle, stall,
+ * keepalive, age). A
  * connection with no timed policy and no timer armed skips the derivation:
  * the common case costs one test per flush. */
 static void rearm(srv_conn *c)
 {
 	const pbrpc__conn *b = &c->base;
-	if (!b->idle_ns && !b->read_paused && b->state == PBRPC__CONN_OPEN && !pbrpc__timer_armed(&c->timer))
+	if (!b->idle_ns && !b->read_paused && b->state == PBRPC__CONN_OPEN && !pbrpc__timer_armed(&c->timer) &&
+	    !b->ka_interval_ns && !b->age_at)
 		return;
 	pbrpc__deadline d = pbrpc__conn_deadline(b);
 	if (!d)
 		pbrpc__heap_stop(&c->srv->timers, &c->timer);
-	else if (!pbrpc__timer_armed(&c->timer) || c->timer.when != d)
+	else if (!pbrpc__timer_armed(&c->timer) || d < c->timer.when)
 		pbrpc__heap_start(&c->srv->timers, &c->timer, d);
+	/* A later deadline leaves the timer armed where it is: it fires early,
+	 * expire finds nothing due and rearm moves it then. A busy connection's
+	 * idle and keepalive deadlines move with every read: one heap move per
+	 * interval, not one per read. */
 }
 
 /* ---- the memory budget ---- */
@@ -254,7 +260,7 @@ static void conn_read(srv_conn *c)
 			pbrpc__conn_read_failed(b, (int)n);
 			break;
 		}
-		b->last_active = srv->now;
+		b->last_active = b->last_read = srv->now;
 		pbrpc__conn_dispatch(b, NULL);
 		if (to_scratch && (size_t)n > srv->scratch_used)
 			srv->scratch_used = (size_t)n;
@@ -266,8 +272,8 @@ static void conn_read(srv_conn *c)
 	 * was read. A buffer grown for a large frame is kept while the
 	 * connection is busy; the sweep frees it once idle. */
 	if (!pbrpc__conn_closed(b)) {
-		if (pbrpc__conn_pending_out(b))
-			pbrpc__srv_mark_dirty(c); /* conn_flush samples memory */
+		if (pbrpc__conn_pending_out(b) || pbrpc__conn_drained(b))
+			pbrpc__srv_mark_dirty(c); /* conn_flush samples memory, closes a drained one */
 		else {
 			mem_sample(c);
 			update_events(c);
@@ -336,6 +342,8 @@ static void run_timers(pbrpc_server *srv)
 			pbrpc__conn_expire(&c->base, now);
 			if (!pbrpc__conn_closed(&c->base))
 				rearm(c); /* what was due has moved on */
+			if (!pbrpc__conn_closed(&c->base) && pbrpc__conn_pending_out(&c->base))
+				pbrpc__srv_mark_dirty(c); /* a keepalive PING, an age GOAWAY */
 			break;
 		}
 		case SRV_TIMER_SWEEP:

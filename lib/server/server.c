@@ -65,6 +65,12 @@ static void opts_defaults(pbrpc_server_opts *o)
 		o->max_conn_memory = o->max_memory;
 	if (!o->unpack_factor)
 		o->unpack_factor = SRV_UNPACK_FACTOR;
+	if (o->keepalive_timeout_ms <= 0)
+		o->keepalive_timeout_ms = 20000;
+	if (!o->ping_min_interval_ms)
+		o->ping_min_interval_ms = 1000;
+	if (o->max_connection_age_grace_ms <= 0)
+		o->max_connection_age_grace_ms = 30000;
 }
 
 /* While usage is under these, every frame up to max_frame is admitted and a
@@ -105,6 +111,9 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	pbrpc__timer_init(&srv->drain, SRV_TIMER_DRAIN);
 	pbrpc__timer_init(&srv->accept_timer, SRV_TIMER_ACCEPT);
 	srv->reserve_fd = -1;
+	srv->rng = (uint64_t)pbrpc__now_ns() ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)srv;
+	if (!srv->rng)
+		srv->rng = 1;
 	srv->wake.src = SRV_SRC_WAKE;
 	srv->wake.fd = -1;
 	pthread_mutex_init(&srv->cq_mu, NULL);

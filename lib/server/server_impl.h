@@ -111,8 +111,8 @@ typedef struct srv_call {
 	pbrpc__timer timer;
 	bool has_cred;
 	struct ucred cred; /* copied from the connection: it may close first */
-	pbrpc__tls_peer *tls_peer; /* a reference, for pbrpc_call_peer_tls; NULL: not TLS */
 	srv_peer *peer_ext; /* a reference to the connection's, or NULL */
+	pbrpc__tls_peer *tls_peer; /* a reference, for pbrpc_call_peer_tls; NULL: not TLS */
 	uint8_t *md; /* copy of the request's metadata block */
 	size_t md_len, md_cap;
 	pbrpc__arena arena;
@@ -200,6 +200,7 @@ struct pbrpc_server {
 	bool want_pidfd;
 	uint64_t denied_quiet, uid_refused_quiet; /* not logged yet */
 	int64_t denied_log_next, uid_log_next;
+	uint64_t rng;        /* xorshift state: the connection age's jitter */
 };
 
 /* The bytes a connection may still take: the smaller of its share's and the
