@@ -456,7 +456,32 @@ Test(tls, tls_client_on_a_plaintext_port)
 	int rc = connect_msg(&c, with_host(&s, "tls:127.0.0.1"), &co, msg, sizeof(msg));
 	cr_assert_eq(rc, PBRPC_ENOTLS, "%s: %s", pbrpc_strerror(rc), msg);
 	cr_assert(strstr(msg, "server does not speak TLS"), "%s", msg);
+	/* what its plaintext GOAWAY said, when it came before the close */
+	cr_assert(!strstr(msg, "GOAWAY") ||
+			  strstr(msg, "it answered in plaintext pbrpc: GOAWAY INVALID_ARGUMENT: bad preface: the client "
+				      "speaks TLS and this port is plaintext"),
+		  "%s", msg);
 	cr_assert(log_has(&s, "the client speaks TLS and this port is plaintext"), "%s", s.log);
+	server_stop(&s, 1000);
+}
+
+/* Over max_connections, a TLS listener's refusal is pbrpc's plaintext one
+ * (the server refuses before any TLS): the client quotes it. */
+Test(tls, refused_over_the_connection_limit)
+{
+	tserver s;
+	pbrpc_server_opts so = server_tls(NULL);
+	so.max_connections = 1;
+	server_start(&s, "tls:127.0.0.1:0", &so);
+	pbrpc_client *c1, *c2 = NULL;
+	pbrpc_client_opts co = client_tls(cert("ca.pem"));
+	char msg[512] = "";
+	cr_assert_eq(connect_msg(&c1, s.addr, &co, msg, sizeof(msg)), 0, "%s", msg);
+	int rc = connect_msg(&c2, s.addr, &co, msg, sizeof(msg));
+	cr_assert_eq(rc, PBRPC_ENOTLS, "%s: %s", pbrpc_strerror(rc), msg);
+	cr_assert(strstr(msg, "GOAWAY RESOURCE_EXHAUSTED: too many connections") || strstr(msg, "plaintext pbrpc preface"),
+		  "%s", msg);
+	pbrpc_client_free(c1);
 	server_stop(&s, 1000);
 }
 

@@ -181,7 +181,7 @@ void pbrpc__cl_reader_leave(pbrpc_client *c, chan *k)
 {
 	k->reading = false;
 	if (!chan_dead(k)) {
-		size_t pending = pbrpc__conn_pending_in(&k->base);
+		size_t pending = pbrpc__conn_pending_in(&k->base) + pbrpc__conn_buffered(&k->base);
 		if (c->slot_waiters)
 			pthread_cond_broadcast(&c->cond); /* one of them may read now */
 		pbrpc__list *w = pbrpc__list_first(&k->waiters);

@@ -45,8 +45,8 @@ struct pbrpc__tls {
 	bool fatal;       /* err left the session unusable (no GOAWAY through it) */
 	int sys_err;      /* errno of the BIO's last failed socket call */
 	uint32_t hs_events; /* during the handshake: what it waits for */
-	uint8_t first[PBRPC_WIRE_PREFACE_SIZE]; /* client: the server's first bytes */
-	uint8_t first_len;
+	uint8_t first[512]; /* client: the server's first bytes */
+	size_t first_len;
 	pbrpc__tls_peer *peer;
 	pthread_mutex_t mu;
 	char host[256];
@@ -81,6 +81,40 @@ static const char *reason_text(unsigned long e, char *buf, size_t len)
 	return buf;
 }
 
+/* A plaintext pbrpc server answered our ClientHello: its preface, HELLO and
+ * GOAWAY say why (a plaintext port, or a refusal such as "too many
+ * connections"). Reads what more came within a moment (OpenSSL gave up
+ * after a few bytes), then writes "server does not speak TLS ..." to why. */
+static void why_plaintext(pbrpc__tls *t)
+{
+	struct pollfd p = { .fd = t->fd, .events = POLLIN };
+	while (t->first_len < sizeof(t->first) && poll(&p, 1, 200) > 0) {
+		ssize_t n = pbrpc__io_recv(t->fd, t->first + t->first_len, sizeof(t->first) - t->first_len, MSG_DONTWAIT);
+		if (n <= 0)
+			break;
+		t->first_len += (size_t)n;
+	}
+	size_t at = PBRPC_WIRE_PREFACE_SIZE;
+	while (at + PBRPC_FRAME_HEADER_SIZE <= t->first_len) {
+		pbrpc__frame f;
+		pbrpc__frame_header_decode(t->first + at, &f.hdr);
+		f.payload = t->first + at + PBRPC_FRAME_HEADER_SIZE;
+		if (f.hdr.length > t->first_len - at - PBRPC_FRAME_HEADER_SIZE)
+			break;
+		int st;
+		const char *m;
+		size_t ml;
+		if (f.hdr.type == PBRPC_FRAME_GOAWAY && pbrpc__wire_read_goaway(&f, &st, &m, &ml) == 0) {
+			snprintf(t->why, sizeof(t->why),
+				 "server does not speak TLS: it answered in plaintext pbrpc: GOAWAY %s: %.*s",
+				 pbrpc_status_name(st), (int)(ml > 160 ? 160 : ml), m);
+			return;
+		}
+		at += PBRPC_FRAME_HEADER_SIZE + f.hdr.length;
+	}
+	snprintf(t->why, sizeof(t->why), "server does not speak TLS (it answered with a plaintext pbrpc preface)");
+}
+
 /* Fills t->why from the verify result or OpenSSL's error queue. */
 static void why_ssl(pbrpc__tls *t, const char *what)
 {
@@ -97,7 +131,7 @@ static void why_ssl(pbrpc__tls *t, const char *what)
 		return;
 	}
 	if (!t->server && t->first_len && t->first[0] == (uint8_t)PBRPC_WIRE_PREFACE[0]) {
-		snprintf(t->why, sizeof(t->why), "server does not speak TLS (it answered with a plaintext pbrpc preface)");
+		why_plaintext(t);
 		return;
 	}
 	if (!t->server && t->first_len && t->first[0] != TLS_RECORD_TYPE_HANDSHAKE && t->first[0] != 0x15) {
@@ -130,10 +164,17 @@ static int failed(pbrpc__tls *t, int r, const char *what)
 		why_ssl(t, what);
 		code = strncmp(t->why, "server does not speak TLS", 25) == 0 ? PBRPC_ENOTLS : PBRPC_ETLS;
 	}
-	if (!t->established && code == PBRPC_EOF && !t->server && t->first_len &&
-	    t->first[0] == (uint8_t)PBRPC_WIRE_PREFACE[0]) {
+	if (!t->established && code != PBRPC_ETLS && !t->server && !t->first_len &&
+	    (code == -EPIPE || code == -ECONNRESET)) {
+		/* our ClientHello hit a closed socket: read what it said first */
+		struct pollfd p = { .fd = t->fd, .events = POLLIN };
+		ssize_t n = poll(&p, 1, 200) > 0 ? pbrpc__io_recv(t->fd, t->first, sizeof(t->first), MSG_DONTWAIT) : 0;
+		t->first_len = n > 0 ? (size_t)n : 0;
+	}
+	if (!t->established && code != PBRPC_ETLS && !t->server && t->first_len &&
+	    t->first[0] == (uint8_t)PBRPC_WIRE_PREFACE[0]) { /* it closed, or reset, after its preface */
 		code = PBRPC_ENOTLS;
-		snprintf(t->why, sizeof(t->why), "server does not speak TLS (it answered with a plaintext pbrpc preface)");
+		why_plaintext(t);
 	}
 	ERR_clear_error();
 	t->err = code;
@@ -171,8 +212,11 @@ static int bio_read(BIO *b, char *buf, int len)
 	BIO_clear_retry_flags(b);
 	ssize_t n = pbrpc__io_recv(t->fd, buf, (size_t)len, MSG_DONTWAIT);
 	if (n > 0) {
-		while (t->first_len < sizeof(t->first) && t->first_len < n)
-			t->first[t->first_len] = (uint8_t)buf[t->first_len], t->first_len++;
+		if (!t->established && t->first_len < sizeof(t->first)) {
+			size_t k = sizeof(t->first) - t->first_len < (size_t)n ? sizeof(t->first) - t->first_len : (size_t)n;
+			memcpy(t->first + t->first_len, buf, k);
+			t->first_len += k;
+		}
 		return (int)n;
 	}
 	if (n == 0) {

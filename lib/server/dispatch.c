@@ -49,6 +49,7 @@ static srv_call *call_get(pbrpc_server *srv)
 static void call_destroy(srv_call *call)
 {
 	pbrpc__tls_peer_unref(call->tls_peer);
+	pbrpc__authz_peer_unref(call->peer_ext);
 	pbrpc__arena_fini(&call->arena);
 	free(call->status_msg);
 	free(call->done_msg);
@@ -70,6 +71,10 @@ static void call_put(pbrpc_server *srv, srv_call *call)
 	free(call->done_body);
 	call->done_body = NULL;
 	call->done_len = 0;
+	if (call->peer_ext) {
+		pbrpc__authz_peer_unref(call->peer_ext);
+		call->peer_ext = NULL;
+	}
 	if (!call->arena.spare) {
 		/* it was (to be) unpacked on a worker */
 		free(call->raw);
@@ -578,6 +583,12 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 		snprintf(text, len, "method %s is not implemented by this server", (*m)->name);
 		return text;
 	}
+	*status = PBRPC_STATUS_PERMISSION_DENIED;
+	if (__builtin_expect((*m)->policy != NULL, 0) && (*m)->policy != c->admitted) {
+		const char *why = pbrpc__authz_refusal(c, *m, text, len);
+		if (why)
+			return why;
+	}
 	*status = PBRPC_STATUS_DEADLINE_EXCEEDED;
 	if (req->has_timeout && req->timeout_us == 0)
 		return "deadline passed before the call was dispatched";
@@ -672,6 +683,10 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	call->cred = c->cred;
 	if (__builtin_expect(c->base.tls != NULL, 0))
 		call->tls_peer = pbrpc__tls_peer_ref(c->base.tls);
+	if (c->peer_ext) {
+		c->peer_ext->refs++;
+		call->peer_ext = c->peer_ext;
+	}
 	if (req.has_timeout) {
 		int64_t us = req.timeout_us > (uint64_t)INT64_MAX / 2000 ? INT64_MAX / 2000 : (int64_t)req.timeout_us;
 		call->deadline_ns = srv->now + us * 1000;
@@ -728,6 +743,7 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 		atomic_store(&call->cancelled, true);
 	}
 	c->mem_used = c->mem_io;
+	pbrpc__authz_conn_closed(c);
 	pbrpc__srv_conn_closed(c);
 }
 

@@ -75,7 +75,9 @@ typedef struct pbrpc_client_opts {
  * completes the handshake. Returns 0 or a negative code: PBRPC_EADDRESS,
  * -ECONNREFUSED, -ENOENT, -ETIMEDOUT, PBRPC_EBADMAGIC (not a pbrpc server),
  * PBRPC_EVERSION; for tls: PBRPC_ETLS (certificate, host name, ALPN; also when
- * the opts.tls files do not load), PBRPC_ENOTLS (the server speaks plaintext). On failure *out is NULL. */
+ * the opts.tls files do not load), PBRPC_ENOTLS (the server speaks plaintext).
+ * After a failure, pbrpc_client_status() on this thread gives UNAVAILABLE and
+ * the reason in words ("... server certificate rejected: hostname mismatch"). On failure *out is NULL. */
 PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, const pbrpc_client_opts *opts);
 
 /* Fails every asynchronous call in flight with CANCELLED (their closures run
