@@ -568,7 +568,7 @@ static void parse_allow(config *cfg, char *arg)
 /* Long options without a short form. */
 enum { OPT_MAX_CONNECTIONS = 256, OPT_MAX_CALLS, OPT_IDLE_TIMEOUT, OPT_HANDSHAKE_TIMEOUT, OPT_DRAIN_TIMEOUT };
 /* Keepalive and connection age. */
-enum { OPT_KEEPALIVE_INTERVAL = 320, OPT_KEEPALIVE_TIMEOUT, OPT_MAX_CONNECTION_AGE, OPT_MAX_CONNECTION_AGE_GRACE };
+enum { OPT_KEEPALIVE_INTERVAL = 400, OPT_KEEPALIVE_TIMEOUT, OPT_MAX_CONNECTION_AGE, OPT_MAX_CONNECTION_AGE_GRACE };
 /* TLS's options (issue 12), apart so that other options' enums merge. */
 enum { OPT_TLS_CERT = 512, OPT_TLS_KEY, OPT_TLS_CA, OPT_TLS_CLIENT_CERT };
 /* Local trust (--allow and friends). */
