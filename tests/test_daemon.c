@@ -616,6 +616,31 @@ Test(daemon, sd_notify_abstract, .fini = reset_env)
 
 /* systemd-socket-activate(1) listens, and on the first connection runs the
  * server with the socket as fd 3, as systemd's .socket units do. */
+/* Waits until a listening Unix socket is bound at path (/proc/net/unix:
+ * flag __SO_ACCEPTCON, 0x10000). Returns true when one is. */
+static bool wait_unix_listening(const char *path, int timeout_ms)
+{
+	for (int waited = 0; waited <= timeout_ms; waited += 10) {
+		FILE *f = fopen("/proc/net/unix", "r");
+		if (!f)
+			return true; /* cannot tell: let the call itself decide */
+		char line[512];
+		bool found = false;
+		while (!found && fgets(line, sizeof(line), f)) {
+			unsigned long flags;
+			char p[256];
+			if (sscanf(line, "%*s %*s %*s %lx %*s %*s %*s %255s", &flags, p) == 2 && (flags & 0x10000) &&
+			    strcmp(p, path) == 0)
+				found = true;
+		}
+		fclose(f);
+		if (found)
+			return true;
+		usleep(10000);
+	}
+	return false;
+}
+
 Test(daemon, systemd_socket_activate)
 {
 	static const char *const tool[] = { "/usr/bin/systemd-socket-activate", "/bin/systemd-socket-activate" };
@@ -651,6 +676,8 @@ Test(daemon, systemd_socket_activate)
 	for (int i = 0; i < 500 && stat(sock, &sb) != 0; i++)
 		usleep(10000);
 	cr_assert_eq(stat(sock, &sb), 0, "systemd-socket-activate did not create %s", sock);
+	/* It binds before it listens: a connect in between is refused. */
+	cr_assert(wait_unix_listening(sock, 5000), "systemd-socket-activate did not listen on %s", sock);
 	/* The first connection starts the server, which then answers it. */
 	cr_expect_eq(health_check(ep, "demo.Kv"), PBRPC__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING);
 	cr_expect_str_eq(wait_listening(&d), ep);

@@ -108,7 +108,11 @@ static void t_echo(Demo__Echo_Service *service, const Demo__EchoRequest *req, De
 		pbrpc_call_set_status(data, 0, NULL);
 		reply_with(closure, data, "badstatus");
 	} else if (is(req, "big:")) {
-		size_t n = (size_t)atol((const char *)req->payload.data + 4);
+		/* The payload is not NUL-terminated: copy the digits out. */
+		char digits[24] = "";
+		size_t nd = req->payload.len - 4 < sizeof(digits) - 1 ? req->payload.len - 4 : sizeof(digits) - 1;
+		memcpy(digits, req->payload.data + 4, nd);
+		size_t n = (size_t)strtoul(digits, NULL, 10);
 		uint8_t *b = malloc(n + 1);
 		memset(b, 'b', n);
 		reply_bytes(closure, data, b, n);
