@@ -288,8 +288,11 @@ static int peer_response(peer *p, uint32_t *id, char *msg, size_t msglen, char *
 			continue;
 		}
 		if (f.hdr.type == PBRPC_FRAME_PING && p->answer_pings) {
+			/* A server that has closed meanwhile (a drain cut short)
+			 * refuses the PONG; what it sent before is still to read. */
 			pbrpc__frame_header h = { .type = PBRPC_FRAME_PONG };
-			cr_assert_eq(pbrpc__frame_write(p->fd, &h, f.payload, PBRPC_WIRE_PING_SIZE, 5000), 0);
+			int wrc = pbrpc__frame_write(p->fd, &h, f.payload, PBRPC_WIRE_PING_SIZE, 5000);
+			cr_assert(wrc == 0 || wrc == -EPIPE || wrc == -ECONNRESET, "PONG: %s", pbrpc_strerror(wrc));
 			continue;
 		}
 		cr_assert_eq(f.hdr.type, PBRPC_FRAME_RESPONSE, "unexpected frame type %d", f.hdr.type);
