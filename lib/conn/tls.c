@@ -630,6 +630,10 @@ static int established(pbrpc__tls *t)
 		return t->err = -ENOMEM;
 	}
 	t->established = true;
+	/* The handshake may have ended in a write (the peer's Finished read by
+	 * SSL_do_handshake there), its first records read with it: nothing
+	 * reads them yet, and the socket may be empty. */
+	t->full = true;
 	return 1;
 }
 
