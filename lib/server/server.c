@@ -89,7 +89,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	budget_init(srv);
 	srv->hello = (pbrpc_hello){ .version = PBRPC_WIRE_VERSION, .max_frame = srv->o.max_frame,
 				    .max_calls = srv->o.max_calls, .features = PBRPC_FEATURES,
-				    .agent = PBRPC_WIRE_AGENT };
+				    .agent = PBRPC_WIRE_AGENT, .stream_window = srv->o.stream_window };
 	pbrpc__registry_init(&srv->reg);
 	srv->reg.call_log = srv->o.call_log;
 	srv->reg.call_log_user = srv->o.call_log_user;
@@ -98,6 +98,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	pbrpc__list_init(&srv->dirty);
 	pbrpc__list_init(&srv->free_calls);
 	pbrpc__list_init(&srv->live);
+	pbrpc__list_init(&srv->stream_events);
 	pbrpc__list_init(&srv->cq);
 	pbrpc__list_init(&srv->wq);
 	pbrpc__timer_init(&srv->sweep, SRV_TIMER_SWEEP);
