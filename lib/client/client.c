@@ -386,6 +386,7 @@ PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, 
 	pbrpc__list_init(&c->free_calls);
 	pbrpc__list_init(&c->done);
 	pbrpc__list_init(&c->streams);
+	pbrpc__list_init(&c->stream_ready);
 	pbrpc__list_init(&c->retry);
 	pthread_mutex_init(&c->mu, NULL);
 	pthread_condattr_init(&c->cattr);

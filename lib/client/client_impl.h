@@ -212,6 +212,7 @@ struct pbrpc_client {
 
 	pbrpc__list done;
 	pbrpc__list streams; /* stream.c: every stream not yet freed */
+	pbrpc__list stream_ready; /* stream.c: async streams with callbacks to run */
 	pbrpc__list retry; /* async calls the server did not run, to send again */
 	size_t async_pending;
 	pbrpc__heap timers;
@@ -374,6 +375,7 @@ bool pbrpc__cl_on_stream(pbrpc__conn *b, const pbrpc__frame *f, void *arg);
 bool pbrpc__cl_stream_response(pbrpc_client *c, chan *k, call *x, const pbrpc__wire_response *r);
 void pbrpc__cl_stream_finished(pbrpc_client *c, call *x);
 void pbrpc__cl_streams_orphan(pbrpc_client *c); /* pbrpc_client_free */
+int pbrpc__cl_streams_run(pbrpc_client *c);     /* from pbrpc__cl_run_done */
 
 /* async.c */
 void pbrpc__cl_retry_calls(pbrpc_client *c);
