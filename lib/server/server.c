@@ -176,6 +176,9 @@ PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
 		pbrpc__conn_close(&c->base, 0, "server freed");
 		pbrpc__srv_conn_free(c);
 	}
+	/* Streams still open heard of it in on_close: their on_cancel runs now,
+	 * so that their handlers can let go of what they hold. */
+	pbrpc__srv_stream_events(srv);
 	/* Calls waiting for a closure, completed ones not yet collected, pooled ones. */
 	pthread_mutex_lock(&srv->cq_mu);
 	pbrpc__srv_calls_free(srv);
