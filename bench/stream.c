@@ -265,6 +265,32 @@ static double run_grpc(unsigned n)
 }
 #endif
 
+/* Runs one measurement in a child of its own, so that this process never
+ * holds gRPC's threads across a fork (a gRPC server forked from a process
+ * that has used gRPC hangs). */
+static double run_isolated(double (*run)(unsigned), unsigned n)
+{
+	int p[2];
+	if (pipe(p) < 0)
+		return -1;
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid == 0) {
+		close(p[0]);
+		double t = run(n);
+		if (write(p[1], &t, sizeof(t)) != sizeof(t))
+			_exit(1);
+		_exit(0);
+	}
+	close(p[1]);
+	double t = -1;
+	if (read(p[0], &t, sizeof(t)) != sizeof(t))
+		t = -1;
+	close(p[0]);
+	waitpid(pid, NULL, 0);
+	return t;
+}
+
 static int cmp_double(const void *a, const void *b)
 {
 	double x = *(const double *)a, y = *(const double *)b;
@@ -317,7 +343,7 @@ int main(int argc, char **argv)
 	double t[3][100];
 	for (unsigned r = 0; r < rounds; r++)
 		for (size_t i = 0; i < 3; i++)
-			t[i][r] = strstr(systems, sys[i].name) && sys[i].run ? sys[i].run(n) : -2;
+			t[i][r] = strstr(systems, sys[i].name) && sys[i].run ? run_isolated(sys[i].run, n) : -2;
 	for (size_t i = 0; i < 3; i++) {
 		if (!strstr(systems, sys[i].name))
 			continue;

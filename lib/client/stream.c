@@ -29,12 +29,11 @@
 
 #define CREDIT_MAX ((int64_t)1 << 62)
 
-typedef struct rmsg {
-	struct rmsg *next;
-	size_t len;
-	bool credited; /* a MESSAGE (counts against the window); else the RESPONSE's reply */
-	uint8_t data[];
-} rmsg;
+/* The queue of a stream's messages: one buffer of records, each a u32
+ * length, a byte saying whether it counts against the window (a MESSAGE) or
+ * not (a client stream's reply from the RESPONSE), 3 bytes of padding, and
+ * the message's bytes. */
+#define QREC_HDR 8
 
 struct pbrpc_client_stream {
 	pbrpc_client *c;
@@ -46,7 +45,8 @@ struct pbrpc_client_stream {
 	int64_t deadline;
 	int64_t send_credit, recv_credit, to_return;
 	uint32_t recv_window;
-	rmsg *head, **tail;
+	uint8_t *q; /* queued records are q[qhead, qtail) */
+	size_t qhead, qtail, qcap;
 	bool sent_close, done;
 	int status;
 	char *msg; /* the final status message, malloc'd */
@@ -86,27 +86,60 @@ static void wake(pbrpc_client_stream *st)
 
 static void drop_queue(pbrpc_client_stream *st)
 {
-	while (st->head) {
-		rmsg *m = st->head;
-		st->head = m->next;
-		free(m);
-	}
-	st->tail = &st->head;
+	free(st->q);
+	st->q = NULL;
+	st->qhead = st->qtail = st->qcap = 0;
+}
+
+static bool queued(const pbrpc_client_stream *st)
+{
+	return st->qhead != st->qtail;
 }
 
 static bool enqueue(pbrpc_client_stream *st, const uint8_t *data, size_t len, bool credited)
 {
-	rmsg *m = malloc(sizeof(*m) + len);
-	if (!m)
-		return false;
-	m->next = NULL;
-	m->len = len;
-	m->credited = credited;
+	size_t need = QREC_HDR + len;
+	if (st->qtail + need > st->qcap && st->qhead) {
+		memmove(st->q, st->q + st->qhead, st->qtail - st->qhead);
+		st->qtail -= st->qhead;
+		st->qhead = 0;
+	}
+	if (st->qtail + need > st->qcap) {
+		size_t cap = st->qcap ? st->qcap * 2 : 4096;
+		while (cap < st->qtail + need)
+			cap *= 2;
+		uint8_t *nq = realloc(st->q, cap);
+		if (!nq)
+			return false;
+		st->q = nq;
+		st->qcap = cap;
+	}
+	uint8_t *r = st->q + st->qtail;
+	uint32_t l = (uint32_t)len;
+	memcpy(r, &l, 4);
+	r[4] = credited;
 	if (len)
-		memcpy(m->data, data, len);
-	*st->tail = m;
-	st->tail = &m->next;
+		memcpy(r + QREC_HDR, data, len);
+	st->qtail += need;
 	return true;
+}
+
+/* The oldest record: its bytes stay valid until dequeue() or enqueue(). */
+static const uint8_t *q_front(const pbrpc_client_stream *st, size_t *len, bool *credited)
+{
+	const uint8_t *r = st->q + st->qhead;
+	uint32_t l;
+	memcpy(&l, r, 4);
+	*len = l;
+	*credited = r[4] != 0;
+	return r + QREC_HDR;
+}
+
+static void dequeue(pbrpc_client_stream *st, size_t len)
+{
+	st->qhead += QREC_HDR + len;
+	if (st->qhead == st->qtail)
+		st->qhead = st->qtail = 0;
 }
 
 /* x's status is final (RESPONSE, connection lost, cancel, deadline). */
@@ -297,7 +330,6 @@ PBRPC_EXPORT int pbrpc_client_stream_open(pbrpc_client *c, const pbrpc_stream_de
 	st->kind = desc->kind;
 	st->input = desc->input;
 	st->output = desc->output;
-	st->tail = &st->head;
 	st->sent_close = one;
 	st->on_message = o.on_message;
 	st->on_writable = o.on_writable;
@@ -401,15 +433,14 @@ static int stream_run(pbrpc_client *c, pbrpc_client_stream *st)
 {
 	int n = 0;
 	for (;;) {
-		if (st->head) {
-			rmsg *m = st->head;
-			st->head = m->next;
-			if (!st->head)
-				st->tail = &st->head;
+		if (queued(st)) {
+			size_t mlen;
+			bool credited;
+			const uint8_t *data = q_front(st, &mlen, &credited);
 			pbrpc__arena_reset(&st->arena);
-			ProtobufCMessage *u = protobuf_c_message_unpack(st->output, &st->arena.pa, m->len, m->data);
-			int64_t cost = m->credited ? PBRPC_WIRE_MESSAGE_COST(m->len) : 0;
-			free(m);
+			ProtobufCMessage *u = protobuf_c_message_unpack(st->output, &st->arena.pa, mlen, data);
+			int64_t cost = credited ? PBRPC_WIRE_MESSAGE_COST(mlen) : 0;
+			dequeue(st, mlen);
 			if (!u) {
 				if (!st->done)
 					pbrpc__cl_abandon(c, st->x, PBRPC_STATUS_INTERNAL, PBRPC_EDECODE,
@@ -605,14 +636,13 @@ PBRPC_EXPORT int pbrpc_client_stream_next(pbrpc_client_stream *st, const Protobu
 	int64_t until = 0;
 	int rc;
 	for (bool first = true;; first = false) {
-		if (st->head) {
-			rmsg *m = st->head;
-			st->head = m->next;
-			if (!st->head)
-				st->tail = &st->head;
-			ProtobufCMessage *u = protobuf_c_message_unpack(st->output, &st->arena.pa, m->len, m->data);
-			int64_t cost = m->credited ? PBRPC_WIRE_MESSAGE_COST(m->len) : 0;
-			free(m);
+		if (queued(st)) {
+			size_t mlen;
+			bool credited;
+			const uint8_t *data = q_front(st, &mlen, &credited);
+			ProtobufCMessage *u = protobuf_c_message_unpack(st->output, &st->arena.pa, mlen, data);
+			int64_t cost = credited ? PBRPC_WIRE_MESSAGE_COST(mlen) : 0;
+			dequeue(st, mlen);
 			if (!u) {
 				if (!st->done)
 					pbrpc__cl_abandon(c, st->x, PBRPC_STATUS_INTERNAL, PBRPC_EDECODE,
