@@ -225,8 +225,9 @@ void pbrpc__cl_retry_calls(pbrpc_client *c)
  * they run). Returns how many ran. */
 int pbrpc__cl_run_done(pbrpc_client *c)
 {
+	int ns = pbrpc__list_empty(&c->stream_ready) ? 0 : pbrpc__cl_streams_run(c);
 	if (pbrpc__list_empty(&c->done))
-		return 0;
+		return ns;
 	pbrpc__list list;
 	pbrpc__list_init(&list);
 	pbrpc__list_splice(&list, &c->done);
@@ -258,7 +259,7 @@ int pbrpc__cl_run_done(pbrpc_client *c)
 		call_release(c, x);
 	}
 	pbrpc__cl_arena_put(c, a);
-	return n;
+	return n + ns;
 }
 
 static void expire_timers(pbrpc_client *c)

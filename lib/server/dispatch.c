@@ -48,6 +48,8 @@ static srv_call *call_get(pbrpc_server *srv)
 
 static void call_destroy(srv_call *call)
 {
+	if (call->stream)
+		pbrpc__srv_stream_destroy(call);
 	pbrpc__authz_peer_unref(call->peer_ext);
 	pbrpc__tls_peer_unref(call->tls_peer);
 	pbrpc__arena_fini(&call->arena);
@@ -583,6 +585,13 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 		snprintf(text, len, "method %s is not implemented by this server", (*m)->name);
 		return text;
 	}
+	if (__builtin_expect(req->stream_kind != (*m)->kind, 0)) {
+		static const char *const kinds[] = { "unary", "client-streaming", "server-streaming",
+						     "bidirectional streaming" };
+		snprintf(text, len, "method %s is %s, called as %s", (*m)->name, kinds[(*m)->kind & 3],
+			 kinds[req->stream_kind & 3]);
+		return text;
+	}
 	*status = PBRPC_STATUS_PERMISSION_DENIED;
 	if (__builtin_expect((*m)->policy != NULL, 0) && (*m)->policy != c->admitted) {
 		const char *why = pbrpc__authz_refusal(c, *m, text, len);
@@ -616,6 +625,10 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	const char *why = request_refusal(c, &req, rc, &m, &status, text, sizeof(text));
 	if (why) {
 		refuse_request(c, f, &req, m, status, why);
+		return;
+	}
+	if (__builtin_expect(m->kind != 0, 0)) {
+		pbrpc__srv_stream_open(c, f, &req, m);
 		return;
 	}
 	srv_call *call = call_get(srv);
@@ -701,6 +714,7 @@ static void on_cancel(pbrpc__conn *base, uint32_t id)
 		return; /* it may have crossed our RESPONSE */
 	atomic_store(&call->cancelled, true);
 	pbrpc__srv_call_answer(call, PBRPC_STATUS_CANCELLED, "cancelled by the client", NULL, NULL, 0);
+	pbrpc__srv_stream_check_over(call, PBRPC_STATUS_CANCELLED);
 }
 
 static void on_open(pbrpc__conn *base)
@@ -741,6 +755,7 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 		call->answered = true;
 		pbrpc__heap_stop(&srv->timers, &call->timer);
 		atomic_store(&call->cancelled, true);
+		pbrpc__srv_stream_check_over(call, PBRPC_STATUS_UNAVAILABLE);
 	}
 	c->mem_used = c->mem_io;
 	pbrpc__authz_conn_closed(c);
@@ -753,4 +768,25 @@ const pbrpc__conn_ops pbrpc__srv_conn_ops = {
 	.on_cancel = on_cancel,
 	.on_goaway = on_goaway,
 	.on_close = on_close,
+	.on_stream = pbrpc__srv_on_stream,
 };
+
+/* For stream.c: the call records and refusals of unary calls. */
+srv_call *pbrpc__srv_call_get(pbrpc_server *srv)
+{
+	srv_call *call = call_get(srv);
+	if (call)
+		call->stream = NULL;
+	return call;
+}
+
+void pbrpc__srv_call_put(pbrpc_server *srv, srv_call *call)
+{
+	call_put(srv, call);
+}
+
+void pbrpc__srv_refuse(srv_conn *c, const pbrpc__frame *f, const pbrpc__wire_request *req, const pbrpc__method *m,
+		       int status, const char *message)
+{
+	refuse_request(c, f, req, m, status, message);
+}

@@ -34,6 +34,7 @@ void pbrpc__registry_fini(pbrpc__registry *r)
 	for (size_t i = 0; i < r->methods_cap; i++) {
 		free(r->methods[i].name);
 		free(r->methods[i].stats);
+		free(r->methods[i].stream);
 		pbrpc__policy_free(r->methods[i].own_policy);
 	}
 	free(r->unknown);
@@ -81,6 +82,39 @@ static int methods_reserve(pbrpc__registry *r, size_t more)
 	free(r->methods);
 	r->methods = v;
 	r->methods_cap = cap;
+	return 0;
+}
+
+int pbrpc__registry_add_stream(pbrpc__registry *r, const char *name, uint8_t kind, void *stream)
+{
+	size_t len = strlen(name);
+	if (!pbrpc_method_valid(name, len)) {
+		free(stream);
+		return PBRPC_EINVALID;
+	}
+	pbrpc__method *m = (pbrpc__method *)pbrpc__registry_find(r, name, len);
+	if (m && m->stream) {
+		free(stream);
+		return PBRPC_EDUPLICATE;
+	}
+	if (!m) {
+		pbrpc__method e = { .name = strdup(name), .len = len, .service = PBRPC__NO_SERVICE };
+		e.hash = hash_name(name, len);
+		if (r->counting)
+			e.stats = calloc(1, sizeof(*e.stats));
+		if (!e.name || (r->counting && !e.stats) || methods_reserve(r, 1) < 0) {
+			free(e.name);
+			free(e.stats);
+			free(stream);
+			return -ENOMEM;
+		}
+		place(r->methods, r->methods_cap, &e);
+		r->n_methods++;
+		m = (pbrpc__method *)pbrpc__registry_find(r, name, len);
+	}
+	m->kind = kind;
+	m->stream = stream;
+	m->missing = false;
 	return 0;
 }
 
@@ -134,8 +168,20 @@ static int add(pbrpc__registry *r, ProtobufCService *service, bool owned)
 			return -ENOMEM;
 		}
 	}
-	for (unsigned i = 0; i < d->n_methods; i++)
+	for (unsigned i = 0; i < d->n_methods; i++) {
+		/* A stream method registered before its service: the service's
+		 * entry takes it over. */
+		pbrpc__method *old = (pbrpc__method *)pbrpc__registry_find(r, fresh[i].name, fresh[i].len);
+		if (old && old->service == PBRPC__NO_SERVICE) {
+			old->service = fresh[i].service;
+			old->index = i;
+			free(fresh[i].name);
+			free(fresh[i].stats);
+			r->n_methods--;
+			continue;
+		}
 		place(r->methods, r->methods_cap, &fresh[i]);
+	}
 	r->n_methods += d->n_methods;
 	free(fresh);
 	r->services[r->n_services++] = (pbrpc__service_entry){ service, owned, true, NULL };

@@ -95,7 +95,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	budget_init(srv);
 	srv->hello = (pbrpc_hello){ .version = PBRPC_WIRE_VERSION, .max_frame = srv->o.max_frame,
 				    .max_calls = srv->o.max_calls, .features = PBRPC_FEATURES,
-				    .agent = PBRPC_WIRE_AGENT };
+				    .agent = PBRPC_WIRE_AGENT, .stream_window = srv->o.stream_window };
 	pbrpc__registry_init(&srv->reg);
 	srv->reg.call_log = srv->o.call_log;
 	srv->reg.call_log_user = srv->o.call_log_user;
@@ -105,6 +105,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	pbrpc__list_init(&srv->again);
 	pbrpc__list_init(&srv->free_calls);
 	pbrpc__list_init(&srv->live);
+	pbrpc__list_init(&srv->stream_events);
 	pbrpc__list_init(&srv->cq);
 	pbrpc__list_init(&srv->wq);
 	pbrpc__timer_init(&srv->sweep, SRV_TIMER_SWEEP);
@@ -194,6 +195,9 @@ PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
 		pbrpc__conn_close(&c->base, 0, "server freed");
 		pbrpc__srv_conn_free(c);
 	}
+	/* Streams still open heard of it in on_close: their on_cancel runs now,
+	 * so that their handlers can let go of what they hold. */
+	pbrpc__srv_stream_events(srv);
 	/* Calls waiting for a closure, completed ones not yet collected, pooled ones. */
 	pthread_mutex_lock(&srv->cq_mu);
 	pbrpc__srv_calls_free(srv);

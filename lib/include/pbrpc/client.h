@@ -69,6 +69,9 @@ typedef struct pbrpc_client_opts {
 	/* TLS for a tls: endpoint (common.h): ca (default: the system store),
 	 * cert and key for mutual TLS, server_name. */
 	pbrpc_tls_opts tls;
+	uint32_t stream_window;   /* streams (stream.h): bytes of the server's
+	                           * messages each stream may hold unread,
+	                           * announced in HELLO; default 64 KiB */
 } pbrpc_client_opts;
 
 /* Creates a client for `endpoint` and, unless opts->lazy, connects and

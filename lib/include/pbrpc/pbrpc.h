@@ -5,6 +5,7 @@
  *   endpoint.h  "unix:/path", "unix:@name", "tcp:host:port" sockets
  *   server.h    hosting services
  *   client.h    calling them through generated stubs
+ *   stream.h    streaming calls, both sides
  * The wire protocol itself is docs/PROTOCOL.md; its codecs are private.
  */
 #ifndef PBRPC_H
@@ -15,6 +16,7 @@
 #include "pbrpc/endpoint.h"
 #include "pbrpc/server.h"
 #include "pbrpc/client.h"
+#include "pbrpc/stream.h"
 
 /* Kept for programs written against 0.1. */
 #define PBRPC_VERSION_STRING PBRPC_VERSION

@@ -136,6 +136,9 @@ typedef struct pbrpc_server_opts {
 	 * pbrpc_server_new, which fails with PBRPC_ETLS (and logs why) when
 	 * they do not load. */
 	pbrpc_tls_opts tls;
+	uint32_t stream_window;      /* streams (stream.h): bytes of the client's
+	                              * messages each stream may hold unread,
+	                              * announced in HELLO; default 64 KiB */
 } pbrpc_server_opts;
 
 /* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
