@@ -356,6 +356,23 @@ static int describe_protoset(cli *c, const char *symbol, schema **out, pbrpc_cal
 	return 0;
 }
 
+/* The schema from the .proto files the server sent with its reply (a
+ * service compiled with pbrpc-gen): they name oneofs, which the reply's own
+ * schemas cannot. Returns 0, or -1 to use the reply's schemas. */
+static int schema_from_files(schema **out, const Pbrpc__DescribeReply *reply, const char *symbol)
+{
+	protoset *ps;
+	const Pbrpc__DescribeReply *sub;
+	char err[256];
+	if (reply->n_files == 0 || protoset_from_files(&ps, reply->n_files, reply->files, err, sizeof(err)) < 0)
+		return -1;
+	int rc = protoset_describe(ps, symbol, &sub);
+	if (rc == 0)
+		rc = schema_new(out, sub, err, sizeof(err));
+	protoset_free(ps);
+	return rc == 0 ? 0 : -1;
+}
+
 static int describe_once(cli *c, const char *symbol, schema **out, pbrpc_call_result *res)
 {
 	Pbrpc__DescribeRequest req = PBRPC__DESCRIBE_REQUEST__INIT;
@@ -370,7 +387,9 @@ static int describe_once(cli *c, const char *symbol, schema **out, pbrpc_call_re
 			    (ProtobufCMessage **)&reply, res);
 	if (rc != 0)
 		return -1;
-	rc = schema_new(out, reply, err, sizeof(err));
+	rc = schema_from_files(out, reply, symbol);
+	if (rc != 0)
+		rc = schema_new(out, reply, err, sizeof(err));
 	protobuf_c_message_free_unpacked(&reply->base, NULL);
 	if (rc < 0) {
 		die_msg("the server's schema for %s is unusable: %s", symbol, err);

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "pbrpc/common.h"
+#include "pbrpc/schema.h"
 
 static uint64_t hash_name(const char *s, size_t n)
 {
@@ -81,6 +82,20 @@ static int methods_reserve(pbrpc__registry *r, size_t more)
 	return 0;
 }
 
+const char *pbrpc__registry_stream_method(const ProtobufCServiceDescriptor *d, int *flags)
+{
+	const pbrpc_schema_service *ss = pbrpc_schema_find_service(d->name, NULL);
+	for (unsigned i = 0; ss && i < d->n_methods; i++) {
+		int fl = pbrpc_schema_method_flags(ss, d->methods[i].name);
+		if (fl > 0) {
+			if (flags)
+				*flags = fl;
+			return d->methods[i].name;
+		}
+	}
+	return NULL;
+}
+
 static int add(pbrpc__registry *r, ProtobufCService *service, bool owned)
 {
 	if (!service || !service->descriptor || !service->invoke || !service->descriptor->name)
@@ -88,6 +103,10 @@ static int add(pbrpc__registry *r, ProtobufCService *service, bool owned)
 	const ProtobufCServiceDescriptor *d = service->descriptor;
 	if (pbrpc__registry_find_service(r, d->name))
 		return PBRPC_EDUPLICATE;
+	/* Its .proto declares stream methods (pbrpc-gen said so): protoc-c's
+	 * unary slots cannot serve them. */
+	if (pbrpc__registry_stream_method(d, NULL))
+		return PBRPC_EINVALID;
 	/* Validate and allocate everything first so that a failure leaves no
 	 * trace. */
 	char name[PBRPC_METHOD_MAX + 1];

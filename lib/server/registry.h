@@ -72,6 +72,11 @@ void pbrpc__registry_fini(pbrpc__registry *r);
  * a failure leaves the registry unchanged. */
 int pbrpc__registry_add(pbrpc__registry *r, ProtobufCService *service, bool owned);
 
+/* The first method of d that its .proto declares with `stream`, as pbrpc-gen
+ * registered it (pbrpc/schema.h), or NULL; *flags (if not NULL) gets its
+ * PBRPC_SCHEMA_* bits. */
+const char *pbrpc__registry_stream_method(const ProtobufCServiceDescriptor *d, int *flags);
+
 /* The method with this full name, or NULL. */
 const pbrpc__method *pbrpc__registry_find(const pbrpc__registry *r, const char *name, size_t len);
 

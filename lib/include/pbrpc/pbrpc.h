@@ -5,6 +5,7 @@
  *   endpoint.h  "unix:/path", "unix:@name", "tcp:host:port" sockets
  *   server.h    hosting services
  *   client.h    calling them through generated stubs
+ *   schema.h    what pbrpc-gen tells the library of a .proto file
  * The wire protocol itself is docs/PROTOCOL.md; its codecs are private.
  */
 #ifndef PBRPC_H
@@ -15,6 +16,7 @@
 #include "pbrpc/endpoint.h"
 #include "pbrpc/server.h"
 #include "pbrpc/client.h"
+#include "pbrpc/schema.h"
 
 /* Kept for programs written against 0.1. */
 #define PBRPC_VERSION_STRING PBRPC_VERSION
