@@ -66,6 +66,9 @@ typedef struct pbrpc_client_opts {
 	bool io_thread;           /* run async closures on a client-owned thread */
 	int backoff_min_ms;       /* first reconnect delay; default 50 */
 	int backoff_max_ms;       /* reconnect delay cap; default 2000 */
+	uint32_t stream_window;   /* streams (stream.h): bytes of the server's
+	                           * messages each stream may hold unread,
+	                           * announced in HELLO; default 64 KiB */
 } pbrpc_client_opts;
 
 /* Creates a client for `endpoint` and, unless opts->lazy, connects and

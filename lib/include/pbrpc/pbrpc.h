@@ -5,6 +5,7 @@
  *   endpoint.h  "unix:/path", "unix:@name", "tcp:host:port" sockets
  *   server.h    hosting services
  *   client.h    calling them through generated stubs
+ *   stream.h    streaming calls, both sides
  *   schema.h    what pbrpc-gen tells the library of a .proto file
  * The wire protocol itself is docs/PROTOCOL.md; its codecs are private.
  */
@@ -16,6 +17,7 @@
 #include "pbrpc/endpoint.h"
 #include "pbrpc/server.h"
 #include "pbrpc/client.h"
+#include "pbrpc/stream.h"
 #include "pbrpc/schema.h"
 
 /* Kept for programs written against 0.1. */

@@ -115,6 +115,9 @@ typedef struct pbrpc_server_opts {
 	                              * (160 MiB); at least 1 MiB, at most max_memory */
 	unsigned unpack_factor;      /* a request may take this many times its wire
 	                              * size (+ 64 KiB) once unpacked; default 8 */
+	uint32_t stream_window;      /* streams (stream.h): bytes of the client's
+	                              * messages each stream may hold unread,
+	                              * announced in HELLO; default 64 KiB */
 } pbrpc_server_opts;
 
 /* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
