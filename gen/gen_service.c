@@ -159,7 +159,7 @@ static void server_defs(FILE *c, const method *m, const char *svc_c)
 	fprintf(c, "\t%s%s,\n\t%s%s,\n\t%s%s,\n\t%s_on_cancel,\n};\n\n", cs ? m->fn : "0", cs ? "_on_message" : "",
 		cs ? m->fn : "0", cs ? "_on_half_close" : "", ss ? m->fn : "0", ss ? "_on_writable" : "", m->fn);
 	/* The handler pbrpc calls: wraps the stream, then the user's handler. */
-	fprintf(c, "static void %s_open(pbrpc_stream *st, const ProtobufCMessage *request, void *user)\n{\n", m->fn);
+	fprintf(c, "static void %s_serve(pbrpc_stream *st, const ProtobufCMessage *request, void *user)\n{\n", m->fn);
 	fprintf(c, "\t%s_Pbrpc *impl = (%s_Pbrpc *)user;\n", svc_c, svc_c);
 	fprintf(c, "\tif (!impl->%s) {\n\t\t(void)pbrpc_stream_end(st, PBRPC_STATUS_UNIMPLEMENTED, 0, \"%%s is not "
 		   "implemented\", \"%s\");\n\t\treturn;\n\t}\n",
@@ -202,104 +202,108 @@ static void server_defs(FILE *c, const method *m, const char *svc_c)
 static void client_decls(FILE *h, const method *m)
 {
 	bool cs = m->kind & 1, ss = m->kind & 2;
+	char *cf = gen_printf("%s_call", m->fn);
 	fprintf(h, "\n/* %s, client side: %s_Call is pbrpc's client stream, typed. */\n", m->full, m->T);
 	fprintf(h, "typedef struct %s_Call %s_Call;\n", m->T, m->T);
 	fprintf(h, "/* pbrpc_client_stream_open(): 0 with *out set (an already ended stream when the\n"
 		   " * server refuses); PBRPC_EINVALID, PBRPC_ETOOBIG, -ENOMEM with *out NULL. */\n");
 	if (ss && !cs)
 		fprintf(h, "int %s_open(pbrpc_client *c, const %s *request, const pbrpc_stream_opts *opts, %s_Call **out);\n",
-			m->fn, m->in_c, m->T);
+			cf, m->in_c, m->T);
 	else
-		fprintf(h, "int %s_open(pbrpc_client *c, const pbrpc_stream_opts *opts, %s_Call **out);\n", m->fn, m->T);
+		fprintf(h, "int %s_open(pbrpc_client *c, const pbrpc_stream_opts *opts, %s_Call **out);\n", cf, m->T);
 	fprintf(h, "/* Receiving by closure: msg is valid during the call; msg NULL, once and last,\n"
 		   " * ends the stream (%s_status()); pbrpc frees st after it. opts->on_message\n"
 		   " * and opts->user are ignored. */\n",
-		m->fn);
+		cf);
 	fprintf(h, "typedef void (*%s_Message_Cb)(%s_Call *st, const %s *msg, void *user);\n", m->T, m->T, m->out_c);
 	if (ss && !cs)
 		fprintf(h, "int %s_open_async(pbrpc_client *c, const %s *request, const pbrpc_stream_opts *opts,\n"
 			   "\t%s_Message_Cb on_message, void *user, %s_Call **out);\n",
-			m->fn, m->in_c, m->T, m->T);
+			cf, m->in_c, m->T, m->T);
 	else
 		fprintf(h, "int %s_open_async(pbrpc_client *c, const pbrpc_stream_opts *opts, %s_Message_Cb on_message,\n"
 			   "\tvoid *user, %s_Call **out);\n",
-			m->fn, m->T, m->T);
+			cf, m->T, m->T);
 	if (cs) {
 		fprintf(h, "/* pbrpc_client_stream_send(): 0, -EAGAIN, -ETIMEDOUT, PBRPC_ESTATUS (ended), ... */\n");
-		fprintf(h, "int %s_send(%s_Call *st, const %s *msg, int timeout_ms);\n", m->fn, m->T, m->in_c);
-		fprintf(h, "int %s_close_send(%s_Call *st);\n", m->fn, m->T);
+		fprintf(h, "int %s_send(%s_Call *st, const %s *msg, int timeout_ms);\n", cf, m->T, m->in_c);
+		fprintf(h, "int %s_close_send(%s_Call *st);\n", cf, m->T);
 	}
 	fprintf(h, "/* 1 with *msg (valid until the next call or free), 0 ended OK, PBRPC_ESTATUS,\n"
 		   " * -EAGAIN, -ETIMEDOUT (pbrpc_client_stream_next()). */\n");
-	fprintf(h, "int %s_next(%s_Call *st, const %s **msg, int timeout_ms);\n", m->fn, m->T, m->out_c);
-	fprintf(h, "void %s_cancel(%s_Call *st);\n", m->fn, m->T);
-	fprintf(h, "int %s_status(const %s_Call *st, const char **message);\n", m->fn, m->T);
-	fprintf(h, "void %s_free(%s_Call *st);\n", m->fn, m->T);
-	fprintf(h, "pbrpc_client_stream *%s_call_raw(%s_Call *st);\n", m->fn, m->T);
+	fprintf(h, "int %s_next(%s_Call *st, const %s **msg, int timeout_ms);\n", cf, m->T, m->out_c);
+	fprintf(h, "void %s_cancel(%s_Call *st);\n", cf, m->T);
+	fprintf(h, "int %s_status(const %s_Call *st, const char **message);\n", cf, m->T);
+	fprintf(h, "void %s_free(%s_Call *st);\n", cf, m->T);
+	fprintf(h, "pbrpc_client_stream *%s_raw(%s_Call *st);\n", cf, m->T);
+	free(cf);
 }
 
 static void client_defs(FILE *c, const method *m)
 {
 	bool cs = m->kind & 1, ss = m->kind & 2;
+	char *cf = gen_printf("%s_call", m->fn);
 	char *req_param = ss && !cs ? gen_printf(", const %s *request", m->in_c) : gen_strdup("");
 	const char *req_arg = ss && !cs ? "request ? &request->base : 0" : "0";
 	fprintf(c, "\n/* ---- %s, client side ---- */\n\n", m->full);
-	fprintf(c, "#define %s_raw_of(st) ((pbrpc_client_stream *)(void *)(st))\n", m->fn);
-	fprintf(c, "#define %s_typed(st) ((%s_Call *)(void *)(st))\n\n", m->fn, m->T);
-	fprintf(c, "int %s_open(pbrpc_client *c%s, const pbrpc_stream_opts *opts, %s_Call **out)\n{\n", m->fn,
+	fprintf(c, "#define %s_raw_of(st) ((pbrpc_client_stream *)(void *)(st))\n", cf);
+	fprintf(c, "#define %s_typed(st) ((%s_Call *)(void *)(st))\n\n", cf, m->T);
+	fprintf(c, "int %s_open(pbrpc_client *c%s, const pbrpc_stream_opts *opts, %s_Call **out)\n{\n", cf,
 		req_param, m->T);
 	fprintf(c, "\tpbrpc_client_stream *raw = 0;\n\tpbrpc_stream_opts o;\n"
 		   "\tif (opts) {\n\t\to = *opts;\n\t} else {\n\t\tmemset(&o, 0, sizeof(o));\n\t}\n"
 		   "\to.on_message = 0;\n\to.on_writable = 0;\n");
 	fprintf(c, "\tint rc = pbrpc_client_stream_open(c, &%s_desc, %s, &o, &raw);\n", m->fn, req_arg);
-	fprintf(c, "\t*out = %s_typed(raw);\n\treturn rc;\n}\n\n", m->fn);
+	fprintf(c, "\t*out = %s_typed(raw);\n\treturn rc;\n}\n\n", cf);
 
-	fprintf(c, "typedef struct %s_async {\n\t%s_Message_Cb cb;\n\tvoid *user;\n} %s_async;\n\n", m->fn, m->T, m->fn);
+	fprintf(c, "typedef struct %s_async {\n\t%s_Message_Cb cb;\n\tvoid *user;\n} %s_async;\n\n", cf, m->T, cf);
 	fprintf(c, "static void %s_on_reply(pbrpc_client_stream *st, const ProtobufCMessage *msg, void *user)\n{\n"
 		   "\t%s_async *a = (%s_async *)user;\n\ta->cb(%s_typed(st), (const %s *)msg, a->user);\n"
 		   "\tif (!msg)\n\t\tfree(a);\n}\n\n",
-		m->fn, m->fn, m->fn, m->fn, m->out_c);
+		cf, cf, cf, cf, m->out_c);
 	if (ss && !cs)
 		fprintf(c, "int %s_open_async(pbrpc_client *c, const %s *request, const pbrpc_stream_opts *opts,\n"
 			   "\t%s_Message_Cb on_message, void *user, %s_Call **out)\n{\n",
-			m->fn, m->in_c, m->T, m->T);
+			cf, m->in_c, m->T, m->T);
 	else
 		fprintf(c, "int %s_open_async(pbrpc_client *c, const pbrpc_stream_opts *opts, %s_Message_Cb on_message,\n"
 			   "\tvoid *user, %s_Call **out)\n{\n",
-			m->fn, m->T, m->T);
+			cf, m->T, m->T);
 	fprintf(c, "\tpbrpc_client_stream *raw = 0;\n\tpbrpc_stream_opts o;\n\t*out = 0;\n"
 		   "\tif (!on_message)\n\t\treturn PBRPC_EINVALID;\n"
 		   "\t%s_async *a = (%s_async *)malloc(sizeof(*a));\n\tif (!a)\n\t\treturn -ENOMEM;\n"
 		   "\ta->cb = on_message;\n\ta->user = user;\n"
 		   "\tif (opts) {\n\t\to = *opts;\n\t} else {\n\t\tmemset(&o, 0, sizeof(o));\n\t}\n"
 		   "\to.on_message = %s_on_reply;\n\to.on_writable = 0;\n\to.user = a;\n",
-		m->fn, m->fn, m->fn);
+		cf, cf, cf);
 	fprintf(c, "\tint rc = pbrpc_client_stream_open(c, &%s_desc, %s, &o, &raw);\n", m->fn, req_arg);
 	fprintf(c, "\tif (!raw)\n\t\tfree(a); /* no stream: no final callback */\n"
 		   "\t*out = %s_typed(raw);\n\treturn rc;\n}\n\n",
-		m->fn);
+		cf);
 	if (cs) {
 		fprintf(c, "int %s_send(%s_Call *st, const %s *msg, int timeout_ms)\n{\n"
 			   "\treturn pbrpc_client_stream_send(%s_raw_of(st), msg ? &msg->base : 0, timeout_ms);\n}\n\n",
-			m->fn, m->T, m->in_c, m->fn);
+			cf, m->T, m->in_c, cf);
 		fprintf(c, "int %s_close_send(%s_Call *st)\n{\n\treturn pbrpc_client_stream_close_send(%s_raw_of(st));\n}\n\n",
-			m->fn, m->T, m->fn);
+			cf, m->T, cf);
 	}
 	fprintf(c, "int %s_next(%s_Call *st, const %s **msg, int timeout_ms)\n{\n"
 		   "\tconst ProtobufCMessage *m = 0;\n"
 		   "\tint rc = pbrpc_client_stream_next(%s_raw_of(st), &m, timeout_ms);\n"
 		   "\t*msg = (const %s *)m;\n\treturn rc;\n}\n\n",
-		m->fn, m->T, m->out_c, m->fn, m->out_c);
-	fprintf(c, "void %s_cancel(%s_Call *st)\n{\n\tpbrpc_client_stream_cancel(%s_raw_of(st));\n}\n\n", m->fn, m->T,
-		m->fn);
+		cf, m->T, m->out_c, cf, m->out_c);
+	fprintf(c, "void %s_cancel(%s_Call *st)\n{\n\tpbrpc_client_stream_cancel(%s_raw_of(st));\n}\n\n", cf, m->T,
+		cf);
 	fprintf(c, "int %s_status(const %s_Call *st, const char **message)\n{\n"
 		   "\treturn pbrpc_client_stream_status((const pbrpc_client_stream *)(const void *)st, message);\n}\n\n",
-		m->fn, m->T);
-	fprintf(c, "void %s_free(%s_Call *st)\n{\n\tpbrpc_client_stream_free(%s_raw_of(st));\n}\n\n", m->fn, m->T,
-		m->fn);
-	fprintf(c, "pbrpc_client_stream *%s_call_raw(%s_Call *st)\n{\n\treturn %s_raw_of(st);\n}\n", m->fn, m->T,
-		m->fn);
+		cf, m->T);
+	fprintf(c, "void %s_free(%s_Call *st)\n{\n\tpbrpc_client_stream_free(%s_raw_of(st));\n}\n\n", cf, m->T,
+		cf);
+	fprintf(c, "pbrpc_client_stream *%s_raw(%s_Call *st)\n{\n\treturn %s_raw_of(st);\n}\n", cf, m->T,
+		cf);
 	free(req_param);
+	free(cf);
 }
 
 /* ---- the service ---- */
@@ -361,7 +365,7 @@ void gen_service(const gen_file *g, const Google__Protobuf__ServiceDescriptorPro
 		fprintf(c, "\tint rc;\n");
 	for (size_t i = 0; i < s->n_method; i++)
 		if (ms[i].kind)
-			fprintf(c, "\tif ((rc = pbrpc_server_add_stream(srv, &%s_desc, %s_open, impl)) < 0)\n"
+			fprintf(c, "\tif ((rc = pbrpc_server_add_stream(srv, &%s_desc, %s_serve, impl)) < 0)\n"
 				   "\t\treturn rc;\n",
 				ms[i].fn, ms[i].fn);
 	fprintf(c, "\treturn pbrpc_server_add_service(srv, &impl->unary.base);\n}\n");

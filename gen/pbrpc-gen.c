@@ -13,6 +13,7 @@
  * `c_package` option is not read.
  */
 #include <errno.h>
+#include <limits.h>
 #include <getopt.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -516,7 +517,13 @@ int main(int argc, char **argv)
 			outdir = optarg;
 			break;
 		case 'I':
-			dirs[n_dirs++] = optarg;
+			/* Canonical, as the inputs: protoc wants the directory
+			 * as an exact prefix of each file's path, and meson's
+			 * @INPUT@ is relative ("../proto/x.proto"). */
+			dirs[n_dirs] = realpath(optarg, NULL);
+			if (!dirs[n_dirs])
+				dirs[n_dirs] = gen_strdup(optarg);
+			n_dirs++;
 			break;
 		case OPT_FILE:
 			names[n_names++] = gen_strdup(optarg);
@@ -543,6 +550,18 @@ int main(int argc, char **argv)
 		return 2;
 	}
 
+	/* -o DIR need not exist yet (protoc's --c_out must). */
+	char *od = gen_strdup(outdir);
+	for (char *p = od + 1; *p; p++) {
+		if (*p == '/') {
+			*p = '\0';
+			mkdir(od, 0777);
+			*p = '/';
+		}
+	}
+	mkdir(od, 0777);
+	free(od);
+
 	char tmp[] = "/tmp/pbrpc-gen-XXXXXX";
 	const char *set_path = argv[optind];
 	if (use_protoc) {
@@ -565,8 +584,9 @@ int main(int argc, char **argv)
 		for (size_t i = 0; i < n_dirs; i++)
 			av[na++] = gen_printf("--proto_path=%s", dirs[i]);
 		for (int i = optind; i < argc; i++) {
-			av[na++] = argv[i];
-			char *nm = proto_name(argv[i], dirs, n_dirs);
+			char *path = n_dirs ? realpath(argv[i], NULL) : NULL;
+			av[na++] = path ? path : argv[i];
+			char *nm = proto_name(av[na - 1], dirs, n_dirs);
 			if (nm)
 				names[n_names++] = nm;
 		}
@@ -611,6 +631,8 @@ int main(int argc, char **argv)
 	}
 	google__protobuf__file_descriptor_set__free_unpacked(set, NULL);
 	free(names);
+	for (size_t i = 0; i < n_dirs; i++)
+		free(dirs[i]);
 	free(dirs);
 	return status;
 }

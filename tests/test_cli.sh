@@ -306,7 +306,7 @@ expect "describe --template of a message with an enum" 0 '{
   "status": "UNKNOWN"
 }' "" "$pbrpc" describe "$ep" pbrpc.HealthCheckResponse --template
 expect "describe --template, compact, repeated and nested" 0 \
-	'{"services":[{"name":"","methods":[{"name":"","inputType":"","outputType":""}]}]}' "" \
+	'{"services":[{"name":"","methods":[{"name":"","inputType":"","outputType":"","clientStreaming":false,"serverStreaming":false}]}]}' "" \
 	"$pbrpc" describe --template --format compact "$ep" pbrpc.ListServicesReply
 expect "describe --template of a service" 2 "" "pbrpc: --template: demo.Kv is not a message or a method" \
 	"$pbrpc" describe --template "$ep" demo.Kv
