@@ -481,6 +481,8 @@ static char *proto_name(const char *path, char **dirs, size_t n_dirs)
 	return NULL;
 }
 
+static char **dirs, **names; /* main's -I directories and --file names */
+
 static void usage(FILE *o)
 {
 	fprintf(o, "usage: pbrpc-gen [-o DIR] [--file NAME]... SET.pb\n"
@@ -505,8 +507,10 @@ int main(int argc, char **argv)
 	const char *outdir = ".";
 	const char *protoc = getenv("PROTOC");
 	bool use_protoc = false, want_c = true;
-	char **dirs = calloc((size_t)argc + 1, sizeof(char *));
-	char **names = calloc((size_t)argc + 1, sizeof(char *));
+	/* File-scope, so that the early exits leave nothing unreachable
+	 * (LeakSanitizer runs pbrpc-gen in sanitized builds). */
+	dirs = calloc((size_t)argc + 1, sizeof(char *));
+	names = calloc((size_t)argc + 1, sizeof(char *));
 	size_t n_dirs = 0, n_names = 0;
 	int opt;
 	if (!dirs || !names)
@@ -590,12 +594,29 @@ int main(int argc, char **argv)
 			if (nm)
 				names[n_names++] = nm;
 		}
-		if (run(av) < 0) {
+		int failed = run(av) < 0;
+		if (failed)
 			fprintf(stderr, "pbrpc-gen: %s failed\n", av[0]);
-			unlink(tmp);
-			return 1;
+		/* Everything after av[1] was allocated here, but the inputs
+		 * realpath could not resolve (argv's own). */
+		for (size_t i = 2; i < na; i++) {
+			bool own = true;
+			for (int j = optind; j < argc && own; j++)
+				own = av[i] != argv[j];
+			if (own)
+				free(av[i]);
 		}
 		free(av);
+		if (failed) {
+			unlink(tmp);
+			for (size_t i = 0; i < n_names; i++)
+				free(names[i]);
+			free(names);
+			for (size_t i = 0; i < n_dirs; i++)
+				free(dirs[i]);
+			free(dirs);
+			return 1;
+		}
 	}
 
 	char err[256];

@@ -73,7 +73,7 @@ static void start_server(unsigned workers, void (*setup)(pbrpc_server *))
 	t->kv = demo_kv_new();
 	t->echo = demo_echo_new();
 	cr_assert(t->kv && t->echo);
-	cr_assert_eq(pbrpc_server_add_service(t->srv, &t->kv->base), 0);
+	cr_assert_eq(demo_kv_add(t->srv, t->kv), 0);
 	cr_assert_eq(pbrpc_server_add_service(t->srv, &t->echo->base), 0);
 	cr_assert_eq(pbrpc_server_enable_health(t->srv), 0);
 	cr_assert_eq(pbrpc_server_enable_reflection(t->srv), 0);
