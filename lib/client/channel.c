@@ -65,6 +65,8 @@ static bool on_response(pbrpc__conn *b, const pbrpc__wire_response *r, void *arg
 				 (unsigned)r->call_id);
 		return false;
 	}
+	if (__builtin_expect(x->kind == CALL_STREAM, 0))
+		return pbrpc__cl_stream_response(c, k, x, r);
 	if (r->message_len + r->body_len > CL_BIG_FRAME)
 		big_touch(c);
 	pbrpc__cl_call_unlink(c, x);
@@ -166,6 +168,7 @@ static const pbrpc__conn_ops chan_ops = {
 	.on_response = on_response,
 	.on_goaway = on_goaway,
 	.on_close = on_close,
+	.on_stream = pbrpc__cl_on_stream,
 };
 
 /* ---- the reader role ---- */
@@ -376,7 +379,7 @@ static int chan_open(pbrpc_client *c, int timeout_ms, chan **out, char *msg, siz
 	}
 	chan *k = calloc(1, sizeof(*k));
 	pbrpc_hello h = { .version = PBRPC_WIRE_VERSION, .max_frame = c->max_frame, .features = PBRPC_FEATURES,
-			  .agent = PBRPC_WIRE_AGENT };
+			  .agent = PBRPC_WIRE_AGENT, .stream_window = c->stream_window };
 	if (!k || pbrpc__conn_init(&k->base, fd, PBRPC__CONN_CLIENT, &chan_ops, &h) < 0) {
 		if (k)
 			pbrpc__conn_fini(&k->base);

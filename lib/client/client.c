@@ -154,6 +154,10 @@ void pbrpc__cl_call_finish(pbrpc_client *c, call *x)
 		pthread_cond_signal(&x->cond);
 		return;
 	}
+	if (x->kind == CALL_STREAM) {
+		pbrpc__cl_stream_finished(c, x);
+		return;
+	}
 	pbrpc__heap_stop(&c->timers, &x->timer);
 	if (pbrpc__list_linked(&x->qlink))
 		pbrpc__list_remove(&x->qlink); /* waiting on c->retry */
@@ -397,6 +401,7 @@ PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, 
 	pbrpc__list_init(&c->conns);
 	pbrpc__list_init(&c->free_calls);
 	pbrpc__list_init(&c->done);
+	pbrpc__list_init(&c->streams);
 	pbrpc__list_init(&c->retry);
 	pthread_mutex_init(&c->mu, NULL);
 	pthread_condattr_init(&c->cattr);
@@ -410,6 +415,7 @@ PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, 
 	c->max_frame = o.max_frame ? o.max_frame : PBRPC_MAX_FRAME_DEFAULT;
 	if (c->max_frame > PBRPC_MAX_FRAME_LIMIT)
 		c->max_frame = PBRPC_MAX_FRAME_LIMIT;
+	c->stream_window = o.stream_window;
 	c->connect_timeout_ms = o.connect_timeout_ms ? o.connect_timeout_ms : CL_DEFAULT_CONNECT_TIMEOUT_MS;
 	c->call_timeout_ms = o.call_timeout_ms ? o.call_timeout_ms : CL_DEFAULT_CALL_TIMEOUT_MS;
 	c->backoff_min_ms = o.backoff_min_ms > 0 ? o.backoff_min_ms : CL_DEFAULT_BACKOFF_MIN_MS;
@@ -476,6 +482,7 @@ PBRPC_EXPORT void pbrpc_client_free(pbrpc_client *c)
 	pbrpc__cl_retry_calls(c); /* closing: fails them */
 	while (!pbrpc__list_empty(&c->done))
 		pbrpc__cl_run_done(c);
+	pbrpc__cl_streams_orphan(c);
 	pthread_mutex_unlock(&c->mu);
 	th.in_process = outer;
 	client_teardown(c);

@@ -98,7 +98,7 @@ extern _Thread_local cl_tls_cold pbrpc__cl_tc;
 
 /* ---- objects ---- */
 
-enum { CALL_SYNC, CALL_ASYNC };
+enum { CALL_SYNC, CALL_ASYNC, CALL_STREAM /* stream.c: the id of a stream */ };
 #define REF_TABLE 0x1u /* the id is reserved: no RESPONSE yet */
 #define REF_OWNER 0x2u /* the caller (sync) or the pending closure (async) */
 
@@ -129,6 +129,7 @@ typedef struct call {
 	void *closure_data;
 	/* call_get() resets everything above; what follows is kept. */
 	pbrpc__timer timer; /* async calls with a deadline, in c->timers */
+	struct pbrpc_client_stream *stream; /* CALL_STREAM: its stream, NULL once freed */
 	uint8_t *buf;       /* reply copy: message, then body */
 	size_t cap;
 	/* An async call's encoded REQUEST payload, kept to re-send it (the
@@ -188,6 +189,7 @@ struct pbrpc_client {
 	pbrpc_endpoint ep;
 	char ep_str[PBRPC_ENDPOINT_STRLEN];
 	uint32_t max_frame;
+	uint32_t stream_window; /* opts.stream_window, 0: the default */
 	int connect_timeout_ms, call_timeout_ms, backoff_min_ms, backoff_max_ms;
 
 	chan *cur;         /* takes new calls; NULL when disconnected or draining */
@@ -210,6 +212,7 @@ struct pbrpc_client {
 	int64_t big_at; /* a large buffer was last used then; 0: none is held */
 
 	pbrpc__list done;
+	pbrpc__list streams; /* stream.c: every stream not yet freed */
 	pbrpc__list retry; /* async calls the server did not run, to send again */
 	size_t async_pending;
 	pbrpc__heap timers;
@@ -234,6 +237,7 @@ typedef struct call_args {
 	int64_t deadline;
 	int64_t start;       /* clock when the call was made */
 	bool method_checked; /* the name came from a checked service */
+	uint8_t stream_kind; /* REQUEST stream flags (stream.c); 0 for calls */
 } call_args;
 
 /* ---- small helpers ---- */
@@ -363,6 +367,14 @@ void pbrpc__cl_reply_free(const ProtobufCMessage *m, cl_arena *a);
 cl_arena *pbrpc__cl_arena_get(pbrpc_client *c);
 void pbrpc__cl_arena_put(pbrpc_client *c, cl_arena *a);
 void pbrpc__cl_arena_destroy(cl_arena *a);
+
+chan *pbrpc__cl_sync_conn(pbrpc_client *c, call *x, int64_t *now_io);
+
+/* stream.c: client streams, each a CALL_STREAM record in the id map */
+bool pbrpc__cl_on_stream(pbrpc__conn *b, const pbrpc__frame *f, void *arg);
+bool pbrpc__cl_stream_response(pbrpc_client *c, chan *k, call *x, const pbrpc__wire_response *r);
+void pbrpc__cl_stream_finished(pbrpc_client *c, call *x);
+void pbrpc__cl_streams_orphan(pbrpc_client *c); /* pbrpc_client_free */
 
 /* async.c */
 void pbrpc__cl_retry_calls(pbrpc_client *c);

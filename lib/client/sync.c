@@ -197,6 +197,7 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 	req.body = a->raw;
 	req.body_len = a->raw_len;
 	req.method_checked = a->method_checked;
+	req.stream_kind = a->stream_kind;
 	if (x->deadline) {
 		int64_t left = x->deadline - now;
 		if (left <= 0) {
@@ -427,6 +428,11 @@ static chan *sync_conn(pbrpc_client *c, call *x, int64_t *now_io)
 		}
 		pbrpc__cl_connect_locked(c, x->deadline);
 	}
+}
+
+chan *pbrpc__cl_sync_conn(pbrpc_client *c, call *x, int64_t *now_io)
+{
+	return sync_conn(c, x, now_io);
 }
 
 /* Releases what a finished synchronous call holds (locked). */

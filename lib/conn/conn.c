@@ -30,6 +30,7 @@ int pbrpc__conn_init(pbrpc__conn *c, int fd, pbrpc__conn_role role, const pbrpc_
 	if (c->max_frame > PBRPC_MAX_FRAME_LIMIT)
 		c->max_frame = PBRPC_MAX_FRAME_LIMIT;
 	c->peer_max_frame = PBRPC_MAX_FRAME_DEFAULT;
+	c->stream_window = ours->stream_window ? ours->stream_window : PBRPC_STREAM_WINDOW_DEFAULT;
 	pbrpc__frame_decoder_init(&c->dec, c->max_frame);
 	pbrpc__frame_writer_init(&c->out);
 	pbrpc__idmap_init(&c->calls);
@@ -210,6 +211,7 @@ static void handle_hello(pbrpc__conn *c, const pbrpc__frame *f)
 		c->peer_max_frame = PBRPC_MAX_FRAME_LIMIT;
 	c->peer_max_calls = h.max_calls;
 	c->features = c->our_features & h.features;
+	c->peer_stream_window = h.stream_window ? h.stream_window : PBRPC_STREAM_WINDOW_DEFAULT;
 	c->state = PBRPC__CONN_OPEN;
 	c->handshake_deadline = 0;
 	if (c->ops->on_open)
@@ -264,6 +266,13 @@ static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 	case PBRPC_FRAME_REQUEST:
 		if (!server)
 			break;
+		if (__builtin_expect((f->hdr.flags & (PBRPC_REQUEST_CLIENT_STREAM | PBRPC_REQUEST_SERVER_STREAM)) &&
+					     !(c->features & PBRPC_FEATURE_STREAMS),
+				     0)) {
+			pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO,
+					 "REQUEST stream flags without the streams feature negotiated");
+			return false;
+		}
 		c->ops->on_request(c, f);
 		return false;
 	case PBRPC_FRAME_RESPONSE: {
@@ -297,6 +306,15 @@ static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 	case PBRPC_FRAME_GOAWAY:
 		handle_goaway(c, f);
 		return false;
+	case PBRPC_FRAME_HALF_CLOSE:
+		if (!server)
+			break;
+		/* fall through */
+	case PBRPC_FRAME_MESSAGE:
+	case PBRPC_FRAME_WINDOW:
+		if (!(c->features & PBRPC_FEATURE_STREAMS) || !c->ops->on_stream)
+			break;
+		return c->ops->on_stream(c, f, arg);
 	}
 	unexpected(c, f);
 	return false;

@@ -58,6 +58,10 @@ typedef struct pbrpc__conn_ops {
 	 * views stay valid in the decoder until the next call on c. */
 	bool (*on_response)(pbrpc__conn *c, const pbrpc__wire_response *r, void *arg);
 	void (*on_goaway)(pbrpc__conn *c); /* GOAWAY(OK): c is draining now */
+	/* Streams (PBRPC_FEATURE_STREAMS in effect): a MESSAGE or WINDOW, or
+	 * (server) a HALF_CLOSE, its header checked. Returns true to stop
+	 * dispatching, as on_response. NULL: such frames are unexpected. */
+	bool (*on_stream)(pbrpc__conn *c, const pbrpc__frame *f, void *arg);
 	/* c is CLOSED. err: local code (PBRPC_EOF, PBRPC_EPROTO, -ECONNRESET,
 	 * ...); why: what happened, as the peer would be told. The fd is still
 	 * open; see the file comment about freeing. */
@@ -84,6 +88,9 @@ struct pbrpc__conn {
 	uint32_t peer_max_calls; /* the peer's HELLO; 0: no limit */
 	uint64_t our_features;   /* what our HELLO announced */
 	uint64_t features;       /* in effect: announced by both */
+	uint32_t stream_window;      /* ours as announced, defaulted: what each stream
+	                              * may send us unread (streams) */
+	uint32_t peer_stream_window; /* the peer's, defaulted: what we may send */
 	pbrpc_hello peer;        /* the peer's HELLO as received (agent cut) */
 	pbrpc__frame_decoder dec;
 	pbrpc__frame_writer out;

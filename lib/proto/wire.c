@@ -19,6 +19,7 @@ int pbrpc__wire_write_preface(pbrpc__frame_writer *w, const pbrpc_hello *hello)
 	m.max_calls = hello->max_calls;
 	m.features = hello->features;
 	m.agent = (char *)hello->agent;
+	m.stream_window = hello->stream_window;
 
 	int rc = pbrpc__frame_writer_append_raw(w, PBRPC_WIRE_PREFACE, PBRPC_WIRE_PREFACE_SIZE);
 	if (rc < 0)
@@ -44,6 +45,7 @@ int pbrpc__wire_read_hello(const pbrpc__frame *f, pbrpc_hello *out)
 	out->max_frame = m->max_frame;
 	out->max_calls = m->max_calls;
 	out->features = m->features;
+	out->stream_window = m->stream_window;
 	if (m->agent)
 		snprintf(out->agent, sizeof(out->agent), "%s", m->agent);
 	pbrpc__hello__free_unpacked(m, NULL);
@@ -133,6 +135,7 @@ int pbrpc__wire_write_request(pbrpc__frame_writer *w, const pbrpc__wire_request 
 		h.flags |= PBRPC_REQUEST_TIMEOUT;
 	if (req->metadata_count)
 		h.flags |= PBRPC_REQUEST_METADATA;
+	h.flags |= (uint8_t)((req->stream_kind & 3u) << PBRPC_REQUEST_STREAM_SHIFT);
 	uint8_t *p = pbrpc__frame_writer_begin(w, &h, len);
 	if (!p)
 		return len > PBRPC_MAX_FRAME_LIMIT ? PBRPC_ETOOBIG : -ENOMEM;
@@ -208,8 +211,10 @@ int pbrpc__wire_read_request(const pbrpc__frame *f, pbrpc__wire_request *out)
 	out->body = NULL;
 	out->body_len = 0;
 	out->method_checked = false;
+	out->stream_kind = (uint8_t)((f->hdr.flags >> PBRPC_REQUEST_STREAM_SHIFT) & 3u);
 	if (f->hdr.type != PBRPC_FRAME_REQUEST || f->hdr.stream == 0 ||
-	    (f->hdr.flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA)))
+	    (f->hdr.flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA | PBRPC_REQUEST_CLIENT_STREAM |
+			      PBRPC_REQUEST_SERVER_STREAM)))
 		return PBRPC_EPROTO;
 	const uint8_t *p = f->payload;
 	size_t avail = f->hdr.length;
@@ -386,6 +391,42 @@ int pbrpc__wire_read_goaway(const pbrpc__frame *f, int *status, const char **mes
 	return 0;
 }
 
+/* ---- streams ---- */
+
+long pbrpc__wire_write_message(pbrpc__frame_writer *w, uint32_t id, const ProtobufCMessage *msg,
+			       uint32_t max_payload)
+{
+	size_t len = protobuf_c_message_get_packed_size(msg);
+	if (max_payload && len > max_payload)
+		return PBRPC_ETOOBIG;
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_MESSAGE, .stream = id };
+	uint8_t *p = pbrpc__frame_writer_begin(w, &h, len);
+	if (!p)
+		return len > PBRPC_MAX_FRAME_LIMIT ? PBRPC_ETOOBIG : -ENOMEM;
+	size_t n = protobuf_c_message_pack(msg, p);
+	int rc = pbrpc__frame_writer_commit(w, n);
+	return rc < 0 ? rc : (long)n;
+}
+
+int pbrpc__wire_write_window(pbrpc__frame_writer *w, uint32_t id, uint32_t increment)
+{
+	uint8_t b[PBRPC_WIRE_WINDOW_SIZE];
+	pbrpc__put_u32(b, increment);
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_WINDOW, .stream = id };
+	return pbrpc__frame_writer_append(w, &h, b, sizeof(b));
+}
+
+int pbrpc__wire_write_half_close(pbrpc__frame_writer *w, uint32_t id)
+{
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_HALF_CLOSE, .stream = id };
+	return pbrpc__frame_writer_append(w, &h, NULL, 0);
+}
+
+uint32_t pbrpc__wire_read_window(const pbrpc__frame *f)
+{
+	return pbrpc__get_u32(f->payload);
+}
+
 int pbrpc__wire_check_header(const pbrpc__frame_header *h)
 {
 	switch (h->type) {
@@ -396,12 +437,19 @@ int pbrpc__wire_check_header(const pbrpc__frame_header *h)
 	case PBRPC_FRAME_PONG:
 		return (h->stream == 0 && h->flags == 0 && h->length == PBRPC_WIRE_PING_SIZE) ? 0 : PBRPC_EPROTO;
 	case PBRPC_FRAME_REQUEST:
-		return (h->stream != 0 && !(h->flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA))) ? 0
-													   : PBRPC_EPROTO;
+		return (h->stream != 0 && !(h->flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA |
+							 PBRPC_REQUEST_CLIENT_STREAM | PBRPC_REQUEST_SERVER_STREAM)))
+			       ? 0
+			       : PBRPC_EPROTO;
 	case PBRPC_FRAME_RESPONSE:
 		return (h->stream != 0 && (h->flags & ~PBRPC_RESPONSE_NOT_RUN) == PBRPC_RESPONSE_END) ? 0 : PBRPC_EPROTO;
 	case PBRPC_FRAME_CANCEL:
+	case PBRPC_FRAME_HALF_CLOSE:
 		return (h->stream != 0 && h->flags == 0 && h->length == 0) ? 0 : PBRPC_EPROTO;
+	case PBRPC_FRAME_MESSAGE:
+		return (h->stream != 0 && h->flags == 0) ? 0 : PBRPC_EPROTO;
+	case PBRPC_FRAME_WINDOW:
+		return (h->stream != 0 && h->flags == 0 && h->length == PBRPC_WIRE_WINDOW_SIZE) ? 0 : PBRPC_EPROTO;
 	default:
 		return PBRPC_EPROTO;
 	}
@@ -424,6 +472,12 @@ const char *pbrpc__wire_frame_name(uint8_t type)
 		return "PONG";
 	case PBRPC_FRAME_GOAWAY:
 		return "GOAWAY";
+	case PBRPC_FRAME_MESSAGE:
+		return "MESSAGE";
+	case PBRPC_FRAME_WINDOW:
+		return "WINDOW";
+	case PBRPC_FRAME_HALF_CLOSE:
+		return "HALF_CLOSE";
 	default:
 		return "UNKNOWN";
 	}

@@ -33,11 +33,18 @@ enum pbrpc__frame_type {
 	PBRPC_FRAME_PING = 0x05,
 	PBRPC_FRAME_PONG = 0x06,
 	PBRPC_FRAME_GOAWAY = 0x07,
+	/* streams (PBRPC_FEATURE_STREAMS) */
+	PBRPC_FRAME_MESSAGE = 0x08,    /* one message of a stream, either way */
+	PBRPC_FRAME_WINDOW = 0x09,     /* u32 more bytes of credit for a stream */
+	PBRPC_FRAME_HALF_CLOSE = 0x0A, /* client: it sends no more messages */
 };
 
 /* REQUEST flags */
 #define PBRPC_REQUEST_TIMEOUT 0x01u  /* a u64 timeout in microseconds follows the method */
 #define PBRPC_REQUEST_METADATA 0x02u /* a metadata block follows */
+#define PBRPC_REQUEST_CLIENT_STREAM 0x04u /* streams: the client sends MESSAGEs */
+#define PBRPC_REQUEST_SERVER_STREAM 0x08u /* streams: the server sends MESSAGEs */
+#define PBRPC_REQUEST_STREAM_SHIFT 2      /* (flags >> 2) & 3 is a pbrpc_stream_kind */
 /* RESPONSE flags */
 #define PBRPC_RESPONSE_END 0x01u     /* final frame of the call; always set in version 1 */
 #define PBRPC_RESPONSE_NOT_RUN 0x02u /* no handler ran for the call (PBRPC_FEATURE_NOT_RUN) */
@@ -45,7 +52,10 @@ enum pbrpc__frame_type {
 /* Hello.features bits. A feature is in effect on a connection when both
  * HELLOs announce it. */
 #define PBRPC_FEATURE_NOT_RUN 0x1ull /* RESPONSE may carry PBRPC_RESPONSE_NOT_RUN */
-#define PBRPC_FEATURES (PBRPC_FEATURE_NOT_RUN) /* what this implementation announces */
+#define PBRPC_FEATURE_STREAMS 0x8ull /* stream REQUEST flags, MESSAGE, WINDOW, HALF_CLOSE */
+#define PBRPC_FEATURES (PBRPC_FEATURE_NOT_RUN | PBRPC_FEATURE_STREAMS) /* what this implementation announces */
+#define PBRPC_STREAM_WINDOW_DEFAULT 65536u /* Hello.stream_window 0 */
+#define PBRPC_WIRE_WINDOW_SIZE 4          /* a WINDOW frame's payload */
 
 #define PBRPC_WIRE_PING_SIZE 8
 
@@ -68,6 +78,7 @@ typedef struct pbrpc__wire_request {
 	 * pbrpc_method_valid() (e.g. once per service), so the per-call
 	 * check is skipped. */
 	bool method_checked;
+	uint8_t stream_kind; /* 0 unary, else pbrpc_stream_kind (REQUEST flags 0x04/0x08) */
 } pbrpc__wire_request;
 
 typedef struct pbrpc__wire_response {
@@ -142,6 +153,21 @@ int pbrpc__wire_write_ping(pbrpc__frame_writer *w, uint8_t type, const uint8_t d
 int pbrpc__wire_write_goaway(pbrpc__frame_writer *w, int status, const char *message);
 int pbrpc__wire_read_goaway(const pbrpc__frame *f, int *status, const char **message,
 					size_t *message_len);
+
+/* ---- streams: MESSAGE, WINDOW, HALF_CLOSE ---- */
+
+/* What a MESSAGE of `len` payload bytes costs against a stream's window:
+ * the whole frame, so that empty messages cost too. */
+#define PBRPC_WIRE_MESSAGE_COST(len) ((int64_t)(len) + PBRPC_FRAME_HEADER_SIZE)
+
+/* Appends a MESSAGE with msg packed in place. Returns its payload length
+ * (>= 0), PBRPC_ETOOBIG (above max_payload; nothing queued) or -ENOMEM. */
+long pbrpc__wire_write_message(pbrpc__frame_writer *w, uint32_t id, const ProtobufCMessage *msg,
+			       uint32_t max_payload);
+int pbrpc__wire_write_window(pbrpc__frame_writer *w, uint32_t id, uint32_t increment);
+int pbrpc__wire_write_half_close(pbrpc__frame_writer *w, uint32_t id);
+/* A WINDOW frame's increment (the header was checked: 4 bytes). */
+uint32_t pbrpc__wire_read_window(const pbrpc__frame *f);
 
 /* Checks the parts of a frame header that do not depend on the payload: a
  * known type, only defined flags, stream id 0 exactly for connection-level

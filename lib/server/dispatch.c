@@ -48,6 +48,8 @@ static srv_call *call_get(pbrpc_server *srv)
 
 static void call_destroy(srv_call *call)
 {
+	if (call->stream)
+		pbrpc__srv_stream_destroy(call);
 	pbrpc__arena_fini(&call->arena);
 	free(call->status_msg);
 	free(call->done_msg);
@@ -573,6 +575,13 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 		snprintf(text, len, "method %s is not implemented by this server", (*m)->name);
 		return text;
 	}
+	if (__builtin_expect(req->stream_kind != (*m)->kind, 0)) {
+		static const char *const kinds[] = { "unary", "client-streaming", "server-streaming",
+						     "bidirectional streaming" };
+		snprintf(text, len, "method %s is %s, called as %s", (*m)->name, kinds[(*m)->kind & 3],
+			 kinds[req->stream_kind & 3]);
+		return text;
+	}
 	*status = PBRPC_STATUS_DEADLINE_EXCEEDED;
 	if (req->has_timeout && req->timeout_us == 0)
 		return "deadline passed before the call was dispatched";
@@ -600,6 +609,10 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	const char *why = request_refusal(c, &req, rc, &m, &status, text, sizeof(text));
 	if (why) {
 		refuse_request(c, f, &req, m, status, why);
+		return;
+	}
+	if (__builtin_expect(m->kind != 0, 0)) {
+		pbrpc__srv_stream_open(c, f, &req, m);
 		return;
 	}
 	srv_call *call = call_get(srv);
@@ -679,6 +692,7 @@ static void on_cancel(pbrpc__conn *base, uint32_t id)
 		return; /* it may have crossed our RESPONSE */
 	atomic_store(&call->cancelled, true);
 	pbrpc__srv_call_answer(call, PBRPC_STATUS_CANCELLED, "cancelled by the client", NULL, NULL, 0);
+	pbrpc__srv_stream_check_over(call, PBRPC_STATUS_CANCELLED);
 }
 
 static void on_open(pbrpc__conn *base)
@@ -719,6 +733,7 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 		call->answered = true;
 		pbrpc__heap_stop(&srv->timers, &call->timer);
 		atomic_store(&call->cancelled, true);
+		pbrpc__srv_stream_check_over(call, PBRPC_STATUS_UNAVAILABLE);
 	}
 	c->mem_used = c->mem_io;
 	pbrpc__srv_conn_closed(c);
@@ -730,4 +745,25 @@ const pbrpc__conn_ops pbrpc__srv_conn_ops = {
 	.on_cancel = on_cancel,
 	.on_goaway = on_goaway,
 	.on_close = on_close,
+	.on_stream = pbrpc__srv_on_stream,
 };
+
+/* For stream.c: the call records and refusals of unary calls. */
+srv_call *pbrpc__srv_call_get(pbrpc_server *srv)
+{
+	srv_call *call = call_get(srv);
+	if (call)
+		call->stream = NULL;
+	return call;
+}
+
+void pbrpc__srv_call_put(pbrpc_server *srv, srv_call *call)
+{
+	call_put(srv, call);
+}
+
+void pbrpc__srv_refuse(srv_conn *c, const pbrpc__frame *f, const pbrpc__wire_request *req, const pbrpc__method *m,
+		       int status, const char *message)
+{
+	refuse_request(c, f, req, m, status, message);
+}

@@ -278,6 +278,7 @@ static void finish_drain(pbrpc_server *srv)
 			atomic_store(&call->cancelled, true);
 			pbrpc__srv_call_answer(call, PBRPC_STATUS_UNAVAILABLE, "server shut down before the call completed",
 					       NULL, NULL, 0);
+			pbrpc__srv_stream_check_over(call, PBRPC_STATUS_UNAVAILABLE);
 		}
 		pbrpc__conn_flush(&c->base, srv->now);
 		pbrpc__conn_close(&c->base, 0, "server shut down");
@@ -318,6 +319,7 @@ static void run_timers(pbrpc_server *srv)
 			srv_call *call = pbrpc__container_of(t, srv_call, timer);
 			atomic_store(&call->cancelled, true);
 			pbrpc__srv_call_answer(call, PBRPC_STATUS_DEADLINE_EXCEEDED, "deadline exceeded", NULL, NULL, 0);
+			pbrpc__srv_stream_check_over(call, PBRPC_STATUS_DEADLINE_EXCEEDED);
 			break;
 		}
 		case SRV_TIMER_CONN: {
@@ -496,6 +498,8 @@ PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 	for (int i = 0; i < n; i++)
 		on_event(srv, &evs[i]);
 	run_timers(srv);
+	if (!pbrpc__list_empty(&srv->stream_events))
+		pbrpc__srv_stream_events(srv);
 	flush_dirty(srv);
 	pbrpc__srv_tl_loop = prev;
 	if (srv->reap_pending)

@@ -33,6 +33,7 @@ void pbrpc__registry_fini(pbrpc__registry *r)
 	for (size_t i = 0; i < r->methods_cap; i++) {
 		free(r->methods[i].name);
 		free(r->methods[i].stats);
+		free(r->methods[i].stream);
 	}
 	free(r->unknown);
 	free(r->methods);
@@ -82,18 +83,54 @@ static int methods_reserve(pbrpc__registry *r, size_t more)
 	return 0;
 }
 
-const char *pbrpc__registry_stream_method(const ProtobufCServiceDescriptor *d, int *flags)
+const char *pbrpc__registry_stream_method(const pbrpc__registry *r, const ProtobufCServiceDescriptor *d, int *flags)
 {
 	const pbrpc_schema_service *ss = pbrpc_schema_find_service(d->name, NULL);
+	char name[PBRPC_METHOD_MAX + 1];
 	for (unsigned i = 0; ss && i < d->n_methods; i++) {
 		int fl = pbrpc_schema_method_flags(ss, d->methods[i].name);
-		if (fl > 0) {
+		int len = snprintf(name, sizeof(name), "%s/%s", d->name, d->methods[i].name);
+		const pbrpc__method *m = len > 0 && (size_t)len < sizeof(name) ? pbrpc__registry_find(r, name, (size_t)len) : NULL;
+		if (fl > 0 && !(m && m->stream)) {
 			if (flags)
 				*flags = fl;
 			return d->methods[i].name;
 		}
 	}
 	return NULL;
+}
+
+int pbrpc__registry_add_stream(pbrpc__registry *r, const char *name, uint8_t kind, void *stream)
+{
+	size_t len = strlen(name);
+	if (!pbrpc_method_valid(name, len)) {
+		free(stream);
+		return PBRPC_EINVALID;
+	}
+	pbrpc__method *m = (pbrpc__method *)pbrpc__registry_find(r, name, len);
+	if (m && m->stream) {
+		free(stream);
+		return PBRPC_EDUPLICATE;
+	}
+	if (!m) {
+		pbrpc__method e = { .name = strdup(name), .len = len, .service = PBRPC__NO_SERVICE };
+		e.hash = hash_name(name, len);
+		if (r->counting)
+			e.stats = calloc(1, sizeof(*e.stats));
+		if (!e.name || (r->counting && !e.stats) || methods_reserve(r, 1) < 0) {
+			free(e.name);
+			free(e.stats);
+			free(stream);
+			return -ENOMEM;
+		}
+		place(r->methods, r->methods_cap, &e);
+		r->n_methods++;
+		m = (pbrpc__method *)pbrpc__registry_find(r, name, len);
+	}
+	m->kind = kind;
+	m->stream = stream;
+	m->missing = false;
+	return 0;
 }
 
 static int add(pbrpc__registry *r, ProtobufCService *service, bool owned)
@@ -103,9 +140,9 @@ static int add(pbrpc__registry *r, ProtobufCService *service, bool owned)
 	const ProtobufCServiceDescriptor *d = service->descriptor;
 	if (pbrpc__registry_find_service(r, d->name))
 		return PBRPC_EDUPLICATE;
-	/* Its .proto declares stream methods (pbrpc-gen said so): protoc-c's
-	 * unary slots cannot serve them. */
-	if (pbrpc__registry_stream_method(d, NULL))
+	/* Its .proto declares stream methods (pbrpc-gen said so) that no
+	 * stream handler serves yet: protoc-c's unary slots cannot. */
+	if (pbrpc__registry_stream_method(r, d, NULL))
 		return PBRPC_EINVALID;
 	/* Validate and allocate everything first so that a failure leaves no
 	 * trace. */
@@ -150,8 +187,20 @@ static int add(pbrpc__registry *r, ProtobufCService *service, bool owned)
 			return -ENOMEM;
 		}
 	}
-	for (unsigned i = 0; i < d->n_methods; i++)
+	for (unsigned i = 0; i < d->n_methods; i++) {
+		/* A stream method registered before its service: the service's
+		 * entry takes it over. */
+		pbrpc__method *old = (pbrpc__method *)pbrpc__registry_find(r, fresh[i].name, fresh[i].len);
+		if (old && old->service == PBRPC__NO_SERVICE) {
+			old->service = fresh[i].service;
+			old->index = i;
+			free(fresh[i].name);
+			free(fresh[i].stats);
+			r->n_methods--;
+			continue;
+		}
 		place(r->methods, r->methods_cap, &fresh[i]);
+	}
 	r->n_methods += d->n_methods;
 	free(fresh);
 	r->services[r->n_services++] = (pbrpc__service_entry){ service, owned, true };

@@ -35,8 +35,14 @@ typedef struct pbrpc__method {
 	size_t service; /* index into the registry's services */
 	unsigned index; /* method index within the service */
 	bool missing;   /* its handler slot was NULL at registration */
+	uint8_t kind;   /* 0 unary, else the pbrpc_stream_kind it was registered as */
 	pbrpc__method_stats *stats; /* once counting is on (stays put on rehash) */
+	void *stream;   /* a stream method: the server's record (stream.c), freed
+	                 * with the registry */
 } pbrpc__method;
+
+/* pbrpc__method.service of a stream method whose service was not added. */
+#define PBRPC__NO_SERVICE ((size_t)-1)
 
 typedef struct pbrpc__service_entry {
 	ProtobufCService *service;
@@ -73,9 +79,18 @@ void pbrpc__registry_fini(pbrpc__registry *r);
 int pbrpc__registry_add(pbrpc__registry *r, ProtobufCService *service, bool owned);
 
 /* The first method of d that its .proto declares with `stream`, as pbrpc-gen
- * registered it (pbrpc/schema.h), or NULL; *flags (if not NULL) gets its
+ * registered it (pbrpc/schema.h), and that has no stream handler in r yet
+ * (pbrpc__registry_add_stream), or NULL; *flags (if not NULL) gets its
  * PBRPC_SCHEMA_* bits. */
-const char *pbrpc__registry_stream_method(const ProtobufCServiceDescriptor *d, int *flags);
+const char *pbrpc__registry_stream_method(const pbrpc__registry *r, const ProtobufCServiceDescriptor *d,
+					  int *flags);
+
+/* Registers a stream method: attaches kind and the stream record (malloc'd,
+ * taken over: freed with the registry, also when this fails) to the method of
+ * that name, or adds one of no service (PBRPC__NO_SERVICE) that a service
+ * added later takes over. Returns 0, PBRPC_EDUPLICATE (a stream of that name
+ * exists), PBRPC_EINVALID (bad name), -ENOMEM. */
+int pbrpc__registry_add_stream(pbrpc__registry *r, const char *name, uint8_t kind, void *stream);
 
 /* The method with this full name, or NULL. */
 const pbrpc__method *pbrpc__registry_find(const pbrpc__registry *r, const char *name, size_t len);

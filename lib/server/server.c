@@ -90,7 +90,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	budget_init(srv);
 	srv->hello = (pbrpc_hello){ .version = PBRPC_WIRE_VERSION, .max_frame = srv->o.max_frame,
 				    .max_calls = srv->o.max_calls, .features = PBRPC_FEATURES,
-				    .agent = PBRPC_WIRE_AGENT };
+				    .agent = PBRPC_WIRE_AGENT, .stream_window = srv->o.stream_window };
 	pbrpc__registry_init(&srv->reg);
 	srv->reg.call_log = srv->o.call_log;
 	srv->reg.call_log_user = srv->o.call_log_user;
@@ -99,6 +99,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	pbrpc__list_init(&srv->dirty);
 	pbrpc__list_init(&srv->free_calls);
 	pbrpc__list_init(&srv->live);
+	pbrpc__list_init(&srv->stream_events);
 	pbrpc__list_init(&srv->cq);
 	pbrpc__list_init(&srv->wq);
 	pbrpc__timer_init(&srv->sweep, SRV_TIMER_SWEEP);
@@ -204,12 +205,12 @@ PBRPC_EXPORT int pbrpc_server_add_service(pbrpc_server *srv, ProtobufCService *s
 	int rc = pbrpc__registry_add(&srv->reg, service, false);
 	int fl = 0;
 	const char *m = rc == PBRPC_EINVALID && service && service->descriptor && service->descriptor->name
-				? pbrpc__registry_stream_method(service->descriptor, &fl)
+				? pbrpc__registry_stream_method(&srv->reg, service->descriptor, &fl)
 				: NULL;
 	if (m)
 		pbrpc__srv_log(srv, PBRPC_LOG_ERROR,
-			       "%s/%s is a %s method in its .proto: register %s with the function pbrpc-gen wrote, "
-			       "not as a protoc-c service",
+			       "%s/%s is a %s method in its .proto: register %s with the function pbrpc-gen wrote "
+			       "(its stream methods first), not as a protoc-c service alone",
 			       service->descriptor->name, m,
 			       fl == 3 ? "bidirectional" : fl & PBRPC_SCHEMA_SERVER_STREAMING ? "server-streaming"
 											: "client-streaming",

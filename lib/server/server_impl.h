@@ -95,6 +95,7 @@ typedef struct srv_call {
 	uint8_t *md; /* copy of the request's metadata block */
 	size_t md_len, md_cap;
 	pbrpc__arena arena;
+	struct pbrpc_stream *stream; /* a stream (stream.c), or NULL: a unary call */
 	pbrpc__list live;  /* srv->live: every call not yet completed */
 	pbrpc__list qlink; /* free list, worker or completion queue */
 	/* a completion handed over from another thread */
@@ -137,6 +138,7 @@ struct pbrpc_server {
 	uint64_t accept_refused;   /* refused at the limit since the last log line */
 	int64_t accept_log_next;   /* no "out of file descriptors" line before this */
 
+	pbrpc__list stream_events; /* streams with callbacks to run (stream.c) */
 	pbrpc__list free_calls;
 	size_t n_free_calls;
 	pbrpc__arena_chunk *spare_big; /* shared by every call's arena */
@@ -196,6 +198,26 @@ void pbrpc__srv_wake(pbrpc_server *srv);
 int pbrpc__srv_workers_start(pbrpc_server *srv);
 void pbrpc__srv_workers_stop(pbrpc_server *srv);
 void pbrpc__srv_calls_free(pbrpc_server *srv);
+
+srv_call *pbrpc__srv_call_get(pbrpc_server *srv);
+void pbrpc__srv_call_put(pbrpc_server *srv, srv_call *call);
+void pbrpc__srv_refuse(srv_conn *c, const pbrpc__frame *f, const pbrpc__wire_request *req, const pbrpc__method *m,
+		       int status, const char *message);
+
+/* stream.c: server streams. A stream is an srv_call with call->stream set. */
+void pbrpc__srv_stream_open(srv_conn *c, const pbrpc__frame *f, const pbrpc__wire_request *req,
+			    const pbrpc__method *m);
+bool pbrpc__srv_on_stream(pbrpc__conn *base, const pbrpc__frame *f, void *arg);
+/* The stream's call was answered without its handler (cancel, deadline,
+ * drain, connection closed): on_cancel runs from pbrpc__srv_stream_events. */
+void pbrpc__srv_stream_over(srv_call *call, int status);
+static inline void pbrpc__srv_stream_check_over(srv_call *call, int status)
+{
+	if (__builtin_expect(call->stream != NULL, 0))
+		pbrpc__srv_stream_over(call, status);
+}
+void pbrpc__srv_stream_events(pbrpc_server *srv);
+void pbrpc__srv_stream_destroy(srv_call *call); /* pbrpc_server_free */
 
 /* loop.c */
 void pbrpc__srv_mark_dirty(srv_conn *c);

@@ -41,6 +41,7 @@ typedef struct pbrpc_hello {
 	uint32_t max_calls; /* server: calls in flight it accepts per connection */
 	uint64_t features;
 	char agent[64];     /* NUL-terminated, cut if longer */
+	uint32_t stream_window; /* streams: per-stream receive window, bytes (0: default) */
 } pbrpc_hello;
 
 /* True when name[0..len) is a valid method name: "pkg.Service/Method", one
