@@ -433,7 +433,8 @@ static void print_services(Pbrpc__ServiceInfo *const *services, size_t n)
 		printf("%s\n", svc->name);
 		for (size_t j = 0; j < svc->n_methods; j++) {
 			const Pbrpc__MethodInfo *m = svc->methods[j];
-			printf("  %s/%s(%s) returns (%s)\n", svc->name, m->name, m->input_type, m->output_type);
+			printf("  %s/%s(%s%s) returns (%s%s)\n", svc->name, m->name, m->client_streaming ? "stream " : "",
+			       m->input_type, m->server_streaming ? "stream " : "", m->output_type);
 		}
 	}
 }
