@@ -447,6 +447,16 @@ Test(gen, four_kinds_through_the_generated_api)
 	cr_assert_str_eq(msg, "asked to fail after b");
 	streamtest__streamer__echo_call_free(e);
 
+	/* A unary REQUEST for a stream method (a client built without the
+	 * step): the server refuses it, nothing run. */
+	uint8_t *reply = NULL;
+	size_t reply_len = 0;
+	pbrpc_call_result res;
+	rc = pbrpc_client_call_raw(c, "streamtest.Streamer/Follow", "", 0, &reply, &reply_len, NULL, &res);
+	cr_assert_neq(rc, 0);
+	cr_assert_eq(res.status, PBRPC_STATUS_UNIMPLEMENTED, "%d %s", res.status, res.message);
+	free(reply);
+
 	pbrpc_client_free(c);
 	stop(&s);
 }
