@@ -32,6 +32,8 @@ static void bench_echo(Demo__Echo_Service *svc, const Demo__EchoRequest *req, De
 
 static Demo__Echo_Service echo_service = DEMO__ECHO__INIT(bench_);
 
+bool bench_authz;
+
 static pbrpc_server *new_server(int lfd)
 {
 	/* The library sets no socket buffer sizes: give its sockets the
@@ -45,6 +47,15 @@ static pbrpc_server *new_server(int lfd)
 	rc = pbrpc_server_add_service(srv, &echo_service.base);
 	if (rc < 0)
 		bench_die("pbrpc_server_add_service: %s", pbrpc_strerror(rc));
+	if (bench_authz) {
+		/* Over TCP the policy admits the peer by allow_tcp, without the
+		 * uid list. */
+		uid_t uids[2] = { 65534, getuid() }; /* ours second: one miss first */
+		pbrpc_policy p = { .uids = uids, .n_uids = 2, .allow_tcp = true };
+		rc = pbrpc_server_set_policy(srv, METHOD, &p);
+		if (rc < 0)
+			bench_die("pbrpc_server_set_policy: %s", pbrpc_strerror(rc));
+	}
 	rc = pbrpc_server_listen_fd(srv, lfd);
 	if (rc < 0)
 		bench_die("pbrpc_server_listen_fd: %s", pbrpc_strerror(rc));
