@@ -379,13 +379,12 @@ static void begin_shutdown(pbrpc_server *srv, int drain_ms)
 	srv->reg.shutting_down = true;
 	pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutting down (drain %d ms)", drain_ms);
 	pbrpc__srv_listeners_close(srv);
+	/* Handshaking connections drain too: our HELLO is out, so the client
+	 * may already have sent its HELLO and requests behind it. Closing
+	 * would lose them; the GOAWAY after our HELLO answers them NOT_RUN. */
 	pbrpc__list_for_each(c, &srv->conns, srv_conn, link) {
-		if (c->base.state == PBRPC__CONN_OPEN) {
-			pbrpc__conn_goaway(&c->base, "server is shutting down");
-			pbrpc__srv_mark_dirty(c);
-		} else {
-			pbrpc__conn_close(&c->base, 0, "server is shutting down");
-		}
+		pbrpc__conn_goaway(&c->base, "server is shutting down");
+		pbrpc__srv_mark_dirty(c);
 	}
 	drain_within(srv, drain_ms);
 	flush_dirty(srv);
