@@ -877,9 +877,11 @@ typedef struct linebuf {
  * input or of the stream, or EXIT_LOCAL. */
 static int next_line(stream_call *sc, linebuf *lb, char **line, size_t *len)
 {
-	memmove(lb->buf, lb->buf + lb->used, lb->len - lb->used);
-	lb->len -= lb->used;
-	lb->used = 0;
+	if (lb->used) {
+		memmove(lb->buf, lb->buf + lb->used, lb->len - lb->used);
+		lb->len -= lb->used;
+		lb->used = 0;
+	}
 	for (;;) {
 		char *nl = lb->len ? memchr(lb->buf, '\n', lb->len) : NULL;
 		if (nl || (lb->eof && lb->len)) {
