@@ -31,6 +31,10 @@
  *     7 CLOSE    close the client end (what is unread is lost)
  *   Every op is followed by one pbrpc_server_process(srv, 0).
  *
+ * Streams: the harness's HELLO announces PBRPC_FEATURES; f.S/Echo, f.S/Count
+ * and f.S/Sum (see below) are registered; MESSAGE and WINDOW from the server
+ * must name a call in flight.
+ *
  * The handler (the request is a demo.EchoRequest): fail_status != 0 fails
  * the call with that status (an invalid one is refused by
  * pbrpc_call_set_status and the closure gets NULL with no status);
@@ -62,6 +66,7 @@
 
 #include "echo.pb-c.h"
 #include "pbrpc/server.h"
+#include "pbrpc/stream.h"
 #include "proto/frame.h"
 #include "proto/wire.h"
 #include "server/server_impl.h"
@@ -126,6 +131,100 @@ static void fz_echo(Demo__Echo_Service *svc, const Demo__EchoRequest *req, Demo_
 }
 
 static Demo__Echo_Service echo_svc = DEMO__ECHO__INIT(fz_);
+
+/* ---- streams (PROTOCOL.md section 11): f.S/Echo bidi echoes and ends on
+ * fail_status or the half-close; f.S/Count sends delay_ms & 255 messages as
+ * credit allows; f.S/Sum answers one reply at the half-close. Every one ends
+ * its stream when told it is over. ---- */
+
+static const pbrpc_stream_desc fz_echo_stream = { "f.S/Echo", PBRPC_STREAM_BIDI, &demo__echo_request__descriptor,
+						  &demo__echo_reply__descriptor };
+static const pbrpc_stream_desc fz_count_stream = { "f.S/Count", PBRPC_STREAM_SERVER,
+						   &demo__echo_request__descriptor, &demo__echo_reply__descriptor };
+static const pbrpc_stream_desc fz_sum_stream = { "f.S/Sum", PBRPC_STREAM_CLIENT, &demo__echo_request__descriptor,
+						 &demo__echo_reply__descriptor };
+
+static void st_over(pbrpc_stream *st, void *user)
+{
+	(void)user;
+	CHECK(pbrpc_stream_cancelled(st) && pbrpc_stream_status(st) >= 0, "on_cancel of a live stream");
+	CHECK(pbrpc_stream_end(st, 0, NULL, NULL) == PBRPC_ECLOSED, "end after the cancel");
+}
+
+static void st_echo_msg(pbrpc_stream *st, const ProtobufCMessage *m, void *user)
+{
+	(void)user;
+	const Demo__EchoRequest *q = (const Demo__EchoRequest *)m;
+	if (q->fail_status) {
+		pbrpc_stream_end(st, (int)(q->fail_status & 0x1f), NULL, "%s", q->fail_message);
+		return;
+	}
+	Demo__EchoReply r = DEMO__ECHO_REPLY__INIT;
+	r.payload = q->payload;
+	int rc = pbrpc_stream_send(st, &r.base);
+	CHECK(rc == 0 || rc == -EAGAIN || rc == PBRPC_ETOOBIG, "stream send: %s", pbrpc_strerror(rc));
+}
+
+static void st_half(pbrpc_stream *st, void *user)
+{
+	(void)user;
+	Demo__EchoReply r = DEMO__ECHO_REPLY__INIT;
+	pbrpc_stream_end(st, PBRPC_STATUS_OK, pbrpc_stream_get_kind(st) == PBRPC_STREAM_CLIENT ? &r.base : NULL, NULL);
+}
+
+static const pbrpc_stream_ops st_echo_ops = { .on_message = st_echo_msg, .on_half_close = st_half,
+					      .on_cancel = st_over };
+
+static void st_echo(pbrpc_stream *st, const ProtobufCMessage *req, void *user)
+{
+	(void)req;
+	(void)user;
+	(void)pbrpc_stream_metadata(st, "k", NULL);
+	(void)pbrpc_stream_deadline(st);
+	pbrpc_stream_set_ops(st, &st_echo_ops, NULL);
+}
+
+static void st_count_pump(pbrpc_stream *st, void *user)
+{
+	unsigned *left = user;
+	Demo__EchoReply r = DEMO__ECHO_REPLY__INIT;
+	while (*left) {
+		int rc = pbrpc_stream_send(st, &r.base);
+		if (rc == -EAGAIN)
+			return;
+		CHECK(rc == 0, "stream send: %s", pbrpc_strerror(rc));
+		(*left)--;
+	}
+	free(left);
+	pbrpc_stream_end(st, PBRPC_STATUS_OK, NULL, NULL);
+}
+
+static void st_count_over(pbrpc_stream *st, void *user)
+{
+	free(user);
+	st_over(st, NULL);
+}
+
+static const pbrpc_stream_ops st_count_ops = { .on_writable = st_count_pump, .on_cancel = st_count_over };
+
+static void st_count(pbrpc_stream *st, const ProtobufCMessage *req, void *user)
+{
+	(void)user;
+	unsigned *left = malloc(sizeof(*left));
+	CHECK(left, "malloc");
+	*left = ((const Demo__EchoRequest *)req)->delay_ms & 255;
+	pbrpc_stream_set_ops(st, &st_count_ops, left);
+	st_count_pump(st, left);
+}
+
+static const pbrpc_stream_ops st_sum_ops = { .on_half_close = st_half, .on_cancel = st_over };
+
+static void st_sum(pbrpc_stream *st, const ProtobufCMessage *req, void *user)
+{
+	(void)req;
+	(void)user;
+	pbrpc_stream_set_ops(st, &st_sum_ops, NULL); /* no on_message: held, then stalled by the window */
+}
 
 static void answer_held(bool fail)
 {
@@ -296,6 +395,16 @@ static void model_received(model *m, const uint8_t *p, size_t n)
 		}
 		case PBRPC_FRAME_PING:
 			break; /* a server may ping too */
+		case PBRPC_FRAME_MESSAGE:
+		case PBRPC_FRAME_WINDOW: {
+			/* streams: only for a call in flight */
+			id_count *c = id_find(m, f.hdr.stream, false);
+			if (!c && m->ids_full)
+				break;
+			CHECK(c && c->resps < c->reqs, "%s for call %u, not in flight", pbrpc__wire_frame_name(f.hdr.type),
+			      f.hdr.stream);
+			break;
+		}
 		default:
 			CHECK(false, "server sent %s", pbrpc__wire_frame_name(f.hdr.type));
 		}
@@ -448,6 +557,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	pbrpc_server *srv;
 	CHECK(pbrpc_server_new(&srv, &o) == 0, "pbrpc_server_new");
 	CHECK(pbrpc_server_add_service(srv, &echo_svc.base) == 0, "add_service");
+	CHECK(pbrpc_server_add_stream(srv, &fz_echo_stream, st_echo, NULL) == 0, "add_stream");
+	CHECK(pbrpc_server_add_stream(srv, &fz_count_stream, st_count, NULL) == 0, "add_stream");
+	CHECK(pbrpc_server_add_stream(srv, &fz_sum_stream, st_sum, NULL) == 0, "add_stream");
 	CHECK(pbrpc_server_enable_health(srv) == 0, "enable_health");
 	char ep[96];
 	snprintf(ep, sizeof(ep), "unix:@%s", name);
@@ -476,7 +588,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if ((cfg & 3) != 3) {
 		pbrpc__frame_writer w;
 		pbrpc__frame_writer_init(&w);
-		pbrpc_hello h = { .version = PBRPC_WIRE_VERSION, .max_frame = cfg & 0x80 ? 64 : 0, .agent = "fuzz" };
+		/* streams in effect, with a small window (bit 7) or the default */
+		pbrpc_hello h = { .version = PBRPC_WIRE_VERSION, .max_frame = cfg & 0x80 ? 64 : 0, .agent = "fuzz",
+				  .features = PBRPC_FEATURES, .stream_window = cfg & 0x80 ? 100 : 0 };
 		CHECK(pbrpc__wire_write_preface(&w, &h) == 0, "write_preface");
 		peer_queue(&p, w.buf + w.head, pbrpc__frame_writer_pending(&w));
 		pbrpc__frame_writer_fini(&w);

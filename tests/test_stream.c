@@ -1174,3 +1174,115 @@ Test(stream, client_cuts_off_a_server_past_its_window)
 	unlink(p);
 	rmdir(sock_dir);
 }
+
+/* ---- asynchronous client streams ---- */
+
+typedef struct async_rx {
+	uint32_t got;
+	bool disorder;
+	int ended;        /* final callbacks */
+	int final_status;
+	pbrpc_client_stream *s;
+	uint32_t to_send, sent; /* bidi: messages to send from on_writable */
+	int writable;
+} async_rx;
+
+static void async_msg(pbrpc_client_stream *s, const ProtobufCMessage *m, void *user)
+{
+	async_rx *rx = user;
+	if (!m) {
+		rx->ended++;
+		rx->final_status = pbrpc_client_stream_status(s, NULL);
+		return;
+	}
+	if (m->descriptor == &demo__echo_reply__descriptor && ((const Demo__EchoReply *)m)->payload.len >= 4 &&
+	    index_of(m) != rx->got)
+		rx->disorder = true;
+	rx->got++;
+}
+
+Test(stream, async_server_stream_from_process)
+{
+	tsrv t;
+	srv_start(&t, NULL);
+	pbrpc_client *c = client(&t);
+	async_rx rx = { 0 };
+	pbrpc_stream_opts o = { .on_message = async_msg, .user = &rx };
+	uint32_t n = (uint32_t)tu_scale(5000);
+	Demo__EchoRequest q = req_of(NULL, n);
+	pbrpc_client_stream *s;
+	cr_assert_eq(pbrpc_client_stream_open(c, &d_count, &q.base, &o, &s), 0);
+	const ProtobufCMessage *m;
+	cr_assert_eq(pbrpc_client_stream_next(s, &m, 0), PBRPC_EINVALID, "async streams have no next()");
+	cr_assert_geq(pbrpc_client_pending(c), 1);
+	cr_assert_eq(pbrpc_client_drain(c, 10000), 0);
+	cr_assert_eq(rx.got, n);
+	cr_assert_not(rx.disorder);
+	cr_assert_eq(rx.ended, 1);
+	cr_assert_eq(rx.final_status, PBRPC_STATUS_OK);
+	cr_assert_eq(pbrpc_client_pending(c), 0);
+	/* Cancelled: the final callback runs from process, then it is freed. */
+	memset(&rx, 0, sizeof(rx));
+	Demo__EchoRequest forever = req_of(NULL, 0);
+	cr_assert_eq(pbrpc_client_stream_open(c, &d_count, &forever.base, &o, &s), 0);
+	while (rx.got < 100)
+		pbrpc_client_process(c, 100);
+	pbrpc_client_stream_free(s); /* an async stream: cancels it */
+	cr_assert_eq(pbrpc_client_drain(c, 5000), 0);
+	cr_assert_eq(rx.ended, 1);
+	cr_assert_eq(rx.final_status, PBRPC_STATUS_CANCELLED);
+	/* A deadline. */
+	memset(&rx, 0, sizeof(rx));
+	o.timeout_ms = 200;
+	cr_assert_eq(pbrpc_client_stream_open(c, &d_hold, NULL, &o, &s), 0);
+	cr_assert_eq(pbrpc_client_drain(c, 5000), 0);
+	cr_assert_eq(rx.ended, 1);
+	cr_assert_eq(rx.final_status, PBRPC_STATUS_DEADLINE_EXCEEDED);
+	/* Open at the client's end: the final callback runs in pbrpc_client_free. */
+	memset(&rx, 0, sizeof(rx));
+	o.timeout_ms = 0;
+	cr_assert_eq(pbrpc_client_stream_open(c, &d_hold, NULL, &o, &s), 0);
+	pbrpc_client_free(c);
+	cr_assert_eq(rx.ended, 1);
+	cr_assert_eq(rx.final_status, PBRPC_STATUS_CANCELLED);
+	srv_stop(&t);
+}
+
+static void async_writable(pbrpc_client_stream *s, void *user)
+{
+	async_rx *rx = user;
+	rx->writable++;
+	Demo__EchoRequest q = req_of("0123456789012345678901234567", 0);
+	while (rx->sent < rx->to_send) {
+		q.delay_ms = rx->sent;
+		int rc = pbrpc_client_stream_send(s, &q.base, 0);
+		if (rc == -EAGAIN)
+			return;
+		cr_assert_eq(rc, 0);
+		rx->sent++;
+	}
+	cr_assert_eq(pbrpc_client_stream_close_send(s), 0);
+}
+
+Test(stream, async_client_stream_with_writable)
+{
+	const uint32_t window = 4096;
+	pbrpc_server_opts so = { .stream_window = window };
+	tsrv t;
+	srv_start(&t, &so);
+	pbrpc_client *c = client(&t);
+	async_rx rx = { .to_send = 2000 };
+	pbrpc_stream_opts o = { .on_message = async_msg, .on_writable = async_writable, .user = &rx };
+	pbrpc_client_stream *s;
+	cr_assert_eq(pbrpc_client_stream_open(c, &d_sum, NULL, &o, &s), 0);
+	async_writable(s, &rx); /* sends until the window is used */
+	cr_assert_lt(rx.sent, rx.to_send);
+	cr_assert_eq(pbrpc_client_drain(c, 10000), 0);
+	cr_assert_eq(rx.sent, rx.to_send);
+	cr_assert_geq(rx.writable, 2);
+	cr_assert_eq(rx.got, 1, "the one reply");
+	cr_assert_eq(rx.ended, 1);
+	cr_assert_eq(rx.final_status, PBRPC_STATUS_OK);
+	pbrpc_client_free(c);
+	srv_stop(&t);
+}

@@ -36,6 +36,9 @@ static chan *async_conn(pbrpc_client *c, call *x, int64_t *now_io)
 			return NULL;
 		}
 		chan *k = c->cur;
+		if (k && __builtin_expect(*now_io - k->used_at >= CL_PROBE_IDLE_NS, 0) &&
+		    pbrpc__cl_probe_idle(c, k, *now_io))
+			continue;
 		if (k) {
 			if (k->base.peer_max_calls && chan_inflight(k) >= k->base.peer_max_calls) {
 				pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_EQUEUEFULL,
@@ -222,8 +225,9 @@ void pbrpc__cl_retry_calls(pbrpc_client *c)
  * they run). Returns how many ran. */
 int pbrpc__cl_run_done(pbrpc_client *c)
 {
+	int ns = pbrpc__list_empty(&c->stream_ready) ? 0 : pbrpc__cl_streams_run(c);
 	if (pbrpc__list_empty(&c->done))
-		return 0;
+		return ns;
 	pbrpc__list list;
 	pbrpc__list_init(&list);
 	pbrpc__list_splice(&list, &c->done);
@@ -255,7 +259,7 @@ int pbrpc__cl_run_done(pbrpc_client *c)
 		call_release(c, x);
 	}
 	pbrpc__cl_arena_put(c, a);
-	return n;
+	return n + ns;
 }
 
 static void expire_timers(pbrpc_client *c)
@@ -304,6 +308,12 @@ static void process_wait(pbrpc_client *c, bool watch, int64_t deadline)
 	if (!pbrpc__list_empty(&c->retry) && !c->cur)
 		wake = pbrpc__deadline_min(wake, c->next_attempt ? c->next_attempt : pbrpc__now_ns());
 	int ms = pbrpc__ms_until(wake);
+	if (c->tls_ctx) {
+		/* Bytes inside OpenSSL make no socket readable: read them now. */
+		pbrpc__list_for_each(k, &c->conns, chan, link)
+			if (!chan_dead(k) && !k->reading && pbrpc__conn_buffered(&k->base))
+				ms = 0;
+	}
 	if (!watch)
 		c->proc_efd_only++;
 	pthread_mutex_unlock(&c->mu);

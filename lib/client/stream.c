@@ -12,6 +12,13 @@
  * (malloc'd, bounded by the window we grant) and unpacked by next() into the
  * stream's arena, valid until the next next(). Everything here runs with the
  * client's mutex held, except where it says it drops it.
+ *
+ * Asynchronous streams (opts.on_message): what arrives marks the stream
+ * ready (c->stream_ready, and the eventfd); pbrpc_client_process() runs its
+ * callbacks through pbrpc__cl_run_done -> pbrpc__cl_streams_run, without the
+ * mutex, one thread per stream at a time (`running`). They count in
+ * c->async_pending and their connection's async_inflight until the final
+ * callback, after which pbrpc frees them.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -22,12 +29,11 @@
 
 #define CREDIT_MAX ((int64_t)1 << 62)
 
-typedef struct rmsg {
-	struct rmsg *next;
-	size_t len;
-	bool credited; /* a MESSAGE (counts against the window); else the RESPONSE's reply */
-	uint8_t data[];
-} rmsg;
+/* The queue of a stream's messages: one buffer of records, each a u32
+ * length, a byte saying whether it counts against the window (a MESSAGE) or
+ * not (a client stream's reply from the RESPONSE), 3 bytes of padding, and
+ * the message's bytes. */
+#define QREC_HDR 8
 
 struct pbrpc_client_stream {
 	pbrpc_client *c;
@@ -39,14 +45,35 @@ struct pbrpc_client_stream {
 	int64_t deadline;
 	int64_t send_credit, recv_credit, to_return;
 	uint32_t recv_window;
-	rmsg *head, **tail;
+	uint8_t *q; /* queued records are q[qhead, qtail) */
+	size_t qhead, qtail, qcap;
 	bool sent_close, done;
 	int status;
 	char *msg; /* the final status message, malloc'd */
 	pbrpc__arena arena; /* next()'s message */
 	pbrpc__list link;   /* c->streams */
 	bool orphan;        /* its client was freed: only status and free work */
+	/* asynchronous streams */
+	pbrpc_client_stream_message_cb on_message;
+	pbrpc_client_stream_event_cb on_writable;
+	void *user;
+	pbrpc__list rlink;  /* c->stream_ready */
+	bool running;       /* a thread runs its callbacks */
+	bool want_writable; /* a send returned -EAGAIN */
+	bool tell_writable; /* credit came back: on_writable to run */
+	bool told;          /* the final callback has run */
+	bool counted;       /* in c->async_pending and k->async_inflight */
 };
+
+static void mark_ready(pbrpc_client *c, pbrpc_client_stream *st)
+{
+	if (!st->on_message || st->told)
+		return;
+	if (!pbrpc__list_linked(&st->rlink))
+		pbrpc__list_append(&c->stream_ready, &st->rlink);
+	if (pbrpc__cl_th.in_process != c)
+		pbrpc__cl_efd_signal(c);
+}
 
 /* ---- what the reader hands us ---- */
 
@@ -54,31 +81,65 @@ static void wake(pbrpc_client_stream *st)
 {
 	pthread_cond_broadcast(&st->x->cond);
 	pthread_cond_broadcast(&st->w->cond);
+	mark_ready(st->c, st);
 }
 
 static void drop_queue(pbrpc_client_stream *st)
 {
-	while (st->head) {
-		rmsg *m = st->head;
-		st->head = m->next;
-		free(m);
-	}
-	st->tail = &st->head;
+	free(st->q);
+	st->q = NULL;
+	st->qhead = st->qtail = st->qcap = 0;
+}
+
+static bool queued(const pbrpc_client_stream *st)
+{
+	return st->qhead != st->qtail;
 }
 
 static bool enqueue(pbrpc_client_stream *st, const uint8_t *data, size_t len, bool credited)
 {
-	rmsg *m = malloc(sizeof(*m) + len);
-	if (!m)
-		return false;
-	m->next = NULL;
-	m->len = len;
-	m->credited = credited;
+	size_t need = QREC_HDR + len;
+	if (st->qtail + need > st->qcap && st->qhead) {
+		memmove(st->q, st->q + st->qhead, st->qtail - st->qhead);
+		st->qtail -= st->qhead;
+		st->qhead = 0;
+	}
+	if (st->qtail + need > st->qcap) {
+		size_t cap = st->qcap ? st->qcap * 2 : 4096;
+		while (cap < st->qtail + need)
+			cap *= 2;
+		uint8_t *nq = realloc(st->q, cap);
+		if (!nq)
+			return false;
+		st->q = nq;
+		st->qcap = cap;
+	}
+	uint8_t *r = st->q + st->qtail;
+	uint32_t l = (uint32_t)len;
+	memcpy(r, &l, 4);
+	r[4] = credited;
 	if (len)
-		memcpy(m->data, data, len);
-	*st->tail = m;
-	st->tail = &m->next;
+		memcpy(r + QREC_HDR, data, len);
+	st->qtail += need;
 	return true;
+}
+
+/* The oldest record: its bytes stay valid until dequeue() or enqueue(). */
+static const uint8_t *q_front(const pbrpc_client_stream *st, size_t *len, bool *credited)
+{
+	const uint8_t *r = st->q + st->qhead;
+	uint32_t l;
+	memcpy(&l, r, 4);
+	*len = l;
+	*credited = r[4] != 0;
+	return r + QREC_HDR;
+}
+
+static void dequeue(pbrpc_client_stream *st, size_t len)
+{
+	st->qhead += QREC_HDR + len;
+	if (st->qhead == st->qtail)
+		st->qhead = st->qtail = 0;
 }
 
 /* x's status is final (RESPONSE, connection lost, cancel, deadline). */
@@ -99,6 +160,9 @@ void pbrpc__cl_stream_finished(pbrpc_client *c, call *x)
 	}
 	if (st->status != PBRPC_STATUS_OK)
 		drop_queue(st);
+	pbrpc__heap_stop(&c->timers, &x->timer);
+	if (st->counted && st->k)
+		st->k->async_inflight--;
 	wake(st);
 }
 
@@ -151,6 +215,11 @@ bool pbrpc__cl_on_stream(pbrpc__conn *b, const pbrpc__frame *f, void *arg)
 		if (st->send_credit < CREDIT_MAX)
 			st->send_credit += inc;
 		pthread_cond_broadcast(&st->w->cond);
+		if (st->want_writable && st->send_credit > 0) {
+			st->want_writable = false;
+			st->tell_writable = true;
+			mark_ready(c, st);
+		}
 		return false;
 	}
 	if (!(st->kind & PBRPC_STREAM_SERVER)) {
@@ -169,6 +238,7 @@ bool pbrpc__cl_on_stream(pbrpc__conn *b, const pbrpc__frame *f, void *arg)
 		return false;
 	}
 	pthread_cond_broadcast(&x->cond);
+	mark_ready(c, st);
 	return false;
 }
 
@@ -251,8 +321,8 @@ PBRPC_EXPORT int pbrpc_client_stream_open(pbrpc_client *c, const pbrpc_stream_de
 	pbrpc_stream_opts o = { 0 };
 	if (opts)
 		o = *opts;
-	if (o.on_message)
-		return -ENOTSUP; /* asynchronous streams: not yet */
+	if (!o.on_message && o.on_writable)
+		return PBRPC_EINVALID;
 	pbrpc_client_stream *st = calloc(1, sizeof(*st));
 	if (!st)
 		return -ENOMEM;
@@ -260,8 +330,11 @@ PBRPC_EXPORT int pbrpc_client_stream_open(pbrpc_client *c, const pbrpc_stream_de
 	st->kind = desc->kind;
 	st->input = desc->input;
 	st->output = desc->output;
-	st->tail = &st->head;
 	st->sent_close = one;
+	st->on_message = o.on_message;
+	st->on_writable = o.on_writable;
+	st->user = o.user;
+	pbrpc__list_init(&st->rlink);
 	pbrpc__arena_init(&st->arena, 64u << 10, NULL);
 
 	pthread_mutex_lock(&c->mu);
@@ -331,9 +404,102 @@ PBRPC_EXPORT int pbrpc_client_stream_open(pbrpc_client *c, const pbrpc_stream_de
 			pbrpc__cl_chan_flush(c, k);
 	}
 	pbrpc__list_append(&c->streams, &st->link);
+	if (st->on_message) {
+		/* Its callbacks run from pbrpc_client_process, which must now read
+		 * the socket; a deadline is a timer there. */
+		c->async_pending++;
+		pbrpc__cl_watch_enable(c);
+		if (!st->done) {
+			st->counted = true;
+			st->k->async_inflight++;
+			if (st->deadline)
+				pbrpc__heap_start(&c->timers, &x->timer, st->deadline);
+		}
+		mark_ready(c, st);
+	}
 	pthread_mutex_unlock(&c->mu);
 	*out = st;
 	return 0;
+}
+
+/* ---- asynchronous streams' callbacks ---- */
+
+static void stream_release(pbrpc_client *c, pbrpc_client_stream *st);
+static void credit_return(pbrpc_client *c, pbrpc_client_stream *st, int64_t cost);
+
+/* Runs st's callbacks until nothing is left (locked; drops the mutex around
+ * each). Returns how many ran; st is freed after its final one. */
+static int stream_run(pbrpc_client *c, pbrpc_client_stream *st)
+{
+	int n = 0;
+	for (;;) {
+		if (queued(st)) {
+			size_t mlen;
+			bool credited;
+			const uint8_t *data = q_front(st, &mlen, &credited);
+			pbrpc__arena_reset(&st->arena);
+			ProtobufCMessage *u = protobuf_c_message_unpack(st->output, &st->arena.pa, mlen, data);
+			int64_t cost = credited ? PBRPC_WIRE_MESSAGE_COST(mlen) : 0;
+			dequeue(st, mlen);
+			if (!u) {
+				if (!st->done)
+					pbrpc__cl_abandon(c, st->x, PBRPC_STATUS_INTERNAL, PBRPC_EDECODE,
+							  "stream message is not a valid message of its type");
+				continue;
+			}
+			pthread_mutex_unlock(&c->mu);
+			st->on_message(st, u, st->user);
+			pthread_mutex_lock(&c->mu);
+			pbrpc__arena_reset(&st->arena);
+			if (cost)
+				credit_return(c, st, cost);
+			n++;
+			continue;
+		}
+		if (st->tell_writable && !st->done) {
+			st->tell_writable = false;
+			if (st->on_writable) {
+				pthread_mutex_unlock(&c->mu);
+				st->on_writable(st, st->user);
+				pthread_mutex_lock(&c->mu);
+				n++;
+			}
+			continue;
+		}
+		if (st->done && !st->told) {
+			st->told = true;
+			pthread_mutex_unlock(&c->mu);
+			st->on_message(st, NULL, st->user);
+			pthread_mutex_lock(&c->mu);
+			c->async_pending--;
+			stream_release(c, st);
+			return n + 1;
+		}
+		break;
+	}
+	st->running = false;
+	return n;
+}
+
+int pbrpc__cl_streams_run(pbrpc_client *c)
+{
+	pbrpc__list list;
+	pbrpc__list_init(&list);
+	pbrpc__list_splice(&list, &c->stream_ready);
+	pbrpc_client *outer = pbrpc__cl_th.in_process;
+	pbrpc__cl_th.in_process = NULL; /* what callbacks do must signal pollers */
+	int n = 0;
+	pbrpc__list *l;
+	while ((l = pbrpc__list_first(&list)) != NULL) {
+		pbrpc__list_remove(l);
+		pbrpc_client_stream *st = pbrpc__container_of(l, pbrpc_client_stream, rlink);
+		if (st->running)
+			continue; /* its runner looks again before it stops */
+		st->running = true;
+		n += stream_run(c, st);
+	}
+	pbrpc__cl_th.in_process = outer;
+	return n;
 }
 
 /* The client is being freed with streams not yet freed: they keep their
@@ -341,6 +507,15 @@ PBRPC_EXPORT int pbrpc_client_stream_open(pbrpc_client *c, const pbrpc_stream_de
  * client's records, which go with it. */
 void pbrpc__cl_streams_orphan(pbrpc_client *c)
 {
+	/* Asynchronous streams get their final callbacks here. */
+	pbrpc__list_for_each_safe(st, &c->streams, pbrpc_client_stream, link) {
+		if (st->on_message && !st->done) {
+			pbrpc__cl_call_fail(st->x, PBRPC_STATUS_CANCELLED, PBRPC_ECLOSED, "client freed");
+			finish_local(c, st);
+		}
+	}
+	while (!pbrpc__list_empty(&c->stream_ready))
+		pbrpc__cl_streams_run(c);
 	pbrpc__list_for_each_safe(st, &c->streams, pbrpc_client_stream, link) {
 		if (!st->done) {
 			pbrpc__cl_call_fail(st->x, PBRPC_STATUS_CANCELLED, PBRPC_ECLOSED, "client freed");
@@ -390,6 +565,7 @@ PBRPC_EXPORT int pbrpc_client_stream_send(pbrpc_client_stream *st, const Protobu
 			break;
 		}
 		if (timeout_ms == 0) {
+			st->want_writable = true;
 			rc = -EAGAIN;
 			break;
 		}
@@ -449,6 +625,8 @@ PBRPC_EXPORT int pbrpc_client_stream_next(pbrpc_client_stream *st, const Protobu
 		*msg = NULL;
 	if (!st || !msg)
 		return PBRPC_EINVALID;
+	if (st->on_message)
+		return PBRPC_EINVALID;
 	if (st->orphan)
 		return PBRPC_ESTATUS;
 	pbrpc_client *c = st->c;
@@ -458,14 +636,13 @@ PBRPC_EXPORT int pbrpc_client_stream_next(pbrpc_client_stream *st, const Protobu
 	int64_t until = 0;
 	int rc;
 	for (bool first = true;; first = false) {
-		if (st->head) {
-			rmsg *m = st->head;
-			st->head = m->next;
-			if (!st->head)
-				st->tail = &st->head;
-			ProtobufCMessage *u = protobuf_c_message_unpack(st->output, &st->arena.pa, m->len, m->data);
-			int64_t cost = m->credited ? PBRPC_WIRE_MESSAGE_COST(m->len) : 0;
-			free(m);
+		if (queued(st)) {
+			size_t mlen;
+			bool credited;
+			const uint8_t *data = q_front(st, &mlen, &credited);
+			ProtobufCMessage *u = protobuf_c_message_unpack(st->output, &st->arena.pa, mlen, data);
+			int64_t cost = credited ? PBRPC_WIRE_MESSAGE_COST(mlen) : 0;
+			dequeue(st, mlen);
 			if (!u) {
 				if (!st->done)
 					pbrpc__cl_abandon(c, st->x, PBRPC_STATUS_INTERNAL, PBRPC_EDECODE,
@@ -548,19 +725,36 @@ PBRPC_EXPORT void pbrpc_client_stream_free(pbrpc_client_stream *st)
 {
 	if (!st)
 		return;
+	if (st->on_message && !st->orphan) {
+		pbrpc_client_stream_cancel(st); /* pbrpc frees it after its final callback */
+		return;
+	}
 	if (!st->orphan) {
 		pbrpc_client *c = st->c;
 		pthread_mutex_lock(&c->mu);
 		if (!st->done)
 			pbrpc__cl_abandon(c, st->x, PBRPC_STATUS_CANCELLED, PBRPC_ECLOSED, "stream freed");
-		st->x->stream = NULL;
-		call_release(c, st->x);
-		call_release(c, st->w);
-		if (st->k)
-			pbrpc__cl_chan_unref(c, st->k);
-		pbrpc__list_remove(&st->link);
+		stream_release(c, st);
 		pthread_mutex_unlock(&c->mu);
+		return;
 	}
+	drop_queue(st);
+	pbrpc__arena_fini(&st->arena);
+	free(st->msg);
+	free(st);
+}
+
+/* Frees st (locked): its records, its connection reference, its memory. */
+static void stream_release(pbrpc_client *c, pbrpc_client_stream *st)
+{
+	st->x->stream = NULL;
+	call_release(c, st->x);
+	call_release(c, st->w);
+	if (st->k)
+		pbrpc__cl_chan_unref(c, st->k);
+	pbrpc__list_remove(&st->link);
+	if (pbrpc__list_linked(&st->rlink))
+		pbrpc__list_remove(&st->rlink);
 	drop_queue(st);
 	pbrpc__arena_fini(&st->arena);
 	free(st->msg);

@@ -292,7 +292,7 @@ PBRPC_EXPORT int pbrpc_server_set_policy(pbrpc_server *srv, const char *name, co
 	if (m) {
 		pbrpc__policy_free(m->own_policy);
 		m->own_policy = p;
-		m->policy = p ? p : r->services[m->service].policy;
+		m->policy = p ? p : m->service < r->n_services ? r->services[m->service].policy : NULL;
 	} else {
 		pbrpc__policy_free(r->services[svc].policy);
 		r->services[svc].policy = p;

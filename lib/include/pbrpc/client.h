@@ -66,6 +66,9 @@ typedef struct pbrpc_client_opts {
 	bool io_thread;           /* run async closures on a client-owned thread */
 	int backoff_min_ms;       /* first reconnect delay; default 50 */
 	int backoff_max_ms;       /* reconnect delay cap; default 2000 */
+	/* TLS for a tls: endpoint (common.h): ca (default: the system store),
+	 * cert and key for mutual TLS, server_name. */
+	pbrpc_tls_opts tls;
 	uint32_t stream_window;   /* streams (stream.h): bytes of the server's
 	                           * messages each stream may hold unread,
 	                           * announced in HELLO; default 64 KiB */
@@ -74,7 +77,10 @@ typedef struct pbrpc_client_opts {
 /* Creates a client for `endpoint` and, unless opts->lazy, connects and
  * completes the handshake. Returns 0 or a negative code: PBRPC_EADDRESS,
  * -ECONNREFUSED, -ENOENT, -ETIMEDOUT, PBRPC_EBADMAGIC (not a pbrpc server),
- * PBRPC_EVERSION. On failure *out is NULL. */
+ * PBRPC_EVERSION; for tls: PBRPC_ETLS (certificate, host name, ALPN; also when
+ * the opts.tls files do not load), PBRPC_ENOTLS (the server speaks plaintext).
+ * After a failure, pbrpc_client_status() on this thread gives UNAVAILABLE and
+ * the reason in words ("... server certificate rejected: hostname mismatch"). On failure *out is NULL. */
 PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, const pbrpc_client_opts *opts);
 
 /* Fails every asynchronous call in flight with CANCELLED (their closures run

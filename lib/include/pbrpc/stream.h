@@ -86,8 +86,9 @@ typedef struct pbrpc_stream_desc {
  * handler calls its closure once). After that no callback runs and the
  * pointer is dangling. A stream that is cancelled, expires or loses its
  * connection stays valid, too, until pbrpc_stream_end(): its on_cancel
- * callback says so, and pbrpc_stream_end() then only frees it. The server
- * frees streams not yet ended in pbrpc_server_free().
+ * callback says so, and pbrpc_stream_end() then only frees it.
+ * pbrpc_server_free() runs on_cancel (UNAVAILABLE) of the streams still open,
+ * then frees every stream not yet ended.
  * ====================================================================== */
 
 typedef struct pbrpc_stream pbrpc_stream;
@@ -215,8 +216,8 @@ PBRPC_EXPORT const char *pbrpc_stream_method(const pbrpc_stream *st);
  * NULL) gets its length. Valid until pbrpc_stream_end(). */
 PBRPC_EXPORT const void *pbrpc_stream_metadata(const pbrpc_stream *st, const char *key, size_t *len);
 
-/* The client's credentials (SO_PEERCRED) on Unix sockets. Returns 0,
- * -ENOTSUP on TCP, PBRPC_ECLOSED once the connection is gone. */
+/* The client's credentials (SO_PEERCRED) on Unix sockets, as they were when
+ * the stream opened. Returns 0, -ENOTSUP on TCP. */
 PBRPC_EXPORT int pbrpc_stream_peer_cred(const pbrpc_stream *st, pid_t *pid, uid_t *uid, gid_t *gid);
 
 /* The application's pointer for this stream (set with pbrpc_stream_set_ops
@@ -281,10 +282,10 @@ typedef struct pbrpc_stream_opts {
  * is half-closed from the start; for CLIENT and BIDI streams it must be
  * NULL. opts may be NULL.
  *
- * A synchronous open waits (within the deadline) for a connection and a
- * free call slot, as a synchronous call does, and returns once the REQUEST
- * is sent; it does not wait for the server. An asynchronous one does not
- * wait, as an asynchronous call does not.
+ * The open waits (within the deadline) for a connection and a free call
+ * slot, as a synchronous call does, and returns once the REQUEST is sent; it
+ * does not wait for the server's answer. (An asynchronous stream's open
+ * waits the same way.)
  *
  * Returns 0 with *out set; or, with *out NULL: PBRPC_EINVALID (a bad
  * method name or kind, a NULL descriptor, request given or missing
