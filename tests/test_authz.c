@@ -843,3 +843,20 @@ Test(authz, daemon_rejects_bad_allow_flags, .fini = remove_dir)
 	const char *a7[] = { "-l", lep, "--max-connections-per-uid", "0", NULL };
 	cr_assert_eq(daemon_exit(a7, "must be at least 1"), 2);
 }
+
+/* Needs no root: TCP peers and the daemon's "local" and "tcp" words. */
+Test(authz, daemon_tcp_peers_follow_allow, .fini = remove_dir)
+{
+	shared_dir();
+	const char *args[] = { "--listen", "tcp:127.0.0.1:0", "--allow", "demo.Echo=local", "--allow",
+			       "demo.Kv/Get=local,tcp", "-L", "warn", NULL };
+	daemon_t d;
+	daemon_start(&d, args);
+	cr_assert_eq(call_raw(d.endpoint, "demo.Echo/Echo", echo_body, sizeof(echo_body)),
+		     PBRPC_STATUS_PERMISSION_DENIED);
+	cr_assert_str_eq(shared_msg, "demo.Echo/Echo may not be called over TCP");
+	cr_assert_eq(call_raw(d.endpoint, "demo.Kv/Get", get_body, sizeof(get_body)), PBRPC_STATUS_NOT_FOUND);
+	cr_assert_eq(call_raw(d.endpoint, "demo.Kv/Put", put_body, sizeof(put_body)), PBRPC_STATUS_OK);
+	cr_assert_eq(daemon_stop(&d), 0);
+	cr_assert(file_has(d.errlog, "permission denied: tcp:127.0.0.1:"), "no log line in %s", d.errlog);
+}

@@ -259,18 +259,25 @@ Test(keepalive, answered_and_suppressed)
 		peer_flush(&a);
 	}
 	cr_assert_geq(pings, 3, "%d PINGs in 600 ms at a 60 ms interval", pings);
+	peer_close(&a);
+	srv_stop(&s, NULL);
 
+	/* A request every 30 ms or so for over a second, at a 400 ms interval
+	 * (room for a loaded machine's slow replies): never a PING. */
+	o.keepalive_interval_ms = 400;
+	srv_start(&s, "tcp:127.0.0.1:0", &o);
 	peer b;
 	peer_open(&b, s.addr);
-	for (uint32_t id = 1; id <= 20; id++) {
+	int64_t t0 = now_ms();
+	for (uint32_t id = 1; id <= 40; id++) {
 		peer_request(&b, id, "busy");
 		pbrpc__frame f;
 		cr_assert_eq(peer_next(&b, &f, 3000), 1);
 		cr_assert_eq(f.hdr.type, PBRPC_FRAME_RESPONSE, "traffic, yet a %s frame came",
 			     pbrpc__wire_frame_name(f.hdr.type));
-		sleep_ms(20);
+		sleep_ms(30);
 	}
-	peer_close(&a);
+	cr_assert_gt(now_ms() - t0, 800, "the traffic lasted over two intervals");
 	peer_close(&b);
 	srv_stop(&s, NULL);
 }
