@@ -15,6 +15,9 @@
 #include <getopt.h>
 #include <json-c/json.h>
 #include <math.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -41,6 +44,7 @@ enum {
 	EXIT_LOCAL = 4,       /* the server's schema or reply made no sense; out of memory;
 			       * the output could not be written */
 	EXIT_STATUS_BASE = 64,
+	EXIT_INTERRUPTED = 130, /* call on a stream: Ctrl-C (SIGINT) cancelled it (128 + 2) */
 };
 
 #define DEFAULT_TIMEOUT_MS 30000
@@ -58,6 +62,7 @@ typedef struct cli {
 	const char *protoset_path;
 	protoset *ps;           /* schemas from --protoset instead of reflection */
 	int64_t timeout_ms;   /* < 0: none */
+	bool timeout_given;   /* --timeout: streams have none otherwise */
 	int64_t deadline_ms;  /* CLOCK_MONOTONIC; meaningful when timeout_ms >= 0 */
 	pbrpc_metadata metadata[MAX_METADATA];
 	size_t metadata_count;
@@ -365,6 +370,23 @@ static int describe_protoset(cli *c, const char *symbol, schema **out, pbrpc_cal
 	return 0;
 }
 
+/* The schema from the .proto files the server sent with its reply (a
+ * service compiled with pbrpc-gen): they name oneofs, which the reply's own
+ * schemas cannot. Returns 0, or -1 to use the reply's schemas. */
+static int schema_from_files(schema **out, const Pbrpc__DescribeReply *reply, const char *symbol)
+{
+	protoset *ps;
+	const Pbrpc__DescribeReply *sub;
+	char err[256];
+	if (reply->n_files == 0 || protoset_from_files(&ps, reply->n_files, reply->files, err, sizeof(err)) < 0)
+		return -1;
+	int rc = protoset_describe(ps, symbol, &sub);
+	if (rc == 0)
+		rc = schema_new(out, sub, err, sizeof(err));
+	protoset_free(ps);
+	return rc == 0 ? 0 : -1;
+}
+
 static int describe_once(cli *c, const char *symbol, schema **out, pbrpc_call_result *res)
 {
 	Pbrpc__DescribeRequest req = PBRPC__DESCRIBE_REQUEST__INIT;
@@ -379,7 +401,9 @@ static int describe_once(cli *c, const char *symbol, schema **out, pbrpc_call_re
 			    (ProtobufCMessage **)&reply, res);
 	if (rc != 0)
 		return -1;
-	rc = schema_new(out, reply, err, sizeof(err));
+	rc = schema_from_files(out, reply, symbol);
+	if (rc != 0)
+		rc = schema_new(out, reply, err, sizeof(err));
 	protobuf_c_message_free_unpacked(&reply->base, NULL);
 	if (rc < 0) {
 		die_msg("the server's schema for %s is unusable: %s", symbol, err);
@@ -418,7 +442,8 @@ static void print_services(Pbrpc__ServiceInfo *const *services, size_t n)
 		printf("%s\n", svc->name);
 		for (size_t j = 0; j < svc->n_methods; j++) {
 			const Pbrpc__MethodInfo *m = svc->methods[j];
-			printf("  %s/%s(%s) returns (%s)\n", svc->name, m->name, m->input_type, m->output_type);
+			printf("  %s/%s(%s%s) returns (%s%s)\n", svc->name, m->name, m->client_streaming ? "stream " : "",
+			       m->input_type, m->server_streaming ? "stream " : "", m->output_type);
 		}
 	}
 }
@@ -753,6 +778,312 @@ static int load_request(int argc, char **argv, json_object **req)
 	return 0;
 }
 
+/* ---- calls on stream methods ----
+ * Messages pass through pbrpc's stream API as protobuf-c messages of a
+ * descriptor without fields: protobuf-c keeps every field of such a message
+ * as an unknown one when unpacking and writes them back when packing, so the
+ * bytes pbjson encodes are the bytes sent, and the bytes received are the
+ * ones pbjson decodes. */
+static const ProtobufCMessageDescriptor raw_desc = {
+	PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC, "pbrpc.cli.Raw", "Raw", "Raw", "pbrpc.cli", sizeof(ProtobufCMessage), 0,
+	NULL, NULL, 0, NULL, NULL, NULL, NULL, NULL,
+};
+
+typedef struct stream_call {
+	cli *c;
+	const schema_method *m;
+	pbrpc_client_stream *st;
+	const char *method;
+	json_object *single;  /* CLIENT/BIDI with a JSON argument: the one message */
+	int local_error;      /* an exit status decided here (bad JSON on stdin, ...) */
+	_Atomic bool interrupted, done;
+	pthread_t sender;
+	bool sender_started;
+} stream_call;
+
+/* JSON object -> a raw message for the stream API; NULL after saying why. */
+static ProtobufCMessage *stream_encode(stream_call *sc, json_object *obj)
+{
+	char err[512];
+	uint8_t *body;
+	size_t len;
+	if (pbjson_encode(sc->m->input, obj, &body, &len, err, sizeof(err)) < 0) {
+		die_msg("%s", err);
+		return NULL;
+	}
+	ProtobufCMessage *msg = protobuf_c_message_unpack(&raw_desc, NULL, len, body);
+	free(body);
+	if (!msg)
+		die_msg("out of memory");
+	return msg;
+}
+
+/* Prints one message as one line of JSON (text format: as protoc writes it).
+ * Returns 0 or an exit status. */
+static int stream_print(stream_call *sc, const ProtobufCMessage *msg)
+{
+	char err[512];
+	json_object *out = NULL;
+	size_t len = protobuf_c_message_get_packed_size(msg);
+	uint8_t *buf = malloc(len ? len : 1);
+	if (!buf) {
+		die_msg("out of memory");
+		return EXIT_LOCAL;
+	}
+	protobuf_c_message_pack(msg, buf);
+	int rc = pbjson_decode(sc->m->output, buf, len, sc->c->json_flags, &out, err, sizeof(err));
+	free(buf);
+	if (rc < 0) {
+		die_msg("cannot decode a message as %s: %s", sc->m->output->name, err);
+		return EXIT_LOCAL;
+	}
+	if (sc->c->format == FORMAT_TEXT) {
+		char *text;
+		if (pbjson_to_text(sc->m->output, out, &text) == 0) {
+			fputs(text, stdout);
+			fputs("\n", stdout);
+			free(text);
+		}
+	} else {
+		printf("%s\n", pbjson_to_compact_string(out));
+	}
+	json_object_put(out);
+	if (fflush(stdout) != 0) {
+		if (errno != EPIPE)
+			die_msg("cannot write output: %s", strerror(errno));
+		return EXIT_LOCAL;
+	}
+	return 0;
+}
+
+/* Sends one JSON object. Returns 0, 1 when the stream has ended (the
+ * receiving side reports why), or an exit status. */
+static int stream_send_json(stream_call *sc, json_object *obj)
+{
+	ProtobufCMessage *msg = stream_encode(sc, obj);
+	if (!msg)
+		return EXIT_USAGE;
+	int rc = pbrpc_client_stream_send(sc->st, msg, -1);
+	protobuf_c_message_free_unpacked(msg, NULL);
+	if (rc == PBRPC_ESTATUS)
+		return 1;
+	if (rc < 0) {
+		die_msg("%s: %s", sc->method, pbrpc_strerror(rc));
+		return EXIT_LOCAL;
+	}
+	return 0;
+}
+
+/* stdin, a line at a time, without stdio: the sender must notice that the
+ * stream has ended (sc->done) while it waits for input. */
+typedef struct linebuf {
+	char *buf;
+	size_t len, cap, used; /* used: bytes of the line handed out last */
+	bool eof;
+} linebuf;
+
+/* Returns 0 with a line (without its '\n') in *line, -1 at the end of
+ * input or of the stream, or EXIT_LOCAL. */
+static int next_line(stream_call *sc, linebuf *lb, char **line, size_t *len)
+{
+	if (lb->used) {
+		memmove(lb->buf, lb->buf + lb->used, lb->len - lb->used);
+		lb->len -= lb->used;
+		lb->used = 0;
+	}
+	for (;;) {
+		char *nl = lb->len ? memchr(lb->buf, '\n', lb->len) : NULL;
+		if (nl || (lb->eof && lb->len)) {
+			*line = lb->buf;
+			*len = nl ? (size_t)(nl - lb->buf) : lb->len;
+			lb->used = nl ? *len + 1 : lb->len;
+			return 0;
+		}
+		if (lb->eof || sc->done || pbrpc_client_stream_status(sc->st, NULL) >= 0)
+			return -1;
+		if (lb->len == lb->cap) {
+			size_t cap = lb->cap ? lb->cap * 2 : 4096;
+			char *b = cap > MAX_STDIN ? NULL : realloc(lb->buf, cap);
+			if (!b) {
+				die_msg("stdin: a line longer than 64 MiB, or out of memory");
+				return EXIT_LOCAL;
+			}
+			lb->buf = b;
+			lb->cap = cap;
+		}
+		struct pollfd pfd = { .fd = STDIN_FILENO, .events = POLLIN };
+		if (poll(&pfd, 1, 50) <= 0)
+			continue;
+		ssize_t n = read(STDIN_FILENO, lb->buf + lb->len, lb->cap - lb->len);
+		if (n > 0)
+			lb->len += (size_t)n;
+		else if (n == 0 || (errno != EINTR && errno != EAGAIN))
+			lb->eof = true;
+	}
+}
+
+/* The client's half: the JSON argument, or one JSON object per line of
+ * stdin (blank lines skipped), then the half-close. On a bad line the stream
+ * is cancelled and the exit status is 2. */
+static void stream_send_all(stream_call *sc)
+{
+	char err[256];
+	int rc = 0;
+	if (sc->single) {
+		rc = stream_send_json(sc, sc->single);
+	} else {
+		linebuf lb = { 0 };
+		char *line;
+		size_t len;
+		unsigned lineno = 0;
+		while (rc == 0 && (rc = next_line(sc, &lb, &line, &len)) == 0) {
+			lineno++;
+			while (len && (line[len - 1] == '\r' || line[len - 1] == ' ' || line[len - 1] == '\t'))
+				len--;
+			if (len == 0)
+				continue;
+			json_object *obj = NULL;
+			if (pbjson_parse(line, len, &obj, err, sizeof(err)) < 0) {
+				die_msg("stdin line %u: invalid JSON: %s", lineno, err);
+				rc = EXIT_USAGE;
+			} else if (!json_object_is_type(obj, json_type_object)) {
+				die_msg("stdin line %u: expected a JSON object ({...})", lineno);
+				rc = EXIT_USAGE;
+			} else {
+				rc = stream_send_json(sc, obj);
+			}
+			json_object_put(obj);
+		}
+		if (rc == -1)
+			rc = 0; /* end of input */
+		free(lb.buf);
+	}
+	if (rc > 1) {
+		sc->local_error = rc;
+		pbrpc_client_stream_cancel(sc->st);
+	} else if (rc == 0) {
+		pbrpc_client_stream_close_send(sc->st);
+	}
+}
+
+static void *stream_sender(void *arg)
+{
+	stream_send_all(arg);
+	return NULL;
+}
+
+/* Ctrl-C: SIGINT is blocked in every thread and taken here, where
+ * cancelling is safe (pbrpc_client_stream_cancel is not for a handler). */
+static void *stream_sigwaiter(void *arg)
+{
+	stream_call *sc = arg;
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	struct timespec tick = { 0, 50 * 1000 * 1000 };
+	while (!sc->done) {
+		if (sigtimedwait(&set, NULL, &tick) == SIGINT) {
+			sc->interrupted = true;
+			pbrpc_client_stream_cancel(sc->st);
+		}
+	}
+	return NULL;
+}
+
+static int call_stream(cli *c, const schema_method *m, const char *method, int argc, char **argv)
+{
+	stream_call sc = { .c = c, .m = m, .method = method };
+	pbrpc_stream_kind kind = (m->client_streaming ? PBRPC_STREAM_CLIENT : 0) |
+				 (m->server_streaming ? PBRPC_STREAM_SERVER : 0);
+	ProtobufCMessage *request = NULL;
+	json_object *req = NULL;
+	int ret = 0;
+
+	/* A server stream takes one request, as a unary call; a client or
+	 * bidirectional one reads stdin unless a JSON argument is given. */
+	if (kind == PBRPC_STREAM_SERVER || (argc > 1 && strcmp(argv[1], "-") != 0)) {
+		if ((ret = load_request(argc, argv, &req)) != 0)
+			return ret;
+		if (kind == PBRPC_STREAM_SERVER) {
+			request = stream_encode(&sc, req);
+			json_object_put(req);
+			if (!request)
+				return EXIT_USAGE;
+		} else {
+			sc.single = req;
+		}
+	}
+
+	sigset_t set, old;
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	pthread_sigmask(SIG_BLOCK, &set, &old);
+
+	pbrpc_stream_desc desc = { method, kind, &raw_desc, &raw_desc };
+	pbrpc_stream_opts opts;
+	memset(&opts, 0, sizeof(opts));
+	if (c->timeout_given && c->timeout_ms >= 0)
+		opts.timeout_ms = c->timeout_ms > INT32_MAX ? INT32_MAX : (int)c->timeout_ms;
+	opts.metadata = c->metadata;
+	opts.metadata_count = c->metadata_count;
+	if (c->verbose)
+		die_msg("> %s: a %s stream", method,
+			kind == PBRPC_STREAM_BIDI ? "bidirectional" : kind == PBRPC_STREAM_SERVER ? "server" : "client");
+	int rc = pbrpc_client_stream_open(c->client, &desc, request, &opts, &sc.st);
+	if (request)
+		protobuf_c_message_free_unpacked(request, NULL);
+	if (rc < 0) {
+		die_msg("%s: %s", method, pbrpc_strerror(rc));
+		json_object_put(sc.single);
+		pthread_sigmask(SIG_SETMASK, &old, NULL);
+		return EXIT_LOCAL;
+	}
+	pthread_t sigthr;
+	bool sig_started = pthread_create(&sigthr, NULL, stream_sigwaiter, &sc) == 0;
+
+	if (kind == PBRPC_STREAM_CLIENT)
+		stream_send_all(&sc); /* then the one reply below */
+	else if (kind == PBRPC_STREAM_BIDI)
+		sc.sender_started = pthread_create(&sc.sender, NULL, stream_sender, &sc) == 0;
+
+	/* Replies as they arrive, until the end. */
+	const ProtobufCMessage *msg;
+	while ((rc = pbrpc_client_stream_next(sc.st, &msg, -1)) == 1) {
+		if ((ret = stream_print(&sc, msg)) != 0) {
+			pbrpc_client_stream_cancel(sc.st);
+			break;
+		}
+	}
+	sc.done = true;
+	if (sc.sender_started)
+		pthread_join(sc.sender, NULL); /* it sees sc.done within 50 ms */
+	if (sig_started)
+		pthread_join(sigthr, NULL);
+	if (ret == 0 && sc.local_error)
+		ret = sc.local_error;
+	if (ret == 0 && rc != 0) {
+		const char *message = "";
+		int status = pbrpc_client_stream_status(sc.st, &message);
+		if (sc.interrupted) {
+			die_msg("CANCELLED: interrupted");
+			ret = EXIT_INTERRUPTED;
+		} else if (status >= 0) {
+			pbrpc_call_result res;
+			memset(&res, 0, sizeof(res));
+			res.status = status;
+			snprintf(res.message, sizeof(res.message), "%s", message ? message : "");
+			ret = report_status(&res, NULL);
+		} else {
+			die_msg("%s: %s", method, pbrpc_strerror(rc));
+			ret = EXIT_LOCAL;
+		}
+	}
+	pbrpc_client_stream_free(sc.st);
+	json_object_put(sc.single);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return ret;
+}
+
 static int cmd_call(cli *c, int argc, char **argv)
 {
 	char method[PBRPC_METHOD_MAX + 1];
@@ -766,7 +1097,10 @@ static int cmd_call(cli *c, int argc, char **argv)
 
 	if (normalize_method(argv[0], method, sizeof(method)) < 0)
 		return EXIT_USAGE;
-	if ((ret = load_request(argc, argv, &req)) != 0)
+	/* "-" waits until the method's kind is known: a stream reads stdin
+	 * line by line. */
+	bool deferred = argc > 1 && strcmp(argv[1], "-") == 0;
+	if (!deferred && (ret = load_request(argc, argv, &req)) != 0)
 		return ret;
 	if ((ret = connect_client(c)) != 0)
 		goto out;
@@ -791,6 +1125,12 @@ static int cmd_call(cli *c, int argc, char **argv)
 		ret = EXIT_LOCAL;
 		goto out;
 	}
+	if (m->client_streaming || m->server_streaming) {
+		ret = call_stream(c, m, method, argc, argv);
+		goto out;
+	}
+	if (deferred && (ret = load_request(argc, argv, &req)) != 0)
+		goto out;
 
 	if (pbjson_encode(m->input, req, &body, &body_len, err, sizeof(err)) < 0) {
 		die_msg("%s", err);
@@ -1311,6 +1651,7 @@ int main(int argc, char **argv)
 	while ((opt = getopt_long(argc, argv, ":t:m:vhV", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 't':
+			c.timeout_given = true;
 			if (parse_duration(optarg, &c.timeout_ms) < 0) {
 				die_msg("invalid --timeout \"%s\": expected a duration such as 500ms, 2s, 1m or infinity",
 					optarg);

@@ -9,9 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "descriptor.pb-c.h"
-
-#define MAX_FILE (64u << 20)
+#include "descset.h"
 
 typedef struct chunk {
 	struct chunk *next;
@@ -214,72 +212,25 @@ static int add_service(protoset *ps, const Google__Protobuf__ServiceDescriptorPr
 		ms[i].name = s->method[i]->name ? s->method[i]->name : "";
 		ms[i].input_type = strip_dot(s->method[i]->input_type);
 		ms[i].output_type = strip_dot(s->method[i]->output_type);
+		ms[i].client_streaming = s->method[i]->has_client_streaming && s->method[i]->client_streaming;
+		ms[i].server_streaming = s->method[i]->has_server_streaming && s->method[i]->server_streaming;
 		dst->methods[i] = &ms[i];
 	}
 	return push((void ***)&ps->all.services, &ps->all.n_services, &ps->cap_services, dst);
 }
 
-static int read_file(const char *path, uint8_t **out, size_t *out_len)
+/* Takes fds (freed with the protoset, also on failure). */
+static int protoset_from_set(protoset **out, Google__Protobuf__FileDescriptorSet *fds, char *err, size_t errlen)
 {
-	FILE *f = fopen(path, "rb");
-	if (!f)
-		return -errno;
-	size_t len = 0, cap = 65536;
-	uint8_t *data = malloc(cap);
 	int rc = 0;
-	while (data) {
-		size_t n = fread(data + len, 1, cap - len, f);
-		len += n;
-		if (n == 0)
-			break;
-		if (len == cap) {
-			uint8_t *p = cap >= MAX_FILE ? NULL : realloc(data, cap * 2);
-			if (!p) {
-				rc = cap >= MAX_FILE ? -EFBIG : -ENOMEM;
-				break;
-			}
-			data = p;
-			cap *= 2;
-		}
-	}
-	if (!data)
-		rc = -ENOMEM;
-	else if (rc == 0 && ferror(f))
-		rc = -EIO;
-	fclose(f);
-	if (rc < 0) {
-		free(data);
-		return rc;
-	}
-	*out = data;
-	*out_len = len;
-	return 0;
-}
-
-int protoset_load(protoset **out, const char *path, char *err, size_t errlen)
-{
-	uint8_t *data = NULL;
-	size_t len = 0;
-	int rc = read_file(path, &data, &len);
-
 	*out = NULL;
-	if (rc < 0) {
-		set_err(err, errlen, "%s", rc == -EFBIG ? "larger than 64 MiB" : strerror(-rc));
-		return rc;
-	}
 	protoset *ps = calloc(1, sizeof(*ps));
 	if (!ps) {
-		free(data);
+		google__protobuf__file_descriptor_set__free_unpacked(fds, NULL);
 		return -ENOMEM;
 	}
 	pbrpc__describe_reply__init(&ps->all);
-	ps->fds = google__protobuf__file_descriptor_set__unpack(NULL, len, data);
-	free(data);
-	if (!ps->fds || ps->fds->n_file == 0) {
-		set_err(err, errlen, "%s", ps->fds ? "the set holds no file" : "not a FileDescriptorSet (protoc -o FILE)");
-		protoset_free(ps);
-		return -EINVAL;
-	}
+	ps->fds = fds;
 	for (size_t i = 0; i < ps->fds->n_file && rc == 0; i++) {
 		const Google__Protobuf__FileDescriptorProto *fd = ps->fds->file[i];
 		const char *pkg = fd->package ? fd->package : "";
@@ -305,6 +256,44 @@ int protoset_load(protoset **out, const char *path, char *err, size_t errlen)
 	}
 	*out = ps;
 	return 0;
+}
+
+int protoset_load(protoset **out, const char *path, char *err, size_t errlen)
+{
+	Google__Protobuf__FileDescriptorSet *fds;
+	*out = NULL;
+	int rc = descset_load(path, &fds, err, errlen);
+	return rc < 0 ? rc : protoset_from_set(out, fds, err, errlen);
+}
+
+int protoset_from_files(protoset **out, size_t n, const ProtobufCBinaryData *files, char *err, size_t errlen)
+{
+	*out = NULL;
+	Google__Protobuf__FileDescriptorSet *fds = calloc(1, sizeof(*fds));
+	if (!fds)
+		return -ENOMEM;
+	google__protobuf__file_descriptor_set__init(fds);
+	fds->file = calloc(n + 1, sizeof(*fds->file));
+	if (!fds->file) {
+		free(fds);
+		return -ENOMEM;
+	}
+	/* Freed by free_unpacked with the system allocator, like an unpacked set. */
+	for (size_t i = 0; i < n; i++) {
+		fds->file[i] = google__protobuf__file_descriptor_proto__unpack(NULL, files[i].len, files[i].data);
+		if (!fds->file[i]) {
+			google__protobuf__file_descriptor_set__free_unpacked(fds, NULL);
+			snprintf(err, errlen, "file descriptor %zu of %zu does not decode", i + 1, n);
+			return -EINVAL;
+		}
+		fds->n_file++;
+	}
+	if (n == 0) {
+		google__protobuf__file_descriptor_set__free_unpacked(fds, NULL);
+		snprintf(err, errlen, "no file descriptor");
+		return -EINVAL;
+	}
+	return protoset_from_set(out, fds, err, errlen);
 }
 
 void protoset_free(protoset *ps)

@@ -21,6 +21,11 @@ typedef struct protoset protoset;
  * -ENOMEM. */
 int protoset_load(protoset **out, const char *path, char *err, size_t errlen);
 
+/* The same from serialized google.protobuf.FileDescriptorProtos, as
+ * pbrpc.Reflection sends them (DescribeReply.files): every file a described
+ * type needs. The bytes stay the caller's. */
+int protoset_from_files(protoset **out, size_t n, const ProtobufCBinaryData *files, char *err, size_t errlen);
+
 /* NULL is a no-op. */
 void protoset_free(protoset *ps);
 

@@ -101,6 +101,8 @@ static int copy_methods(schema *s, schema_service *dst, const Pbrpc__ServiceInfo
 		m->name = arena_strdup(s, mi->name);
 		m->input_type = arena_strdup(s, strip_dot(mi->input_type));
 		m->output_type = arena_strdup(s, strip_dot(mi->output_type));
+		m->client_streaming = mi->client_streaming;
+		m->server_streaming = mi->server_streaming;
 		if (!full || !m->name || !m->input_type || !m->output_type)
 			return -ENOMEM;
 		snprintf(full, full_len, "%s/%s", dst->name, m->name);
@@ -440,7 +442,8 @@ void schema_print_enum(FILE *out, const schema_enum *e)
 
 void schema_print_method(FILE *out, const schema_service *svc, const schema_method *m)
 {
-	fprintf(out, "rpc %s/%s(%s) returns (%s);\n", svc->name, m->name, m->input_type, m->output_type);
+	fprintf(out, "rpc %s/%s(%s%s) returns (%s%s);\n", svc->name, m->name, m->client_streaming ? "stream " : "",
+		m->input_type, m->server_streaming ? "stream " : "", m->output_type);
 }
 
 void schema_print_service(FILE *out, const schema_service *svc)
@@ -448,7 +451,8 @@ void schema_print_service(FILE *out, const schema_service *svc)
 	fprintf(out, "service %s {\n", svc->name);
 	for (size_t i = 0; i < svc->n_methods; i++) {
 		const schema_method *m = &svc->methods[i];
-		fprintf(out, "  rpc %s(%s) returns (%s);\n", m->name, m->input_type, m->output_type);
+		fprintf(out, "  rpc %s(%s%s) returns (%s%s);\n", m->name, m->client_streaming ? "stream " : "",
+			m->input_type, m->server_streaming ? "stream " : "", m->output_type);
 	}
 	fprintf(out, "}\n");
 }

@@ -64,6 +64,8 @@ typedef struct schema_method {
 	const char *output_type;
 	const schema_message *input;  /* NULL when the reply did not describe it */
 	const schema_message *output;
+	bool client_streaming;        /* the .proto's `stream` keywords, as the */
+	bool server_streaming;        /* server or the protoset knows them */
 } schema_method;
 
 typedef struct schema_service {

@@ -829,7 +829,7 @@ static int start_listening(pbrpc_server *srv, const config *cfg)
 static int add_services(pbrpc_server *srv, Demo__Kv_Service *kv, Demo__Echo_Service *echo)
 {
 	int rc;
-	if ((rc = pbrpc_server_add_service(srv, &kv->base)) < 0 ||
+	if ((rc = demo_kv_add(srv, kv)) < 0 ||
 	    (rc = pbrpc_server_add_service(srv, &echo->base)) < 0 ||
 	    (rc = pbrpc_server_enable_health(srv)) < 0 || (rc = pbrpc_server_enable_reflection(srv)) < 0 ||
 	    (rc = pbrpc_server_enable_stats(srv)) < 0)

@@ -121,7 +121,7 @@ static void srv_new(tsrv *t, const pbrpc_server_opts *o)
 	cr_assert_not_null(t->kv);
 	cr_assert_eq(pbrpc_server_new(&t->srv, o), 0);
 	cr_assert_eq(pbrpc_server_add_service(t->srv, &echo_svc.base), 0);
-	cr_assert_eq(pbrpc_server_add_service(t->srv, &t->kv->base), 0);
+	cr_assert_eq(demo_kv_add(t->srv, t->kv), 0);
 	cr_assert_eq(pbrpc_server_enable_stats(t->srv), 0);
 }
 

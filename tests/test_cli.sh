@@ -90,6 +90,9 @@ expect "list" 0 "demo.Kv
   demo.Kv/Get(demo.GetRequest) returns (demo.GetReply)
   demo.Kv/Delete(demo.DeleteRequest) returns (demo.DeleteReply)
   demo.Kv/List(demo.ListRequest) returns (demo.ListReply)
+  demo.Kv/Watch(demo.WatchRequest) returns (stream demo.Change)
+  demo.Kv/Upload(stream demo.PutRequest) returns (demo.UploadReply)
+  demo.Kv/Lookup(stream demo.GetRequest) returns (stream demo.Entry)
 demo.Echo
   demo.Echo/Echo(demo.EchoRequest) returns (demo.EchoReply)
 pbrpc.Health
@@ -306,7 +309,7 @@ expect "describe --template of a message with an enum" 0 '{
   "status": "UNKNOWN"
 }' "" "$pbrpc" describe "$ep" pbrpc.HealthCheckResponse --template
 expect "describe --template, compact, repeated and nested" 0 \
-	'{"services":[{"name":"","methods":[{"name":"","inputType":"","outputType":""}]}]}' "" \
+	'{"services":[{"name":"","methods":[{"name":"","inputType":"","outputType":"","clientStreaming":false,"serverStreaming":false}]}]}' "" \
 	"$pbrpc" describe --template --format compact "$ep" pbrpc.ListServicesReply
 expect "describe --template of a service" 2 "" "pbrpc: --template: demo.Kv is not a message or a method" \
 	"$pbrpc" describe --template "$ep" demo.Kv
@@ -421,6 +424,9 @@ if [ -n "$demo_protoset" ] && [ -n "$greeter_protoset" ]; then
   demo.Kv/Get(demo.GetRequest) returns (demo.GetReply)
   demo.Kv/Delete(demo.DeleteRequest) returns (demo.DeleteReply)
   demo.Kv/List(demo.ListRequest) returns (demo.ListReply)
+  demo.Kv/Watch(demo.WatchRequest) returns (stream demo.Change)
+  demo.Kv/Upload(stream demo.PutRequest) returns (demo.UploadReply)
+  demo.Kv/Lookup(stream demo.GetRequest) returns (stream demo.Entry)
 demo.Echo
   demo.Echo/Echo(demo.EchoRequest) returns (demo.EchoReply)" "" \
 		env -u PBRPC_ENDPOINT "$pbrpc" --protoset "$demo_protoset" list

@@ -54,7 +54,10 @@ expect "endpoint paths, after the ':' as bash completes them" "$pbrpc call unix:
 expect "methods from the server" "$pbrpc call $ep demo.Kv/" "demo.Kv/Put
 demo.Kv/Get
 demo.Kv/Delete
-demo.Kv/List"
+demo.Kv/List
+demo.Kv/Watch
+demo.Kv/Upload
+demo.Kv/Lookup"
 expect "describe: services and methods" "$pbrpc describe $ep demo.E" "demo.Echo
 demo.Echo/Echo"
 expect "health: services" "$pbrpc health $ep pbrpc." "pbrpc.Health

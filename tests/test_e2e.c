@@ -53,7 +53,7 @@ static void server_start(e2e_server *s, const char *endpoint, const pbrpc_server
 	s->kv = demo_kv_new();
 	s->echo = demo_echo_new();
 	cr_assert_eq(pbrpc_server_new(&s->srv, opts), 0);
-	cr_assert_eq(pbrpc_server_add_service(s->srv, &s->kv->base), 0);
+	cr_assert_eq(demo_kv_add(s->srv, s->kv), 0);
 	cr_assert_eq(pbrpc_server_add_service(s->srv, &s->echo->base), 0);
 	int idx = pbrpc_server_listen(s->srv, endpoint);
 	cr_assert_geq(idx, 0, "listen %s: %s", endpoint, pbrpc_strerror(idx));

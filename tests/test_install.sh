@@ -136,7 +136,7 @@ libdir=$(meson introspect build-install --buildoptions |
 
 dest=$tmp/dest
 check "meson install to a DESTDIR" env DESTDIR="$dest" meson install -C build-install --quiet
-for f in bin/pbrpc bin/pbrpc-server include/pbrpc/pbrpc.h "$libdir/pkgconfig/pbrpc.pc" share/doc/pbrpc/LICENSE \
+for f in bin/pbrpc bin/pbrpc-server bin/pbrpc-gen include/pbrpc/pbrpc.h include/pbrpc/schema.h "$libdir/pkgconfig/pbrpc.pc" share/doc/pbrpc/LICENSE \
 	lib/systemd/system/pbrpc-server.service lib/systemd/system/pbrpc-server.socket; do
 	if [ -e "$dest/usr/local/$f" ]; then ok "DESTDIR has $f"; else not_ok "DESTDIR has $f"; fi
 done
@@ -146,7 +146,7 @@ else
 	not_ok "the installed service unit runs the installed pbrpc-server" "$(grep ExecStart "$dest/usr/local/lib/systemd/system/pbrpc-server.service")"
 fi
 if command -v scdoc >/dev/null; then
-	for f in share/man/man1/pbrpc.1 share/man/man8/pbrpc-server.8 share/man/man3/libpbrpc.3; do
+	for f in share/man/man1/pbrpc.1 share/man/man1/pbrpc-gen.1 share/man/man8/pbrpc-server.8 share/man/man3/libpbrpc.3; do
 		if grep -q "^\.SH \"\?NAME" "$dest/usr/local/$f"; then
 			ok "DESTDIR has the manual $f"
 		else

@@ -73,7 +73,7 @@ static void start_server(unsigned workers, void (*setup)(pbrpc_server *))
 	t->kv = demo_kv_new();
 	t->echo = demo_echo_new();
 	cr_assert(t->kv && t->echo);
-	cr_assert_eq(pbrpc_server_add_service(t->srv, &t->kv->base), 0);
+	cr_assert_eq(demo_kv_add(t->srv, t->kv), 0);
 	cr_assert_eq(pbrpc_server_add_service(t->srv, &t->echo->base), 0);
 	cr_assert_eq(pbrpc_server_enable_health(t->srv), 0);
 	cr_assert_eq(pbrpc_server_enable_reflection(t->srv), 0);
@@ -287,12 +287,19 @@ Test(reflection, list_services)
 		{ "Get", "demo.GetRequest", "demo.GetReply" },
 		{ "Delete", "demo.DeleteRequest", "demo.DeleteReply" },
 		{ "List", "demo.ListRequest", "demo.ListReply" },
+		{ "Watch", "demo.WatchRequest", "demo.Change" },
+		{ "Upload", "demo.PutRequest", "demo.UploadReply" },
+		{ "Lookup", "demo.GetRequest", "demo.Entry" },
 	};
-	cr_assert_eq(kv->n_methods, 4);
-	for (size_t i = 0; i < 4; i++) {
+	/* The stream keywords, from kv.pbrpc.c's table (pbrpc-gen). */
+	const bool streams[][2] = { { 0, 0 }, { 0, 0 }, { 0, 0 }, { 0, 0 }, { 0, 1 }, { 1, 0 }, { 1, 1 } };
+	cr_assert_eq(kv->n_methods, 7);
+	for (size_t i = 0; i < 7; i++) {
 		cr_expect_str_eq(kv->methods[i]->name, m[i][0]);
 		cr_expect_str_eq(kv->methods[i]->input_type, m[i][1]);
 		cr_expect_str_eq(kv->methods[i]->output_type, m[i][2]);
+		cr_expect_eq(kv->methods[i]->client_streaming, streams[i][0], "%s", m[i][0]);
+		cr_expect_eq(kv->methods[i]->server_streaming, streams[i][1], "%s", m[i][0]);
 	}
 	cr_expect_eq(reply->services[3]->n_methods, 2);
 	pbrpc__list_services_reply__free_unpacked(reply, NULL);
@@ -353,8 +360,9 @@ Test(reflection, describe_service)
 	Pbrpc__DescribeReply *r = describe(&c, "demo.Kv", &res);
 	cr_assert_eq(res.status, PBRPC_STATUS_OK, "%s", res.message);
 	cr_assert_eq(r->n_services, 1);
-	cr_expect_eq(r->services[0]->n_methods, 4);
-	cr_expect_eq(r->n_messages, 9); /* 4 requests, 4 replies, Entry */
+	cr_expect_eq(r->services[0]->n_methods, 7);
+	cr_expect_eq(r->n_messages, 12); /* 4 requests, 4 replies, Entry, WatchRequest, Change, UploadReply */
+	cr_expect_eq(r->n_files, 1); /* kv.proto, from kv.pbrpc.c */
 	cr_expect_not_null(find_msg(r, "demo.Entry"));
 	pbrpc__describe_reply__free_unpacked(r, NULL);
 	rp_close(&c);

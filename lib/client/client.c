@@ -10,6 +10,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "pbrpc/schema.h"
 #include "client/client_impl.h"
 
 #define th pbrpc__cl_th
@@ -218,6 +219,18 @@ static void svc_invoke(ProtobufCService *service, unsigned idx, const ProtobufCM
 			closure(NULL, closure_data);
 		return;
 	}
+	if (s->m[idx].stream) {
+		/* protoc-c's stub of a method the .proto declares with `stream`
+		 * (pbrpc-gen registered it): a unary call cannot do it. */
+		pbrpc_call_opts unused;
+		pbrpc__cl_take_opts(&unused);
+		pbrpc__cl_set_statusf(PBRPC_STATUS_FAILED_PRECONDITION,
+				      "%s is a stream method in its .proto: call it with the functions pbrpc-gen wrote",
+				      s->m[idx].s);
+		if (closure)
+			closure(NULL, closure_data);
+		return;
+	}
 	if (s->async)
 		pbrpc__cl_async_invoke(s, idx, input, closure, closure_data);
 	else
@@ -306,7 +319,10 @@ static ProtobufCService *service_get(pbrpc_client *c, const ProtobufCServiceDesc
 		return NULL;
 	}
 	char *p = (char *)&s->m[desc->n_methods];
+	const pbrpc_schema_service *ss = pbrpc_schema_find_service(desc->name, NULL);
 	for (unsigned i = 0; i < desc->n_methods; i++) {
+		int fl = pbrpc_schema_method_flags(ss, desc->methods[i].name);
+		s->m[i].stream = fl > 0 ? (uint8_t)fl : 0;
 		int n = sprintf(p, "%s/%s", desc->name, desc->methods[i].name);
 		s->m[i].s = p;
 		s->m[i].len = (size_t)n;

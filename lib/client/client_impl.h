@@ -168,6 +168,7 @@ typedef struct method_name {
 	const char *s;
 	size_t len;
 	bool valid; /* checked once here, not on every call */
+	uint8_t stream; /* PBRPC_SCHEMA_* bits from pbrpc-gen's table, if any */
 } method_name;
 
 typedef struct svc {

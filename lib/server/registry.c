@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "pbrpc/common.h"
+#include "pbrpc/schema.h"
 
 static uint64_t hash_name(const char *s, size_t n)
 {
@@ -85,6 +86,23 @@ static int methods_reserve(pbrpc__registry *r, size_t more)
 	return 0;
 }
 
+const char *pbrpc__registry_stream_method(const pbrpc__registry *r, const ProtobufCServiceDescriptor *d, int *flags)
+{
+	const pbrpc_schema_service *ss = pbrpc_schema_find_service(d->name, NULL);
+	char name[PBRPC_METHOD_MAX + 1];
+	for (unsigned i = 0; ss && i < d->n_methods; i++) {
+		int fl = pbrpc_schema_method_flags(ss, d->methods[i].name);
+		int len = snprintf(name, sizeof(name), "%s/%s", d->name, d->methods[i].name);
+		const pbrpc__method *m = len > 0 && (size_t)len < sizeof(name) ? pbrpc__registry_find(r, name, (size_t)len) : NULL;
+		if (fl > 0 && !(m && m->stream)) {
+			if (flags)
+				*flags = fl;
+			return d->methods[i].name;
+		}
+	}
+	return NULL;
+}
+
 int pbrpc__registry_add_stream(pbrpc__registry *r, const char *name, uint8_t kind, void *stream)
 {
 	size_t len = strlen(name);
@@ -125,6 +143,10 @@ static int add(pbrpc__registry *r, ProtobufCService *service, bool owned)
 	const ProtobufCServiceDescriptor *d = service->descriptor;
 	if (pbrpc__registry_find_service(r, d->name))
 		return PBRPC_EDUPLICATE;
+	/* Its .proto declares stream methods (pbrpc-gen said so) that no
+	 * stream handler serves yet: protoc-c's unary slots cannot. */
+	if (pbrpc__registry_stream_method(r, d, NULL))
+		return PBRPC_EINVALID;
 	/* Validate and allocate everything first so that a failure leaves no
 	 * trace. */
 	char name[PBRPC_METHOD_MAX + 1];

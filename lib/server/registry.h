@@ -89,6 +89,13 @@ void pbrpc__registry_fini(pbrpc__registry *r);
  * a failure leaves the registry unchanged. */
 int pbrpc__registry_add(pbrpc__registry *r, ProtobufCService *service, bool owned);
 
+/* The first method of d that its .proto declares with `stream`, as pbrpc-gen
+ * registered it (pbrpc/schema.h), and that has no stream handler in r yet
+ * (pbrpc__registry_add_stream), or NULL; *flags (if not NULL) gets its
+ * PBRPC_SCHEMA_* bits. */
+const char *pbrpc__registry_stream_method(const pbrpc__registry *r, const ProtobufCServiceDescriptor *d,
+					  int *flags);
+
 /* Registers a stream method: attaches kind and the stream record (malloc'd,
  * taken over: freed with the registry, also when this fails) to the method of
  * that name, or adds one of no service (PBRPC__NO_SERVICE) that a service

@@ -10,6 +10,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "pbrpc/schema.h"
 #include "server/server_impl.h"
 
 #define SWEEP_INTERVAL_NS PBRPC__NS_PER_S
@@ -225,7 +226,20 @@ pbrpc__registry *pbrpc__server_registry(pbrpc_server *srv)
 
 PBRPC_EXPORT int pbrpc_server_add_service(pbrpc_server *srv, ProtobufCService *service)
 {
-	return pbrpc__registry_add(&srv->reg, service, false);
+	int rc = pbrpc__registry_add(&srv->reg, service, false);
+	int fl = 0;
+	const char *m = rc == PBRPC_EINVALID && service && service->descriptor && service->descriptor->name
+				? pbrpc__registry_stream_method(&srv->reg, service->descriptor, &fl)
+				: NULL;
+	if (m)
+		pbrpc__srv_log(srv, PBRPC_LOG_ERROR,
+			       "%s/%s is a %s method in its .proto: register %s with the function pbrpc-gen wrote "
+			       "(its stream methods first), not as a protoc-c service alone",
+			       service->descriptor->name, m,
+			       fl == 3 ? "bidirectional" : fl & PBRPC_SCHEMA_SERVER_STREAMING ? "server-streaming"
+											: "client-streaming",
+			       service->descriptor->name);
+	return rc;
 }
 
 PBRPC_EXPORT int pbrpc_server_set_serving(pbrpc_server *srv, const char *service, bool serving)

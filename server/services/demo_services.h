@@ -13,15 +13,23 @@
 
 #include "echo.pb-c.h"
 #include "kv.pb-c.h"
+#include "pbrpc/server.h"
 
 /* An in-memory key-value store, keys kept in byte order.
  *   Put    stores a value; an empty key fails with INVALID_ARGUMENT.
  *   Get    a missing key fails with NOT_FOUND ("no key \"x\"").
  *   Delete reports whether the key existed.
  *   List   keys starting with `prefix`, in byte order, at most `limit` (0: all).
- * Safe to call from several threads (the server's workers). Returns NULL when
- * out of memory. */
+ *   Watch  (server stream) every Put, Delete and Upload entry under `prefix`
+ *          made on the server's loop thread, as it happens.
+ *   Upload (client stream) stores each entry; the reply counts them.
+ *   Lookup (bidirectional) an Entry for each key sent, in order.
+ * Unary methods are safe from several threads (the server's workers). Returns
+ * NULL when out of memory. Register it with demo_kv_add(): its stream methods
+ * (kv.pbrpc.h, from pbrpc-gen) then the service; pbrpc_server_add_service()
+ * alone refuses it. */
 Demo__Kv_Service *demo_kv_new(void);
+int demo_kv_add(pbrpc_server *srv, Demo__Kv_Service *svc);
 void demo_kv_free(Demo__Kv_Service *svc);
 
 /* Answers with the request's payload. fail_status != 0 fails the call with that

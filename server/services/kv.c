@@ -1,14 +1,22 @@
 /* demo.Kv: a sorted array of entries under one mutex.
  *
  * Replies are built from copies taken under the lock, and closures run after
- * it is released, so no pbrpc code ever runs while the store is locked. */
+ * it is released, so no pbrpc code ever runs while the store is locked.
+ *
+ * The stream methods (kv.pbrpc.h, from pbrpc-gen) run on the server's loop
+ * thread, as pbrpc's stream API requires: Watch's watchers are a list only
+ * that thread touches, and a Put, Delete or Upload notifies them when it runs
+ * there too (handlers on workers, pbrpc-server --workers, do not: their
+ * changes are not seen by watchers). */
 #include <errno.h>
+#include <stdbool.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "demo_services.h"
+#include "kv.pbrpc.h"
 #include "pbrpc/server.h"
 
 typedef struct kv_entry {
@@ -17,14 +25,29 @@ typedef struct kv_entry {
 	size_t len;
 } kv_entry;
 
-typedef struct kv_store {
-	Demo__Kv_Service svc; /* what the server sees; handlers get &svc */
+typedef struct kv_store kv_store;
+
+typedef struct watcher {
+	struct watcher *next;
+	kv_store *kv;
+	Demo__Kv_Watch_Stream *st;
+	char *prefix;
+} watcher;
+
+struct kv_store {
+	Demo__Kv_Pbrpc pb; /* what the server sees: handlers get &pb.unary, streams pb.user == this */
 	pthread_mutex_t lock;
 	kv_entry *items; /* sorted by key, strcmp order (= byte order) */
 	size_t n, cap;
-} kv_store;
+	/* Loop thread only, once a stream has opened: */
+	watcher *watchers;
+	bool have_loop; /* under lock: loop is the server's loop thread */
+	pthread_t loop;
+};
 
-#define kv_of(s) ((kv_store *)((char *)(s) - offsetof(kv_store, svc)))
+#define kv_of(s) ((kv_store *)((char *)(s) - offsetof(kv_store, pb.unary)))
+
+static void kv_notify(kv_store *kv, const char *key, const uint8_t *val, size_t len, Demo__Change__Kind kind);
 
 /* Index of key, or of where it would be inserted; *found says which. */
 static size_t kv_find(const kv_store *kv, const char *key, int *found)
@@ -113,6 +136,7 @@ static void kv_put(Demo__Kv_Service *svc, const Demo__PutRequest *req, Demo__Put
 	Demo__PutReply reply = DEMO__PUT_REPLY__INIT;
 	reply.created = rc == 1;
 	closure(&reply, closure_data);
+	kv_notify(kv_of(svc), req->key, req->value.data, req->value.len, DEMO__CHANGE__KIND__PUT);
 }
 
 static void kv_get(Demo__Kv_Service *svc, const Demo__GetRequest *req, Demo__GetReply_Closure closure,
@@ -167,6 +191,8 @@ static void kv_delete(Demo__Kv_Service *svc, const Demo__DeleteRequest *req, Dem
 	Demo__DeleteReply reply = DEMO__DELETE_REPLY__INIT;
 	reply.deleted = found;
 	closure(&reply, closure_data);
+	if (found)
+		kv_notify(kv, req->key, NULL, 0, DEMO__CHANGE__KIND__DELETE);
 }
 
 static void free_entries(Demo__Entry **v, size_t n)
@@ -237,6 +263,258 @@ static void kv_list(Demo__Kv_Service *svc, const Demo__ListRequest *req, Demo__L
 	free_entries(entries, (size_t)n);
 }
 
+/* ---- stream methods (loop thread) ---- */
+
+static void note_loop(kv_store *kv)
+{
+	pthread_mutex_lock(&kv->lock);
+	kv->loop = pthread_self();
+	kv->have_loop = true;
+	pthread_mutex_unlock(&kv->lock);
+}
+
+static bool on_loop(kv_store *kv)
+{
+	pthread_mutex_lock(&kv->lock);
+	bool yes = kv->have_loop && pthread_equal(kv->loop, pthread_self());
+	pthread_mutex_unlock(&kv->lock);
+	return yes;
+}
+
+static void watcher_drop(watcher *w)
+{
+	for (watcher **p = &w->kv->watchers; *p; p = &(*p)->next) {
+		if (*p == w) {
+			*p = w->next;
+			break;
+		}
+	}
+	free(w->prefix);
+	free(w);
+}
+
+static void kv_notify(kv_store *kv, const char *key, const uint8_t *val, size_t len, Demo__Change__Kind kind)
+{
+	if (!kv->watchers || !on_loop(kv))
+		return;
+	Demo__Change ch = DEMO__CHANGE__INIT;
+	ch.key = (char *)key;
+	ch.value.data = (uint8_t *)val;
+	ch.value.len = len;
+	ch.kind = kind;
+	for (watcher *w = kv->watchers, *next; w; w = next) {
+		next = w->next;
+		if (strncmp(key, w->prefix, strlen(w->prefix)) != 0)
+			continue;
+		if (demo__kv__watch_send(w->st, &ch) == -EAGAIN) {
+			/* No credit left: it reads slower than changes come. */
+			demo__kv__watch_end(w->st, PBRPC_STATUS_RESOURCE_EXHAUSTED,
+					    "the watcher fell behind (it reads changes slower than they happen)");
+			watcher_drop(w);
+		}
+		/* PBRPC_ECLOSED: on_cancel ends it. */
+	}
+}
+
+static void watch_cancel(Demo__Kv_Watch_Stream *st, void *user)
+{
+	demo__kv__watch_end(st, PBRPC_STATUS_CANCELLED, NULL); /* ignored: the client knows */
+	watcher_drop(user);
+}
+
+static const Demo__Kv_Watch_Ops watch_ops = { .on_cancel = watch_cancel };
+
+static void kv_watch(Demo__Kv_Watch_Stream *st, const Demo__WatchRequest *req, void *user)
+{
+	kv_store *kv = user;
+	note_loop(kv);
+	watcher *w = calloc(1, sizeof(*w));
+	if (w)
+		w->prefix = strdup(req->prefix);
+	if (!w || !w->prefix) {
+		free(w);
+		demo__kv__watch_end(st, PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		return;
+	}
+	w->kv = kv;
+	w->st = st;
+	w->next = kv->watchers;
+	kv->watchers = w;
+	demo__kv__watch_set_ops(st, &watch_ops, w);
+}
+
+typedef struct upload {
+	kv_store *kv;
+	Demo__UploadReply reply;
+} upload;
+
+static void upload_message(Demo__Kv_Upload_Stream *st, const Demo__PutRequest *req, void *user)
+{
+	upload *u = user;
+	if (req->key[0] == '\0') {
+		demo__kv__upload_end(st, PBRPC_STATUS_INVALID_ARGUMENT, NULL, "entry %u: key must not be empty",
+				     u->reply.count + 1);
+		free(u);
+		return;
+	}
+	int rc = kv_store_put(u->kv, req->key, req->value.data, req->value.len);
+	if (rc < 0) {
+		demo__kv__upload_end(st, PBRPC_STATUS_RESOURCE_EXHAUSTED, NULL, "out of memory");
+		free(u);
+		return;
+	}
+	u->reply.count++;
+	u->reply.created += rc == 1;
+	kv_notify(u->kv, req->key, req->value.data, req->value.len, DEMO__CHANGE__KIND__PUT);
+}
+
+static void upload_done(Demo__Kv_Upload_Stream *st, void *user)
+{
+	upload *u = user;
+	demo__kv__upload_end(st, PBRPC_STATUS_OK, &u->reply, NULL);
+	free(u);
+}
+
+static void upload_cancel(Demo__Kv_Upload_Stream *st, void *user)
+{
+	demo__kv__upload_end(st, PBRPC_STATUS_CANCELLED, NULL, NULL);
+	free(user);
+}
+
+static const Demo__Kv_Upload_Ops upload_ops = {
+	.on_message = upload_message,
+	.on_half_close = upload_done,
+	.on_cancel = upload_cancel,
+};
+
+static void kv_upload(Demo__Kv_Upload_Stream *st, void *user)
+{
+	kv_store *kv = user;
+	note_loop(kv);
+	upload *u = calloc(1, sizeof(*u));
+	if (!u) {
+		demo__kv__upload_end(st, PBRPC_STATUS_RESOURCE_EXHAUSTED, NULL, "out of memory");
+		return;
+	}
+	u->kv = kv;
+	demo__upload_reply__init(&u->reply);
+	demo__kv__upload_set_ops(st, &upload_ops, u);
+}
+
+/* Lookup: one entry per key, in order. Without credit the entry waits
+ * (one at most) and the client's messages are paused until on_writable. */
+typedef struct lookup {
+	kv_store *kv;
+	Demo__Entry *pending;
+	bool half_closed;
+} lookup;
+
+static void lookup_free(lookup *l)
+{
+	if (l->pending) {
+		free(l->pending->key);
+		free(l->pending->value.data);
+		free(l->pending);
+	}
+	free(l);
+}
+
+/* Sends the pending entry; true when it went (or there was none). */
+static bool lookup_flush(Demo__Kv_Lookup_Stream *st, lookup *l)
+{
+	if (!l->pending)
+		return true;
+	int rc = demo__kv__lookup_send(st, l->pending);
+	if (rc == -EAGAIN)
+		return false;
+	free(l->pending->key);
+	free(l->pending->value.data);
+	free(l->pending);
+	l->pending = NULL;
+	return true;
+}
+
+static void lookup_message(Demo__Kv_Lookup_Stream *st, const Demo__GetRequest *req, void *user)
+{
+	lookup *l = user;
+	kv_store *kv = l->kv;
+	Demo__Entry *e = calloc(1, sizeof(*e));
+	if (e) {
+		demo__entry__init(e);
+		e->key = strdup(req->key);
+		int found;
+		pthread_mutex_lock(&kv->lock);
+		size_t i = kv_find(kv, req->key, &found);
+		if (found) {
+			e->value.len = kv->items[i].len;
+			e->value.data = dup_bytes(kv->items[i].value, e->value.len);
+		}
+		pthread_mutex_unlock(&kv->lock);
+	}
+	if (!e || !e->key || (e->value.len && !e->value.data)) {
+		if (e) {
+			free(e->key);
+			free(e->value.data);
+		}
+		free(e);
+		demo__kv__lookup_end(st, PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		lookup_free(l);
+		return;
+	}
+	l->pending = e;
+	if (!lookup_flush(st, l))
+		pbrpc_stream_pause(demo__kv__lookup_raw(st), true);
+}
+
+static void lookup_writable(Demo__Kv_Lookup_Stream *st, void *user)
+{
+	lookup *l = user;
+	if (!lookup_flush(st, l))
+		return;
+	if (l->half_closed) {
+		demo__kv__lookup_end(st, PBRPC_STATUS_OK, NULL);
+		lookup_free(l);
+		return;
+	}
+	pbrpc_stream_pause(demo__kv__lookup_raw(st), false);
+}
+
+static void lookup_done(Demo__Kv_Lookup_Stream *st, void *user)
+{
+	lookup *l = user;
+	l->half_closed = true;
+	if (!l->pending) {
+		demo__kv__lookup_end(st, PBRPC_STATUS_OK, NULL);
+		lookup_free(l);
+	}
+}
+
+static void lookup_cancel(Demo__Kv_Lookup_Stream *st, void *user)
+{
+	demo__kv__lookup_end(st, PBRPC_STATUS_CANCELLED, NULL);
+	lookup_free(user);
+}
+
+static const Demo__Kv_Lookup_Ops lookup_ops = {
+	.on_message = lookup_message,
+	.on_half_close = lookup_done,
+	.on_writable = lookup_writable,
+	.on_cancel = lookup_cancel,
+};
+
+static void kv_lookup(Demo__Kv_Lookup_Stream *st, void *user)
+{
+	kv_store *kv = user;
+	note_loop(kv);
+	lookup *l = calloc(1, sizeof(*l));
+	if (!l) {
+		demo__kv__lookup_end(st, PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		return;
+	}
+	l->kv = kv;
+	demo__kv__lookup_set_ops(st, &lookup_ops, l);
+}
+
 static void kv_destroy(ProtobufCService *base)
 {
 	demo_kv_free((Demo__Kv_Service *)base);
@@ -247,11 +525,18 @@ Demo__Kv_Service *demo_kv_new(void)
 	kv_store *kv = calloc(1, sizeof(*kv));
 	if (!kv)
 		return NULL;
-	/* The generated initialiser binds each method to kv_<method>. */
-	kv->svc = (Demo__Kv_Service)DEMO__KV__INIT(kv_);
-	kv->svc.base.destroy = kv_destroy;
+	/* pbrpc-gen's initialiser binds each method to kv_<method>, unary
+	 * ones in protoc-c's service, stream ones beside it. */
+	kv->pb = (Demo__Kv_Pbrpc)DEMO__KV__PBRPC_INIT(kv_);
+	kv->pb.user = kv;
+	kv->pb.unary.base.destroy = kv_destroy;
 	pthread_mutex_init(&kv->lock, NULL);
-	return &kv->svc;
+	return &kv->pb.unary;
+}
+
+int demo_kv_add(pbrpc_server *srv, Demo__Kv_Service *svc)
+{
+	return demo__kv__pbrpc_add(srv, &kv_of(svc)->pb);
 }
 
 void demo_kv_free(Demo__Kv_Service *svc)
@@ -264,6 +549,13 @@ void demo_kv_free(Demo__Kv_Service *svc)
 		free(kv->items[i].value);
 	}
 	free(kv->items);
+	/* The server has freed the streams; only our records remain. */
+	while (kv->watchers) {
+		watcher *w = kv->watchers;
+		kv->watchers = w->next;
+		free(w->prefix);
+		free(w);
+	}
 	pthread_mutex_destroy(&kv->lock);
 	free(kv);
 }

@@ -6,6 +6,7 @@
  *   server.h    hosting services
  *   client.h    calling them through generated stubs
  *   stream.h    streaming calls, both sides
+ *   schema.h    what pbrpc-gen tells the library of a .proto file
  * The wire protocol itself is docs/PROTOCOL.md; its codecs are private.
  */
 #ifndef PBRPC_H
@@ -17,6 +18,7 @@
 #include "pbrpc/server.h"
 #include "pbrpc/client.h"
 #include "pbrpc/stream.h"
+#include "pbrpc/schema.h"
 
 /* Kept for programs written against 0.1. */
 #define PBRPC_VERSION_STRING PBRPC_VERSION
