@@ -8,6 +8,9 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
+#include <stdlib.h>
+#include <sys/socket.h>
+
 #include "util/io.h"
 
 #define WHY_MAX 256
@@ -33,11 +36,34 @@ int pbrpc__conn_init(pbrpc__conn *c, int fd, pbrpc__conn_role role, const pbrpc_
 	pbrpc__frame_decoder_init(&c->dec, c->max_frame);
 	pbrpc__frame_writer_init(&c->out);
 	pbrpc__idmap_init(&c->calls);
-	return pbrpc__wire_write_preface(&c->out, ours);
+	/* fds travel over Unix sockets only: elsewhere the features are not
+	 * even announced, so that a peer never tries (PROTOCOL.md section 11). */
+	int dom = 0;
+	socklen_t dl = sizeof(dom);
+	c->unix_sock = getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &dl) == 0 && dom == AF_UNIX;
+	pbrpc_hello h = *ours;
+	if (!c->unix_sock)
+		h.features &= ~PBRPC_FEATURES_UNIX;
+	c->our_features = h.features;
+	c->fd_rx = c->unix_sock && (h.features & PBRPC_FEATURE_FDS);
+	return pbrpc__wire_write_preface(&c->out, &h);
+}
+
+static void close_rx_fds(pbrpc__conn *c)
+{
+	pbrpc__io_close_fds(c->rx_fds, c->rx_nfds);
+	c->rx_nfds = 0;
+	c->rx_nb = 0;
 }
 
 void pbrpc__conn_fini(pbrpc__conn *c)
 {
+	close_rx_fds(c);
+	pbrpc__io_close_fds(c->frame_fds, c->frame_nfds);
+	free(c->rx_fds);
+	free(c->frame_fds);
+	c->rx_fds = c->frame_fds = NULL;
+	c->frame_nfds = c->rx_cap = c->frame_cap = 0;
 	pbrpc__frame_decoder_fini(&c->dec);
 	pbrpc__frame_writer_fini(&c->out);
 	pbrpc__idmap_fini(&c->calls);
@@ -115,6 +141,8 @@ void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
 		pbrpc__conn_close(c, err, "connection closed by %s", peer);
 	else if (err == PBRPC_ETRUNCATED)
 		pbrpc__conn_close(c, err, "connection closed by %s in the middle of a frame", peer);
+	else if (err == PBRPC_EPROTO && c->fd_why[0])
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err, "%s", c->fd_why);
 	else
 		pbrpc__conn_close(c, err, "connection lost: read failed: %s", pbrpc_strerror(err));
 }
@@ -135,12 +163,140 @@ static ssize_t eat_preface(pbrpc__conn *c, const uint8_t *p, size_t n)
 	return (ssize_t)used;
 }
 
+/* ---- fds that arrive (PROTOCOL.md section 11) ---- */
+
+/* Notes the fds one read brought; `len` bytes of it went to the decoder.
+ * Returns 0 or PBRPC_EPROTO with fd_why set (the fds are closed). */
+static int rx_note(pbrpc__conn *c, pbrpc__io_fds *rx, size_t len)
+{
+	uint64_t start = c->rx_pos;
+	c->rx_pos += len;
+	if (__builtin_expect(!rx->n && !rx->truncated, 1))
+		return 0;
+	if (rx->truncated)
+		snprintf(c->fd_why, sizeof(c->fd_why), "file descriptors from the %s were lost (MSG_CTRUNC)",
+			 pbrpc__conn_peer_name(c));
+	else if (c->rx_nb == PBRPC__CONN_FD_BATCHES || c->rx_nfds + rx->n > 4 * PBRPC__IO_FDS_MAX)
+		snprintf(c->fd_why, sizeof(c->fd_why), "too many file descriptors from the %s not claimed by a frame",
+			 pbrpc__conn_peer_name(c));
+	if (c->rx_nfds + rx->n > c->rx_cap && !c->fd_why[0]) {
+		unsigned cap = c->rx_cap ? c->rx_cap : 16;
+		while (cap < c->rx_nfds + rx->n)
+			cap *= 2;
+		int *nb = realloc(c->rx_fds, cap * sizeof(int));
+		if (!nb)
+			snprintf(c->fd_why, sizeof(c->fd_why), "out of memory for received file descriptors");
+		else {
+			c->rx_fds = nb;
+			c->rx_cap = cap;
+		}
+	}
+	if (c->fd_why[0]) {
+		pbrpc__io_close_fds(rx->fds, rx->n);
+		return PBRPC_EPROTO;
+	}
+	memcpy(c->rx_fds + c->rx_nfds, rx->fds, rx->n * sizeof(int));
+	c->rx_nfds += rx->n;
+	c->rx_b[c->rx_nb++] = (pbrpc__conn_fdbatch){ .start = start, .end = start + len, .n = rx->n };
+	return 0;
+}
+
+ssize_t pbrpc__conn_recv_open_fds(pbrpc__conn *c, int flags)
+{
+	pbrpc__io_fds rx;
+	ssize_t n = pbrpc__frame_decoder_recv_fds(&c->dec, c->fd, flags, &rx);
+	if (n > 0 && rx_note(c, &rx, (size_t)n) < 0)
+		return PBRPC_EPROTO;
+	return n;
+}
+
+/* Bytes given to the decoder and not yet yielded as frames. */
+static uint64_t dec_held(const pbrpc__conn *c)
+{
+	return (c->dec.tail - c->dec.head) + c->dec.in_len;
+}
+
+__attribute__((format(printf, 2, 3))) static bool fd_fail(pbrpc__conn *c, const char *fmt, ...)
+{
+	char why[WHY_MAX];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	close_rx_fds(c);
+	pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "%s", why);
+	return false;
+}
+
+/* Fds no frame claimed: every frame that began among the bytes they came
+ * with has been handled (`done`: the stream position before which all
+ * frames are). */
+static bool rx_orphans(pbrpc__conn *c, uint64_t done)
+{
+	if (c->rx_nb && c->rx_b[0].end <= done)
+		return fd_fail(c, "%u file descriptors arrived with no frame that declared them", c->rx_b[0].n);
+	return true;
+}
+
+/* Binds the fds that came with the frame at [start, end) to it (into
+ * frame_fds), or fails the connection: they must have arrived with its first
+ * byte, as many as its header says. A sender ends the write that carries
+ * fds with their frame, so the frame that owns a batch is the last one
+ * beginning among the bytes that came with it: a frame there without a
+ * count that reaches the end of those bytes has fds it did not declare. */
+static bool rx_claim(pbrpc__conn *c, const pbrpc__frame_header *h, uint64_t start, uint64_t end)
+{
+	if (!rx_orphans(c, start))
+		return false;
+	unsigned n = h->reserved;
+	if (!n) {
+		if (c->rx_nb && c->rx_b[0].start <= start && end >= c->rx_b[0].end)
+			return fd_fail(c, "%u file descriptors arrived with a %s frame that declared none", c->rx_b[0].n,
+				       pbrpc__wire_frame_name(h->type));
+		return true;
+	}
+	if (h->type != PBRPC_FRAME_REQUEST && h->type != PBRPC_FRAME_RESPONSE)
+		return fd_fail(c, "%s frame with a file descriptor count (%u)", pbrpc__wire_frame_name(h->type), n);
+	if (!c->rx_nb || c->rx_b[0].start > start)
+		return fd_fail(c, "%s frame declares %u file descriptors, none arrived with it",
+			       pbrpc__wire_frame_name(h->type), n);
+	if (c->rx_b[0].n != n)
+		return fd_fail(c, "%s frame declares %u file descriptors, %u arrived with it",
+			       pbrpc__wire_frame_name(h->type), n, c->rx_b[0].n);
+	if (n > c->frame_cap) {
+		int *nb = realloc(c->frame_fds, PBRPC__IO_FDS_MAX * sizeof(int));
+		if (!nb)
+			return fd_fail(c, "out of memory for received file descriptors");
+		c->frame_fds = nb;
+		c->frame_cap = PBRPC__IO_FDS_MAX;
+	}
+	memcpy(c->frame_fds, c->rx_fds, n * sizeof(int));
+	c->frame_nfds = n;
+	c->rx_nfds -= n;
+	memmove(c->rx_fds, c->rx_fds + n, c->rx_nfds * sizeof(int));
+	c->rx_nb--;
+	memmove(c->rx_b, c->rx_b + 1, c->rx_nb * sizeof(c->rx_b[0]));
+	return true;
+}
+
+void pbrpc__conn_take_fds(pbrpc__conn *c, int *out)
+{
+	memcpy(out, c->frame_fds, c->frame_nfds * sizeof(int));
+	c->frame_nfds = 0;
+}
+
+static void frame_fds_drop(pbrpc__conn *c)
+{
+	pbrpc__io_close_fds(c->frame_fds, c->frame_nfds);
+	c->frame_nfds = 0;
+}
+
 ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags)
 {
 	if (c->state == PBRPC__CONN_CLOSED)
 		return PBRPC_ECLOSED;
 	if (c->state != PBRPC__CONN_PREFACE && (!scratch || pbrpc__frame_decoder_pending(&c->dec)))
-		return pbrpc__frame_decoder_recv(&c->dec, c->fd, flags); /* the rest of a split frame */
+		return pbrpc__conn_recv_open(c, flags); /* the rest of a split frame */
 
 	/* Preface bytes never enter the decoder: read them (and what follows)
 	 * into a buffer of our own, check them, and feed the rest. */
@@ -150,7 +306,9 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 		scratch = small;
 		cap = sizeof(small);
 	}
-	ssize_t n = pbrpc__io_recv(c->fd, scratch, cap, flags);
+	pbrpc__io_fds rx;
+	ssize_t n = c->fd_rx ? pbrpc__io_recv_fds(c->fd, scratch, cap, flags, &rx)
+			     : pbrpc__io_recv(c->fd, scratch, cap, flags);
 	if (n <= 0)
 		return n == PBRPC_EOF && c->state == PBRPC__CONN_PREFACE && c->preface_got ? PBRPC_ETRUNCATED : n;
 	const uint8_t *p = scratch;
@@ -162,6 +320,8 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 		p += used;
 		len -= (size_t)used;
 	}
+	if (c->fd_rx && rx_note(c, &rx, len) < 0)
+		return PBRPC_EPROTO;
 	pbrpc__frame_decoder_feed(&c->dec, p, len);
 	if (own && pbrpc__frame_decoder_stash(&c->dec) < 0)
 		return -ENOMEM;
@@ -210,6 +370,15 @@ static void handle_hello(pbrpc__conn *c, const pbrpc__frame *f)
 		c->peer_max_frame = PBRPC_MAX_FRAME_LIMIT;
 	c->peer_max_calls = h.max_calls;
 	c->features = c->our_features & h.features;
+	if (c->features & PBRPC_FEATURE_FDS) {
+		c->dec.fd_counts = true; /* `reserved` is an fd count from now on */
+	} else if (c->fd_rx) {
+		if (c->rx_nb) {
+			fd_fail(c, "file descriptors from the %s without the FDS feature", pbrpc__conn_peer_name(c));
+			return;
+		}
+		c->fd_rx = false; /* the kernel drops any fds sent from now on */
+	}
 	c->state = PBRPC__CONN_OPEN;
 	c->handshake_deadline = 0;
 	if (c->ops->on_open)
@@ -257,6 +426,12 @@ static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO,
 				 "bad frame header (type 0x%02x, flags 0x%02x, stream %u, length %u)", f->hdr.type,
 				 f->hdr.flags, (unsigned)f->hdr.stream, (unsigned)f->hdr.length);
+		return false;
+	}
+	if (__builtin_expect(f->hdr.flags & PBRPC_REQUEST_BODY_FD, 0) && !pbrpc__conn_memfd_ok(c) &&
+	    (f->hdr.type == PBRPC_FRAME_REQUEST || f->hdr.type == PBRPC_FRAME_RESPONSE)) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "%s flag BODY_FD without the MEMFD feature",
+				 pbrpc__wire_frame_name(f->hdr.type));
 		return false;
 	}
 	bool server = c->role == PBRPC__CONN_SERVER;
@@ -352,10 +527,20 @@ int pbrpc__conn_dispatch(pbrpc__conn *c, void *arg)
 		}
 		pbrpc__frame f;
 		int rc = pbrpc__frame_decoder_next(&c->dec, &f);
-		if (rc == 0)
+		if (rc == 0) {
+			if (__builtin_expect(c->rx_nb, 0))
+				rx_orphans(c, c->rx_pos - dec_held(c));
 			return 0;
+		}
 		if (rc == PBRPC_ETOOBIG) {
-			handle_toobig(c);
+			if (c->fd_rx) {
+				const pbrpc__frame_header *h = pbrpc__frame_decoder_rejected(&c->dec);
+				uint64_t start = c->rx_pos - dec_held(c) - PBRPC_FRAME_HEADER_SIZE;
+				if (!rx_claim(c, h, start, start + PBRPC_FRAME_HEADER_SIZE + h->length))
+					return 0;
+			}
+			handle_toobig(c); /* its fds are closed below, never delivered */
+			frame_fds_drop(c);
 			continue;
 		}
 		if (rc < 0) {
@@ -363,7 +548,14 @@ int pbrpc__conn_dispatch(pbrpc__conn *c, void *arg)
 					 rc == PBRPC_EPROTO ? "bad frame header (reserved bits set)" : pbrpc_strerror(rc));
 			return 0;
 		}
-		if (handle_frame(c, &f, arg))
+		if (__builtin_expect(c->rx_nb | f.hdr.reserved, 0) &&
+		    !rx_claim(c, &f.hdr, c->rx_pos - dec_held(c) - PBRPC_FRAME_HEADER_SIZE - f.hdr.length,
+			      c->rx_pos - dec_held(c)))
+			return 0;
+		bool stop = handle_frame(c, &f, arg);
+		if (__builtin_expect(c->frame_nfds, 0))
+			frame_fds_drop(c); /* what the role did not take */
+		if (stop)
 			return 1;
 	}
 	return 0;

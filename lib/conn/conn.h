@@ -47,6 +47,15 @@ typedef enum pbrpc__conn_role {
 
 typedef struct pbrpc__conn pbrpc__conn;
 
+/* fds that arrived with one read, and the stream range [start, end) of the
+ * bytes that read gave the decoder: they belong to the one frame with an fd
+ * count whose first byte lies in that range (PROTOCOL.md section 11). */
+typedef struct pbrpc__conn_fdbatch {
+	uint64_t start, end;
+	unsigned n;
+} pbrpc__conn_fdbatch;
+#define PBRPC__CONN_FD_BATCHES 8
+
 /* How the role hears of what arrives. Each runs inside a conn call, on the
  * thread that made it; any may close the connection. `arg` is what the role
  * passed to pbrpc__conn_dispatch. */
@@ -97,6 +106,21 @@ struct pbrpc__conn {
 	int64_t stall_ns;                   /* paused and the peer reads nothing */
 	int64_t last_active;                /* last read, or last call answered */
 	int64_t stalled_since;              /* while paused: last write progress */
+
+	/* fds (features FDS and MEMFD; Unix sockets only). Received fds are
+	 * the connection's until a frame claims them, then the frame's
+	 * (frame_fds) while its handler runs: the role takes what it keeps
+	 * (pbrpc__conn_take_fds), the rest is closed when the handler returns. */
+	bool unix_sock;  /* AF_UNIX: the features may be announced */
+	bool fd_rx;      /* reads have room for SCM_RIGHTS */
+	uint8_t rx_nb;   /* batches of fds not yet claimed (rx_b, fds in rx_fds) */
+	uint64_t rx_pos; /* bytes given to the decoder so far (while fd_rx) */
+	pbrpc__conn_fdbatch rx_b[PBRPC__CONN_FD_BATCHES];
+	int *rx_fds;
+	unsigned rx_nfds, rx_cap;
+	int *frame_fds; /* the fds of the frame being handled */
+	unsigned frame_nfds, frame_cap;
+	char fd_why[128]; /* why received fds broke the protocol (read_failed says it) */
 };
 
 /* Sets up c on a connected fd (taken over: pbrpc__conn_fini closes it) and
@@ -122,9 +146,28 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 /* pbrpc__conn_recv for an OPEN connection's one reader, which may hold no
  * lock: reads into the decoder and touches nothing another thread writes
  * (a concurrent close only shuts the socket down, so this returns EOF). */
+ssize_t pbrpc__conn_recv_open_fds(pbrpc__conn *c, int flags);
 static inline ssize_t pbrpc__conn_recv_open(pbrpc__conn *c, int flags)
 {
+	if (__builtin_expect(c->fd_rx, 0))
+		return pbrpc__conn_recv_open_fds(c, flags);
 	return pbrpc__frame_decoder_recv(&c->dec, c->fd, flags);
+}
+
+/* Moves the fds of the frame being handled (on_request, on_response) to out
+ * (room for c->frame_nfds): the caller owns them now. */
+void pbrpc__conn_take_fds(pbrpc__conn *c, int *out);
+
+/* True when fds may travel on c (both sides announced FDS). */
+static inline bool pbrpc__conn_fds_ok(const pbrpc__conn *c)
+{
+	return (c->features & PBRPC_FEATURE_FDS) != 0;
+}
+
+/* True when bodies may travel in sealed memfds (FDS and MEMFD in effect). */
+static inline bool pbrpc__conn_memfd_ok(const pbrpc__conn *c)
+{
+	return (c->features & (PBRPC_FEATURE_FDS | PBRPC_FEATURE_MEMFD)) == (PBRPC_FEATURE_FDS | PBRPC_FEATURE_MEMFD);
 }
 
 /* Closes c after a failed read, with the words for it: a clean end of
