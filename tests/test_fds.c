@@ -358,7 +358,7 @@ Test(fds, failure_paths_close_every_fd)
 	pbrpc_server_opts so = { .max_fds = 2, .max_frame = 1 << 20 };
 	server_start(&s, false, &so);
 	pbrpc_client *c;
-	cr_assert_eq(pbrpc_client_connect(&c, s.addr, NULL), 0);
+	cr_assert_eq(pbrpc_client_connect(&c, s.addr, &(pbrpc_client_opts){ .memfd_threshold = 1024 }), 0);
 	ProtobufCService *svc = pbrpc_client_service(c, &demo__echo__descriptor);
 	int f[3] = { text_fd("a"), text_fd("b"), text_fd("c") };
 	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
@@ -502,12 +502,12 @@ Test(fds, memfd_and_plain_paths_byte_identical)
 	uint8_t *a[8], *b[8];
 	bool ma[8] = { 0 }, mb[8] = { 0 };
 	echo_sizes(SIZE_MAX, sizes, n, a, ma);
-	echo_sizes(0, sizes, n, b, mb); /* the default threshold */
+	echo_sizes(256 * 1024, sizes, n, b, mb); /* bodies above 256 KiB by memfd */
 	for (size_t i = 0; i < n; i++) {
 		cr_assert(sizes[i] == 0 || memcmp(a[i], b[i], sizes[i]) == 0);
 		if (!tu_short_io()) {
 			cr_assert(!ma[i], "%zu bytes: the plain path sent them through the socket", sizes[i]);
-			cr_assert_eq(mb[i], sizes[i] > PBRPC_MEMFD_THRESHOLD_DEFAULT, "%zu bytes: memfd %d", sizes[i],
+			cr_assert_eq(mb[i], sizes[i] > 256 * 1024, "%zu bytes: memfd %d", sizes[i],
 				     mb[i]);
 		}
 		free(a[i]);

@@ -1,5 +1,6 @@
 /* Message bodies in sealed memfds (PROTOCOL.md section 11): the sender packs
- * a body straight into a memfd and seals it so that it can no longer change;
+ * a body (through a per-thread staging buffer it reuses) into a memfd and
+ * seals it so that it can no longer change;
  * the receiver checks the seals and the size before it maps the memfd.
  * Linux only; no RPC concepts beyond a ProtobufCMessage to pack. */
 #ifndef PBRPC_PROTO_MEMFD_H

@@ -71,8 +71,8 @@ typedef struct pbrpc_client_opts {
 	 * RESOURCE_EXHAUSTED (the fds are closed). */
 	unsigned max_fds;         /* per reply; default 16, at most PBRPC_FDS_MAX */
 	size_t memfd_threshold;   /* requests whose body is larger go in a sealed
-	                           * memfd; default PBRPC_MEMFD_THRESHOLD_DEFAULT,
-	                           * SIZE_MAX never */
+	                           * memfd where the server supports it; default
+	                           * PBRPC_MEMFD_THRESHOLD_DEFAULT (never) */
 } pbrpc_client_opts;
 
 /* Creates a client for `endpoint` and, unless opts->lazy, connects and

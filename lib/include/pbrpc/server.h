@@ -123,8 +123,8 @@ typedef struct pbrpc_server_opts {
 	unsigned max_conn_fds;       /* per connection, held by calls in flight;
 	                              * default 256 */
 	size_t memfd_threshold;      /* replies whose body is larger go in a sealed
-	                              * memfd; default PBRPC_MEMFD_THRESHOLD_DEFAULT,
-	                              * SIZE_MAX never */
+	                              * memfd where the client supports it; default
+	                              * PBRPC_MEMFD_THRESHOLD_DEFAULT (never) */
 } pbrpc_server_opts;
 
 /* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
