@@ -23,6 +23,7 @@
 #include "proto/frame.h"
 #include "proto/memfd.h"
 #include "proto/wire.h"
+#include "util/io.h"
 #include "testutil.h"
 
 /* ---- fd counting ---- */
@@ -867,4 +868,45 @@ Test(fds, client_refuses_bad_memfd_replies)
 	bad_reply(0, "client accepts at most 100000");
 	bad_reply(1, "not sealed");
 	expect_fds(base, "after the bad replies");
+}
+
+/* The kernel drops fds that do not fit (MSG_CTRUNC): the receiver cannot
+ * know which frame lost what, so it is a connection error, and the fd that
+ * did arrive is closed. A shim gives the server's reads room for one fd. */
+static ssize_t ctrunc_recvmsg(int fd, struct msghdr *m, int flags)
+{
+	if (m->msg_controllen > CMSG_SPACE(sizeof(int)))
+		m->msg_controllen = CMSG_SPACE(sizeof(int));
+	return recvmsg(fd, m, flags);
+}
+
+static ssize_t plain_sendmsg(int fd, const struct msghdr *m, int flags)
+{
+	return sendmsg(fd, m, flags);
+}
+
+Test(fds, ctrunc_is_a_connection_error)
+{
+	int base = count_fds();
+	fsrv s;
+	server_start(&s, false, NULL);
+	static const pbrpc__io ctrunc_io = { ctrunc_recvmsg, plain_sendmsg };
+	pbrpc__io_set(&ctrunc_io);
+	raw r;
+	raw_open(&r, s.addr, 0x7);
+	uint8_t buf[256];
+	size_t n = raw_request(buf, sizeof(buf), 1, 3, false, 0);
+	int fds[3] = { text_fd("1"), text_fd("2"), text_fd("3") };
+	raw_send(r.fd, buf, n, fds, 3);
+	for (int i = 0; i < 3; i++)
+		close(fds[i]);
+	int st;
+	char msg[256];
+	raw_expect(&r, &st, msg, sizeof(msg));
+	tu_io_default();
+	cr_assert_eq(st, -PBRPC_STATUS_INVALID_ARGUMENT - 1000, "%d %s", st, msg);
+	cr_assert(strstr(msg, "MSG_CTRUNC"), "%s", msg);
+	raw_close(&r);
+	server_stop(&s);
+	expect_fds(base, "after MSG_CTRUNC");
 }

@@ -54,7 +54,7 @@ typedef struct pbrpc__conn_fdbatch {
 	uint64_t start, end;
 	unsigned n;
 } pbrpc__conn_fdbatch;
-#define PBRPC__CONN_FD_BATCHES 8
+#define PBRPC__CONN_FD_BATCHES 4
 
 /* How the role hears of what arrives. Each runs inside a conn call, on the
  * thread that made it; any may close the connection. `arg` is what the role
