@@ -910,3 +910,46 @@ Test(fds, ctrunc_is_a_connection_error)
 	server_stop(&s);
 	expect_fds(base, "after MSG_CTRUNC");
 }
+
+/* The frame layer alone: a frame's fds ride on a sendmsg that starts at its
+ * first byte and stops at its last, whatever is queued around it. */
+Test(fds, writer_sends_fds_with_their_frame_only)
+{
+	int base = count_fds();
+	pbrpc__io_set(NULL); /* whole reads: what the kernel does is the point (cut sends are covered elsewhere) */
+	int sv[2];
+	tu_socketpair(sv);
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_PING };
+	uint8_t ping[8] = { 0 };
+	cr_assert_eq(pbrpc__frame_writer_append(&w, &h, ping, 8), 0); /* A: 20 bytes */
+	size_t at = pbrpc__frame_writer_pending(&w);
+	pbrpc__frame_header hb = { .type = PBRPC_FRAME_REQUEST, .stream = 1, .reserved = 2 };
+	cr_assert_eq(pbrpc__frame_writer_append(&w, &hb, "0123456789", 10), 0); /* B: 22 bytes, 2 fds */
+	int fds[2] = { text_fd("x"), text_fd("y") };
+	ino_t ino0 = inode_of(fds[0]);
+	cr_assert_eq(pbrpc__frame_writer_attach_fds(&w, at, fds, 2), 0); /* the writer's now */
+	cr_assert_eq(pbrpc__frame_writer_append(&w, &h, ping, 8), 0); /* C: 20 bytes */
+	while (pbrpc__frame_writer_pending(&w))
+		cr_assert_gt(pbrpc__frame_writer_flush(&w, sv[0], 0), 0);
+	pbrpc__frame_writer_fini(&w);
+
+	uint8_t buf[128];
+	pbrpc__io_fds rx;
+	/* The kernel stops a read at the end of the bytes sent with fds. */
+	ssize_t n = pbrpc__io_recv_fds(sv[1], buf, sizeof(buf), 0, &rx);
+	cr_assert_eq(n, 42, "A and B, not C: %zd", n);
+	cr_assert_eq(rx.n, 2);
+	cr_assert(!rx.truncated);
+	cr_assert_eq(inode_of(rx.fds[0]), ino0);
+	cr_assert(fcntl(rx.fds[0], F_GETFD) & FD_CLOEXEC);
+	pbrpc__io_close_fds(rx.fds, rx.n);
+	n = pbrpc__io_recv_fds(sv[1], buf, sizeof(buf), 0, &rx);
+	cr_assert_eq(n, 20);
+	cr_assert_eq(rx.n, 0);
+	close(sv[0]);
+	close(sv[1]);
+	tu_io_default();
+	expect_fds(base, "after the writer");
+}
