@@ -37,6 +37,10 @@ extern int bench_sockbuf;
  * for socket buffer sizes. */
 extern bool bench_hook_sockets;
 
+/* --authz: pbrpc's server admits demo.Echo/Echo by a uid policy (our own
+ * uid), to measure the cost of the check (issue 11). */
+extern bool bench_authz;
+
 /* Applies bench_sockbuf to fd; with tcp also TCP_NODELAY. */
 void bench_tune_socket(int fd, bool tcp);
 

@@ -1286,7 +1286,8 @@ static void usage(FILE *f)
 		"                     pinned 32 B rows: 2N+1)\n"
 		"  --calls N          sequential rows: exactly N measured calls, no timed warm-up (profiling)\n"
 		"  --idle-conns N     connections in the memory test (default 10000)\n"
-		"  --sockbuf BYTES    SO_SNDBUF/SO_RCVBUF for every socket (default 2097152; 0: kernel default)\n");
+		"  --sockbuf BYTES    SO_SNDBUF/SO_RCVBUF for every socket (default 2097152; 0: kernel default)\n"
+		"  --authz            pbrpc's server checks a uid policy on every call (its cost)\n");
 }
 
 static bool in_list(const char *list, const char *word)
@@ -1304,7 +1305,7 @@ static bool in_list(const char *list, const char *word)
 
 static void parse_args(int argc, char **argv)
 {
-	enum { O_ONLY = 1, O_SYSTEMS, O_TRANSPORTS, O_SIZES, O_PIN, O_TIME, O_ROUNDS, O_CALLS, O_IDLE, O_SOCKBUF, O_HELP };
+	enum { O_ONLY = 1, O_SYSTEMS, O_TRANSPORTS, O_SIZES, O_PIN, O_TIME, O_ROUNDS, O_CALLS, O_IDLE, O_SOCKBUF, O_AUTHZ, O_HELP };
 	static const struct option opts[] = {
 		{ "only", required_argument, NULL, O_ONLY },
 		{ "systems", required_argument, NULL, O_SYSTEMS },
@@ -1316,6 +1317,7 @@ static void parse_args(int argc, char **argv)
 		{ "calls", required_argument, NULL, O_CALLS },
 		{ "idle-conns", required_argument, NULL, O_IDLE },
 		{ "sockbuf", required_argument, NULL, O_SOCKBUF },
+		{ "authz", no_argument, NULL, O_AUTHZ },
 		{ "help", no_argument, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -1368,6 +1370,9 @@ static void parse_args(int argc, char **argv)
 			break;
 		case O_SOCKBUF:
 			bench_sockbuf = atoi(optarg);
+			break;
+		case O_AUTHZ:
+			bench_authz = true;
 			break;
 		case O_HELP:
 			usage(stdout);

@@ -39,6 +39,7 @@ static size_t bench_memfd_threshold(void)
 	const char *e = getenv("PBRPC_BENCH_MEMFD_THRESHOLD");
 	return e ? (size_t)strtoull(e, NULL, 0) : 0;
 }
+bool bench_authz;
 
 static pbrpc_server *new_server(int lfd)
 {
@@ -54,6 +55,15 @@ static pbrpc_server *new_server(int lfd)
 	rc = pbrpc_server_add_service(srv, &echo_service.base);
 	if (rc < 0)
 		bench_die("pbrpc_server_add_service: %s", pbrpc_strerror(rc));
+	if (bench_authz) {
+		/* Over TCP the policy admits the peer by allow_tcp, without the
+		 * uid list. */
+		uid_t uids[2] = { 65534, getuid() }; /* ours second: one miss first */
+		pbrpc_policy p = { .uids = uids, .n_uids = 2, .allow_tcp = true };
+		rc = pbrpc_server_set_policy(srv, METHOD, &p);
+		if (rc < 0)
+			bench_die("pbrpc_server_set_policy: %s", pbrpc_strerror(rc));
+	}
 	rc = pbrpc_server_listen_fd(srv, lfd);
 	if (rc < 0)
 		bench_die("pbrpc_server_listen_fd: %s", pbrpc_strerror(rc));

@@ -12,7 +12,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <grp.h>
 #include <limits.h>
+#include <pwd.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -199,6 +201,18 @@ static void usage(FILE *f)
 		"                          connections open at once (default 4096); one more\n"
 		"                          is told \"too many connections\" and closed\n"
 		"      --max-calls N       calls in flight per connection (default 1024)\n"
+		"      --max-connections-per-uid N\n"
+		"                          Unix connections of one uid open at once\n"
+		"                          (default: no cap below --max-connections)\n"
+		"      --allow NAME=WHO    only WHO may call service or method NAME\n"
+		"                          (demo.Kv or demo.Kv/Put; repeatable, lists add up):\n"
+		"                          WHO is a comma-separated list of uid:USER and\n"
+		"                          group:GROUP (names or numbers; a group matches the\n"
+		"                          primary or a supplementary one), local (every\n"
+		"                          Unix peer) and tcp (TCP peers)\n"
+		"      --socket-group GROUP\n"
+		"                          Unix socket files belong to GROUP, mode 0660\n"
+		"                          unless --socket-mode says otherwise"
 		"      --idle-timeout DURATION\n"
 		"                          close a connection with no call in flight that\n"
 		"                          was silent this long (default 0: never)\n"
@@ -421,14 +435,121 @@ static void print_listening(pbrpc_server *srv, int index)
 	fflush(stdout);
 }
 
+/* One --allow NAME: the lists of every --allow for it, added up. */
+typedef struct allow_rule {
+	const char *name;
+	uid_t *uids;
+	size_t n_uids;
+	gid_t *gids;
+	size_t n_gids;
+	bool local, tcp;
+} allow_rule;
+
 typedef struct config {
 	const char **listen;
 	size_t n_listen;
 	pbrpc_server_opts opts;
+	allow_rule *allow;
+	size_t n_allow;
+	bool has_group; /* --socket-group */
+	gid_t socket_group;
+	bool has_mode;  /* --socket-mode */
 } config;
+
+static void *xrealloc(void *p, size_t n)
+{
+	p = realloc(p, n);
+	if (!p) {
+		errorf("out of memory");
+		exit(1);
+	}
+	return p;
+}
+
+/* A number, or a name looked up with getpwnam/getgrnam. */
+static bool all_digits(const char *s)
+{
+	if (!*s)
+		return false;
+	for (; *s; s++)
+		if (*s < '0' || *s > '9')
+			return false;
+	return true;
+}
+
+static uid_t parse_user(const char *opt, const char *arg, const char *s)
+{
+	if (all_digits(s))
+		return (uid_t)parse_ulong(opt, s, 10, UINT32_MAX - 1);
+	errno = 0;
+	const struct passwd *pw = getpwnam(s);
+	if (!pw) {
+		errorf("invalid %s '%s': no user named '%s'%s%s (see --help)", opt, arg, s, errno ? ": " : "",
+		       errno ? strerror(errno) : "");
+		exit(2);
+	}
+	return pw->pw_uid;
+}
+
+static gid_t parse_group(const char *opt, const char *arg, const char *s)
+{
+	if (all_digits(s))
+		return (gid_t)parse_ulong(opt, s, 10, UINT32_MAX - 1);
+	errno = 0;
+	const struct group *gr = getgrnam(s);
+	if (!gr) {
+		errorf("invalid %s '%s': no group named '%s'%s%s (see --help)", opt, arg, s, errno ? ": " : "",
+		       errno ? strerror(errno) : "");
+		exit(2);
+	}
+	return gr->gr_gid;
+}
+
+/* --allow NAME=WHO (see usage()). NAME is checked against the registered
+ * services once they are (apply_allow). */
+static void parse_allow(config *cfg, char *arg)
+{
+	const char *orig = strdup(arg);
+	char *eq = strchr(arg, '=');
+	if (!orig || !eq || eq == arg || !eq[1])
+		bad_option("--allow", orig ? orig : arg, "expected NAME=WHO, e.g. demo.Kv/Put=uid:0,group:adm");
+	*eq = '\0';
+	allow_rule *r = NULL;
+	for (size_t i = 0; i < cfg->n_allow; i++)
+		if (strcmp(cfg->allow[i].name, arg) == 0)
+			r = &cfg->allow[i];
+	if (!r) {
+		cfg->allow = xrealloc(cfg->allow, (cfg->n_allow + 1) * sizeof(*cfg->allow));
+		r = &cfg->allow[cfg->n_allow++];
+		*r = (allow_rule){ .name = arg };
+	}
+	char *save = NULL;
+	for (char *w = strtok_r(eq + 1, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
+		char *colon = strchr(w, ':');
+		const char *v = colon ? colon + 1 : "";
+		size_t kl = colon ? (size_t)(colon - w) : strlen(w);
+		if (!colon && strcmp(w, "local") == 0) {
+			r->local = true;
+		} else if (!colon && strcmp(w, "tcp") == 0) {
+			r->tcp = true;
+		} else if (colon && ((kl == 3 && strncmp(w, "uid", 3) == 0) || (kl == 4 && strncmp(w, "user", 4) == 0))) {
+			r->uids = xrealloc(r->uids, (r->n_uids + 1) * sizeof(*r->uids));
+			r->uids[r->n_uids++] = parse_user("--allow", orig, v);
+		} else if (colon && ((kl == 3 && strncmp(w, "gid", 3) == 0) || (kl == 5 && strncmp(w, "group", 5) == 0))) {
+			r->gids = xrealloc(r->gids, (r->n_gids + 1) * sizeof(*r->gids));
+			r->gids[r->n_gids++] = parse_group("--allow", orig, v);
+		} else {
+			errorf("invalid --allow '%s': '%s' is not uid:USER, group:GROUP, local or tcp (see --help)", orig, w);
+			exit(2);
+		}
+	}
+	free((void *)orig);
+}
 
 /* Long options without a short form. */
 enum { OPT_MAX_CONNECTIONS = 256, OPT_MAX_CALLS, OPT_IDLE_TIMEOUT, OPT_HANDSHAKE_TIMEOUT, OPT_DRAIN_TIMEOUT };
+/* Local trust (--allow and friends). */
+enum { OPT_ALLOW = 320, OPT_MAX_PER_UID, OPT_SOCKET_GROUP };
 
 static void parse_args(int argc, char **argv, config *cfg)
 {
@@ -443,6 +564,10 @@ static void parse_args(int argc, char **argv, config *cfg)
 		{ "idle-timeout", required_argument, NULL, OPT_IDLE_TIMEOUT },
 		{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
 		{ "drain-timeout", required_argument, NULL, OPT_DRAIN_TIMEOUT },
+		{ "allow", required_argument, NULL, OPT_ALLOW },
+		{ "max-connections-per-uid", required_argument, NULL, OPT_MAX_PER_UID },
+		{ "max-conns-per-uid", required_argument, NULL, OPT_MAX_PER_UID },
+		{ "socket-group", required_argument, NULL, OPT_SOCKET_GROUP },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -465,6 +590,7 @@ static void parse_args(int argc, char **argv, config *cfg)
 			break;
 		case 'm':
 			cfg->opts.socket_mode = (unsigned)parse_ulong("--socket-mode", optarg, 8, 0777);
+			cfg->has_mode = true;
 			break;
 		case 'f':
 			cfg->opts.max_frame = parse_size("--max-frame", optarg);
@@ -491,6 +617,16 @@ static void parse_args(int argc, char **argv, config *cfg)
 		case OPT_DRAIN_TIMEOUT:
 			g_drain_ms = parse_duration("--drain-timeout", optarg, true);
 			break;
+		case OPT_ALLOW:
+			parse_allow(cfg, optarg);
+			break;
+		case OPT_MAX_PER_UID:
+			cfg->opts.max_connections_per_uid = parse_count("--max-connections-per-uid", optarg);
+			break;
+		case OPT_SOCKET_GROUP:
+			cfg->socket_group = parse_group("--socket-group", optarg, optarg);
+			cfg->has_group = true;
+			break;
 		case 'h':
 			usage(stdout);
 			exit(0);
@@ -515,6 +651,45 @@ static void parse_args(int argc, char **argv, config *cfg)
 		errorf("unexpected argument '%s' (see --help)", argv[optind]);
 		exit(2);
 	}
+	if (cfg->has_group && !cfg->has_mode)
+		cfg->opts.socket_mode = 0660;
+}
+
+/* The --allow rules, once the services are registered. Returns 0, or prints
+ * why not and returns -1 (a bad command line). */
+static int apply_allow(pbrpc_server *srv, const config *cfg)
+{
+	for (size_t i = 0; i < cfg->n_allow; i++) {
+		const allow_rule *r = &cfg->allow[i];
+		pbrpc_policy p = { .uids = r->uids, .n_uids = r->n_uids, .gids = r->gids, .n_gids = r->n_gids,
+				   .any_local = r->local, .allow_tcp = r->tcp };
+		int rc = pbrpc_server_set_policy(srv, r->name, &p);
+		if (rc == PBRPC_EINVALID) {
+			errorf("invalid --allow: this server has no service or method '%s' (it serves demo.Kv, demo.Echo, "
+			       "pbrpc.Health, pbrpc.Reflection, pbrpc.Stats; a method is e.g. demo.Kv/Put)",
+			       r->name);
+			return -1;
+		}
+		if (rc < 0) {
+			errorf("cannot set the policy of %s: %s", r->name, pbrpc_strerror(rc));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* --socket-group: the socket file of a unix:/path listener belongs to the
+ * group (its mode was set at bind, see parse_args). */
+static int chgrp_socket(pbrpc_server *srv, int index, gid_t gid)
+{
+	char addr[PBRPC_ENDPOINT_STRLEN + 8];
+	if (pbrpc_server_address(srv, index, addr, sizeof(addr)) < 0 || strncmp(addr, "unix:/", 6) != 0)
+		return 0; /* TCP and abstract sockets have no file */
+	if (chown(addr + 5, (uid_t)-1, gid) < 0) {
+		errorf("cannot give %s to group %u (--socket-group): %s", addr + 5, (unsigned)gid, strerror(errno));
+		return -1;
+	}
+	return 0;
 }
 
 /* Every connection is a file descriptor: the soft open-file limit is raised
@@ -574,6 +749,8 @@ static int start_listening(pbrpc_server *srv, const config *cfg)
 			errorf("cannot listen on %s: %s", eps[i], pbrpc_strerror(idx));
 			return -1;
 		}
+		if (cfg->has_group && chgrp_socket(srv, idx, cfg->socket_group) < 0)
+			return -1;
 		print_listening(srv, idx);
 	}
 	return 0;
@@ -622,7 +799,13 @@ int main(int argc, char **argv)
 		errorf("cannot create the server: %s", pbrpc_strerror(rc));
 		goto err_services;
 	}
-	if (add_services(srv, kv, echo) < 0 || start_listening(srv, &cfg) < 0)
+	if (add_services(srv, kv, echo) < 0)
+		goto err_server;
+	if (apply_allow(srv, &cfg) < 0) {
+		status = 2;
+		goto err_server;
+	}
+	if (start_listening(srv, &cfg) < 0)
 		goto err_server;
 
 	g_srv = srv;
@@ -647,5 +830,10 @@ err_services:
 	demo_echo_free(echo);
 	demo_kv_free(kv);
 	free(cfg.listen);
+	for (size_t i = 0; i < cfg.n_allow; i++) {
+		free(cfg.allow[i].uids);
+		free(cfg.allow[i].gids);
+	}
+	free(cfg.allow);
 	return status;
 }

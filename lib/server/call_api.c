@@ -1,5 +1,5 @@
 /* What a handler may ask of its call (closure_data): status, cancellation,
- * deadline, method, metadata, peer credentials. */
+ * deadline, method, metadata, peer credentials (groups and pidfd too). */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -122,5 +122,24 @@ PBRPC_EXPORT int pbrpc_call_attach_fd(void *closure_data, int fd)
 		return rc;
 	}
 	call->rfds[call->nrfds++] = fd;
+	return 0;
+}
+
+PBRPC_EXPORT int pbrpc_call_peer(void *closure_data, pbrpc_peer *out)
+{
+	srv_call *call = as_call(closure_data);
+	if (!call || !out)
+		return PBRPC_EINVALID;
+	*out = (pbrpc_peer){ .has_cred = call->has_cred, .pidfd = -1 };
+	if (!call->has_cred)
+		return 0;
+	out->pid = call->cred.pid;
+	out->uid = call->cred.uid;
+	out->gid = call->cred.gid;
+	if (call->peer_ext) { /* the call holds a reference: the connection may be gone */
+		out->groups = call->peer_ext->groups;
+		out->n_groups = call->peer_ext->n_groups;
+		out->pidfd = call->peer_ext->pidfd;
+	}
 	return 0;
 }

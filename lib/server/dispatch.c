@@ -68,6 +68,7 @@ static void call_destroy(srv_call *call)
 	call_fds_close(call);
 	free(call->fds);
 	free(call->rfds);
+	pbrpc__authz_peer_unref(call->peer_ext);
 	pbrpc__arena_fini(&call->arena);
 	free(call->status_msg);
 	free(call->done_msg);
@@ -89,6 +90,10 @@ static void call_put(pbrpc_server *srv, srv_call *call)
 	free(call->done_body);
 	call->done_body = NULL;
 	call->done_len = 0;
+	if (call->peer_ext) {
+		pbrpc__authz_peer_unref(call->peer_ext);
+		call->peer_ext = NULL;
+	}
 	if (!call->arena.spare) {
 		/* it was (to be) unpacked on a worker */
 		free(call->raw);
@@ -655,6 +660,12 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 		snprintf(text, len, "method %s is not implemented by this server", (*m)->name);
 		return text;
 	}
+	*status = PBRPC_STATUS_PERMISSION_DENIED;
+	if (__builtin_expect((*m)->policy != NULL, 0) && (*m)->policy != c->admitted) {
+		const char *why = pbrpc__authz_refusal(c, *m, text, len);
+		if (why)
+			return why;
+	}
 	*status = PBRPC_STATUS_DEADLINE_EXCEEDED;
 	if (req->has_timeout && req->timeout_us == 0)
 		return "deadline passed before the call was dispatched";
@@ -817,6 +828,10 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	srv->mem_used += mem;
 	call->has_cred = c->has_cred;
 	call->cred = c->cred;
+	if (c->peer_ext) {
+		c->peer_ext->refs++;
+		call->peer_ext = c->peer_ext;
+	}
 	if (req.has_timeout) {
 		int64_t us = req.timeout_us > (uint64_t)INT64_MAX / 2000 ? INT64_MAX / 2000 : (int64_t)req.timeout_us;
 		call->deadline_ns = srv->now + us * 1000;
@@ -874,6 +889,7 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 	}
 	c->mem_used = c->mem_io;
 	c->fds_held = 0;
+	pbrpc__authz_conn_closed(c);
 	pbrpc__srv_conn_closed(c);
 }
 

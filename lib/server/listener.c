@@ -59,6 +59,12 @@ static void refuse_with(pbrpc_server *srv, int fd, int status, const char *why)
 	srv->stats.connections_refused++;
 }
 
+/* The same for authz.c's per-uid cap. */
+void pbrpc__srv_refuse_with(pbrpc_server *srv, int fd, int status, const char *why)
+{
+	refuse_with(srv, fd, status, why);
+}
+
 static void refuse(pbrpc_server *srv, int fd)
 {
 	bool down = srv->shutting_down;
@@ -180,7 +186,7 @@ static void accept_recovered(pbrpc_server *srv)
 	srv->accept_log_next = 0;
 }
 
-static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l)
+static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l, const struct ucred *cred)
 {
 	srv_conn *c = calloc(1, sizeof(*c));
 	if (!c)
@@ -205,9 +211,10 @@ static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l)
 	if (l->ep.kind == PBRPC_ENDPOINT_TCP) {
 		int one = 1;
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	} else {
-		socklen_t sl = sizeof(c->cred);
-		c->has_cred = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c->cred, &sl) == 0;
+	} else if (cred) {
+		c->has_cred = true;
+		c->cred = *cred;
+		pbrpc__authz_conn_open(c, fd);
 	}
 	conn_set_peer(c, fd, l->ep.kind == PBRPC_ENDPOINT_TCP);
 	return c;
@@ -234,7 +241,15 @@ void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l)
 			refuse(srv, fd);
 			continue;
 		}
-		srv_conn *c = conn_new(srv, fd, l);
+		struct ucred cred;
+		socklen_t sl = sizeof(cred);
+		bool has_cred = l->ep.kind != PBRPC_ENDPOINT_TCP &&
+				getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &sl) == 0;
+		if (has_cred && srv->o.max_connections_per_uid && pbrpc__authz_uid_full(srv, cred.uid)) {
+			pbrpc__authz_refuse_uid(srv, fd, cred.uid);
+			continue;
+		}
+		srv_conn *c = conn_new(srv, fd, l, has_cred ? &cred : NULL);
 		if (!c) {
 			close(fd);
 			at_limit(srv, l, ENOMEM);
@@ -244,6 +259,7 @@ void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l)
 		struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
 		if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &e) < 0) {
 			int err = errno;
+			pbrpc__authz_conn_closed(c);
 			pbrpc__conn_fini(&c->base);
 			free(c);
 			at_limit(srv, l, err == ENOSPC ? ENOMEM : err); /* max_user_watches: no memory for it */

@@ -25,13 +25,16 @@ void pbrpc__registry_init(pbrpc__registry *r)
 
 void pbrpc__registry_fini(pbrpc__registry *r)
 {
-	for (size_t i = 0; i < r->n_services; i++)
+	for (size_t i = 0; i < r->n_services; i++) {
 		if (r->services[i].owned)
 			protobuf_c_service_destroy(r->services[i].service);
+		pbrpc__policy_free(r->services[i].policy);
+	}
 	free(r->services);
 	for (size_t i = 0; i < r->methods_cap; i++) {
 		free(r->methods[i].name);
 		free(r->methods[i].stats);
+		pbrpc__policy_free(r->methods[i].own_policy);
 	}
 	free(r->unknown);
 	free(r->methods);
@@ -135,7 +138,7 @@ static int add(pbrpc__registry *r, ProtobufCService *service, bool owned)
 		place(r->methods, r->methods_cap, &fresh[i]);
 	r->n_methods += d->n_methods;
 	free(fresh);
-	r->services[r->n_services++] = (pbrpc__service_entry){ service, owned, true };
+	r->services[r->n_services++] = (pbrpc__service_entry){ service, owned, true, NULL };
 	return 0;
 }
 

@@ -28,6 +28,14 @@ typedef struct pbrpc__method_stats {
 	uint64_t in_flight;                 /* handed to the handler, not answered */
 } pbrpc__method_stats;
 
+/* A service's or a method's policy (authz.c): a copy of the user's
+ * pbrpc_policy, whose lists it owns. */
+typedef struct pbrpc__policy {
+	pbrpc_policy p;
+} pbrpc__policy;
+
+void pbrpc__policy_free(pbrpc__policy *p);
+
 typedef struct pbrpc__method {
 	char *name; /* "pkg.Service/Method", NUL-terminated */
 	size_t len;
@@ -36,12 +44,15 @@ typedef struct pbrpc__method {
 	unsigned index; /* method index within the service */
 	bool missing;   /* its handler slot was NULL at registration */
 	pbrpc__method_stats *stats; /* once counting is on (stays put on rehash) */
+	const pbrpc__policy *policy; /* in force: its own, else its service's; NULL: none */
+	pbrpc__policy *own_policy;   /* set for this method (owned) */
 } pbrpc__method;
 
 typedef struct pbrpc__service_entry {
 	ProtobufCService *service;
 	bool owned;   /* built-in: destroyed with the registry */
 	bool serving; /* as pbrpc.Health reports it */
+	pbrpc__policy *policy; /* for its methods without their own (owned) */
 } pbrpc__service_entry;
 
 typedef struct pbrpc__registry {

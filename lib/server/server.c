@@ -188,6 +188,7 @@ PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
 	pbrpc__srv_calls_free(srv);
 	pthread_mutex_unlock(&srv->cq_mu);
 	pbrpc__registry_fini(&srv->reg);
+	pbrpc__authz_fini(srv);
 	pbrpc__arena_spare_free(&srv->spare_big);
 	pbrpc__heap_fini(&srv->timers);
 	free(srv->scratch);

@@ -54,11 +54,23 @@ typedef struct srv_listener {
 	ino_t ino;
 } srv_listener;
 
+/* A Unix peer's supplementary groups and pidfd (authz.c), read at accept
+ * and shared by its connection and its calls, which may outlive it. Only the
+ * loop thread changes refs; handlers read the rest. Allocated only when
+ * there is something to hold (a group, a pidfd). */
+typedef struct srv_peer {
+	unsigned refs;
+	int pidfd; /* -1: none; closed with the last reference */
+	uint32_t n_groups;
+	gid_t groups[];
+} srv_peer;
+
 typedef struct srv_conn {
 	enum srv_src src;
 	pbrpc__conn base;
 	pbrpc_server *srv;
 	bool has_cred;
+	bool uid_counted; /* counted in srv->uids (max_connections_per_uid) */
 	uint32_t events; /* what epoll has registered */
 	struct ucred cred;
 	char peer[64]; /* "unix" or "tcp:ADDR:PORT", for pbrpc_call_info */
@@ -68,6 +80,10 @@ typedef struct srv_conn {
 	size_t mem_io;      /* decoder footprint + writer capacity, last sampled */
 	size_t mem_used;    /* mem_io + the mem of its calls not yet answered */
 	unsigned fds_held;  /* request fds of its calls not yet answered */
+	srv_peer *peer_ext; /* groups and pidfd, or NULL (authz.c) */
+	const pbrpc__policy *admitted; /* the last policy without a check that
+	                                * admitted this peer (cleared when any
+	                                * policy changes): no second look */
 } srv_conn;
 
 typedef struct srv_call {
@@ -93,6 +109,7 @@ typedef struct srv_call {
 	pbrpc__timer timer;
 	bool has_cred;
 	struct ucred cred; /* copied from the connection: it may close first */
+	srv_peer *peer_ext; /* a reference to the connection's, or NULL */
 	uint8_t *md; /* copy of the request's metadata block */
 	size_t md_len, md_cap;
 	pbrpc__arena arena;
@@ -179,6 +196,15 @@ struct pbrpc_server {
 	size_t easy_room;           /* max(max_frame, 1 MiB) */
 	unsigned mem_paused; /* connections not read for want of memory */
 	bool trim;           /* large blocks were freed: malloc_trim at the sweep */
+	/* authz.c: connections per uid (max_connections_per_uid), an open
+	 * addressing table; pidfds wanted (a policy has a check); the
+	 * rate-limited "permission denied" and "too many connections for uid"
+	 * lines */
+	struct srv_uid_count *uids;
+	size_t uids_cap, n_uids;
+	bool want_pidfd;
+	uint64_t denied_quiet, uid_refused_quiet; /* not logged yet */
+	int64_t denied_log_next, uid_log_next;
 };
 
 /* The bytes a connection may still take: the smaller of its share's and the
@@ -213,10 +239,20 @@ void pbrpc__srv_mark_dirty(srv_conn *c);
 void pbrpc__srv_conn_closed(srv_conn *c);
 void pbrpc__srv_conn_free(srv_conn *c);
 
+/* authz.c: peers' credentials, policies, connections per uid */
+const char *pbrpc__authz_refusal(srv_conn *c, const pbrpc__method *m, char *text, size_t len);
+bool pbrpc__authz_uid_full(pbrpc_server *srv, uid_t uid);
+void pbrpc__authz_refuse_uid(pbrpc_server *srv, int fd, uid_t uid);
+void pbrpc__authz_conn_open(srv_conn *c, int fd);
+void pbrpc__authz_conn_closed(srv_conn *c);
+void pbrpc__authz_peer_unref(srv_peer *p);
+void pbrpc__authz_fini(pbrpc_server *srv);
+
 /* listener.c */
 void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l);
 void pbrpc__srv_accept_resume(pbrpc_server *srv);
 int pbrpc__srv_reserve_fd(pbrpc_server *srv);
+void pbrpc__srv_refuse_with(pbrpc_server *srv, int fd, int status, const char *why);
 void pbrpc__srv_listeners_close(pbrpc_server *srv);
 
 #endif

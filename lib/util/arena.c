@@ -3,7 +3,7 @@
 #include <stdalign.h>
 #include <stdlib.h>
 
-#define ARENA_FIRST 4096u  /* first retained buffer */
+#define ARENA_FIRST 1024u  /* first retained buffer; it grows to fit at reset */
 #define ARENA_CHUNK 8192u  /* smallest extra chunk */
 
 struct pbrpc__arena_chunk {

@@ -125,6 +125,10 @@ typedef struct pbrpc_server_opts {
 	size_t memfd_threshold;      /* replies whose body is larger go in a sealed
 	                              * memfd where the client supports it; default
 	                              * PBRPC_MEMFD_THRESHOLD_DEFAULT (never) */
+	/* Local trust (pbrpc_server_set_policy): */
+	uint32_t max_connections_per_uid; /* Unix peers of one uid open at once;
+	                              * one more is refused as max_connections
+	                              * refuses; default 0: no cap but the global */
 } pbrpc_server_opts;
 
 /* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
@@ -157,6 +161,58 @@ PBRPC_EXPORT int pbrpc_server_enable_stats(pbrpc_server *srv);
 /* Marks a registered service (or "" for the whole server) SERVING or not, as
  * pbrpc.Health reports it. Returns 0 or PBRPC_EINVALID for an unknown name. */
 PBRPC_EXPORT int pbrpc_server_set_serving(pbrpc_server *srv, const char *service, bool serving);
+
+/* ---- who may call what ----
+ * A Unix peer's credentials are read once, when its connection is accepted:
+ * SO_PEERCRED (pid, uid, gid), its supplementary groups (SO_PEERGROUPS) and,
+ * when a policy has a callback and the kernel offers SO_PEERPIDFD (Linux
+ * 6.5), a pidfd of the connecting process. A TCP peer has none. */
+typedef struct pbrpc_peer {
+	bool has_cred;         /* false on TCP: nothing below is set */
+	pid_t pid;
+	uid_t uid;
+	gid_t gid;             /* primary group */
+	const gid_t *groups;   /* supplementary groups, as the kernel reported
+	                        * them when the peer connected */
+	size_t n_groups;
+	int pidfd;             /* of pid, or -1 (no callback policy when the
+	                        * connection came, or an older kernel); owned
+	                        * by pbrpc: do not close it */
+} pbrpc_peer;
+
+/* A policy's own test: true lets the call through. Runs on the loop thread
+ * before the request is unpacked, for Unix peers the lists did not admit;
+ * `method` is "package.Service/Method". Keep it short (the loop waits). */
+typedef bool (*pbrpc_authz_cb)(void *user, const pbrpc_peer *peer, const char *method);
+
+/* Who may call a service or a method. A Unix peer is admitted when any_local
+ * is set, its uid is in uids, its primary gid or one of its supplementary
+ * groups is in gids, or check returns true; a TCP peer when allow_tcp is set
+ * (the lists and check are not consulted for it). A policy that admits
+ * nothing refuses every call. */
+typedef struct pbrpc_policy {
+	const uid_t *uids;
+	size_t n_uids;
+	const gid_t *gids;
+	size_t n_gids;
+	pbrpc_authz_cb check;  /* may be NULL */
+	void *check_user;
+	bool any_local;        /* every Unix peer */
+	bool allow_tcp;        /* peers without credentials (TCP) */
+} pbrpc_policy;
+
+/* Sets the policy of a registered service ("demo.Kv") or method
+ * ("demo.Kv/Put"); a method's own policy takes precedence over its
+ * service's. NULL removes it (then the service's, or none: everyone may
+ * call). The lists are copied; check_user is borrowed. Without any policy a
+ * request costs nothing more. A refused request is answered
+ * PERMISSION_DENIED before its body is unpacked (the handler never runs),
+ * counted in pbrpc_server_stats.calls_denied and in pbrpc.Stats under its
+ * method, and logged (WARN, at most one line a second, with a count).
+ * Set policies before listening: a connection accepted before the first
+ * policy with a check has no pidfd. Returns 0, PBRPC_EINVALID for a name not
+ * registered, -ENOMEM. */
+PBRPC_EXPORT int pbrpc_server_set_policy(pbrpc_server *srv, const char *name, const pbrpc_policy *policy);
 
 /* Starts listening on an endpoint string (see endpoint.h). Returns the
  * listener's index (>= 0) or a negative code: PBRPC_EADDRESS, -EADDRINUSE,
@@ -201,6 +257,7 @@ typedef struct pbrpc_server_stats {
 	uint64_t calls_started;
 	uint64_t calls_completed;
 	uint64_t calls_in_flight;
+	uint64_t calls_denied;         /* refused by a policy: PERMISSION_DENIED */
 } pbrpc_server_stats;
 
 PBRPC_EXPORT void pbrpc_server_get_stats(const pbrpc_server *srv, pbrpc_server_stats *out);
@@ -254,6 +311,10 @@ PBRPC_EXPORT int pbrpc_call_take_fd(void *closure_data, unsigned index);
  * not announce the FDS feature); PBRPC_ETOOBIG past PBRPC_FDS_MAX fds;
  * PBRPC_EINVALID, -ENOMEM. Call before the closure. */
 PBRPC_EXPORT int pbrpc_call_attach_fd(void *closure_data, int fd);
+/* The peer of the call, groups and pidfd included (see pbrpc_peer), valid
+ * until the closure has been called. Returns 0 (for a TCP peer too, with
+ * has_cred false) or PBRPC_EINVALID. */
+PBRPC_EXPORT int pbrpc_call_peer(void *closure_data, pbrpc_peer *out);
 
 #ifdef __cplusplus
 }
