@@ -76,7 +76,7 @@ static __attribute__((noinline)) bool reply_take_fds(pbrpc__conn *b, call *x, pb
 		}
 		char why[160];
 		const uint8_t *map;
-		if (pbrpc__memfd_map(b->frame_fds[0], r->body_fd_len, &map, why, sizeof(why)) < 0) {
+		if (pbrpc__memfd_map(pbrpc__conn_frame_fds(b)[0], r->body_fd_len, &map, why, sizeof(why)) < 0) {
 			pbrpc__cl_call_fail(x, PBRPC_STATUS_INTERNAL, PBRPC_EPROTO, "%s", why);
 			return false;
 		}
@@ -95,9 +95,10 @@ static __attribute__((noinline)) bool reply_take_fds(pbrpc__conn *b, call *x, pb
 			x->fds = p;
 			x->fds_cap = n;
 		}
-		memcpy(x->fds, b->frame_fds + skip, n * sizeof(int));
+		int *ff = pbrpc__conn_frame_fds(b);
+		memcpy(x->fds, ff + skip, n * sizeof(int));
 		for (unsigned i = skip; i < b->frame_nfds; i++)
-			b->frame_fds[i] = -1;
+			ff[i] = -1;
 		x->nfds = n;
 	}
 	return true;

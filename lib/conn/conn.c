@@ -49,21 +49,18 @@ int pbrpc__conn_init(pbrpc__conn *c, int fd, pbrpc__conn_role role, const pbrpc_
 	return pbrpc__wire_write_preface(&c->out, &h);
 }
 
-static void close_rx_fds(pbrpc__conn *c)
-{
-	pbrpc__io_close_fds(c->rx_fds, c->rx_nfds);
-	c->rx_nfds = 0;
-	c->rx_nb = 0;
-}
+static void close_rx_fds(pbrpc__conn *c);
+static void frame_fds_drop(pbrpc__conn *c);
 
 void pbrpc__conn_fini(pbrpc__conn *c)
 {
 	close_rx_fds(c);
-	pbrpc__io_close_fds(c->frame_fds, c->frame_nfds);
-	free(c->rx_fds);
-	free(c->frame_fds);
-	c->rx_fds = c->frame_fds = NULL;
-	c->frame_nfds = c->rx_cap = c->frame_cap = 0;
+	if (c->fdx) {
+		frame_fds_drop(c);
+		free(c->fdx->rx_fds);
+		free(c->fdx);
+		c->fdx = NULL;
+	}
 	pbrpc__frame_decoder_fini(&c->dec);
 	pbrpc__frame_writer_fini(&c->out);
 	pbrpc__idmap_fini(&c->calls);
@@ -141,7 +138,7 @@ void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
 		pbrpc__conn_close(c, err, "connection closed by %s", peer);
 	else if (err == PBRPC_ETRUNCATED)
 		pbrpc__conn_close(c, err, "connection closed by %s in the middle of a frame", peer);
-	else if (err == PBRPC_EPROTO && c->fd_why[0])
+	else if (err == PBRPC_EPROTO && c->fd_why)
 		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err, "%s", c->fd_why);
 	else
 		pbrpc__conn_close(c, err, "connection lost: read failed: %s", pbrpc_strerror(err));
@@ -167,38 +164,61 @@ static ssize_t eat_preface(pbrpc__conn *c, const uint8_t *p, size_t n)
 
 /* Notes the fds one read brought; `len` bytes of it went to the decoder.
  * Returns 0 or PBRPC_EPROTO with fd_why set (the fds are closed). */
-static int rx_note(pbrpc__conn *c, pbrpc__io_fds *rx, size_t len)
+static __attribute__((noinline)) int rx_note_slow(pbrpc__conn *c, pbrpc__io_fds *rx, uint64_t start, size_t len)
+{
+	const char *peer = pbrpc__conn_peer_name(c);
+	if (!c->fdx && !(c->fdx = calloc(1, sizeof(*c->fdx)))) {
+		c->fd_why = "out of memory for received file descriptors";
+		goto fail;
+	}
+	pbrpc__conn_fdx *x = c->fdx;
+	if (rx->truncated) {
+		snprintf(x->why, sizeof(x->why), "file descriptors from the %s were lost (MSG_CTRUNC)", peer);
+		goto why;
+	}
+	if (c->rx_nb == PBRPC__CONN_FD_BATCHES || x->rx_nfds + rx->n > 4 * PBRPC__IO_FDS_MAX) {
+		snprintf(x->why, sizeof(x->why), "too many file descriptors from the %s not claimed by a frame", peer);
+		goto why;
+	}
+	if (x->rx_nfds + rx->n > x->rx_cap) {
+		unsigned cap = x->rx_cap ? x->rx_cap : 16;
+		while (cap < x->rx_nfds + rx->n)
+			cap *= 2;
+		int *nb = realloc(x->rx_fds, cap * sizeof(int));
+		if (!nb) {
+			c->fd_why = "out of memory for received file descriptors";
+			goto fail;
+		}
+		x->rx_fds = nb;
+		x->rx_cap = cap;
+	}
+	memcpy(x->rx_fds + x->rx_nfds, rx->fds, rx->n * sizeof(int));
+	x->rx_nfds += rx->n;
+	x->rx_b[c->rx_nb++] = (pbrpc__conn_fdbatch){ .start = start, .end = start + len, .n = rx->n };
+	return 0;
+why:
+	c->fd_why = x->why;
+fail:
+	pbrpc__io_close_fds(rx->fds, rx->n);
+	return PBRPC_EPROTO;
+}
+
+static inline int rx_note(pbrpc__conn *c, pbrpc__io_fds *rx, size_t len)
 {
 	uint64_t start = c->rx_pos;
 	c->rx_pos += len;
 	if (__builtin_expect(!rx->n && !rx->truncated, 1))
 		return 0;
-	if (rx->truncated)
-		snprintf(c->fd_why, sizeof(c->fd_why), "file descriptors from the %s were lost (MSG_CTRUNC)",
-			 pbrpc__conn_peer_name(c));
-	else if (c->rx_nb == PBRPC__CONN_FD_BATCHES || c->rx_nfds + rx->n > 4 * PBRPC__IO_FDS_MAX)
-		snprintf(c->fd_why, sizeof(c->fd_why), "too many file descriptors from the %s not claimed by a frame",
-			 pbrpc__conn_peer_name(c));
-	if (c->rx_nfds + rx->n > c->rx_cap && !c->fd_why[0]) {
-		unsigned cap = c->rx_cap ? c->rx_cap : 16;
-		while (cap < c->rx_nfds + rx->n)
-			cap *= 2;
-		int *nb = realloc(c->rx_fds, cap * sizeof(int));
-		if (!nb)
-			snprintf(c->fd_why, sizeof(c->fd_why), "out of memory for received file descriptors");
-		else {
-			c->rx_fds = nb;
-			c->rx_cap = cap;
-		}
+	return rx_note_slow(c, rx, start, len);
+}
+
+static void close_rx_fds(pbrpc__conn *c)
+{
+	if (c->fdx) {
+		pbrpc__io_close_fds(c->fdx->rx_fds, c->fdx->rx_nfds);
+		c->fdx->rx_nfds = 0;
 	}
-	if (c->fd_why[0]) {
-		pbrpc__io_close_fds(rx->fds, rx->n);
-		return PBRPC_EPROTO;
-	}
-	memcpy(c->rx_fds + c->rx_nfds, rx->fds, rx->n * sizeof(int));
-	c->rx_nfds += rx->n;
-	c->rx_b[c->rx_nb++] = (pbrpc__conn_fdbatch){ .start = start, .end = start + len, .n = rx->n };
-	return 0;
+	c->rx_nb = 0;
 }
 
 ssize_t pbrpc__conn_recv_open_fds(pbrpc__conn *c, int flags)
@@ -233,8 +253,8 @@ __attribute__((format(printf, 2, 3))) static bool fd_fail(pbrpc__conn *c, const 
  * frames are). */
 static bool rx_orphans(pbrpc__conn *c, uint64_t done)
 {
-	if (c->rx_nb && c->rx_b[0].end <= done)
-		return fd_fail(c, "%u file descriptors arrived with no frame that declared them", c->rx_b[0].n);
+	if (c->rx_nb && c->fdx->rx_b[0].end <= done)
+		return fd_fail(c, "%u file descriptors arrived with no frame that declared them", c->fdx->rx_b[0].n);
 	return true;
 }
 
@@ -249,45 +269,34 @@ static bool rx_claim(pbrpc__conn *c, const pbrpc__frame_header *h, uint64_t star
 	if (!rx_orphans(c, start))
 		return false;
 	unsigned n = h->reserved;
+	pbrpc__conn_fdx *x = c->fdx;
 	if (!n) {
-		if (c->rx_nb && c->rx_b[0].start <= start && end >= c->rx_b[0].end)
-			return fd_fail(c, "%u file descriptors arrived with a %s frame that declared none", c->rx_b[0].n,
+		if (c->rx_nb && x->rx_b[0].start <= start && end >= x->rx_b[0].end)
+			return fd_fail(c, "%u file descriptors arrived with a %s frame that declared none", x->rx_b[0].n,
 				       pbrpc__wire_frame_name(h->type));
 		return true;
 	}
 	if (h->type != PBRPC_FRAME_REQUEST && h->type != PBRPC_FRAME_RESPONSE)
 		return fd_fail(c, "%s frame with a file descriptor count (%u)", pbrpc__wire_frame_name(h->type), n);
-	if (!c->rx_nb || c->rx_b[0].start > start)
+	if (!c->rx_nb || x->rx_b[0].start > start)
 		return fd_fail(c, "%s frame declares %u file descriptors, none arrived with it",
 			       pbrpc__wire_frame_name(h->type), n);
-	if (c->rx_b[0].n != n)
+	if (x->rx_b[0].n != n)
 		return fd_fail(c, "%s frame declares %u file descriptors, %u arrived with it",
-			       pbrpc__wire_frame_name(h->type), n, c->rx_b[0].n);
-	if (n > c->frame_cap) {
-		int *nb = realloc(c->frame_fds, PBRPC__IO_FDS_MAX * sizeof(int));
-		if (!nb)
-			return fd_fail(c, "out of memory for received file descriptors");
-		c->frame_fds = nb;
-		c->frame_cap = PBRPC__IO_FDS_MAX;
-	}
-	memcpy(c->frame_fds, c->rx_fds, n * sizeof(int));
+			       pbrpc__wire_frame_name(h->type), n, x->rx_b[0].n);
+	memcpy(x->frame_fds, x->rx_fds, n * sizeof(int));
 	c->frame_nfds = n;
-	c->rx_nfds -= n;
-	memmove(c->rx_fds, c->rx_fds + n, c->rx_nfds * sizeof(int));
+	x->rx_nfds -= n;
+	memmove(x->rx_fds, x->rx_fds + n, x->rx_nfds * sizeof(int));
 	c->rx_nb--;
-	memmove(c->rx_b, c->rx_b + 1, c->rx_nb * sizeof(c->rx_b[0]));
+	memmove(x->rx_b, x->rx_b + 1, c->rx_nb * sizeof(x->rx_b[0]));
 	return true;
-}
-
-void pbrpc__conn_take_fds(pbrpc__conn *c, int *out)
-{
-	memcpy(out, c->frame_fds, c->frame_nfds * sizeof(int));
-	c->frame_nfds = 0;
 }
 
 static void frame_fds_drop(pbrpc__conn *c)
 {
-	pbrpc__io_close_fds(c->frame_fds, c->frame_nfds);
+	if (c->frame_nfds)
+		pbrpc__io_close_fds(c->fdx->frame_fds, c->frame_nfds);
 	c->frame_nfds = 0;
 }
 

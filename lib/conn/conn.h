@@ -32,6 +32,7 @@
 #include "proto/wire.h"
 #include "util/clock.h"
 #include "util/idmap.h"
+#include "util/io.h"
 
 typedef enum pbrpc__conn_state {
 	PBRPC__CONN_PREFACE, /* waiting for the peer's 8-byte preface */
@@ -86,6 +87,8 @@ struct pbrpc__conn {
 	bool resume;         /* just unpaused: frames stashed in the decoder wait */
 	bool read_eof;       /* server: the client half-closed with calls in flight */
 	bool mem_paused;     /* the role's memory budget is spent: stop reading */
+	bool unix_sock;      /* AF_UNIX: the fd features may be announced */
+	bool fd_rx;          /* reads have room for SCM_RIGHTS (see below) */
 	int goaway_sent;     /* status of the GOAWAY pbrpc__conn_fail sent, or -1 */
 	                     /* (>= 0: the connection was closed by a failure) */
 	uint32_t max_frame;      /* ours: largest payload we accept */
@@ -109,19 +112,30 @@ struct pbrpc__conn {
 
 	/* fds (features FDS and MEMFD; Unix sockets only). Received fds are
 	 * the connection's until a frame claims them, then the frame's
-	 * (frame_fds) while its handler runs: the role takes what it keeps
-	 * (pbrpc__conn_take_fds), the rest is closed when the handler returns. */
-	bool unix_sock;  /* AF_UNIX: the features may be announced */
-	bool fd_rx;      /* reads have room for SCM_RIGHTS */
-	uint8_t rx_nb;   /* batches of fds not yet claimed (rx_b, fds in rx_fds) */
-	uint64_t rx_pos; /* bytes given to the decoder so far (while fd_rx) */
+	 * (fdx->frame_fds) while its handler runs: the role takes what it
+	 * keeps, the rest is closed when the handler returns. The record for
+	 * them is allocated when fds first arrive. */
+	uint8_t rx_nb;       /* batches of fds not yet claimed (in fdx) */
+	unsigned frame_nfds; /* fds of the frame being handled */
+	uint64_t rx_pos;     /* bytes given to the decoder so far (while fd_rx) */
+	struct pbrpc__conn_fdx *fdx;
+	const char *fd_why;  /* why received fds broke the protocol (read_failed says it) */
+};
+
+typedef struct pbrpc__conn_fdx {
 	pbrpc__conn_fdbatch rx_b[PBRPC__CONN_FD_BATCHES];
 	int *rx_fds;
 	unsigned rx_nfds, rx_cap;
-	int *frame_fds; /* the fds of the frame being handled */
-	unsigned frame_nfds, frame_cap;
-	char fd_why[128]; /* why received fds broke the protocol (read_failed says it) */
-};
+	int frame_fds[PBRPC__IO_FDS_MAX];
+	char why[128];
+} pbrpc__conn_fdx;
+
+/* The fds of the frame being handled (frame_nfds of them); the role may
+ * take one by copying it and writing -1 in its place. */
+static inline int *pbrpc__conn_frame_fds(pbrpc__conn *c)
+{
+	return c->fdx->frame_fds;
+}
 
 /* Sets up c on a connected fd (taken over: pbrpc__conn_fini closes it) and
  * queues our preface and HELLO (ours; its max_frame, 0 for the default, is
@@ -153,10 +167,6 @@ static inline ssize_t pbrpc__conn_recv_open(pbrpc__conn *c, int flags)
 		return pbrpc__conn_recv_open_fds(c, flags);
 	return pbrpc__frame_decoder_recv(&c->dec, c->fd, flags);
 }
-
-/* Moves the fds of the frame being handled (on_request, on_response) to out
- * (room for c->frame_nfds): the caller owns them now. */
-void pbrpc__conn_take_fds(pbrpc__conn *c, int *out);
 
 /* True when fds may travel on c (both sides announced FDS). */
 static inline bool pbrpc__conn_fds_ok(const pbrpc__conn *c)

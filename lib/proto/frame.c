@@ -331,7 +331,7 @@ int pbrpc__frame_writer_attach_fds(pbrpc__frame_writer *w, size_t at, const int 
 	if (n > PBRPC__IO_FDS_MAX)
 		goto fail;
 	if (w->fdq_n == w->fdq_cap) {
-		size_t cap = w->fdq_cap ? 2 * w->fdq_cap : 4;
+		uint32_t cap = w->fdq_cap ? 2 * w->fdq_cap : 4;
 		pbrpc__frame_wfds *nq = realloc(w->fdq, cap * sizeof(*nq));
 		if (!nq)
 			goto fail;

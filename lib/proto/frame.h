@@ -64,6 +64,7 @@ void pbrpc__frame_header_decode(const uint8_t in[PBRPC_FRAME_HEADER_SIZE],
 typedef struct pbrpc__frame_decoder {
 	/* all fields private */
 	uint32_t max_payload;
+	bool fd_counts; /* `reserved` is an fd count (feature FDS): not checked here */
 	uint8_t *buf; /* buffered bytes are buf[head, tail) */
 	size_t cap, head, tail;
 	const uint8_t *in; /* bytes given by feed() and not yet consumed */
@@ -71,7 +72,6 @@ typedef struct pbrpc__frame_decoder {
 	uint64_t discard; /* payload bytes still to drop after skip() */
 	pbrpc__frame_header rejected; /* header of the last oversized frame */
 	int have_rejected;
-	bool fd_counts; /* `reserved` is an fd count (feature FDS): not checked here */
 } pbrpc__frame_decoder;
 
 /* Initialises an embedded decoder that accepts payloads up to max_payload bytes
@@ -155,7 +155,7 @@ typedef struct pbrpc__frame_writer {
 	size_t open_max;
 	uint64_t sent;            /* bytes flushed so far: the stream position of head */
 	pbrpc__frame_wfds *fdq;   /* frames that carry fds, in stream order */
-	size_t fdq_n, fdq_cap;
+	uint32_t fdq_n, fdq_cap;
 } pbrpc__frame_writer;
 
 /* Binds n fds to the frame just queued, which starts `at` bytes after the

@@ -706,7 +706,7 @@ static __attribute__((noinline)) const char *request_fds_refusal(srv_conn *c, pb
 		return text;
 	}
 	*status = PBRPC_STATUS_INVALID_ARGUMENT;
-	if (pbrpc__memfd_map(c->base.frame_fds[0], req->body_fd_len, map, text, len) < 0)
+	if (pbrpc__memfd_map(pbrpc__conn_frame_fds(&c->base)[0], req->body_fd_len, map, text, len) < 0)
 		return text;
 	req->body = *map;
 	req->body_len = (size_t)req->body_fd_len;
@@ -724,9 +724,10 @@ static int call_take_fds(srv_conn *c, srv_call *call, bool body_fd)
 	if (!p)
 		return -ENOMEM;
 	call->fds = p;
-	memcpy(p, b->frame_fds + skip, n * sizeof(int));
+	int *ff = pbrpc__conn_frame_fds(b);
+	memcpy(p, ff + skip, n * sizeof(int));
 	for (unsigned i = skip; i < b->frame_nfds; i++)
-		b->frame_fds[i] = -1; /* the call's now; the memfd stays the conn's, which closes it */
+		ff[i] = -1; /* the call's now; the memfd stays the conn's, which closes it */
 	call->nfds = n;
 	c->fds_held += n;
 	return 0;
