@@ -62,6 +62,7 @@ typedef struct cli {
 	pbrpc_metadata metadata[MAX_METADATA];
 	size_t metadata_count;
 	unsigned json_flags;
+	pbrpc_tls_opts tls;     /* --ca --cert --key --servername (tls: endpoints) */
 	pbrpc_client *client;
 } cli;
 
@@ -185,12 +186,12 @@ static int64_t remaining_ms(const cli *c)
 static int connect_client(cli *c)
 {
 	pbrpc_endpoint ep;
-	pbrpc_client_opts opts = { 0 };
+	pbrpc_client_opts opts = { .tls = c->tls };
 	int rc = pbrpc_endpoint_parse(c->endpoint, &ep);
 
 	if (rc == PBRPC_EADDRESS || rc == -ENAMETOOLONG) {
 		die_msg("invalid endpoint \"%s\": %s", c->endpoint,
-			rc == PBRPC_EADDRESS ? "expected unix:/path, unix:@name, tcp:host:port or tcp:[v6]:port"
+			rc == PBRPC_EADDRESS ? "expected unix:/path, unix:@name, tcp:host:port, tcp:[v6]:port or tls:host:port"
 					     : "socket path too long");
 		return EXIT_USAGE;
 	}
@@ -210,9 +211,17 @@ static int connect_client(cli *c)
 		return 0;
 	}
 	if (rc == PBRPC_EADDRESS) {
-		die_msg("invalid endpoint \"%s\": expected unix:/path, unix:@name, tcp:host:port or tcp:[v6]:port",
+		die_msg("invalid endpoint \"%s\": expected unix:/path, unix:@name, tcp:host:port, tcp:[v6]:port or tls:host:port",
 			c->endpoint);
 		return EXIT_USAGE;
+	}
+	/* The client says why in this thread's status (TLS: which certificate,
+	 * which host); plain socket errors keep their short form. */
+	const char *why = NULL;
+	pbrpc_client_status(&why);
+	if (rc == PBRPC_ETLS || rc == PBRPC_ENOTLS || rc == PBRPC_EGOAWAY || rc == PBRPC_EBADMAGIC) {
+		die_msg("cannot connect to %s: %s", c->endpoint, why && *why ? why : pbrpc_strerror(rc));
+		return EXIT_CONNECT;
 	}
 	die_msg("cannot connect to %s: %s%s", c->endpoint, pbrpc_strerror(rc),
 		rc == -ENOENT || rc == -ECONNREFUSED ? " (is pbrpc-server running?)" : "");
@@ -1126,6 +1135,12 @@ static const char options_text[] =
 	"                             stats: table (default) or prometheus\n"
 	"      --emit-defaults        call: also print fields at their default value\n"
 	"      --template             describe: print a JSON request skeleton\n"
+	"      --ca FILE|DIR          tls: verify the server with these CAs\n"
+	"                             (default: the system's store)\n"
+	"      --cert FILE            tls: our certificate chain, for mutual TLS\n"
+	"      --key FILE             tls: its private key (default: in --cert's file)\n"
+	"      --servername NAME      tls: the name the server's certificate must\n"
+	"                             match, and SNI (default: the endpoint's host)\n"
 	"  -v, --verbose              show what is sent and received on stderr: the\n"
 	"                             connection, each call's metadata, size, status\n"
 	"                             and time\n"
@@ -1144,7 +1159,8 @@ static const char usage_text[] =
 	"\n"
 	"%s"
 	"\n"
-	"ENDPOINT is unix:/path, unix:@abstract-name, tcp:host:port or tcp:[v6]:port.\n"
+	"ENDPOINT is unix:/path, unix:@abstract-name, tcp:host:port, tcp:[v6]:port\n"
+	"or tls:host:port (TLS: see --ca).\n"
 	"When it is omitted, or given as \"-\", $PBRPC_ENDPOINT is used.\n"
 	"\n"
 	"Exit status:\n"
@@ -1270,6 +1286,7 @@ static int load_protoset(cli *c)
 int main(int argc, char **argv)
 {
 	enum { OPT_EMIT_DEFAULTS = 0x100, OPT_FORMAT, OPT_PROTOSET, OPT_TEMPLATE };
+	enum { OPT_TLS_CA = 0x200, OPT_TLS_CERT, OPT_TLS_KEY, OPT_TLS_SERVERNAME }; /* TLS (issue 12) */
 	static const struct option longopts[] = {
 		{ "timeout", required_argument, NULL, 't' },
 		{ "metadata", required_argument, NULL, 'm' },
@@ -1277,6 +1294,10 @@ int main(int argc, char **argv)
 		{ "format", required_argument, NULL, OPT_FORMAT },
 		{ "protoset", required_argument, NULL, OPT_PROTOSET },
 		{ "template", no_argument, NULL, OPT_TEMPLATE },
+		{ "ca", required_argument, NULL, OPT_TLS_CA },
+		{ "cert", required_argument, NULL, OPT_TLS_CERT },
+		{ "key", required_argument, NULL, OPT_TLS_KEY },
+		{ "servername", required_argument, NULL, OPT_TLS_SERVERNAME },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
@@ -1325,6 +1346,18 @@ int main(int argc, char **argv)
 			break;
 		case OPT_TEMPLATE:
 			c.template = true;
+			break;
+		case OPT_TLS_CA:
+			c.tls.ca = optarg;
+			break;
+		case OPT_TLS_CERT:
+			c.tls.cert = optarg;
+			break;
+		case OPT_TLS_KEY:
+			c.tls.key = optarg;
+			break;
+		case OPT_TLS_SERVERNAME:
+			c.tls.server_name = optarg;
 			break;
 		case 'v':
 			c.verbose = true;

@@ -190,7 +190,8 @@ static void usage(FILE *f)
 		"pbrpc.Reflection and pbrpc.Stats. Each call is logged at info.\n"
 		"\n"
 		"  -l, --listen ENDPOINT   listen on ENDPOINT (repeatable): unix:/path,\n"
-		"                          unix:@abstract, tcp:HOST:PORT, tcp:[V6]:PORT;\n"
+		"                          unix:@abstract, tcp:HOST:PORT, tcp:[V6]:PORT,\n"
+		"                          tls:HOST:PORT (TLS: needs --cert and --key);\n"
 		"                          default unix:$XDG_RUNTIME_DIR/pbrpc-demo.sock\n"
 		"                          (or unix:/tmp/pbrpc-demo-$UID.sock)\n"
 		"  -m, --socket-mode OCTAL permissions of Unix socket files (e.g. 0660)\n"
@@ -222,6 +223,24 @@ static void usage(FILE *f)
 		"      --drain-timeout DURATION\n"
 		"                          on SIGINT or SIGTERM, let calls in flight finish\n"
 		"                          for this long (default 5s; 0: close at once)\n"
+		"      --keepalive-interval DURATION\n"
+		"                          PING a connection that sent nothing this long\n"
+		"                          (default 0: never)\n"
+		"      --keepalive-timeout DURATION\n"
+		"                          ...and close it when nothing comes back within\n"
+		"                          this (default 20s)\n"
+		"      --max-connection-age DURATION\n"
+		"                          drain a connection this old (+-10%%) with GOAWAY,\n"
+		"                          so that clients reconnect (default 0: never)\n"
+		"      --max-connection-age-grace DURATION\n"
+		"                          close a connection this long after its age\n"
+		"                          GOAWAY, calls still in flight failing (default 30s)\n"
+		"      --cert FILE         TLS certificate chain (PEM) for tls: endpoints\n"
+		"      --key FILE          its private key (PEM; default: in --cert's file)\n"
+		"      --ca FILE|DIR       verify client certificates with these CAs (mutual\n"
+		"                          TLS); clients without a valid one are refused\n"
+		"      --client-cert MODE  with --ca: require (default) or request (verify\n"
+		"                          one if sent, accept clients without)\n"
 		"  -L, --log-level LEVEL   error, warn, info (default) or debug\n"
 		"  -h, --help              show this help and exit\n"
 		"  -V, --version           show the version and exit\n"
@@ -549,7 +568,11 @@ static void parse_allow(config *cfg, char *arg)
 /* Long options without a short form. */
 enum { OPT_MAX_CONNECTIONS = 256, OPT_MAX_CALLS, OPT_IDLE_TIMEOUT, OPT_HANDSHAKE_TIMEOUT, OPT_DRAIN_TIMEOUT };
 /* Local trust (--allow and friends). */
-enum { OPT_ALLOW = 320, OPT_MAX_PER_UID, OPT_SOCKET_GROUP };
+enum { OPT_ALLOW = 384, OPT_MAX_PER_UID, OPT_SOCKET_GROUP };
+/* Keepalive and connection age. */
+enum { OPT_KEEPALIVE_INTERVAL = 320, OPT_KEEPALIVE_TIMEOUT, OPT_MAX_CONNECTION_AGE, OPT_MAX_CONNECTION_AGE_GRACE };
+/* TLS's options (issue 12), apart so that other options' enums merge. */
+enum { OPT_TLS_CERT = 512, OPT_TLS_KEY, OPT_TLS_CA, OPT_TLS_CLIENT_CERT };
 
 static void parse_args(int argc, char **argv, config *cfg)
 {
@@ -568,6 +591,14 @@ static void parse_args(int argc, char **argv, config *cfg)
 		{ "max-connections-per-uid", required_argument, NULL, OPT_MAX_PER_UID },
 		{ "max-conns-per-uid", required_argument, NULL, OPT_MAX_PER_UID },
 		{ "socket-group", required_argument, NULL, OPT_SOCKET_GROUP },
+		{ "keepalive-interval", required_argument, NULL, OPT_KEEPALIVE_INTERVAL },
+		{ "keepalive-timeout", required_argument, NULL, OPT_KEEPALIVE_TIMEOUT },
+		{ "max-connection-age", required_argument, NULL, OPT_MAX_CONNECTION_AGE },
+		{ "max-connection-age-grace", required_argument, NULL, OPT_MAX_CONNECTION_AGE_GRACE },
+		{ "cert", required_argument, NULL, OPT_TLS_CERT },
+		{ "key", required_argument, NULL, OPT_TLS_KEY },
+		{ "ca", required_argument, NULL, OPT_TLS_CA },
+		{ "client-cert", required_argument, NULL, OPT_TLS_CLIENT_CERT },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -627,6 +658,37 @@ static void parse_args(int argc, char **argv, config *cfg)
 			cfg->socket_group = parse_group("--socket-group", optarg, optarg);
 			cfg->has_group = true;
 			break;
+		case OPT_KEEPALIVE_INTERVAL:
+			cfg->opts.keepalive_interval_ms = parse_duration("--keepalive-interval", optarg, true);
+			break;
+		case OPT_KEEPALIVE_TIMEOUT:
+			cfg->opts.keepalive_timeout_ms = parse_duration("--keepalive-timeout", optarg, false);
+			break;
+		case OPT_MAX_CONNECTION_AGE:
+			cfg->opts.max_connection_age_ms = parse_duration("--max-connection-age", optarg, true);
+			break;
+		case OPT_MAX_CONNECTION_AGE_GRACE:
+			cfg->opts.max_connection_age_grace_ms = parse_duration("--max-connection-age-grace", optarg, false);
+			break;
+		case OPT_TLS_CERT:
+			cfg->opts.tls.cert = optarg;
+			break;
+		case OPT_TLS_KEY:
+			cfg->opts.tls.key = optarg;
+			break;
+		case OPT_TLS_CA:
+			cfg->opts.tls.ca = optarg;
+			break;
+		case OPT_TLS_CLIENT_CERT:
+			if (strcmp(optarg, "require") == 0)
+				cfg->opts.tls.verify = PBRPC_TLS_VERIFY_REQUIRE;
+			else if (strcmp(optarg, "request") == 0)
+				cfg->opts.tls.verify = PBRPC_TLS_VERIFY_REQUEST;
+			else {
+				errorf("--client-cert: expected require or request, got '%s'", optarg);
+				exit(2);
+			}
+			break;
 		case 'h':
 			usage(stdout);
 			exit(0);
@@ -653,6 +715,14 @@ static void parse_args(int argc, char **argv, config *cfg)
 	}
 	if (cfg->has_group && !cfg->has_mode)
 		cfg->opts.socket_mode = 0660;
+	if ((cfg->opts.tls.key || cfg->opts.tls.ca) && !cfg->opts.tls.cert) {
+		errorf("%s needs --cert", cfg->opts.tls.key ? "--key" : "--ca");
+		exit(2);
+	}
+	if (cfg->opts.tls.verify && !cfg->opts.tls.ca) {
+		errorf("--client-cert needs --ca");
+		exit(2);
+	}
 }
 
 /* The --allow rules, once the services are registered. Returns 0, or prints

@@ -248,7 +248,7 @@ expect "no endpoint at all" 2 "" \
 	"pbrpc: describe: no ENDPOINT given and \$PBRPC_ENDPOINT is not set (usage: pbrpc describe [ENDPOINT] [SYMBOL])" \
 	env -u PBRPC_ENDPOINT "$pbrpc" describe demo.Kv
 expect "invalid endpoint" 2 "" \
-	'pbrpc: invalid endpoint "x": expected unix:/path, unix:@name, tcp:host:port or tcp:[v6]:port' \
+	'pbrpc: invalid endpoint "x": expected unix:/path, unix:@name, tcp:host:port, tcp:[v6]:port or tls:host:port' \
 	"$pbrpc" list x
 expect "unreachable server" 3 "" \
 	"pbrpc: cannot connect to unix:$tmp/nope.sock: No such file or directory (is pbrpc-server running?)" \

@@ -1463,3 +1463,171 @@ Test(conn, recv_tiny_scratch)
 	cr_assert_arr_eq(raw_expect(&r, PBRPC_FRAME_PONG)->payload, "tinytiny", 8);
 	teardown(&t, &r);
 }
+
+/* ======================================================================== */
+/* keepalive, ping strikes and connection age                               */
+/* ======================================================================== */
+
+/* RELIABILITY 36 at the conn level: a PING after ka_interval_ns without a
+ * read, a close after ka_timeout_ns with nothing back; a PONG, or any read,
+ * answers it; reads push the next PING back. */
+Test(conn, keepalive_deadline)
+{
+	tconn t;
+	raw r;
+	setup_open(&t, &r, PBRPC__CONN_SERVER, 0);
+	const int64_t T0 = 5000 * MS;
+	t.c.last_read = T0;
+	t.c.ka_interval_ns = 100 * MS;
+	t.c.ka_timeout_ns = 50 * MS;
+	cr_assert_eq(pbrpc__conn_deadline(&t.c), T0 + 100 * MS, "PING due after the interval");
+	pbrpc__conn_expire(&t.c, T0 + 99 * MS);
+	cr_assert_eq(pbrpc__conn_pending_out(&t.c), 0, "nothing before it");
+
+	/* Traffic suppresses pings: a read moves the deadline. */
+	t.c.last_read = T0 + 60 * MS;
+	cr_assert_eq(pbrpc__conn_deadline(&t.c), T0 + 160 * MS);
+	pbrpc__conn_expire(&t.c, T0 + 100 * MS);
+	cr_assert_eq(pbrpc__conn_pending_out(&t.c), 0, "no PING: the peer spoke 40 ms ago");
+
+	/* Silence: the PING goes out, the deadline becomes the timeout. */
+	pbrpc__conn_expire(&t.c, T0 + 160 * MS);
+	cr_assert_eq(t.c.ka_ping_at, T0 + 160 * MS);
+	cr_assert_eq(pbrpc__conn_deadline(&t.c), T0 + 210 * MS);
+	cr_assert_geq(pbrpc__conn_flush(&t.c, 0), 0);
+	const pbrpc__frame *f = raw_expect(&r, PBRPC_FRAME_PING);
+	cr_assert_eq(memcmp(f->payload, "pbrpc-ka", 8), 0);
+	pbrpc__conn_expire(&t.c, T0 + 200 * MS);
+	cr_assert_eq(pbrpc__conn_pending_out(&t.c), 0, "one PING outstanding at a time");
+
+	/* The PONG clears it; the next PING is an interval after the read. */
+	raw_frame(&r, PBRPC_FRAME_PONG, 0, 0, "pbrpc-ka", 8);
+	pump(&t, false);
+	t.c.last_read = T0 + 205 * MS;
+	cr_assert_eq(t.c.ka_ping_at, 0);
+	cr_assert_eq(pbrpc__conn_deadline(&t.c), T0 + 305 * MS);
+
+	/* Any bytes after the PING show the peer alive, PONG or not. */
+	pbrpc__conn_expire(&t.c, T0 + 305 * MS);
+	cr_assert_eq(t.c.ka_ping_at, T0 + 305 * MS);
+	t.c.last_read = T0 + 306 * MS;
+	cr_assert_eq(pbrpc__conn_deadline(&t.c), T0 + 406 * MS, "a read answers the PING");
+	pbrpc__conn_expire(&t.c, T0 + 360 * MS);
+	cr_assert_eq(t.closes, 0);
+
+	/* No answer within the timeout: GOAWAY(UNAVAILABLE) and a close. */
+	pbrpc__conn_expire(&t.c, T0 + 406 * MS);
+	cr_assert_eq(t.c.ka_ping_at, T0 + 406 * MS);
+	cr_assert_geq(pbrpc__conn_flush(&t.c, 0), 0);
+	raw_expect(&r, PBRPC_FRAME_PING);
+	raw_expect(&r, PBRPC_FRAME_PING);
+	pbrpc__conn_expire(&t.c, T0 + 455 * MS);
+	cr_assert_eq(t.closes, 0);
+	pbrpc__conn_expire(&t.c, T0 + 456 * MS);
+	cr_assert_eq(t.closes, 1);
+	cr_assert_eq(t.close_err, -ETIMEDOUT);
+	cr_assert_str_eq(t.why, "keepalive timeout: client sent nothing for 50 ms after a PING");
+	raw_expect_goaway(&r, PBRPC_STATUS_UNAVAILABLE, "keepalive timeout: client sent nothing for 50 ms after a PING");
+	cr_assert_eq(pbrpc__conn_deadline(&t.c), 0);
+	teardown(&t, &r);
+}
+
+/* RELIABILITY 31 at the conn level: PINGs closer than ping_min_ns without a
+ * REQUEST between are strikes; the third strike closes. */
+Test(conn, ping_strikes)
+{
+	tconn t;
+	raw r;
+	setup_open(&t, &r, PBRPC__CONN_SERVER, 0);
+	t.c.ping_min_ns = 1000 * MS;
+	int64_t now = 5000 * MS;
+	/* Spaced out: never a strike. */
+	for (int i = 0; i < 5; i++, now += 1000 * MS) {
+		t.c.last_read = now;
+		raw_frame(&r, PBRPC_FRAME_PING, 0, 0, "spaced!!", 8);
+		pump(&t, false);
+		raw_expect(&r, PBRPC_FRAME_PONG);
+	}
+	cr_assert_eq(t.c.ping_strikes, 0);
+	/* Too often, but a REQUEST between each: forgiven. */
+	for (int i = 0; i < 5; i++, now += MS) {
+		t.c.last_read = now;
+		raw_request(&r, (uint32_t)(10 + i), "a.B/C", NULL, 0);
+		raw_frame(&r, PBRPC_FRAME_PING, 0, 0, "withcall", 8);
+		pump(&t, false);
+		raw_expect(&r, PBRPC_FRAME_PONG);
+	}
+	cr_assert_eq(t.c.ping_strikes, 0);
+	cr_assert_eq(t.requests, 5);
+	/* Too often without calls: two strikes are answered, the third closes. */
+	for (int i = 0; i < 2; i++, now += 10 * MS) {
+		t.c.last_read = now;
+		raw_frame(&r, PBRPC_FRAME_PING, 0, 0, "tooquick", 8);
+		pump(&t, false);
+		raw_expect(&r, PBRPC_FRAME_PONG);
+	}
+	cr_assert_eq(t.c.ping_strikes, 2);
+	cr_assert_eq(t.closes, 0);
+	t.c.last_read = now;
+	raw_frame(&r, PBRPC_FRAME_PING, 0, 0, "tooquick", 8);
+	pump(&t, false);
+	cr_assert_eq(t.closes, 1);
+	cr_assert_eq(t.close_err, PBRPC_EPROTO);
+	const char *why = "too many pings: more than 3 PINGs less than 1000 ms apart without a call";
+	cr_assert_str_eq(t.why, why);
+	raw_expect_goaway(&r, PBRPC_STATUS_RESOURCE_EXHAUSTED, why);
+	teardown(&t, &r);
+}
+
+/* ping_min_ns 0 (a conn that sets no limit, like the client's): any rate. */
+Test(conn, ping_no_limit)
+{
+	tconn t;
+	raw r;
+	setup_open(&t, &r, PBRPC__CONN_CLIENT, 0);
+	for (int i = 0; i < 20; i++)
+		raw_frame(&r, PBRPC_FRAME_PING, 0, 0, "flooding", 8);
+	pump(&t, false);
+	for (int i = 0; i < 20; i++)
+		raw_expect(&r, PBRPC_FRAME_PONG);
+	cr_assert_eq(t.closes, 0);
+	teardown(&t, &r);
+}
+
+/* Connection age: at age_at the drain GOAWAY and its PING go out; calls in
+ * flight may finish within the grace; at its end the connection closes. */
+Test(conn, age_drain_and_grace)
+{
+	tconn t;
+	raw r;
+	setup_open(&t, &r, PBRPC__CONN_SERVER, 0);
+	const int64_t T0 = 5000 * MS;
+	t.c.age_at = T0 + 100 * MS;
+	t.c.drain_grace_ns = 50 * MS;
+	cr_assert_eq(pbrpc__conn_deadline(&t.c), T0 + 100 * MS);
+	int rec;
+	cr_assert_eq(pbrpc__idmap_put(&t.c.calls, 7, &rec), 0);
+	pbrpc__conn_expire(&t.c, T0 + 99 * MS);
+	cr_assert(!t.c.draining);
+	pbrpc__conn_expire(&t.c, T0 + 100 * MS);
+	cr_assert(t.c.draining);
+	cr_assert_eq(t.c.drain_close_at, T0 + 150 * MS);
+	cr_assert_eq(pbrpc__conn_deadline(&t.c), T0 + 150 * MS, "the grace, not the age, is due now");
+	cr_assert_geq(pbrpc__conn_flush(&t.c, 0), 0);
+	raw_expect_goaway(&r, PBRPC_STATUS_OK, "max connection age reached");
+	const pbrpc__frame *f = raw_expect(&r, PBRPC_FRAME_PING);
+	cr_assert_eq(memcmp(f->payload, "pbrpc-dr", 8), 0, "the exact drain's PING");
+	/* The PONG: the peer is quiet; the call in flight keeps it open. */
+	raw_frame(&r, PBRPC_FRAME_PONG, 0, 0, "pbrpc-dr", 8);
+	pump(&t, false);
+	cr_assert(t.c.peer_quiet);
+	cr_assert(!pbrpc__conn_drained(&t.c));
+	pbrpc__conn_expire(&t.c, T0 + 149 * MS);
+	cr_assert_eq(t.closes, 0);
+	pbrpc__conn_expire(&t.c, T0 + 150 * MS);
+	cr_assert_eq(t.closes, 1);
+	cr_assert_str_eq(t.why, "max connection age: drain grace of 50 ms ended with 1 calls in flight");
+	raw_expect_goaway(&r, PBRPC_STATUS_UNAVAILABLE,
+			  "max connection age: drain grace of 50 ms ended with 1 calls in flight");
+	teardown(&t, &r);
+}

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <regex.h>
 #include <signal.h>
 #include <stddef.h>
@@ -948,6 +949,89 @@ Test(daemon, second_signal_closes_at_once)
 	finish(&d);
 }
 
+/* Reads frames until a GOAWAY, answering PINGs when `answer`; returns its
+ * status and message, and the PINGs seen (with their first payload). */
+static int until_goaway(rp_conn *c, bool answer, int *pings, char *ping0, char *msg, size_t len)
+{
+	for (;;) {
+		pbrpc__frame f;
+		int rc = pbrpc__frame_read(&c->dec, c->fd, &f, 5000);
+		if (rc != 1)
+			return rc < 0 ? rc : -1;
+		if (f.hdr.type == PBRPC_FRAME_PING) {
+			if ((*pings)++ == 0)
+				memcpy(ping0, f.payload, 8);
+			pbrpc__frame_header h = { .type = PBRPC_FRAME_PONG };
+			if (answer)
+				cr_assert_eq(pbrpc__frame_write(c->fd, &h, f.payload, 8, 1000), 0);
+			continue;
+		}
+		if (f.hdr.type != PBRPC_FRAME_GOAWAY)
+			continue;
+		int st;
+		const char *m;
+		size_t ml;
+		cr_assert_eq(pbrpc__wire_read_goaway(&f, &st, &m, &ml), 0);
+		snprintf(msg, len, "%.*s", (int)ml, m);
+		return st;
+	}
+}
+
+typedef struct answerer {
+	rp_conn *c;
+	int status, pings;
+	int64_t at;
+	char ping0[9], msg[256];
+} answerer;
+
+static void *answerer_main(void *arg)
+{
+	answerer *w = arg;
+	w->status = until_goaway(w->c, true, &w->pings, w->ping0, w->msg, sizeof(w->msg));
+	w->at = tu_now_ms();
+	return NULL;
+}
+
+/* Issue 12: --keepalive-interval and --keepalive-timeout close a silent
+ * connection; --max-connection-age drains one that answers its PINGs. */
+Test(daemon, keepalive_and_age_options_apply)
+{
+	char ep[128];
+	snprintf(ep, sizeof(ep), "unix:%s/ka.sock", tmpdir);
+	child d;
+	spawn(&d, (const char *[]){ "--listen", ep, "--keepalive-interval", "100ms", "--keepalive-timeout", "100ms",
+				    "--max-connection-age", "1s", "--max-connection-age-grace", "2s", NULL },
+	      -1, 0);
+	wait_listening(&d);
+	rp_conn a, b;
+	cr_assert_eq(rp_open(&a, ep), 0);
+	cr_assert_eq(rp_open(&b, ep), 0);
+	int64_t t0 = tu_now_ms();
+	answerer w = { .c = &b };
+	pthread_t thr;
+	cr_assert_eq(pthread_create(&thr, NULL, answerer_main, &w), 0);
+	int pings = 0;
+	char ping0[9] = "", msg[256];
+	cr_expect_eq(until_goaway(&a, false, &pings, ping0, msg, sizeof(msg)), PBRPC_STATUS_UNAVAILABLE);
+	cr_expect_str_eq(msg, "keepalive timeout: client sent nothing for 100 ms after a PING");
+	cr_expect_eq(pings, 1);
+	cr_expect_str_eq(ping0, "pbrpc-ka");
+	cr_expect_geq(tu_now_ms() - t0, 150);
+	cr_expect_lt(tu_now_ms() - t0, 900, "closed by keepalive, before its age");
+	pthread_join(thr, NULL);
+	cr_expect_eq(w.status, PBRPC_STATUS_OK);
+	cr_expect_str_eq(w.msg, "max connection age reached");
+	int64_t age = w.at - t0;
+	cr_expect(age >= 850 && age < 2000, "drained after %lld ms (1 s +-10%%)", (long long)age);
+	cr_expect_geq(w.pings, 5, "answered keepalive PINGs meanwhile: %d", w.pings);
+	rp_close(&a);
+	rp_close(&b);
+	cr_assert_eq(kill(d.pid, SIGTERM), 0);
+	int st = wait_exit(&d, 3000);
+	cr_expect(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	finish(&d);
+}
+
 /* Defect 8: the limits as flags, validated. */
 Test(daemon, limit_options_apply)
 {
@@ -1024,6 +1108,10 @@ Test(daemon, bad_limit_options_exit_2)
 		{ { "--handshake-timeout", "99999999s" }, "--handshake-timeout" },
 		{ { "--drain-timeout", "1.5s" }, "--drain-timeout" },
 		{ { "--drain-timeout" }, "--drain-timeout" },
+		{ { "--keepalive-interval", "often" }, "--keepalive-interval" },
+		{ { "--keepalive-timeout", "0" }, "--keepalive-timeout" },
+		{ { "--max-connection-age", "2d" }, "--max-connection-age" },
+		{ { "--max-connection-age-grace", "0" }, "--max-connection-age-grace" },
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		char err[4096];
@@ -1040,7 +1128,9 @@ Test(daemon, bad_limit_options_exit_2)
 	finish(&d);
 	cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 0);
 	static const char *const flags[] = { "--max-connections N", "--max-calls N", "--idle-timeout DURATION",
-					     "--handshake-timeout DURATION", "--drain-timeout DURATION" };
+					     "--handshake-timeout DURATION", "--drain-timeout DURATION",
+					     "--keepalive-interval DURATION", "--keepalive-timeout DURATION",
+					     "--max-connection-age DURATION", "--max-connection-age-grace DURATION" };
 	for (size_t i = 0; i < sizeof(flags) / sizeof(flags[0]); i++)
 		cr_expect_not_null(strstr(out, flags[i]), "--help lacks %s:\n%s", flags[i], out);
 }

@@ -20,7 +20,7 @@ static const struct {
 
 Test(error, strerror_and_errname_for_every_pbrpc_code)
 {
-	cr_assert_eq(NERRORS, 15);
+	cr_assert_eq(NERRORS, 18);
 	for (size_t i = 0; i < NERRORS; i++) {
 		cr_assert_str_eq(pbrpc_strerror(errors[i].code), errors[i].msg, "%s", errors[i].name);
 		cr_assert_str_eq(pbrpc_errname(errors[i].code), errors[i].name);
@@ -41,6 +41,9 @@ Test(error, fixed_values)
 	cr_assert_eq(PBRPC_ETOOBIG, -4003);
 	cr_assert_eq(PBRPC_EPROTO, -4004);
 	cr_assert_eq(PBRPC_EINVALID, -4015);
+	cr_assert_eq(PBRPC_ETLS, -4016);
+	cr_assert_eq(PBRPC_ENOTLS, -4017);
+	cr_assert_eq(PBRPC_ETLSPEER, -4018);
 }
 
 Test(error, strerror_for_errno_values)
@@ -64,7 +67,7 @@ Test(error, strerror_for_zero_and_unknown_codes)
 {
 	cr_assert_str_eq(pbrpc_strerror(0), "success");
 	cr_assert_str_eq(pbrpc_errname(0), "OK");
-	static const int unknown[] = { 1, 5, 4001, -4000, -4016, -3999, -100000 };
+	static const int unknown[] = { 1, 5, 4001, -4000, -4019, -3999, -100000 };
 	for (size_t i = 0; i < sizeof(unknown) / sizeof(unknown[0]); i++) {
 		const char *s = pbrpc_strerror(unknown[i]);
 		cr_assert_not_null(s, "%d", unknown[i]);

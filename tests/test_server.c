@@ -1582,6 +1582,51 @@ Test(server, drain_reads_until_the_client_has_seen_goaway)
 	peer_close(&q);
 }
 
+/* A connection still in its handshake when the drain begins drains too:
+ * the server's HELLO is out, so the client may have sent its HELLO and a
+ * request behind it before it sees the GOAWAY. That request is answered
+ * UNAVAILABLE with NOT_RUN (safe to retry elsewhere), not lost to a close. */
+Test(server, drain_answers_a_connection_still_in_its_handshake)
+{
+	tsrv t;
+	start_server(&t, NULL, NULL);
+	peer p;
+	peer_open(&p, t.addr);
+	peer_read_hello(&p); /* the server's HELLO; ours is not sent yet */
+	pbrpc_server_shutdown(t.srv, 2500);
+	pbrpc__frame f;
+	cr_assert_eq(pbrpc__frame_read(&p.dec, p.fd, &f, 5000), 1);
+	cr_assert_eq(f.hdr.type, PBRPC_FRAME_GOAWAY, "a handshaking connection gets the drain GOAWAY");
+	cr_assert_eq(pbrpc__frame_read(&p.dec, p.fd, &f, 5000), 1);
+	cr_assert_eq(f.hdr.type, PBRPC_FRAME_PING);
+	uint8_t ping[PBRPC_WIRE_PING_SIZE];
+	memcpy(ping, f.payload, sizeof(ping));
+	/* Our HELLO and a request, as a client that had not read the GOAWAY yet. */
+	pbrpc__frame_writer w;
+	pbrpc__frame_writer_init(&w);
+	pbrpc_hello h = { .version = 1, .max_frame = 64u << 20, .agent = "test", .features = PBRPC_FEATURE_NOT_RUN };
+	cr_assert_eq(pbrpc__wire_write_preface(&w, &h), 0);
+	peer_send_writer(&p, &w);
+	pbrpc__frame_writer_fini(&w);
+	peer_request(&p, 9, "sent before the GOAWAY was read");
+	cr_assert_eq(pbrpc__frame_read(&p.dec, p.fd, &f, 5000), 1);
+	cr_assert_eq(f.hdr.type, PBRPC_FRAME_RESPONSE);
+	pbrpc__wire_response r;
+	cr_assert_eq(pbrpc__wire_read_response(&f, &r), 0);
+	cr_assert_eq(r.call_id, 9);
+	cr_assert_eq(r.status, PBRPC_STATUS_UNAVAILABLE);
+	cr_assert(r.not_run, "the refused request is marked NOT_RUN");
+	/* The PONG shows we read the GOAWAY: the server closes. */
+	pbrpc__frame_header ph = { .type = PBRPC_FRAME_PONG };
+	cr_assert_eq(pbrpc__frame_write(p.fd, &ph, ping, sizeof(ping), 5000), 0);
+	int rc = pbrpc__frame_read(&p.dec, p.fd, &f, 5000);
+	cr_assert(rc == PBRPC_EOF || rc == -ECONNRESET, "expected close, got %s", pbrpc_strerror(rc));
+	pthread_join(t.thr, NULL);
+	pbrpc_server_free(t.srv);
+	rmdir(t.dir);
+	peer_close(&p);
+}
+
 Test(server, forced_drain_answers_unavailable)
 {
 	tsrv t;

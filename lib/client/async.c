@@ -36,6 +36,9 @@ static chan *async_conn(pbrpc_client *c, call *x, int64_t *now_io)
 			return NULL;
 		}
 		chan *k = c->cur;
+		if (k && __builtin_expect(*now_io - k->used_at >= CL_PROBE_IDLE_NS, 0) &&
+		    pbrpc__cl_probe_idle(c, k, *now_io))
+			continue;
 		if (k) {
 			if (k->base.peer_max_calls && chan_inflight(k) >= k->base.peer_max_calls) {
 				pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_EQUEUEFULL,
@@ -308,6 +311,12 @@ static void process_wait(pbrpc_client *c, bool watch, int64_t deadline)
 	if (!pbrpc__list_empty(&c->retry) && !c->cur)
 		wake = pbrpc__deadline_min(wake, c->next_attempt ? c->next_attempt : pbrpc__now_ns());
 	int ms = pbrpc__ms_until(wake);
+	if (c->tls_ctx) {
+		/* Bytes inside OpenSSL make no socket readable: read them now. */
+		pbrpc__list_for_each(k, &c->conns, chan, link)
+			if (!chan_dead(k) && !k->reading && pbrpc__conn_buffered(&k->base))
+				ms = 0;
+	}
 	if (!watch)
 		c->proc_efd_only++;
 	pthread_mutex_unlock(&c->mu);

@@ -14,6 +14,7 @@
 
 #include "client/client_impl.h"
 #include "proto/memfd.h"
+#include "util/dial.h"
 #include "util/io.h"
 
 /* ---- lifetime ---- */
@@ -259,7 +260,7 @@ void pbrpc__cl_reader_leave(pbrpc_client *c, chan *k)
 {
 	k->reading = false;
 	if (!chan_dead(k)) {
-		size_t pending = pbrpc__conn_pending_in(&k->base);
+		size_t pending = pbrpc__conn_pending_in(&k->base) + pbrpc__conn_buffered(&k->base);
 		if (c->slot_waiters)
 			pthread_cond_broadcast(&c->cond); /* one of them may read now */
 		pbrpc__list *w = pbrpc__list_first(&k->waiters);
@@ -412,9 +413,9 @@ static int handshake(pbrpc_client *c, chan *k, int64_t deadline, char *msg, size
 			ssize_t n = pbrpc__conn_flush(b, 0);
 			if (n < 0)
 				wrc = (int)n;
-			out = pbrpc__conn_pending_out(b) && !wrc;
+			out = (pbrpc__conn_events(b) & EPOLLOUT) && !wrc; /* TLS: what its handshake waits for */
 		}
-		int r = pbrpc__io_wait(b->fd, (short)(POLLIN | (out ? POLLOUT : 0)), deadline);
+		int r = pbrpc__conn_buffered(b) ? 0 : pbrpc__io_wait(b->fd, (short)(POLLIN | (out ? POLLOUT : 0)), deadline);
 		if (r < 0) {
 			snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(r));
 			return r;
@@ -448,7 +449,8 @@ static int handshake(pbrpc_client *c, chan *k, int64_t deadline, char *msg, size
 static int chan_open(pbrpc_client *c, int timeout_ms, chan **out, char *msg, size_t len)
 {
 	int64_t deadline = pbrpc__deadline_in(pbrpc__now_ns(), timeout_ms);
-	int fd = pbrpc_endpoint_connect(&c->ep, timeout_ms);
+	pbrpc_endpoint ep = c->ep; /* a host name is resolved again at each dial */
+	int fd = pbrpc__endpoint_dial(&ep, c->ep_str, timeout_ms);
 	if (fd < 0) {
 		snprintf(msg, len, "cannot connect to %s: %s", c->ep_str, pbrpc_strerror(fd));
 		return fd;
@@ -461,6 +463,12 @@ static int chan_open(pbrpc_client *c, int timeout_ms, chan **out, char *msg, siz
 			pbrpc__conn_fini(&k->base);
 		else
 			close(fd);
+		free(k);
+		snprintf(msg, len, "out of memory");
+		return -ENOMEM;
+	}
+	if (c->tls_ctx && pbrpc__tls_new(&k->base.tls, c->tls_ctx, fd, c->tls_host, true) < 0) {
+		pbrpc__conn_fini(&k->base);
 		free(k);
 		snprintf(msg, len, "out of memory");
 		return -ENOMEM;
@@ -514,6 +522,7 @@ int pbrpc__cl_connect_locked(pbrpc_client *c, int64_t deadline)
 	}
 	if (rc == 0) {
 		pbrpc__list_insert(&c->conns, &k->link);
+		k->used_at = pbrpc__now_ns();
 		c->cur = k;
 		c->hello = k->base.peer;
 		c->backoff_ms = c->backoff_min_ms;
@@ -568,4 +577,23 @@ void pbrpc__cl_release_big(pbrpc_client *c)
 		}
 	}
 	c->big_at = left ? c->now : 0;
+}
+
+/* ---- idle connections ---- */
+
+/* A connection nobody has used for CL_PROBE_IDLE_NS may hold what the
+ * server sent meanwhile: keepalive PINGs (answered here), a drain GOAWAY, or
+ * the GOAWAY and end of stream of a connection it closed (keepalive timeout,
+ * connection age, idle timeout). Reading that without blocking before the
+ * next REQUEST lets the call go to a new connection instead of failing on a
+ * dead one. Returns true when it read (c->cur may have changed). */
+bool pbrpc__cl_probe_idle(pbrpc_client *c, chan *k, int64_t now)
+{
+	k->used_at = now;
+	if (k->reading || chan_inflight(k))
+		return false; /* its reader sees all of it */
+	pbrpc__cl_reader_enter(k); /* holds a reference */
+	pbrpc__cl_read_nb(c, k, 4096); /* until it would block: a few frames, maybe 1 byte per read */
+	pbrpc__cl_reader_leave(c, k);
+	return true;
 }

@@ -370,6 +370,7 @@ static void client_teardown(pbrpc_client *c)
 		free(s);
 	}
 	pbrpc__heap_fini(&c->timers);
+	pbrpc__tls_ctx_free(c->tls_ctx);
 	if (c->efd >= 0)
 		close(c->efd);
 	if (c->epfd >= 0)
@@ -405,6 +406,15 @@ PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, 
 	if (rc < 0)
 		goto err_client;
 	snprintf(c->ep_str, sizeof(c->ep_str), "%s", endpoint);
+	if (c->ep.tls) {
+		char why[256];
+		rc = pbrpc__tls_ctx_new(&c->tls_ctx, false, &o.tls, why, sizeof(why));
+		if (rc < 0) {
+			snprintf(c->last_msg, sizeof(c->last_msg), "tls: %.240s", why[0] ? why : pbrpc_strerror(rc));
+			goto err_client;
+		}
+		snprintf(c->tls_host, sizeof(c->tls_host), "%s", o.tls.server_name ? o.tls.server_name : c->ep.host);
+	}
 	c->max_frame = o.max_frame ? o.max_frame : PBRPC_MAX_FRAME_DEFAULT;
 	if (c->max_frame > PBRPC_MAX_FRAME_LIMIT)
 		c->max_frame = PBRPC_MAX_FRAME_LIMIT;
@@ -452,6 +462,8 @@ PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, 
 	return 0;
 
 err_client:
+	/* pbrpc_client_status() tells this thread why (client.h). */
+	pbrpc__cl_set_statusf(PBRPC_STATUS_UNAVAILABLE, "%s", c->last_msg[0] ? c->last_msg : pbrpc_strerror(rc));
 	client_teardown(c);
 	return rc;
 }

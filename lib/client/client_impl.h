@@ -33,6 +33,7 @@
 #include <stdint.h>
 
 #include "conn/conn.h"
+#include "conn/tls.h"
 #include "pbrpc/client.h"
 #include "pbrpc/endpoint.h"
 #include "util/arena.h"
@@ -65,6 +66,7 @@
 #define CL_LOCAL_MSG_MAX 256
 #define CL_MAX_ATTEMPTS 5            /* sends of a call the server did not run */
 #define CL_RETRY_COPY_MAX (64u << 10) /* async requests up to this can be re-sent */
+#define CL_PROBE_IDLE_NS PBRPC__NS_PER_S /* a connection unused this long is read before use */
 
 /* A pooled reply arena (util/arena.h) and when it last held a large buffer. */
 typedef struct cl_arena {
@@ -165,6 +167,7 @@ struct chan {
 	int64_t rcvtimeo;     /* cached SO_RCVTIMEO in ns; 0: none */
 	pbrpc__list waiters;  /* sync callers that may become the reader */
 	pbrpc__list link;     /* c->conns */
+	int64_t used_at;      /* a REQUEST was last sent then (see CL_PROBE_IDLE_NS) */
 	int close_err;        /* why it closed (the handshake reports it) */
 	char close_msg[CL_LOCAL_MSG_MAX];
 };
@@ -195,6 +198,8 @@ struct pbrpc_client {
 	pthread_condattr_t cattr;
 	pbrpc_endpoint ep;
 	char ep_str[PBRPC_ENDPOINT_STRLEN];
+	pbrpc__tls_ctx *tls_ctx; /* tls: endpoints; NULL: plaintext */
+	char tls_host[256];      /* the name verified (opts.tls.server_name or the host) */
 	uint32_t max_frame;
 	int connect_timeout_ms, call_timeout_ms, backoff_min_ms, backoff_max_ms;
 	unsigned max_fds;       /* per reply */
@@ -353,6 +358,7 @@ void pbrpc__cl_read_failed(pbrpc_client *c, chan *k, int err);
 int pbrpc__cl_connect_locked(pbrpc_client *c, int64_t deadline);
 void pbrpc__cl_release_big(pbrpc_client *c);
 bool pbrpc__cl_dispatch(pbrpc_client *c, chan *k, call *me);
+bool pbrpc__cl_probe_idle(pbrpc_client *c, chan *k, int64_t now);
 
 /* At the start of a call or a process() round (locked): `now` is the clock. */
 static inline void big_check(pbrpc_client *c, int64_t now)

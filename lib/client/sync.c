@@ -321,6 +321,7 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
 		return -ENOMEM;
 	}
+	k->used_at = now;
 	x->id = pbrpc__cl_alloc_id(c);
 	req.call_id = x->id;
 	req.nfds = 0;
@@ -359,6 +360,7 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
  * enough, so that a stream of calls with the same timeout costs no syscall. */
 static void set_rcvtimeo(chan *k, int64_t need)
 {
+	k->base.recv_timeout_ns = need; /* TLS waits in poll (conn/tls.c) */
 	int64_t cur = k->rcvtimeo;
 	if (need == 0) {
 		if (cur == 0)
@@ -388,7 +390,7 @@ static void reader_wait_both(pbrpc_client *c, chan *k, call *me, int64_t deadlin
 	struct pollfd p = { .fd = k->base.fd, .events = POLLIN | POLLOUT };
 	ssize_t n = 0;
 	pthread_mutex_unlock(&c->mu);
-	int r = poll(&p, 1, ms < 0 || ms > 1000 ? 1000 : ms);
+	int r = pbrpc__conn_buffered(&k->base) ? (p.revents = POLLIN, 1) : poll(&p, 1, ms < 0 || ms > 1000 ? 1000 : ms);
 	if (r > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)))
 		n = pbrpc__conn_recv_open(&k->base, MSG_DONTWAIT);
 	pthread_mutex_lock(&c->mu);
@@ -502,6 +504,9 @@ static chan *sync_conn(pbrpc_client *c, call *x, int64_t *now_io)
 			return NULL;
 		}
 		chan *k = c->cur;
+		if (k && __builtin_expect(*now_io - k->used_at >= CL_PROBE_IDLE_NS, 0) &&
+		    pbrpc__cl_probe_idle(c, k, *now_io))
+			continue;
 		if (k && (!k->base.peer_max_calls || chan_inflight(k) < k->base.peer_max_calls))
 			return k; /* the fast path reads no clock */
 		int64_t now = *now_io = waited ? pbrpc__now_ns() : *now_io;

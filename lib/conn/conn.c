@@ -11,12 +11,15 @@
 #include <stdlib.h>
 #include <sys/socket.h>
 
+#include "conn/tls.h"
 #include "util/io.h"
 
 #define WHY_MAX 256
 
 /* The payload of the PING that follows our drain GOAWAY. */
 static const uint8_t drain_ping[PBRPC_WIRE_PING_SIZE] = { 'p', 'b', 'r', 'p', 'c', '-', 'd', 'r' };
+/* The payload of a keepalive PING. */
+static const uint8_t ka_ping[PBRPC_WIRE_PING_SIZE] = { 'p', 'b', 'r', 'p', 'c', '-', 'k', 'a' };
 
 int pbrpc__conn_init(pbrpc__conn *c, int fd, pbrpc__conn_role role, const pbrpc__conn_ops *ops,
 		     const pbrpc_hello *ours)
@@ -64,6 +67,9 @@ void pbrpc__conn_fini(pbrpc__conn *c)
 	pbrpc__frame_decoder_fini(&c->dec);
 	pbrpc__frame_writer_fini(&c->out);
 	pbrpc__idmap_fini(&c->calls);
+	if (c->tls)
+		pbrpc__tls_free(c->tls);
+	c->tls = NULL;
 	if (c->fd >= 0)
 		close(c->fd);
 	c->fd = -1;
@@ -79,6 +85,8 @@ __attribute__((format(printf, 3, 0))) static void conn_vclose(pbrpc__conn *c, in
 	c->state = PBRPC__CONN_CLOSED;
 	c->read_paused = false;
 	c->resume = false;
+	if (c->tls)
+		pbrpc__tls_close(c->tls);
 	c->ops->on_close(c, err, why); /* the role clears mem_paused, its own flag */
 }
 
@@ -107,7 +115,10 @@ void pbrpc__conn_fail(pbrpc__conn *c, int status, int err, const char *fmt, ...)
 	snprintf(said, sizeof(said), "%.*s", (int)pbrpc__wire_message_len(why, strlen(why), room), why);
 	if (pbrpc__wire_write_goaway(&c->out, status, said) == 0) {
 		c->goaway_sent = status;
-		pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
+		if (c->tls)
+			pbrpc__conn_tls_flush(c);
+		else
+			pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
 	}
 	pbrpc__conn_close(c, err, "%s", why);
 }
@@ -121,10 +132,50 @@ void pbrpc__conn_goaway(pbrpc__conn *c, const char *why)
 	pbrpc__wire_write_ping(&c->out, PBRPC_FRAME_PING, drain_ping);
 }
 
+/* A plaintext pbrpc client on a TLS port: it is told so in plaintext, in
+ * place of our HELLO (docs/PROTOCOL.md, "TLS"). */
+static void refuse_plaintext(pbrpc__conn *c)
+{
+	pbrpc__tls_free(c->tls);
+	c->tls = NULL;
+	pbrpc__frame_writer_fini(&c->out);
+	pbrpc__frame_writer_init(&c->out);
+	pbrpc__frame_writer_append_raw(&c->out, PBRPC_WIRE_PREFACE, PBRPC_WIRE_PREFACE_SIZE);
+	pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, PBRPC_ENOTLS, "the client sent a plaintext pbrpc preface: this port expects TLS (connect with tls:HOST:PORT)");
+}
+
+static void tls_failed(pbrpc__conn *c, int err)
+{
+	if (err == PBRPC_ENOTLS && c->role == PBRPC__CONN_SERVER && !pbrpc__tls_established(c->tls)) {
+		refuse_plaintext(c);
+		return;
+	}
+	const char *why = pbrpc__tls_why(c->tls);
+	if (pbrpc__tls_usable(c->tls))
+		pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, err, "TLS: %s", why);
+	else
+		pbrpc__conn_close(c, err, "TLS: %s", why);
+}
+
+/* Reads and drops what the peer sent (a ClientHello on a plaintext port):
+ * closing with bytes unread would send a reset that may overtake our GOAWAY. */
+static bool drain_input(pbrpc__conn *c)
+{
+	uint8_t buf[2048];
+	for (int i = 0; i < 1024 && pbrpc__io_recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT) > 0; i++)
+		;
+	return true;
+}
+
 void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
 {
 	const char *peer = pbrpc__conn_peer_name(c);
-	if (err == PBRPC_EBADMAGIC)
+	if (c->tls && (err == PBRPC_ETLS || err == PBRPC_ENOTLS || (err > -4096 && err < 0 && c->state != PBRPC__CONN_OPEN)))
+		tls_failed(c, err); /* a socket error in the handshakes too: TLS knows more */
+	else if (err == PBRPC_ETLSPEER && drain_input(c))
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err,
+				 "bad preface: the %s speaks TLS and this port is plaintext (use tcp:, or serve tls:)", peer);
+	else if (err == PBRPC_EBADMAGIC)
 		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err, "bad preface: peer is not a pbrpc %s", peer);
 	else if ((err == PBRPC_EOF || err == PBRPC_ETRUNCATED) && c->state != PBRPC__CONN_OPEN)
 		pbrpc__conn_close(c, err, "connection closed by %s during the handshake", peer);
@@ -316,16 +367,18 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 		cap = sizeof(small);
 	}
 	pbrpc__io_fds rx;
-	ssize_t n = c->fd_rx ? pbrpc__io_recv_fds(c->fd, scratch, cap, flags, &rx)
-			     : pbrpc__io_recv(c->fd, scratch, cap, flags);
+	ssize_t n = c->tls ? pbrpc__conn_tls_recv(c, scratch, cap)
+		    : c->fd_rx ? pbrpc__io_recv_fds(c->fd, scratch, cap, flags, &rx)
+			       : pbrpc__io_recv(c->fd, scratch, cap, flags);
 	if (n <= 0)
 		return n == PBRPC_EOF && c->state == PBRPC__CONN_PREFACE && c->preface_got ? PBRPC_ETRUNCATED : n;
 	const uint8_t *p = scratch;
 	size_t len = (size_t)n;
 	if (c->state == PBRPC__CONN_PREFACE) {
+		bool first = c->preface_got == 0;
 		ssize_t used = eat_preface(c, p, len);
 		if (used < 0)
-			return PBRPC_EBADMAGIC;
+			return first && p[0] == 0x16 && !c->tls ? PBRPC_ETLSPEER : PBRPC_EBADMAGIC; /* 0x16: a TLS handshake record */
 		p += used;
 		len -= (size_t)used;
 	}
@@ -424,6 +477,25 @@ static void unexpected(pbrpc__conn *c, const pbrpc__frame *f)
 			 pbrpc__wire_frame_name(f->hdr.type), pbrpc__conn_peer_name(c));
 }
 
+/* A PING within ping_min_ns of the peer's previous one, with no REQUEST
+ * between, is a strike (gRPC's ping strikes); past PBRPC__CONN_PING_STRIKES
+ * the connection is closed. A REQUEST forgives them. Returns true when it
+ * closed c. */
+static bool too_many_pings(pbrpc__conn *c)
+{
+	int64_t now = c->last_read;
+	if (c->peer_ping_at && now - c->peer_ping_at < c->ping_min_ns && !c->request_since_ping &&
+	    ++c->ping_strikes > PBRPC__CONN_PING_STRIKES) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_EPROTO,
+				 "too many pings: more than %d PINGs less than %lld ms apart without a call",
+				 PBRPC__CONN_PING_STRIKES + 1, (long long)(c->ping_min_ns / PBRPC__NS_PER_MS));
+		return true;
+	}
+	c->peer_ping_at = now;
+	c->request_since_ping = false;
+	return false;
+}
+
 /* Returns true when on_response asked to stop. */
 static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 {
@@ -448,6 +520,8 @@ static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 	case PBRPC_FRAME_REQUEST:
 		if (!server)
 			break;
+		c->request_since_ping = true;
+		c->ping_strikes = 0;
 		c->ops->on_request(c, f);
 		return false;
 	case PBRPC_FRAME_RESPONSE: {
@@ -472,11 +546,15 @@ static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 		c->ops->on_cancel(c, f->hdr.stream);
 		return false;
 	case PBRPC_FRAME_PING:
+		if (c->ping_min_ns > 0 && too_many_pings(c))
+			return false;
 		pbrpc__wire_write_ping(&c->out, PBRPC_FRAME_PONG, f->payload); /* the role flushes */
 		return false;
 	case PBRPC_FRAME_PONG:
 		if (c->draining && memcmp(f->payload, drain_ping, sizeof(drain_ping)) == 0)
 			c->peer_quiet = true; /* it has read our GOAWAY and everything before */
+		else if (memcmp(f->payload, ka_ping, sizeof(ka_ping)) == 0)
+			c->ka_ping_at = 0;
 		return false;
 	case PBRPC_FRAME_GOAWAY:
 		handle_goaway(c, f);
@@ -578,7 +656,7 @@ ssize_t pbrpc__conn_flush(pbrpc__conn *c, int64_t now)
 		return 0;
 	ssize_t n = 0;
 	if (pbrpc__conn_pending_out(c)) {
-		n = pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
+		n = c->tls ? pbrpc__conn_tls_flush(c) : pbrpc__frame_writer_flush(&c->out, c->fd, MSG_DONTWAIT);
 		if (n < 0)
 			return n;
 	}
@@ -608,6 +686,26 @@ int pbrpc__conn_reply_status(pbrpc__conn *c, uint32_t call_id, int status, const
 
 /* ---- timeouts and events ---- */
 
+/* Our keepalive PING is out and nothing has been read since: any bytes
+ * from the peer show it is alive, as its PONG does. */
+static inline bool ka_waiting(const pbrpc__conn *c)
+{
+	return c->ka_ping_at && c->last_read <= c->ka_ping_at;
+}
+
+/* Keepalive and age: what is due at `now` that does not close c. */
+static void expire_queue(pbrpc__conn *c, int64_t now)
+{
+	if (c->age_at && !c->draining && now >= c->age_at) {
+		pbrpc__conn_goaway(c, "max connection age reached");
+		if (c->drain_grace_ns > 0)
+			c->drain_close_at = now + c->drain_grace_ns;
+	}
+	if (c->ka_interval_ns > 0 && !ka_waiting(c) && now >= c->last_read + c->ka_interval_ns &&
+	    pbrpc__wire_write_ping(&c->out, PBRPC_FRAME_PING, ka_ping) == 0)
+		c->ka_ping_at = now;
+}
+
 pbrpc__deadline pbrpc__conn_deadline(const pbrpc__conn *c)
 {
 	if (c->state == PBRPC__CONN_CLOSED)
@@ -619,6 +717,13 @@ pbrpc__deadline pbrpc__conn_deadline(const pbrpc__conn *c)
 		d = c->last_active + c->idle_ns;
 	if (c->read_paused && c->stall_ns > 0)
 		d = pbrpc__deadline_min(d, c->stalled_since + c->stall_ns);
+	if (c->ka_interval_ns > 0)
+		d = pbrpc__deadline_min(d, ka_waiting(c) ? c->ka_ping_at + c->ka_timeout_ns
+							 : c->last_read + c->ka_interval_ns);
+	if (c->age_at && !c->draining)
+		d = pbrpc__deadline_min(d, c->age_at);
+	if (c->drain_close_at)
+		d = pbrpc__deadline_min(d, c->drain_close_at);
 	return d;
 }
 
@@ -637,8 +742,23 @@ void pbrpc__conn_expire(pbrpc__conn *c, int64_t now)
 				 pbrpc__conn_pending_out(c), (long long)(c->stall_ns / PBRPC__NS_PER_MS));
 		return;
 	}
-	if (c->idle_ns > 0 && pbrpc__idmap_count(&c->calls) == 0 && now >= c->last_active + c->idle_ns)
+	if (c->drain_close_at && now >= c->drain_close_at) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, -ETIMEDOUT,
+				 "max connection age: drain grace of %lld ms ended with %u calls in flight",
+				 (long long)(c->drain_grace_ns / PBRPC__NS_PER_MS), (unsigned)pbrpc__idmap_count(&c->calls));
+		return;
+	}
+	if (c->ka_interval_ns > 0 && ka_waiting(c) && now >= c->ka_ping_at + c->ka_timeout_ns) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, -ETIMEDOUT,
+				 "keepalive timeout: %s sent nothing for %lld ms after a PING", pbrpc__conn_peer_name(c),
+				 (long long)(c->ka_timeout_ns / PBRPC__NS_PER_MS));
+		return;
+	}
+	if (c->idle_ns > 0 && pbrpc__idmap_count(&c->calls) == 0 && now >= c->last_active + c->idle_ns) {
 		pbrpc__conn_fail(c, PBRPC_STATUS_UNAVAILABLE, -ETIMEDOUT, "idle timeout");
+		return;
+	}
+	expire_queue(c, now);
 }
 
 uint32_t pbrpc__conn_events(const pbrpc__conn *c)
@@ -648,5 +768,5 @@ uint32_t pbrpc__conn_events(const pbrpc__conn *c)
 	uint32_t ev = c->read_paused || c->read_eof || c->mem_paused ? 0 : EPOLLIN;
 	if (pbrpc__conn_pending_out(c))
 		ev |= EPOLLOUT;
-	return ev;
+	return c->tls ? pbrpc__conn_tls_events(c, ev) : ev;
 }

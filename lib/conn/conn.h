@@ -47,6 +47,7 @@ typedef enum pbrpc__conn_role {
 } pbrpc__conn_role;
 
 typedef struct pbrpc__conn pbrpc__conn;
+struct pbrpc__tls;
 
 /* fds that arrived with one read, and the stream range [start, end) of the
  * bytes that read gave the decoder: they belong to the one frame with an fd
@@ -120,7 +121,29 @@ struct pbrpc__conn {
 	uint64_t rx_pos;     /* bytes given to the decoder so far (while fd_rx) */
 	struct pbrpc__conn_fdx *fdx;
 	const char *fd_why;  /* why received fds broke the protocol (read_failed says it) */
+	/* Keepalive and connection age (PROTOCOL.md section 7; 0: off), set by
+	 * the role like the policy above; pbrpc__conn_deadline derives from them. */
+	int64_t last_read;      /* the role's clock at the last read (also "now" for strikes) */
+	int64_t ka_interval_ns; /* PING after this long without reading anything */
+	int64_t ka_timeout_ns;  /* ...and close if nothing comes back within this */
+	int64_t ka_ping_at;     /* our keepalive PING went out then; 0: none outstanding */
+	int64_t ping_min_ns;    /* peer PINGs closer than this, no REQUEST between: strikes */
+	int64_t peer_ping_at;   /* the peer's last PING came then (last_read) */
+	uint8_t ping_strikes;   /* so far; more than PBRPC__CONN_PING_STRIKES closes */
+	bool request_since_ping;  /* a REQUEST came after the peer's last PING */
+	pbrpc__deadline age_at;   /* OPEN at then: begin a drain ("max connection age") */
+	int64_t drain_grace_ns;   /* a drain begun by age closes this long after */
+	pbrpc__deadline drain_close_at; /* ...then (calls still in flight fail) */
+	/* TLS (conn/tls.h): NULL for plaintext. Set by the role right after
+	 * pbrpc__conn_init; owned: pbrpc__conn_fini frees it. */
+	struct pbrpc__tls *tls;
+	int64_t recv_timeout_ns; /* TLS: how long a blocking read waits (0: for
+	                          * ever), as SO_RCVTIMEO does for plaintext */
 };
+
+/* A peer may send this many PINGs too soon (see ping_min_ns); the next one
+ * is answered GOAWAY(RESOURCE_EXHAUSTED, "too many pings") and a close. */
+#define PBRPC__CONN_PING_STRIKES 2
 
 typedef struct pbrpc__conn_fdx {
 	pbrpc__conn_fdbatch rx_b[PBRPC__CONN_FD_BATCHES];
@@ -161,8 +184,11 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
  * lock: reads into the decoder and touches nothing another thread writes
  * (a concurrent close only shuts the socket down, so this returns EOF). */
 ssize_t pbrpc__conn_recv_open_fds(pbrpc__conn *c, int flags);
+ssize_t pbrpc__conn_tls_recv_open(pbrpc__conn *c, int flags);
 static inline ssize_t pbrpc__conn_recv_open(pbrpc__conn *c, int flags)
 {
+	if (__builtin_expect(c->tls != NULL, 0))
+		return pbrpc__conn_tls_recv_open(c, flags);
 	if (__builtin_expect(c->fd_rx, 0))
 		return pbrpc__conn_recv_open_fds(c, flags);
 	return pbrpc__frame_decoder_recv(&c->dec, c->fd, flags);
@@ -215,8 +241,10 @@ __attribute__((format(printf, 3, 4))) void pbrpc__conn_close(pbrpc__conn *c, int
 int pbrpc__conn_reply_status(pbrpc__conn *c, uint32_t call_id, int status, const char *message, bool not_run);
 
 /* Expires the policy timeouts due at `now`: no HELLO in time ("handshake
- * timed out"), the peer reading nothing while paused, idleness. Each closes
- * c with GOAWAY. */
+ * timed out"), the peer reading nothing while paused, idleness, a keepalive
+ * PING unanswered, the end of an age drain's grace: each closes c with
+ * GOAWAY. It also queues what is due without closing: a keepalive PING after
+ * ka_interval_ns of silence, the drain GOAWAY at age_at (the role flushes). */
 void pbrpc__conn_expire(pbrpc__conn *c, int64_t now);
 
 /* When pbrpc__conn_expire has something to do next (0: nothing pending). */
@@ -231,8 +259,27 @@ static inline void pbrpc__conn_admit(pbrpc__conn *c, size_t avail)
 }
 
 /* EPOLLIN unless paused (output or memory) or closed, EPOLLOUT while output
- * is queued. */
+ * is queued; during a TLS handshake, what the handshake waits for. */
 uint32_t pbrpc__conn_events(const pbrpc__conn *c);
+
+/* ---- the TLS transport (conn/tls.c; only when c->tls is set) ---- */
+
+/* One read of decrypted bytes into buf, without blocking (after the
+ * handshake, which it drives). Returns as pbrpc__io_recv does, or
+ * PBRPC_ETLS / PBRPC_ENOTLS (pbrpc__tls_why says why). */
+ssize_t pbrpc__conn_tls_recv(pbrpc__conn *c, uint8_t *buf, size_t cap);
+/* Writes queued output (after the handshake, which it drives). Returns as
+ * pbrpc__frame_writer_flush does, or PBRPC_ETLS. */
+ssize_t pbrpc__conn_tls_flush(pbrpc__conn *c);
+uint32_t pbrpc__conn_tls_events(const pbrpc__conn *c, uint32_t plain);
+bool pbrpc__conn_tls_buffered(const pbrpc__conn *c);
+
+/* Bytes that no poll will report: decrypted or buffered inside OpenSSL, or
+ * an error waiting to be read. The role reads again without waiting. */
+static inline bool pbrpc__conn_buffered(const pbrpc__conn *c)
+{
+	return c->tls && pbrpc__conn_tls_buffered(c);
+}
 
 static inline bool pbrpc__conn_closed(const pbrpc__conn *c)
 {

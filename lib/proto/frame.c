@@ -505,6 +505,52 @@ void pbrpc__frame_writer_trim(pbrpc__frame_writer *w, size_t keep)
 	}
 }
 
+/* ---- for transports that move the bytes themselves ---- */
+
+uint8_t *pbrpc__frame_decoder_space(pbrpc__frame_decoder *d, size_t *cap)
+{
+	*cap = 0;
+	if (d->in_len)
+		return NULL;
+	size_t want = DECODER_CHUNK / 2, frame = 0;
+	size_t buffered = d->tail - d->head;
+	if (buffered >= PBRPC_FRAME_HEADER_SIZE && !d->discard) {
+		uint32_t len = pbrpc__get_u32(d->buf + d->head);
+		size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)len;
+		if (len <= d->max_payload && total > buffered) {
+			size_t rest = total - buffered;
+			size_t grow = buffered > want ? buffered : want;
+			want = rest < grow ? rest : grow;
+			frame = total;
+		}
+	}
+	if (d->head == d->tail)
+		d->head = d->tail = 0;
+	if (decoder_reserve(d, want, frame ? d->head + frame : 0) < 0)
+		return NULL;
+	*cap = d->cap - d->tail;
+	return d->buf + d->tail;
+}
+
+void pbrpc__frame_decoder_added(pbrpc__frame_decoder *d, size_t n)
+{
+	d->tail += n;
+	if (d->discard)
+		drop_discarded(d);
+}
+
+const uint8_t *pbrpc__frame_writer_data(const pbrpc__frame_writer *w)
+{
+	return w->buf + w->head;
+}
+
+void pbrpc__frame_writer_consumed(pbrpc__frame_writer *w, size_t n)
+{
+	w->head += n;
+	if (w->head == w->tail && w->open == SIZE_MAX)
+		w->head = w->tail = 0;
+}
+
 /* ---- blocking helpers ---- */
 
 int pbrpc__frame_write(int fd, const pbrpc__frame_header *hdr, const void *payload, size_t len,

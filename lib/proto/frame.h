@@ -206,6 +206,25 @@ ssize_t pbrpc__frame_writer_flush(pbrpc__frame_writer *w, int fd, int flags);
  * `keep` bytes (keep = 0 frees any empty buffer). */
 void pbrpc__frame_writer_trim(pbrpc__frame_writer *w, size_t keep);
 
+/* ---- For transports that move the bytes themselves (TLS) ----------------
+ * The same buffers as recv() and flush(), without the socket call. */
+
+/* Where the next read should land and how much fits there (*cap), sized as
+ * pbrpc__frame_decoder_recv() sizes its reads. NULL (with *cap = 0) when
+ * growing failed or bytes from feed() are still unconsumed. Finish with
+ * pbrpc__frame_decoder_added(). */
+uint8_t *pbrpc__frame_decoder_space(pbrpc__frame_decoder *d, size_t *cap);
+
+/* n bytes (at most *cap of the last space() call) were written there. */
+void pbrpc__frame_decoder_added(pbrpc__frame_decoder *d, size_t n);
+
+/* The queued bytes, pbrpc__frame_writer_pending() of them (the writer's
+ * buffer: valid until the next call on w). */
+const uint8_t *pbrpc__frame_writer_data(const pbrpc__frame_writer *w);
+
+/* The first n queued bytes were written. */
+void pbrpc__frame_writer_consumed(pbrpc__frame_writer *w, size_t n);
+
 /* ---- Blocking helpers ----------------------------------------------------
  * For simple programs and tests. They work on blocking and non-blocking
  * sockets alike (waiting with poll() when needed). timeout_ms < 0 waits

@@ -61,6 +61,18 @@ PBRPC_EXPORT const void *pbrpc_call_metadata(void *closure_data, const char *key
 	return pbrpc__wire_metadata_get(&view, key, len);
 }
 
+PBRPC_EXPORT int pbrpc_call_peer_tls(void *closure_data, const pbrpc_tls_peer **out)
+{
+	srv_call *call = as_call(closure_data);
+	if (!call || !out)
+		return PBRPC_EINVALID;
+	/* A reference taken at dispatch time: the connection may be gone. */
+	if (!call->tls_peer)
+		return -ENOTSUP;
+	*out = &call->tls_peer->pub;
+	return 0;
+}
+
 PBRPC_EXPORT int pbrpc_call_peer_cred(void *closure_data, pid_t *pid, uid_t *uid, gid_t *gid)
 {
 	srv_call *call = as_call(closure_data);

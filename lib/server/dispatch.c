@@ -69,6 +69,7 @@ static void call_destroy(srv_call *call)
 	free(call->fds);
 	free(call->rfds);
 	pbrpc__authz_peer_unref(call->peer_ext);
+	pbrpc__tls_peer_unref(call->tls_peer);
 	pbrpc__arena_fini(&call->arena);
 	free(call->status_msg);
 	free(call->done_msg);
@@ -83,6 +84,8 @@ static void call_put(pbrpc_server *srv, srv_call *call)
 	pbrpc__heap_stop(&srv->timers, &call->timer);
 	if (__builtin_expect(call->nfds | call->nrfds, 0) || call->done_memfd >= 0)
 		call_fds_close(call);
+	pbrpc__tls_peer_unref(call->tls_peer);
+	call->tls_peer = NULL;
 	free(call->status_msg);
 	call->status_msg = NULL;
 	free(call->done_msg);
@@ -636,7 +639,9 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 	if (srv->shutting_down)
 		return "server is shutting down";
 	if (c->base.draining)
-		return c->base.peer_quiet ? "no new calls after the client's GOAWAY" : "server is shutting down";
+		return c->base.peer_quiet ? "no new calls after the client's GOAWAY"
+		       : c->base.drain_close_at ? "connection is draining (max connection age)"
+						: "server is shutting down";
 	*status = PBRPC_STATUS_RESOURCE_EXHAUSTED;
 	if (pbrpc__idmap_count(&c->base.calls) >= srv->o.max_calls) {
 		snprintf(text, len, "too many calls in flight on this connection (limit %u)", srv->o.max_calls);
@@ -833,6 +838,8 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 		c->peer_ext->refs++;
 		call->peer_ext = c->peer_ext;
 	}
+	if (__builtin_expect(c->base.tls != NULL, 0))
+		call->tls_peer = pbrpc__tls_peer_ref(c->base.tls);
 	if (req.has_timeout) {
 		int64_t us = req.timeout_us > (uint64_t)INT64_MAX / 2000 ? INT64_MAX / 2000 : (int64_t)req.timeout_us;
 		call->deadline_ns = srv->now + us * 1000;

@@ -73,6 +73,33 @@ static void refuse(pbrpc_server *srv, int fd)
 	pbrpc__srv_log(srv, PBRPC_LOG_WARN, "refused a connection: %s", down ? "shutting down" : "too many connections");
 }
 
+/* Keepalive and connection age: the connection core derives its timer from
+ * these. The age gets +-10% of jitter, so that the connections a balancer
+ * opened at once are not all drained at once. */
+static void conn_set_keepalive(pbrpc_server *srv, pbrpc__conn *b)
+{
+	const pbrpc_server_opts *o = &srv->o;
+	b->last_read = b->last_active;
+	if (o->keepalive_interval_ms > 0) {
+		b->ka_interval_ns = (int64_t)o->keepalive_interval_ms * PBRPC__NS_PER_MS;
+		b->ka_timeout_ns = (int64_t)o->keepalive_timeout_ms * PBRPC__NS_PER_MS;
+	}
+	if (o->ping_min_interval_ms > 0)
+		b->ping_min_ns = (int64_t)o->ping_min_interval_ms * PBRPC__NS_PER_MS;
+	if (o->max_connection_age_ms > 0) {
+		uint64_t x = srv->rng;
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		srv->rng = x;
+		int64_t age = (int64_t)o->max_connection_age_ms * PBRPC__NS_PER_MS;
+		int64_t span = age / 10;
+		int64_t jitter = span > 0 ? (int64_t)(x % (uint64_t)(2 * span + 1)) - span : 0;
+		b->age_at = b->last_active + age + jitter;
+		b->drain_grace_ns = (int64_t)o->max_connection_age_grace_ms * PBRPC__NS_PER_MS;
+	}
+}
+
 /* The client's address, as pbrpc_call_info.peer reports it: read once here. */
 static void conn_set_peer(srv_conn *c, int fd, bool tcp)
 {
@@ -80,19 +107,20 @@ static void conn_set_peer(srv_conn *c, int fd, bool tcp)
 	socklen_t sl = sizeof(ss);
 	char host[INET6_ADDRSTRLEN] = "?";
 	unsigned port = 0;
-	snprintf(c->peer, sizeof(c->peer), "%s", tcp ? "tcp:?" : "unix");
+	const char *scheme = c->base.tls ? "tls" : "tcp";
+	snprintf(c->peer, sizeof(c->peer), "%s", !tcp ? "unix" : c->base.tls ? "tls:?" : "tcp:?");
 	if (!tcp || getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
 		return;
 	if (ss.ss_family == AF_INET) {
 		const struct sockaddr_in *a = (const struct sockaddr_in *)&ss;
 		inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
 		port = ntohs(a->sin_port);
-		snprintf(c->peer, sizeof(c->peer), "tcp:%s:%u", host, port);
+		snprintf(c->peer, sizeof(c->peer), "%s:%s:%u", scheme, host, port);
 	} else if (ss.ss_family == AF_INET6) {
 		const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
 		inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
 		port = ntohs(a->sin6_port);
-		snprintf(c->peer, sizeof(c->peer), "tcp:[%s]:%u", host, port);
+		snprintf(c->peer, sizeof(c->peer), "%s:[%s]:%u", scheme, host, port);
 	}
 }
 
@@ -197,8 +225,15 @@ static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l, cons
 		free(c);
 		return NULL;
 	}
+	if (l->ep.tls && pbrpc__tls_new(&c->base.tls, srv->tls_ctx, fd, NULL, false) < 0) {
+		c->base.fd = -1; /* the caller closes fd */
+		pbrpc__conn_fini(&c->base);
+		free(c);
+		return NULL;
+	}
 	c->src = SRV_SRC_CONN;
 	c->srv = srv;
+	pbrpc__list_init(&c->again);
 	pbrpc__timer_init(&c->timer, SRV_TIMER_CONN);
 	pbrpc__list_init(&c->link);
 	pbrpc__list_init(&c->dirty);
@@ -208,6 +243,7 @@ static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l, cons
 	c->base.last_active = pbrpc__now_ns();
 	if (srv->o.handshake_timeout_ms > 0)
 		c->base.handshake_deadline = c->base.last_active + (int64_t)srv->o.handshake_timeout_ms * PBRPC__NS_PER_MS;
+	conn_set_keepalive(srv, &c->base);
 	if (l->ep.kind == PBRPC_ENDPOINT_TCP) {
 		int one = 1;
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -312,6 +348,10 @@ PBRPC_EXPORT int pbrpc_server_listen(pbrpc_server *srv, const char *endpoint)
 	int rc = pbrpc_endpoint_parse(endpoint, &ep);
 	if (rc < 0)
 		return rc;
+	if (ep.tls && !srv->tls_ctx) {
+		pbrpc__srv_log(srv, PBRPC_LOG_ERROR, "tls: %s needs a certificate and key (opts.tls)", endpoint);
+		return PBRPC_ETLS;
+	}
 	pbrpc_listen_opts lo = { .mode = srv->o.socket_mode, .nonblock = true };
 	int fd = pbrpc_endpoint_listen(&ep, &lo);
 	if (fd < 0)

@@ -18,9 +18,19 @@
 
 /* ---- connection bookkeeping ---- */
 
+/* OpenSSL holds bytes (or an error) that epoll will not report: read the
+ * connection again at the end of this round. */
+static void tls_again(srv_conn *c, uint32_t ev)
+{
+	if ((ev & EPOLLIN) && !pbrpc__list_linked(&c->again) && pbrpc__conn_buffered(&c->base))
+		pbrpc__list_append(&c->srv->again, &c->again);
+}
+
 static void update_events(srv_conn *c)
 {
 	uint32_t ev = pbrpc__conn_events(&c->base);
+	if (__builtin_expect(c->base.tls != NULL, 0))
+		tls_again(c, ev);
 	if (ev == c->events || pbrpc__conn_closed(&c->base))
 		return;
 	struct epoll_event e = { .events = ev, .data.ptr = c };
@@ -28,19 +38,25 @@ static void update_events(srv_conn *c)
 	c->events = ev;
 }
 
-/* The connection's timer follows its state (handshake, idle, stall). A
+/* The connection's timer follows its state (handshake, idle, stall,
+ * keepalive, age). A
  * connection with no timed policy and no timer armed skips the derivation:
  * the common case costs one test per flush. */
 static void rearm(srv_conn *c)
 {
 	const pbrpc__conn *b = &c->base;
-	if (!b->idle_ns && !b->read_paused && b->state == PBRPC__CONN_OPEN && !pbrpc__timer_armed(&c->timer))
+	if (!b->idle_ns && !b->read_paused && b->state == PBRPC__CONN_OPEN && !pbrpc__timer_armed(&c->timer) &&
+	    !b->ka_interval_ns && !b->age_at)
 		return;
 	pbrpc__deadline d = pbrpc__conn_deadline(b);
 	if (!d)
 		pbrpc__heap_stop(&c->srv->timers, &c->timer);
-	else if (!pbrpc__timer_armed(&c->timer) || c->timer.when != d)
+	else if (!pbrpc__timer_armed(&c->timer) || d < c->timer.when)
 		pbrpc__heap_start(&c->srv->timers, &c->timer, d);
+	/* A later deadline leaves the timer armed where it is: it fires early,
+	 * expire finds nothing due and rearm moves it then. A busy connection's
+	 * idle and keepalive deadlines move with every read: one heap move per
+	 * interval, not one per read. */
 }
 
 /* ---- the memory budget ---- */
@@ -137,6 +153,7 @@ void pbrpc__srv_conn_free(srv_conn *c)
 {
 	pbrpc__list_remove(&c->link);
 	pbrpc__list_remove(&c->dirty);
+	pbrpc__list_remove(&c->again);
 	if (c->mem_io > SRV_BUF_KEEP)
 		c->srv->trim = true;
 	c->srv->mem_used -= c->mem_io; /* its calls count until put back */
@@ -243,7 +260,7 @@ static void conn_read(srv_conn *c)
 			pbrpc__conn_read_failed(b, (int)n);
 			break;
 		}
-		b->last_active = srv->now;
+		b->last_active = b->last_read = srv->now;
 		pbrpc__conn_dispatch(b, NULL);
 		if (to_scratch && (size_t)n > srv->scratch_used)
 			srv->scratch_used = (size_t)n;
@@ -255,8 +272,8 @@ static void conn_read(srv_conn *c)
 	 * was read. A buffer grown for a large frame is kept while the
 	 * connection is busy; the sweep frees it once idle. */
 	if (!pbrpc__conn_closed(b)) {
-		if (pbrpc__conn_pending_out(b))
-			pbrpc__srv_mark_dirty(c); /* conn_flush samples memory */
+		if (pbrpc__conn_pending_out(b) || pbrpc__conn_drained(b))
+			pbrpc__srv_mark_dirty(c); /* conn_flush samples memory, closes a drained one */
 		else {
 			mem_sample(c);
 			update_events(c);
@@ -325,6 +342,8 @@ static void run_timers(pbrpc_server *srv)
 			pbrpc__conn_expire(&c->base, now);
 			if (!pbrpc__conn_closed(&c->base))
 				rearm(c); /* what was due has moved on */
+			if (!pbrpc__conn_closed(&c->base) && pbrpc__conn_pending_out(&c->base))
+				pbrpc__srv_mark_dirty(c); /* a keepalive PING, an age GOAWAY */
 			break;
 		}
 		case SRV_TIMER_SWEEP:
@@ -377,13 +396,12 @@ static void begin_shutdown(pbrpc_server *srv, int drain_ms)
 	srv->reg.shutting_down = true;
 	pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutting down (drain %d ms)", drain_ms);
 	pbrpc__srv_listeners_close(srv);
+	/* Handshaking connections drain too: our HELLO is out, so the client
+	 * may already have sent its HELLO and requests behind it. Closing
+	 * would lose them; the GOAWAY after our HELLO answers them NOT_RUN. */
 	pbrpc__list_for_each(c, &srv->conns, srv_conn, link) {
-		if (c->base.state == PBRPC__CONN_OPEN) {
-			pbrpc__conn_goaway(&c->base, "server is shutting down");
-			pbrpc__srv_mark_dirty(c);
-		} else {
-			pbrpc__conn_close(&c->base, 0, "server is shutting down");
-		}
+		pbrpc__conn_goaway(&c->base, "server is shutting down");
+		pbrpc__srv_mark_dirty(c);
 	}
 	drain_within(srv, drain_ms);
 	flush_dirty(srv);
@@ -480,6 +498,21 @@ static void on_event(pbrpc_server *srv, const struct epoll_event *ev)
 	}
 }
 
+/* TLS connections whose bytes wait inside OpenSSL (tls_again). */
+static void read_again(pbrpc_server *srv)
+{
+	pbrpc__list l;
+	pbrpc__list_init(&l);
+	pbrpc__list_splice(&l, &srv->again);
+	pbrpc__list *e;
+	while ((e = pbrpc__list_first(&l)) != NULL) {
+		pbrpc__list_remove(e);
+		srv_conn *c = pbrpc__container_of(e, srv_conn, again);
+		if (!pbrpc__conn_closed(&c->base))
+			conn_read(c);
+	}
+}
+
 PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 {
 	if (srv->shutdown_done)
@@ -487,7 +520,7 @@ PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 	struct epoll_event evs[64];
 	pbrpc_server *prev = pbrpc__srv_tl_loop;
 	pbrpc__srv_tl_loop = srv;
-	int n = epoll_wait(srv->epfd, evs, 64, next_timeout(srv, timeout_ms));
+	int n = epoll_wait(srv->epfd, evs, 64, pbrpc__list_empty(&srv->again) ? next_timeout(srv, timeout_ms) : 0);
 	if (n < 0 && errno != EINTR) {
 		pbrpc__srv_tl_loop = prev;
 		return -errno;
@@ -495,6 +528,7 @@ PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 	srv->now = pbrpc__now_ns();
 	for (int i = 0; i < n; i++)
 		on_event(srv, &evs[i]);
+	read_again(srv);
 	run_timers(srv);
 	flush_dirty(srv);
 	pbrpc__srv_tl_loop = prev;

@@ -73,6 +73,12 @@ static void opts_defaults(pbrpc_server_opts *o)
 		o->max_conn_fds = 256;
 	if (!o->memfd_threshold)
 		o->memfd_threshold = PBRPC_MEMFD_THRESHOLD_DEFAULT;
+	if (o->keepalive_timeout_ms <= 0)
+		o->keepalive_timeout_ms = 20000;
+	if (!o->ping_min_interval_ms)
+		o->ping_min_interval_ms = 1000;
+	if (o->max_connection_age_grace_ms <= 0)
+		o->max_connection_age_grace_ms = 30000;
 }
 
 /* While usage is under these, every frame up to max_frame is admitted and a
@@ -104,6 +110,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	srv->reg.observe = srv->o.call_log != NULL;
 	pbrpc__list_init(&srv->conns);
 	pbrpc__list_init(&srv->dirty);
+	pbrpc__list_init(&srv->again);
 	pbrpc__list_init(&srv->free_calls);
 	pbrpc__list_init(&srv->live);
 	pbrpc__list_init(&srv->cq);
@@ -112,6 +119,9 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	pbrpc__timer_init(&srv->drain, SRV_TIMER_DRAIN);
 	pbrpc__timer_init(&srv->accept_timer, SRV_TIMER_ACCEPT);
 	srv->reserve_fd = -1;
+	srv->rng = (uint64_t)pbrpc__now_ns() ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)srv;
+	if (!srv->rng)
+		srv->rng = 1;
 	srv->wake.src = SRV_SRC_WAKE;
 	srv->wake.fd = -1;
 	pthread_mutex_init(&srv->cq_mu, NULL);
@@ -119,6 +129,14 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	pthread_cond_init(&srv->wq_cv, NULL);
 
 	int err;
+	if (srv->o.tls.cert || srv->o.tls.ca) {
+		char why[256];
+		err = pbrpc__tls_ctx_new(&srv->tls_ctx, true, &srv->o.tls, why, sizeof(why));
+		if (err < 0) {
+			pbrpc__srv_log(srv, PBRPC_LOG_ERROR, "tls: %s", why[0] ? why : pbrpc_strerror(err));
+			goto err_srv;
+		}
+	}
 	srv->epfd = epoll_create1(EPOLL_CLOEXEC);
 	if (srv->epfd < 0) {
 		err = -errno;
@@ -163,6 +181,7 @@ err_wake:
 err_ep:
 	close(srv->epfd);
 err_srv:
+	pbrpc__tls_ctx_free(srv->tls_ctx);
 	pthread_mutex_destroy(&srv->cq_mu);
 	pthread_mutex_destroy(&srv->wq_mu);
 	pthread_cond_destroy(&srv->wq_cv);
@@ -196,6 +215,7 @@ PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
 		close(srv->reserve_fd);
 	close(srv->wake.fd);
 	close(srv->epfd);
+	pbrpc__tls_ctx_free(srv->tls_ctx);
 	pthread_mutex_destroy(&srv->cq_mu);
 	pthread_mutex_destroy(&srv->wq_mu);
 	pthread_cond_destroy(&srv->wq_cv);

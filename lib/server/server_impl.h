@@ -20,6 +20,7 @@
 #include <sys/types.h>
 
 #include "conn/conn.h"
+#include "conn/tls.h"
 #include "pbrpc/endpoint.h"
 #include "pbrpc/server.h"
 #include "server/registry.h"
@@ -77,6 +78,8 @@ typedef struct srv_conn {
 	pbrpc__timer timer; /* armed at pbrpc__conn_deadline(&base) */
 	pbrpc__list link;   /* srv->conns */
 	pbrpc__list dirty;  /* srv->dirty while output waits for a flush */
+	pbrpc__list again;  /* srv->again: TLS bytes buffered that no epoll
+	                     * event will report (pbrpc__conn_buffered) */
 	size_t mem_io;      /* decoder footprint + writer capacity, last sampled */
 	size_t mem_used;    /* mem_io + the mem of its calls not yet answered */
 	unsigned fds_held;  /* request fds of its calls not yet answered */
@@ -110,6 +113,7 @@ typedef struct srv_call {
 	bool has_cred;
 	struct ucred cred; /* copied from the connection: it may close first */
 	srv_peer *peer_ext; /* a reference to the connection's, or NULL */
+	pbrpc__tls_peer *tls_peer; /* a reference, for pbrpc_call_peer_tls; NULL: not TLS */
 	uint8_t *md; /* copy of the request's metadata block */
 	size_t md_len, md_cap;
 	pbrpc__arena arena;
@@ -151,6 +155,8 @@ struct pbrpc_server {
 
 	pbrpc__list conns;
 	pbrpc__list dirty;
+	pbrpc__list again; /* TLS connections to read without waiting (srv_conn.again) */
+	pbrpc__tls_ctx *tls_ctx; /* from o.tls, for tls: listeners; NULL: none */
 	pbrpc__heap timers;
 	pbrpc__timer sweep;
 	pbrpc__timer drain;
@@ -205,6 +211,7 @@ struct pbrpc_server {
 	bool want_pidfd;
 	uint64_t denied_quiet, uid_refused_quiet; /* not logged yet */
 	int64_t denied_log_next, uid_log_next;
+	uint64_t rng;        /* xorshift state: the connection age's jitter */
 };
 
 /* The bytes a connection may still take: the smaller of its share's and the

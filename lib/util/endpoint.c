@@ -15,6 +15,14 @@
 #include <unistd.h>
 
 #include "util/clock.h"
+#include "util/dial.h"
+
+static pbrpc__resolve_fn resolver = getaddrinfo;
+
+void pbrpc__dial_set_resolver(pbrpc__resolve_fn fn)
+{
+	resolver = fn ? fn : getaddrinfo;
+}
 
 static int parse_unix(const char *rest, pbrpc_endpoint *out)
 {
@@ -46,20 +54,22 @@ static int parse_unix(const char *rest, pbrpc_endpoint *out)
 	return 0;
 }
 
-static int parse_tcp(const char *rest, pbrpc_endpoint *out)
+/* "HOST:PORT" or "[V6]:PORT" into host and port (a pointer into rest). */
+#define HOST_MAX 256
+
+static int split_host_port(const char *rest, char host[HOST_MAX], const char **port_out)
 {
-	char host[256];
 	const char *port;
 	if (rest[0] == '[') {
 		const char *end = strchr(rest, ']');
-		if (!end || end[1] != ':' || (size_t)(end - rest - 1) >= sizeof(host) || end == rest + 1)
+		if (!end || end[1] != ':' || (size_t)(end - rest - 1) >= HOST_MAX || end == rest + 1)
 			return PBRPC_EADDRESS;
 		memcpy(host, rest + 1, (size_t)(end - rest - 1));
 		host[end - rest - 1] = '\0';
 		port = end + 2;
 	} else {
 		const char *colon = strrchr(rest, ':');
-		if (!colon || colon == rest || (size_t)(colon - rest) >= sizeof(host) || memchr(rest, ':', (size_t)(colon - rest)))
+		if (!colon || colon == rest || (size_t)(colon - rest) >= HOST_MAX || memchr(rest, ':', (size_t)(colon - rest)))
 			return PBRPC_EADDRESS;
 		memcpy(host, rest, (size_t)(colon - rest));
 		host[colon - rest] = '\0';
@@ -71,15 +81,27 @@ static int parse_tcp(const char *rest, pbrpc_endpoint *out)
 	long p = strtol(port, &endp, 10);
 	if (*endp || p < 0 || p > 65535)
 		return PBRPC_EADDRESS;
+	*port_out = port;
+	return 0;
+}
+
+static int parse_tcp(const char *rest, pbrpc_endpoint *out)
+{
+	char host[HOST_MAX];
+	const char *port;
+	int rc = split_host_port(rest, host, &port);
+	if (rc < 0)
+		return rc;
 
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV };
 	struct addrinfo *res = NULL;
-	if (getaddrinfo(host, port, &hints, &res) != 0 || !res)
+	if (resolver(host, port, &hints, &res) != 0 || !res)
 		return -EADDRNOTAVAIL;
 	memcpy(&out->addr, res->ai_addr, res->ai_addrlen);
 	out->addrlen = res->ai_addrlen;
 	freeaddrinfo(res);
 	out->kind = PBRPC_ENDPOINT_TCP;
+	memcpy(out->host, host, sizeof(host));
 	return 0;
 }
 
@@ -92,6 +114,10 @@ PBRPC_EXPORT int pbrpc_endpoint_parse(const char *str, pbrpc_endpoint *out)
 		return parse_unix(str + 5, out);
 	if (strncmp(str, "tcp:", 4) == 0)
 		return parse_tcp(str + 4, out);
+	if (strncmp(str, "tls:", 4) == 0) {
+		out->tls = true;
+		return parse_tcp(str + 4, out);
+	}
 	return PBRPC_EADDRESS;
 }
 
@@ -109,11 +135,11 @@ PBRPC_EXPORT void pbrpc_endpoint_format(const pbrpc_endpoint *ep, char *buf, siz
 		if (ep->addr.ss_family == AF_INET6) {
 			const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ep->addr;
 			inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
-			snprintf(buf, len, "tcp:[%s]:%u", host, ntohs(a->sin6_port));
+			snprintf(buf, len, "%s:[%s]:%u", ep->tls ? "tls" : "tcp", host, ntohs(a->sin6_port));
 		} else {
 			const struct sockaddr_in *a = (const struct sockaddr_in *)&ep->addr;
 			inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
-			snprintf(buf, len, "tcp:%s:%u", host, ntohs(a->sin_port));
+			snprintf(buf, len, "%s:%s:%u", ep->tls ? "tls" : "tcp", host, ntohs(a->sin_port));
 		}
 		return;
 	}
@@ -259,4 +285,54 @@ PBRPC_EXPORT int pbrpc_endpoint_from_fd(int fd, pbrpc_endpoint *out)
 		snprintf(out->path, sizeof(out->path), "%.*s", (int)n, sun->sun_path);
 	}
 	return 0;
+}
+
+/* One address's share of what is left of the timeout: a refused address
+ * costs nothing, so the ones after it get more; the last gets all. */
+static int share_ms(int64_t deadline, int left_to_try)
+{
+	if (!deadline)
+		return -1;
+	int ms = pbrpc__ms_until(deadline);
+	if (ms < 1)
+		ms = 1;
+	return left_to_try > 1 ? (ms / left_to_try > 0 ? ms / left_to_try : 1) : ms;
+}
+
+int pbrpc__endpoint_dial(pbrpc_endpoint *ep, const char *str, int timeout_ms)
+{
+	const char *rest = str ? strchr(str, ':') : NULL;
+	if (ep->kind != PBRPC_ENDPOINT_TCP || !rest)
+		return pbrpc_endpoint_connect(ep, timeout_ms);
+	char host[HOST_MAX];
+	const char *port;
+	if (split_host_port(rest + 1, host, &port) < 0)
+		return pbrpc_endpoint_connect(ep, timeout_ms);
+	int64_t deadline = timeout_ms < 0 ? 0 : pbrpc__deadline_in(pbrpc__now_ns(), timeout_ms);
+	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV };
+	struct addrinfo *res = NULL;
+	if (resolver(host, port, &hints, &res) != 0 || !res)
+		return -EADDRNOTAVAIL;
+	int n = 0;
+	for (const struct addrinfo *a = res; a; a = a->ai_next)
+		n++;
+	int fd = -EADDRNOTAVAIL;
+	for (const struct addrinfo *a = res; a; a = a->ai_next, n--) {
+		if (a->ai_addrlen > sizeof(ep->addr))
+			continue;
+		pbrpc_endpoint one = *ep;
+		memcpy(&one.addr, a->ai_addr, a->ai_addrlen);
+		one.addrlen = a->ai_addrlen;
+		fd = pbrpc_endpoint_connect(&one, share_ms(deadline, n));
+		if (fd >= 0) {
+			*ep = one;
+			break;
+		}
+		if (deadline && pbrpc__now_ns() >= deadline) {
+			fd = -ETIMEDOUT;
+			break;
+		}
+	}
+	freeaddrinfo(res);
+	return fd;
 }

@@ -73,12 +73,18 @@ typedef struct pbrpc_client_opts {
 	size_t memfd_threshold;   /* requests whose body is larger go in a sealed
 	                           * memfd where the server supports it; default
 	                           * PBRPC_MEMFD_THRESHOLD_DEFAULT (never) */
+	/* TLS for a tls: endpoint (common.h): ca (default: the system store),
+	 * cert and key for mutual TLS, server_name. */
+	pbrpc_tls_opts tls;
 } pbrpc_client_opts;
 
 /* Creates a client for `endpoint` and, unless opts->lazy, connects and
  * completes the handshake. Returns 0 or a negative code: PBRPC_EADDRESS,
  * -ECONNREFUSED, -ENOENT, -ETIMEDOUT, PBRPC_EBADMAGIC (not a pbrpc server),
- * PBRPC_EVERSION. On failure *out is NULL. */
+ * PBRPC_EVERSION; for tls: PBRPC_ETLS (certificate, host name, ALPN; also when
+ * the opts.tls files do not load), PBRPC_ENOTLS (the server speaks plaintext).
+ * After a failure, pbrpc_client_status() on this thread gives UNAVAILABLE and
+ * the reason in words ("... server certificate rejected: hostname mismatch"). On failure *out is NULL. */
 PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, const pbrpc_client_opts *opts);
 
 /* Fails every asynchronous call in flight with CANCELLED (their closures run

@@ -50,6 +50,31 @@ typedef struct pbrpc_hello {
 	char agent[64];     /* NUL-terminated, cut if longer */
 } pbrpc_hello;
 
+/* TLS for tls:HOST:PORT endpoints (docs/PROTOCOL.md, "TLS"): TLS 1.3 with
+ * ALPN "pbrpc/1" both ways. Files are PEM; the library reads them when the
+ * server or client is created (they may change on disk afterwards). */
+typedef enum pbrpc_tls_verify {
+	PBRPC_TLS_VERIFY_DEFAULT = 0, /* server: REQUIRE when ca is set, else NONE */
+	PBRPC_TLS_VERIFY_NONE,        /* server: ask for no client certificate */
+	PBRPC_TLS_VERIFY_REQUEST,     /* server: ask; verify one that is sent; accept none */
+	PBRPC_TLS_VERIFY_REQUIRE,     /* server: refuse a client without a valid one */
+} pbrpc_tls_verify;
+
+typedef struct pbrpc_tls_opts {
+	const char *cert;        /* our certificate chain: required by a server with
+	                          * tls: listeners; a client's for mutual TLS */
+	const char *key;         /* its private key; NULL: in cert's file */
+	const char *ca;          /* CA certificates to verify the peer with (a file,
+	                          * or a directory of hashed names). Client: NULL is
+	                          * the system store. Server: NULL asks for no client
+	                          * certificate */
+	const char *server_name; /* client: the name sent as SNI and matched against
+	                          * the server's certificate; NULL: the endpoint's
+	                          * host (an IP address is matched against IP SANs) */
+	pbrpc_tls_verify verify; /* server only */
+	int min_version;         /* 0 or 13: TLS 1.3; 12: also TLS 1.2 */
+} pbrpc_tls_opts;
+
 /* True when name[0..len) is a valid method name: "pkg.Service/Method", one
  * '/', non-empty parts of [A-Za-z0-9_.], at most PBRPC_METHOD_MAX bytes. */
 PBRPC_EXPORT bool pbrpc_method_valid(const char *name, size_t len);

@@ -1,4 +1,5 @@
-/* pbrpc endpoints: "unix:/path", "unix:@abstract", "tcp:HOST:PORT", "tcp:[V6]:PORT".
+/* pbrpc endpoints: "unix:/path", "unix:@abstract", "tcp:HOST:PORT", "tcp:[V6]:PORT",
+ * and "tls:HOST:PORT", "tls:[V6]:PORT": TCP with TLS (kind TCP, tls set).
  *
  * Parses endpoint strings and turns them into listening or connected sockets.
  * All sockets are created SOCK_CLOEXEC; TCP sockets get TCP_NODELAY.
@@ -30,6 +31,9 @@ typedef struct pbrpc_endpoint {
 	struct sockaddr_storage addr; /* resolved address */
 	socklen_t addrlen;
 	char path[108]; /* UNIX: the path; ABSTRACT: the name (no leading '@') */
+	bool tls;       /* "tls:": TCP with TLS */
+	char host[256]; /* TCP: the host as written (a name, or an address without
+	                 * brackets), for TLS's SNI and certificate check */
 } pbrpc_endpoint;
 
 /* Parses an endpoint string. TCP host names are resolved (first address).

@@ -37,7 +37,10 @@ extern "C" {
 	X(ESTATUS, -4012, "call completed with a non-OK RPC status")                   \
 	X(EQUEUEFULL, -4013, "output queue is full")                                   \
 	X(EGOAWAY, -4014, "peer is shutting down the connection")                      \
-	X(EINVALID, -4015, "invalid argument")
+	X(EINVALID, -4015, "invalid argument")                                        \
+	X(ETLS, -4016, "TLS failed (handshake, certificate or record)")               \
+	X(ENOTLS, -4017, "peer does not speak TLS")                                    \
+	X(ETLSPEER, -4018, "peer speaks TLS on a plaintext endpoint")
 
 enum pbrpc_error {
 #define PBRPC__ERR_ENUM(name, value, msg) PBRPC_##name = (value),

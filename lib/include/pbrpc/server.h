@@ -129,6 +129,23 @@ typedef struct pbrpc_server_opts {
 	uint32_t max_connections_per_uid; /* Unix peers of one uid open at once;
 	                              * one more is refused as max_connections
 	                              * refuses; default 0: no cap but the global */
+	/* Keepalive and connection age (docs/PROTOCOL.md sections 7 and 8). */
+	int keepalive_interval_ms;   /* PING a connection that sent nothing for this
+	                              * long; default none */
+	int keepalive_timeout_ms;    /* ...and close it when nothing comes back
+	                              * within this; default 20000 */
+	int ping_min_interval_ms;    /* a client's PINGs less than this apart with no
+	                              * call between are strikes; the third closes
+	                              * it; default 1000; < 0 no limit */
+	int max_connection_age_ms;   /* drain a connection this old (+-10%, random)
+	                              * with GOAWAY; default none */
+	int max_connection_age_grace_ms; /* ...and close it this long after, calls
+	                              * still in flight failing; default 30000 */
+	/* TLS for tls: listeners (common.h): cert and key are required for
+	 * them; ca turns on client certificates (mutual TLS). Read by
+	 * pbrpc_server_new, which fails with PBRPC_ETLS (and logs why) when
+	 * they do not load. */
+	pbrpc_tls_opts tls;
 } pbrpc_server_opts;
 
 /* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
@@ -315,6 +332,21 @@ PBRPC_EXPORT int pbrpc_call_attach_fd(void *closure_data, int fd);
  * until the closure has been called. Returns 0 (for a TCP peer too, with
  * has_cred false) or PBRPC_EINVALID. */
 PBRPC_EXPORT int pbrpc_call_peer(void *closure_data, pbrpc_peer *out);
+/* What a TLS connection's client proved (docs/PROTOCOL.md, "TLS"). */
+typedef struct pbrpc_tls_peer {
+	const char *subject;     /* its certificate's subject, RFC 2253
+	                          * ("CN=alice,O=Example"); NULL: it sent none */
+	const char *const *sans; /* its subjectAltNames: "DNS:name", "IP:addr",
+	                          * "URI:uri", "email:addr" */
+	size_t n_sans;
+	const char *version;     /* "TLSv1.3" */
+	const char *cipher;      /* "TLS_AES_256_GCM_SHA384" */
+} pbrpc_tls_peer;
+
+/* The TLS peer of the call's connection. *out stays valid until the
+ * closure has been called. Returns 0, -ENOTSUP when the call did not come
+ * over TLS, or PBRPC_EINVALID. */
+PBRPC_EXPORT int pbrpc_call_peer_tls(void *closure_data, const pbrpc_tls_peer **out);
 
 #ifdef __cplusplus
 }
