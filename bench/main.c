@@ -151,7 +151,7 @@ static struct {
 	bool sizes[N_SIZES];
 	bool transports[2]; /* unix, tcp */
 	bool pin_modes[3];  /* placements: PL_DEFAULT, PL_PINNED, PL_SPLIT */
-	bool seq, conc, pipe, idle;
+	bool seq, conc, pipe, idle, memfd;
 	double secs;
 	int rounds;
 	long calls; /* fixed call count (profiling); 0: timed */
@@ -168,6 +168,7 @@ static struct {
 	.conc = true,
 	.pipe = true,
 	.idle = true,
+	.memfd = true,
 	.secs = 0.25,
 	.rounds = 3,
 	.idle_conns = 10000,
@@ -1041,6 +1042,97 @@ static void print_targets(void)
 	printf("\n");
 }
 
+/* ---- issue 11: bodies in sealed memfds, over Unix ----
+ * raw+protobuf-c against pbrpc with every body through the socket
+ * (threshold SIZE_MAX), with every body above 4 KiB in a memfd, and with the
+ * library's default; pinned and split. The crossover is the smallest size
+ * at which the memfd path costs less CPU per call (pinned) than the plain
+ * one. */
+static const size_t mf_sizes[] = { 16 * 1024, 64 * 1024, 128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024,
+				   16 * 1024 * 1024 };
+#define N_MF 7
+enum { MF_RAWPB, MF_PLAIN, MF_MEMFD, MF_DEFAULT, N_MFV };
+static const char *const mf_name[N_MFV] = { "raw+protobuf-c", "pbrpc, socket", "pbrpc, memfd", "pbrpc, default" };
+static const char *const mf_env[N_MFV] = { NULL, "18446744073709551615", "4096", NULL };
+static result mf_res[N_MFV][2][N_MF]; /* variant, pinned/split, size */
+
+static void run_memfd(void (*progress_cb)(const char *))
+{
+	static const int pls[2] = { PL_PINNED, PL_SPLIT };
+	result rs[7];
+	char what[128];
+	for (int p = 0; p < 2; p++) {
+		if (!cfg.pin_modes[pls[p]])
+			continue;
+		for (int z = 0; z < N_MF; z++)
+			for (int v = 0; v < N_MFV; v++) {
+				if (mf_env[v])
+					setenv("PBRPC_BENCH_MEMFD_THRESHOLD", mf_env[v], 1);
+				else
+					unsetenv("PBRPC_BENCH_MEMFD_THRESHOLD");
+				for (int k = 0; k < cfg.rounds; k++) {
+					snprintf(what, sizeof(what), "memfd %s %s %s", pl_key[pls[p]], size_name(mf_sizes[z]),
+						 mf_name[v]);
+					progress_cb(what);
+					rs[k] = run_seq(v == MF_RAWPB ? &bench_rawpb : &bench_pbrpc, false, mf_sizes[z], pls[p]);
+				}
+				mf_res[v][p][z] = median(rs, cfg.rounds);
+			}
+	}
+	unsetenv("PBRPC_BENCH_MEMFD_THRESHOLD");
+}
+
+static void print_memfd(void)
+{
+	static const char *const pl_what[2] = { "pinned", "split" };
+	printf("### Bodies in sealed memfds (issue 11), unix\n\n"
+	       "p50 in µs and CPU µs per call (both processes); the ratios are to raw+protobuf-c in the same run.\n\n"
+	       "| payload | CPUs | raw+pb p50 | raw+pb CPU | socket p50 | socket CPU | memfd p50 | memfd CPU | default "
+	       "p50 | default CPU | default/raw p50 | default/raw CPU |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+	for (int p = 0; p < 2; p++)
+		for (int z = 0; z < N_MF; z++) {
+			const result *b = &mf_res[MF_RAWPB][p][z], *d = &mf_res[MF_DEFAULT][p][z];
+			if (!b->ok)
+				continue;
+			printf("| %s | %s |", size_name(mf_sizes[z]), pl_what[p]);
+			for (int v = 0; v < N_MFV; v++) {
+				put_cell(&mf_res[v][p][z], V_P50);
+				put_cell(&mf_res[v][p][z], V_CPU);
+			}
+			put_ratio(d, b, V_P50);
+			put_ratio(d, b, V_CPU);
+			printf("\n");
+		}
+	int cross = -1;
+	for (int z = 0; z < N_MF && cross < 0; z++) {
+		const result *a = &mf_res[MF_PLAIN][0][z], *m = &mf_res[MF_MEMFD][0][z];
+		if (a->ok && m->ok && m->v[V_CPU] < a->v[V_CPU])
+			cross = z;
+	}
+	printf("\nCrossover (pinned, CPU per call, memfd below socket): %s.\n\n",
+	       cross < 0 ? "none in the sizes measured" : size_name(mf_sizes[cross]));
+	printf("| target (issue 11) | goal | measured | |\n|---|---|---:|---|\n");
+	struct {
+		const char *what;
+		int p, z, f;
+		double goal;
+	} t[] = {
+		{ "unix 1 MiB pinned CPU/call, pbrpc/raw+pb", 0, 5, V_CPU, 0.6 },
+		{ "unix 1 MiB split p50, pbrpc/raw+pb", 1, 5, V_P50, 0.6 },
+		{ "unix 16 MiB pinned CPU/call, pbrpc/raw+pb", 0, 6, V_CPU, 0.4 },
+		{ "unix 16 MiB split p50, pbrpc/raw+pb", 1, 6, V_P50, 0.4 },
+	};
+	for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
+		const result *d = &mf_res[MF_DEFAULT][t[i].p][t[i].z], *b = &mf_res[MF_RAWPB][t[i].p][t[i].z];
+		bool have = d->ok && b->ok;
+		double v = have ? d->v[t[i].f] / b->v[t[i].f] : 0;
+		char goal[16];
+		snprintf(goal, sizeof(goal), "≤ %.1f", t[i].goal);
+		target_row(t[i].what, goal, v, have, v <= t[i].goal);
+	}
+	printf("\n");
+}
+
 /* ---- driver ---- */
 
 static int n_runs_done, n_runs_total;
@@ -1074,6 +1166,8 @@ static void run_all(void)
 		       ((cfg.seq ? npin * nsz : 0) + (cfg.conc ? 2 : 0) + (cfg.pipe ? 3 : 0)) + (cfg.idle ? ntr * 2 : 0);
 	if (cfg.seq && cfg.pin_modes[1] && cfg.sizes[0])
 		n_runs_total += (key_rows(1, 0) - cfg.rounds) * nsys * ntr;
+	if (cfg.memfd && cfg.transports[0])
+		n_runs_total += cfg.rounds * N_MFV * N_MF * (cfg.pin_modes[PL_PINNED] + cfg.pin_modes[PL_SPLIT]);
 	char what[128];
 	result rs[N_SYSTEMS][16];
 
@@ -1144,6 +1238,8 @@ static void run_all(void)
 			}
 		}
 	}
+	if (cfg.memfd && cfg.transports[0])
+		run_memfd(progress);
 	fprintf(stderr, "\n");
 }
 
@@ -1179,7 +1275,7 @@ static void usage(FILE *f)
 	fprintf(f,
 		"Usage: pbrpc-bench [OPTION]...\n"
 		"Benchmark pbrpc against raw-socket baselines; markdown tables on stdout.\n\n"
-		"  --only LIST        seq,conc,pipe,idle (default: all)\n"
+		"  --only LIST        seq,conc,pipe,idle,memfd (default: all)\n"
 		"  --systems LIST     pbrpc,rawpb,raw,epoll,wire,grpc,nng (default: all built in)\n"
 		"  --transports LIST  unix,tcp (default: both)\n"
 		"  --sizes LIST       32,1024,65536,1048576 (default: all)\n"
@@ -1235,6 +1331,7 @@ static void parse_args(int argc, char **argv)
 			cfg.conc = in_list(optarg, "conc");
 			cfg.pipe = in_list(optarg, "pipe");
 			cfg.idle = in_list(optarg, "idle");
+			cfg.memfd = in_list(optarg, "memfd");
 			break;
 		case O_SYSTEMS:
 			for (int i = 0; i < N_SYSTEMS; i++)
@@ -1372,5 +1469,7 @@ int main(int argc, char **argv)
 	if (cfg.idle)
 		print_idle();
 	print_targets();
+	if (cfg.memfd && cfg.transports[0])
+		print_memfd();
 	return 0;
 }

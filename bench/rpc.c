@@ -32,6 +32,13 @@ static void bench_echo(Demo__Echo_Service *svc, const Demo__EchoRequest *req, De
 
 static Demo__Echo_Service echo_service = DEMO__ECHO__INIT(bench_);
 
+/* The memfd rows set PBRPC_BENCH_MEMFD_THRESHOLD for both sides (0 or
+ * unset: the library's default). */
+static size_t bench_memfd_threshold(void)
+{
+	const char *e = getenv("PBRPC_BENCH_MEMFD_THRESHOLD");
+	return e ? (size_t)strtoull(e, NULL, 0) : 0;
+}
 bool bench_authz;
 
 static pbrpc_server *new_server(int lfd)
@@ -39,7 +46,8 @@ static pbrpc_server *new_server(int lfd)
 	/* The library sets no socket buffer sizes: give its sockets the
 	 * baselines' (see hooks.c). */
 	bench_hook_sockets = true;
-	pbrpc_server_opts o = { .max_connections = 1u << 20 };
+	pbrpc_server_opts o = { .max_connections = 1u << 20, .max_frame = 2 * BENCH_MAX_PAYLOAD,
+				.memfd_threshold = bench_memfd_threshold() };
 	pbrpc_server *srv;
 	int rc = pbrpc_server_new(&srv, &o);
 	if (rc < 0)
@@ -305,7 +313,8 @@ static void *pbrpc_open(const bench_target *t)
 	if (!p)
 		return NULL;
 	bench_hook_sockets = true;
-	int rc = pbrpc_client_connect(&p->c, t->endpoint, NULL);
+	pbrpc_client_opts co = { .max_frame = 2 * BENCH_MAX_PAYLOAD, .memfd_threshold = bench_memfd_threshold() };
+	int rc = pbrpc_client_connect(&p->c, t->endpoint, &co);
 	bench_hook_sockets = false;
 	if (rc < 0) {
 		fprintf(stderr, "pbrpc-bench: pbrpc_client_connect %s: %s\n", t->endpoint, pbrpc_strerror(rc));

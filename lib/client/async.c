@@ -246,7 +246,11 @@ int pbrpc__cl_run_done(pbrpc_client *c)
 		} else {
 			pbrpc__cl_set_status(x->status, x->msg, x->msg_len);
 		}
+		if (__builtin_expect(x->nfds, 0))
+			pbrpc__cl_th_fds_set(x);
 		x->closure(reply, x->closure_data);
+		if (__builtin_expect(th.nrfds, 0))
+			pbrpc__cl_th_fds_drop();
 		pbrpc__cl_reply_free(reply, a);
 		n++;
 	}

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "client/client_impl.h"
+#include "proto/memfd.h"
 #include "util/dial.h"
 #include "util/io.h"
 
@@ -53,6 +54,57 @@ void pbrpc__cl_chan_fail(pbrpc_client *c, chan *k, int status, int err, const ch
 
 /* ---- what the connection core reports ---- */
 
+/* A RESPONSE with fds: the user's become x's, a memfd body is checked and
+ * mapped (x->map; r's body points there). Returns false with x failed: the
+ * limits (PROTOCOL.md section 12) or a memfd not sealed as it must be. The
+ * fds not taken are closed by the connection. */
+static __attribute__((noinline)) bool reply_take_fds(pbrpc__conn *b, call *x, pbrpc__wire_response *r,
+						     const pbrpc_client *c)
+{
+	unsigned skip = r->body_fd ? 1 : 0, n = b->frame_nfds - skip;
+	if (n > c->max_fds) {
+		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_ETOOBIG,
+				    "reply carries %u file descriptors, client accepts at most %u", n, c->max_fds);
+		return false;
+	}
+	if (r->body_fd) {
+		uint64_t size = 4 + r->message_len + r->body_fd_len;
+		if (size > b->max_frame) {
+			pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, PBRPC_ETOOBIG,
+					    "reply is %llu bytes, client accepts at most %u", (unsigned long long)size,
+					    (unsigned)b->max_frame);
+			return false;
+		}
+		char why[160];
+		const uint8_t *map;
+		if (pbrpc__memfd_map(pbrpc__conn_frame_fds(b)[0], r->body_fd_len, &map, why, sizeof(why)) < 0) {
+			pbrpc__cl_call_fail(x, PBRPC_STATUS_INTERNAL, PBRPC_EPROTO, "%s", why);
+			return false;
+		}
+		x->map = map;
+		x->map_len = (size_t)r->body_fd_len;
+		r->body = map;
+		r->body_len = x->map_len;
+	}
+	if (n) {
+		if (n > x->fds_cap) {
+			int *p = realloc(x->fds, n * sizeof(int));
+			if (!p) {
+				pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
+				return false;
+			}
+			x->fds = p;
+			x->fds_cap = n;
+		}
+		int *ff = pbrpc__conn_frame_fds(b);
+		memcpy(x->fds, ff + skip, n * sizeof(int));
+		for (unsigned i = skip; i < b->frame_nfds; i++)
+			ff[i] = -1;
+		x->nfds = n;
+	}
+	return true;
+}
+
 /* A RESPONSE: the reader's own (`me`) stays in the decoder and stops the
  * dispatch; any other is copied into its call record. */
 static bool on_response(pbrpc__conn *b, const pbrpc__wire_response *r, void *arg)
@@ -90,6 +142,20 @@ static bool on_response(pbrpc__conn *b, const pbrpc__wire_response *r, void *arg
 			pbrpc__cl_efd_signal(c);
 		return false;
 	}
+	pbrpc__wire_response fr;
+	if (__builtin_expect(b->frame_nfds != 0, 0)) {
+		fr = *r;
+		r = &fr;
+		if (!reply_take_fds(b, x, &fr, c)) {
+			x->retry = false;
+			if (x != me) {
+				pbrpc__cl_call_finish(c, x);
+				return false;
+			}
+			x->done = true;
+			return true;
+		}
+	}
 	if (x == me) {
 		x->msg = r->message;
 		x->msg_len = r->message_len;
@@ -99,6 +165,19 @@ static bool on_response(pbrpc__conn *b, const pbrpc__wire_response *r, void *arg
 		x->rconn = k;
 		x->done = true;
 		return true;
+	}
+	if (x->map) {
+		/* The body stays in its mapping: store only the message. */
+		pbrpc__wire_response m = *r;
+		m.body_len = 0;
+		if (pbrpc__cl_store_reply(x, &m) < 0)
+			pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
+		else {
+			x->body = x->map;
+			x->body_len = x->map_len;
+		}
+		pbrpc__cl_call_finish(c, x);
+		return false;
 	}
 	if (pbrpc__cl_store_reply(x, r) < 0)
 		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory storing a %zu-byte reply",

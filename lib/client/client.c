@@ -12,6 +12,8 @@
 
 #include "pbrpc/schema.h"
 #include "client/client_impl.h"
+#include "proto/memfd.h"
+#include "util/io.h"
 
 #define th pbrpc__cl_th
 #define tc pbrpc__cl_tc
@@ -77,6 +79,13 @@ void pbrpc__cl_call_put(pbrpc_client *c, call *x)
 {
 	if (x->cap > CL_CALL_BUF_SMALL)
 		big_touch(c);
+	if (__builtin_expect(x->nfds || x->map, 0)) {
+		pbrpc__io_close_fds(x->fds, x->nfds);
+		x->nfds = 0;
+		pbrpc__memfd_unmap(x->map, x->map_len);
+		x->map = NULL;
+		x->map_len = 0;
+	}
 	pbrpc__list_insert(&c->free_calls, &x->qlink);
 }
 
@@ -200,6 +209,8 @@ void pbrpc__cl_args_init(call_args *a, const pbrpc_client *c, const char *method
 	if (o) {
 		a->md = o->metadata;
 		a->md_count = o->metadata ? o->metadata_count : 0;
+		a->fds = o->fds;
+		a->fd_count = o->fds ? o->fd_count : 0;
 	}
 	a->start = pbrpc__now_ns();
 	a->deadline = pbrpc__cl_call_deadline(c, o, a->start);
@@ -360,6 +371,9 @@ static void client_teardown(pbrpc_client *c)
 		c->slabs = s->next;
 		for (int i = 0; i < CL_CALL_SLAB_SIZE; i++) {
 			pthread_cond_destroy(&s->calls[i].cond);
+			pbrpc__io_close_fds(s->calls[i].fds, s->calls[i].nfds);
+			free(s->calls[i].fds);
+			pbrpc__memfd_unmap(s->calls[i].map, s->calls[i].map_len);
 			free(s->calls[i].buf);
 			free(s->calls[i].req);
 		}
@@ -433,6 +447,8 @@ PBRPC_EXPORT int pbrpc_client_connect(pbrpc_client **out, const char *endpoint, 
 	c->backoff_max_ms = o.backoff_max_ms > 0 ? o.backoff_max_ms : CL_DEFAULT_BACKOFF_MAX_MS;
 	if (c->backoff_max_ms < c->backoff_min_ms)
 		c->backoff_max_ms = c->backoff_min_ms;
+	c->max_fds = o.max_fds ? (o.max_fds > PBRPC_FDS_MAX ? PBRPC_FDS_MAX : o.max_fds) : 16;
+	c->memfd_threshold = o.memfd_threshold ? o.memfd_threshold : PBRPC_MEMFD_THRESHOLD_DEFAULT;
 	c->backoff_ms = c->backoff_min_ms;
 	c->now = pbrpc__now_ns();
 	c->next_id = 1;
@@ -645,6 +661,8 @@ static int call_rc(const call *x)
  * held (finish with explicit_end), or NULL with *rc and *result set. */
 static call *explicit_begin(pbrpc_client *c, call_args *a, pbrpc_call_result *result, int *rc)
 {
+	if (__builtin_expect(th.nrfds, 0))
+		pbrpc__cl_th_fds_drop(); /* the last explicit call's, not taken */
 	call *x = pbrpc__cl_sync_call(c, a);
 	if (!x) {
 		pthread_mutex_unlock(&c->mu);
@@ -656,6 +674,8 @@ static call *explicit_begin(pbrpc_client *c, call_args *a, pbrpc_call_result *re
 	th.last_call = x->id;
 	*rc = call_rc(x);
 	pbrpc__cl_set_status(x->status, x->msg, x->msg_len);
+	if (__builtin_expect(x->nfds, 0))
+		pbrpc__cl_th_fds_set(x); /* for pbrpc_client_reply_fds until the next call */
 	return x;
 }
 

@@ -88,11 +88,14 @@ typedef struct cl_tls_hot {
 	bool arena_busy;
 	pbrpc_client *in_process; /* the client whose process() runs on this thread */
 	cl_arena *arena;          /* this thread's arena for synchronous replies */
+	unsigned nrfds;           /* reply fds held for pbrpc_client_reply_fds (cold.rfds) */
 } cl_tls_hot;
 
 typedef struct cl_tls_cold {
 	char msg[PBRPC_STATUS_MESSAGE_MAX + 1];
 	pbrpc_call_opts next;
+	unsigned rfds_at;         /* rfds[rfds_at, nrfds) are still to take */
+	int rfds[PBRPC_FDS_MAX];
 } cl_tls_cold;
 
 extern _Thread_local cl_tls_hot pbrpc__cl_th __attribute__((tls_model("initial-exec")));
@@ -132,6 +135,12 @@ typedef struct call {
 	/* call_get() resets everything above; what follows is kept. */
 	pbrpc__timer timer; /* async calls with a deadline, in c->timers */
 	struct pbrpc_client_stream *stream; /* CALL_STREAM: its stream, NULL once freed */
+	/* The reply's fds and its memfd body's mapping (PROTOCOL.md section
+	 * 12): the call's until taken; pbrpc__cl_call_put closes and unmaps. */
+	int *fds;
+	unsigned nfds, fds_cap;
+	const uint8_t *map;
+	size_t map_len;
 	uint8_t *buf;       /* reply copy: message, then body */
 	size_t cap;
 	/* An async call's encoded REQUEST payload, kept to re-send it (the
@@ -196,6 +205,8 @@ struct pbrpc_client {
 	uint32_t max_frame;
 	uint32_t stream_window; /* opts.stream_window, 0: the default */
 	int connect_timeout_ms, call_timeout_ms, backoff_min_ms, backoff_max_ms;
+	unsigned max_fds;       /* per reply */
+	size_t memfd_threshold; /* request bodies above go in a sealed memfd */
 
 	chan *cur;         /* takes new calls; NULL when disconnected or draining */
 	pbrpc__list conns; /* every open connection */
@@ -244,6 +255,8 @@ typedef struct call_args {
 	int64_t start;       /* clock when the call was made */
 	bool method_checked; /* the name came from a checked service */
 	uint8_t stream_kind; /* REQUEST stream flags (stream.c); 0 for calls */
+	const int *fds;      /* to send with it (borrowed: duplicates are sent) */
+	size_t fd_count;
 } call_args;
 
 /* ---- small helpers ---- */
@@ -360,6 +373,10 @@ static inline void big_check(pbrpc_client *c, int64_t now)
 	if (c->big_at && now - c->big_at >= CL_BIG_IDLE_NS)
 		pbrpc__cl_release_big(c);
 }
+
+/* sync.c: reply fds for pbrpc_client_reply_fds */
+void pbrpc__cl_th_fds_set(call *x);
+void pbrpc__cl_th_fds_drop(void);
 
 /* sync.c */
 call *pbrpc__cl_sync_call(pbrpc_client *c, const call_args *a);

@@ -11,6 +11,8 @@
 #include <sys/time.h>
 
 #include "client/client_impl.h"
+#include "proto/memfd.h"
+#include "util/io.h"
 
 _Thread_local cl_tls_hot pbrpc__cl_th __attribute__((tls_model("initial-exec")));
 _Thread_local cl_tls_cold pbrpc__cl_tc;
@@ -138,6 +140,64 @@ void pbrpc__cl_reply_free(const ProtobufCMessage *m, cl_arena *a)
 		protobuf_c_message_free_unpacked((ProtobufCMessage *)m, NULL);
 }
 
+/* ---- reply fds, for pbrpc_client_reply_fds ---- */
+
+static pthread_key_t fds_key;
+static pthread_once_t fds_key_once = PTHREAD_ONCE_INIT;
+static bool fds_key_ok;
+
+static void fds_key_free(void *unused)
+{
+	(void)unused;
+	pbrpc__cl_th_fds_drop(); /* the thread ends with fds it never took */
+}
+
+static void fds_key_init(void)
+{
+	fds_key_ok = pthread_key_create(&fds_key, fds_key_free) == 0;
+}
+
+__attribute__((destructor)) static void fds_key_fini(void)
+{
+	if (fds_key_ok)
+		pthread_key_delete(fds_key);
+}
+
+void pbrpc__cl_th_fds_drop(void)
+{
+	pbrpc__io_close_fds(pbrpc__cl_tc.rfds + pbrpc__cl_tc.rfds_at, th.nrfds - pbrpc__cl_tc.rfds_at);
+	th.nrfds = 0;
+	pbrpc__cl_tc.rfds_at = 0;
+}
+
+/* x's reply fds become this thread's, for pbrpc_client_reply_fds. */
+void pbrpc__cl_th_fds_set(call *x)
+{
+	pbrpc__cl_th_fds_drop();
+	memcpy(pbrpc__cl_tc.rfds, x->fds, x->nfds * sizeof(int));
+	th.nrfds = x->nfds;
+	x->nfds = 0;
+	pthread_once(&fds_key_once, fds_key_init);
+	if (fds_key_ok)
+		pthread_setspecific(fds_key, &th); /* any non-NULL value: the destructor runs */
+}
+
+PBRPC_EXPORT size_t pbrpc_client_reply_fds(int *fds, size_t max)
+{
+	size_t n = th.nrfds - pbrpc__cl_tc.rfds_at;
+	if (n > max)
+		n = max;
+	if (!fds)
+		n = 0;
+	if (n) {
+		memcpy(fds, pbrpc__cl_tc.rfds + pbrpc__cl_tc.rfds_at, n * sizeof(int));
+		pbrpc__cl_tc.rfds_at += (unsigned)n;
+	}
+	if (pbrpc__cl_tc.rfds_at == th.nrfds)
+		th.nrfds = pbrpc__cl_tc.rfds_at = 0;
+	return n;
+}
+
 /* ---- sending ---- */
 
 static void cond_wait_until(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline)
@@ -174,6 +234,56 @@ static void request_failed(call *x, const pbrpc__wire_request *req, const call_a
 	else
 		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, rc, "cannot encode the request: %s",
 				    pbrpc_strerror(rc));
+}
+
+#define PBRPC_ENOFDS (-ENOTSUP) /* send_fds failed x itself */
+
+/* A REQUEST with fds: duplicates of the caller's, after a sealed memfd
+ * holding the body when it is above the threshold (req->memfd_above). */
+static __attribute__((noinline)) int send_fds(chan *k, call *x, pbrpc__wire_request *req, const call_args *a,
+					      size_t before)
+{
+	int fds[1 + PBRPC_FDS_MAX];
+	unsigned n = 0;
+	if (a->fd_count && !pbrpc__conn_fds_ok(&k->base)) {
+		pbrpc__cl_call_fail(x, PBRPC_STATUS_FAILED_PRECONDITION, PBRPC_ENOFDS,
+				    "this connection cannot carry file descriptors (%s)",
+				    k->base.unix_sock ? "the server did not announce the FDS feature" : "not a Unix socket");
+		return PBRPC_ENOFDS;
+	}
+	if (a->fd_count > PBRPC_FDS_MAX - 1) {
+		pbrpc__cl_call_fail(x, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_ENOFDS,
+				    "%zu file descriptors: a call carries at most %u", a->fd_count, PBRPC_FDS_MAX - 1);
+		return PBRPC_ENOFDS;
+	}
+	size_t size = a->msg ? protobuf_c_message_get_packed_size(a->msg) : a->raw_len;
+	if (req->memfd_above && size > req->memfd_above) {
+		int m = pbrpc__memfd_pack(size, a->msg, a->raw);
+		if (m >= 0) {
+			fds[n++] = m;
+			req->body_fd = true;
+			req->body_fd_len = size;
+		}
+	}
+	for (size_t i = 0; i < a->fd_count; i++) {
+		int d = fcntl(a->fds[i], F_DUPFD_CLOEXEC, 0);
+		if (d < 0) {
+			int err = errno;
+			pbrpc__io_close_fds(fds, n);
+			pbrpc__cl_call_fail(x, err == EBADF ? PBRPC_STATUS_INVALID_ARGUMENT : PBRPC_STATUS_RESOURCE_EXHAUSTED,
+					    PBRPC_ENOFDS, "cannot send file descriptor %d: %s", a->fds[i], strerror(err));
+			return PBRPC_ENOFDS;
+		}
+		fds[n++] = d;
+	}
+	req->nfds = n;
+	req->memfd_above = 0;
+	int rc = pbrpc__wire_write_request(&k->base.out, req, req->body_fd ? NULL : a->msg, k->base.peer_max_frame);
+	if (rc == 0 && n)
+		rc = pbrpc__frame_writer_attach_fds(&k->base.out, before, fds, n);
+	else if (n)
+		pbrpc__io_close_fds(fds, n);
+	return rc;
 }
 
 /* Encodes x's REQUEST into k's writer, reserves its id and sends without
@@ -215,15 +325,23 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 	k->used_at = now;
 	x->id = pbrpc__cl_alloc_id(c);
 	req.call_id = x->id;
+	req.nfds = 0;
+	req.body_fd = false;
+	req.body_fd_len = 0;
+	req.memfd_above = pbrpc__conn_memfd_ok(&k->base) ? c->memfd_threshold : 0;
 	size_t before = pbrpc__conn_pending_out(&k->base);
-	int rc = pbrpc__wire_write_request(&k->base.out, &req, a->msg, k->base.peer_max_frame);
+	int rc = a->fd_count ? PBRPC__WIRE_USE_MEMFD
+			     : pbrpc__wire_write_request(&k->base.out, &req, a->msg, k->base.peer_max_frame);
+	if (__builtin_expect(rc == PBRPC__WIRE_USE_MEMFD, 0))
+		rc = send_fds(k, x, &req, a, before);
 	if (rc < 0) {
-		request_failed(x, &req, a, k->base.peer_max_frame, rc);
+		if (rc != PBRPC_ENOFDS)
+			request_failed(x, &req, a, k->base.peer_max_frame, rc);
 		x->id = 0;
 		return rc;
 	}
-	if (x->kind == CALL_ASYNC)
-		pbrpc__cl_keep_request(x, k, before, a);
+	if (x->kind == CALL_ASYNC && !req.nfds)
+		pbrpc__cl_keep_request(x, k, before, a); /* fds cannot be sent again */
 	pbrpc__idmap_put(&k->base.calls, x->id, x); /* reserved above: cannot fail */
 	x->attempts++;
 	x->refs |= REF_TABLE;
@@ -565,6 +683,9 @@ void pbrpc__cl_sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, 
 		reply = sync_unpack(c, x, out, a.start, &ar, &pooled);
 	else
 		pbrpc__cl_set_status(x->status, x->msg, x->msg_len);
+	bool fds = x->nfds != 0;
+	if (__builtin_expect(fds, 0))
+		pbrpc__cl_th_fds_set(x); /* pbrpc_client_reply_fds, in the closure */
 	pbrpc__cl_sync_release(c, x);
 	pthread_mutex_unlock(&c->mu);
 
@@ -579,6 +700,8 @@ void pbrpc__cl_sync_invoke(svc *s, unsigned idx, const ProtobufCMessage *input, 
 		if (th.gen != gen)
 			pbrpc__cl_set_status(st, NULL, 0);
 	}
+	if (__builtin_expect(fds, 0))
+		pbrpc__cl_th_fds_drop(); /* those the closure did not take */
 	if (ar && pooled) {
 		pbrpc__arena_reset(&ar->a);
 		pthread_mutex_lock(&c->mu);

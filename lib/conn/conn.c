@@ -8,6 +8,9 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
+#include <stdlib.h>
+#include <sys/socket.h>
+
 #include "conn/tls.h"
 #include "util/io.h"
 
@@ -37,11 +40,31 @@ int pbrpc__conn_init(pbrpc__conn *c, int fd, pbrpc__conn_role role, const pbrpc_
 	pbrpc__frame_decoder_init(&c->dec, c->max_frame);
 	pbrpc__frame_writer_init(&c->out);
 	pbrpc__idmap_init(&c->calls);
-	return pbrpc__wire_write_preface(&c->out, ours);
+	/* fds travel over Unix sockets only: elsewhere the features are not
+	 * even announced, so that a peer never tries (PROTOCOL.md section 12). */
+	int dom = 0;
+	socklen_t dl = sizeof(dom);
+	c->unix_sock = getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &dl) == 0 && dom == AF_UNIX;
+	pbrpc_hello h = *ours;
+	if (!c->unix_sock)
+		h.features &= ~PBRPC_FEATURES_UNIX;
+	c->our_features = h.features;
+	c->fd_rx = c->unix_sock && (h.features & PBRPC_FEATURE_FDS);
+	return pbrpc__wire_write_preface(&c->out, &h);
 }
+
+static void close_rx_fds(pbrpc__conn *c);
+static void frame_fds_drop(pbrpc__conn *c);
 
 void pbrpc__conn_fini(pbrpc__conn *c)
 {
+	close_rx_fds(c);
+	if (c->fdx) {
+		frame_fds_drop(c);
+		free(c->fdx->rx_fds);
+		free(c->fdx);
+		c->fdx = NULL;
+	}
 	pbrpc__frame_decoder_fini(&c->dec);
 	pbrpc__frame_writer_fini(&c->out);
 	pbrpc__idmap_fini(&c->calls);
@@ -167,6 +190,8 @@ void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
 		pbrpc__conn_close(c, err, "connection closed by %s", peer);
 	else if (err == PBRPC_ETRUNCATED)
 		pbrpc__conn_close(c, err, "connection closed by %s in the middle of a frame", peer);
+	else if (err == PBRPC_EPROTO && c->fd_why)
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err, "%s", c->fd_why);
 	else
 		pbrpc__conn_close(c, err, "connection lost: read failed: %s", pbrpc_strerror(err));
 }
@@ -187,6 +212,146 @@ static ssize_t eat_preface(pbrpc__conn *c, const uint8_t *p, size_t n)
 	return (ssize_t)used;
 }
 
+/* ---- fds that arrive (PROTOCOL.md section 12) ---- */
+
+/* Notes the fds one read brought; `len` bytes of it went to the decoder.
+ * Returns 0 or PBRPC_EPROTO with fd_why set (the fds are closed). */
+static __attribute__((noinline)) int rx_note_slow(pbrpc__conn *c, pbrpc__io_fds *rx, uint64_t start, size_t len)
+{
+	const char *peer = pbrpc__conn_peer_name(c);
+	if (!c->fdx && !(c->fdx = calloc(1, sizeof(*c->fdx)))) {
+		c->fd_why = "out of memory for received file descriptors";
+		goto fail;
+	}
+	pbrpc__conn_fdx *x = c->fdx;
+	if (rx->truncated) {
+		snprintf(x->why, sizeof(x->why), "file descriptors from the %s were lost (MSG_CTRUNC)", peer);
+		goto why;
+	}
+	if (c->rx_nb == PBRPC__CONN_FD_BATCHES || x->rx_nfds + rx->n > 4 * PBRPC__IO_FDS_MAX) {
+		snprintf(x->why, sizeof(x->why), "too many file descriptors from the %s not claimed by a frame", peer);
+		goto why;
+	}
+	if (x->rx_nfds + rx->n > x->rx_cap) {
+		unsigned cap = x->rx_cap ? x->rx_cap : 16;
+		while (cap < x->rx_nfds + rx->n)
+			cap *= 2;
+		int *nb = realloc(x->rx_fds, cap * sizeof(int));
+		if (!nb) {
+			c->fd_why = "out of memory for received file descriptors";
+			goto fail;
+		}
+		x->rx_fds = nb;
+		x->rx_cap = cap;
+	}
+	memcpy(x->rx_fds + x->rx_nfds, rx->fds, rx->n * sizeof(int));
+	x->rx_nfds += rx->n;
+	x->rx_b[c->rx_nb++] = (pbrpc__conn_fdbatch){ .start = start, .end = start + len, .n = rx->n };
+	return 0;
+why:
+	c->fd_why = x->why;
+fail:
+	pbrpc__io_close_fds(rx->fds, rx->n);
+	return PBRPC_EPROTO;
+}
+
+static inline int rx_note(pbrpc__conn *c, pbrpc__io_fds *rx, size_t len)
+{
+	uint64_t start = c->rx_pos;
+	c->rx_pos += len;
+	if (__builtin_expect(!rx->n && !rx->truncated, 1))
+		return 0;
+	return rx_note_slow(c, rx, start, len);
+}
+
+static void close_rx_fds(pbrpc__conn *c)
+{
+	if (c->fdx) {
+		pbrpc__io_close_fds(c->fdx->rx_fds, c->fdx->rx_nfds);
+		c->fdx->rx_nfds = 0;
+	}
+	c->rx_nb = 0;
+}
+
+ssize_t pbrpc__conn_recv_open_fds(pbrpc__conn *c, int flags)
+{
+	pbrpc__io_fds rx;
+	ssize_t n = pbrpc__frame_decoder_recv_fds(&c->dec, c->fd, flags, &rx);
+	if (n > 0 && rx_note(c, &rx, (size_t)n) < 0)
+		return PBRPC_EPROTO;
+	return n;
+}
+
+/* Bytes given to the decoder and not yet yielded as frames. */
+static uint64_t dec_held(const pbrpc__conn *c)
+{
+	return (c->dec.tail - c->dec.head) + c->dec.in_len;
+}
+
+__attribute__((format(printf, 2, 3))) static bool fd_fail(pbrpc__conn *c, const char *fmt, ...)
+{
+	char why[WHY_MAX];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	close_rx_fds(c);
+	pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "%s", why);
+	return false;
+}
+
+/* Fds no frame claimed: every frame that began among the bytes they came
+ * with has been handled (`done`: the stream position before which all
+ * frames are). */
+static bool rx_orphans(pbrpc__conn *c, uint64_t done)
+{
+	if (c->rx_nb && c->fdx->rx_b[0].end <= done)
+		return fd_fail(c, "%u file descriptors arrived with no frame that declared them", c->fdx->rx_b[0].n);
+	return true;
+}
+
+/* Binds the fds that came with the frame at [start, end) to it (into
+ * frame_fds), or fails the connection: they must have arrived with its first
+ * byte, as many as its header says. A sender ends the write that carries
+ * fds with their frame, so the frame that owns a batch is the last one
+ * beginning among the bytes that came with it: a frame there without a
+ * count that reaches the end of those bytes has fds it did not declare. */
+static bool rx_claim(pbrpc__conn *c, const pbrpc__frame_header *h, uint64_t start, uint64_t end)
+{
+	if (!rx_orphans(c, start))
+		return false;
+	unsigned n = h->reserved;
+	pbrpc__conn_fdx *x = c->fdx;
+	if (!n) {
+		if (c->rx_nb && x->rx_b[0].start <= start && end >= x->rx_b[0].end)
+			return fd_fail(c, "%u file descriptors arrived with a %s frame that declared none", x->rx_b[0].n,
+				       pbrpc__wire_frame_name(h->type));
+		return true;
+	}
+	if (h->type != PBRPC_FRAME_REQUEST && h->type != PBRPC_FRAME_RESPONSE)
+		return fd_fail(c, "%s frame with a file descriptor count (%u)", pbrpc__wire_frame_name(h->type), n);
+	if (!c->rx_nb || x->rx_b[0].start > start)
+		return fd_fail(c, "%s frame declares %u file descriptors, none arrived with it",
+			       pbrpc__wire_frame_name(h->type), n);
+	if (x->rx_b[0].n != n)
+		return fd_fail(c, "%s frame declares %u file descriptors, %u arrived with it",
+			       pbrpc__wire_frame_name(h->type), n, x->rx_b[0].n);
+	memcpy(x->frame_fds, x->rx_fds, n * sizeof(int));
+	c->frame_nfds = n;
+	x->rx_nfds -= n;
+	memmove(x->rx_fds, x->rx_fds + n, x->rx_nfds * sizeof(int));
+	c->rx_nb--;
+	memmove(x->rx_b, x->rx_b + 1, c->rx_nb * sizeof(x->rx_b[0]));
+	return true;
+}
+
+static void frame_fds_drop(pbrpc__conn *c)
+{
+	if (c->frame_nfds)
+		pbrpc__io_close_fds(c->fdx->frame_fds, c->frame_nfds);
+	c->frame_nfds = 0;
+}
+
 ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags)
 {
 	if (c->state == PBRPC__CONN_CLOSED)
@@ -202,7 +367,10 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 		scratch = small;
 		cap = sizeof(small);
 	}
-	ssize_t n = c->tls ? pbrpc__conn_tls_recv(c, scratch, cap) : pbrpc__io_recv(c->fd, scratch, cap, flags);
+	pbrpc__io_fds rx;
+	ssize_t n = c->tls ? pbrpc__conn_tls_recv(c, scratch, cap)
+		    : c->fd_rx ? pbrpc__io_recv_fds(c->fd, scratch, cap, flags, &rx)
+			       : pbrpc__io_recv(c->fd, scratch, cap, flags);
 	if (n <= 0)
 		return n == PBRPC_EOF && c->state == PBRPC__CONN_PREFACE && c->preface_got ? PBRPC_ETRUNCATED : n;
 	const uint8_t *p = scratch;
@@ -215,6 +383,8 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 		p += used;
 		len -= (size_t)used;
 	}
+	if (c->fd_rx && rx_note(c, &rx, len) < 0)
+		return PBRPC_EPROTO;
 	pbrpc__frame_decoder_feed(&c->dec, p, len);
 	if (own && pbrpc__frame_decoder_stash(&c->dec) < 0)
 		return -ENOMEM;
@@ -264,6 +434,15 @@ static void handle_hello(pbrpc__conn *c, const pbrpc__frame *f)
 	c->peer_max_calls = h.max_calls;
 	c->features = c->our_features & h.features;
 	c->peer_stream_window = h.stream_window ? h.stream_window : PBRPC_STREAM_WINDOW_DEFAULT;
+	if (c->features & PBRPC_FEATURE_FDS) {
+		c->dec.fd_counts = true; /* `reserved` is an fd count from now on */
+	} else if (c->fd_rx) {
+		if (c->rx_nb) {
+			fd_fail(c, "file descriptors from the %s without the FDS feature", pbrpc__conn_peer_name(c));
+			return;
+		}
+		c->fd_rx = false; /* the kernel drops any fds sent from now on */
+	}
 	c->state = PBRPC__CONN_OPEN;
 	c->handshake_deadline = 0;
 	if (c->ops->on_open)
@@ -330,6 +509,12 @@ static bool handle_frame(pbrpc__conn *c, const pbrpc__frame *f, void *arg)
 		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO,
 				 "bad frame header (type 0x%02x, flags 0x%02x, stream %u, length %u)", f->hdr.type,
 				 f->hdr.flags, (unsigned)f->hdr.stream, (unsigned)f->hdr.length);
+		return false;
+	}
+	if (__builtin_expect(f->hdr.flags & PBRPC_REQUEST_BODY_FD, 0) && !pbrpc__conn_memfd_ok(c) &&
+	    (f->hdr.type == PBRPC_FRAME_REQUEST || f->hdr.type == PBRPC_FRAME_RESPONSE)) {
+		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, PBRPC_EPROTO, "%s flag BODY_FD without the MEMFD feature",
+				 pbrpc__wire_frame_name(f->hdr.type));
 		return false;
 	}
 	bool server = c->role == PBRPC__CONN_SERVER;
@@ -447,10 +632,20 @@ int pbrpc__conn_dispatch(pbrpc__conn *c, void *arg)
 		}
 		pbrpc__frame f;
 		int rc = pbrpc__frame_decoder_next(&c->dec, &f);
-		if (rc == 0)
+		if (rc == 0) {
+			if (__builtin_expect(c->rx_nb, 0))
+				rx_orphans(c, c->rx_pos - dec_held(c));
 			return 0;
+		}
 		if (rc == PBRPC_ETOOBIG) {
-			handle_toobig(c);
+			if (c->fd_rx) {
+				const pbrpc__frame_header *h = pbrpc__frame_decoder_rejected(&c->dec);
+				uint64_t start = c->rx_pos - dec_held(c) - PBRPC_FRAME_HEADER_SIZE;
+				if (!rx_claim(c, h, start, start + PBRPC_FRAME_HEADER_SIZE + h->length))
+					return 0;
+			}
+			handle_toobig(c); /* its fds are closed below, never delivered */
+			frame_fds_drop(c);
 			continue;
 		}
 		if (rc < 0) {
@@ -458,7 +653,14 @@ int pbrpc__conn_dispatch(pbrpc__conn *c, void *arg)
 					 rc == PBRPC_EPROTO ? "bad frame header (reserved bits set)" : pbrpc_strerror(rc));
 			return 0;
 		}
-		if (handle_frame(c, &f, arg))
+		if (__builtin_expect(c->rx_nb | f.hdr.reserved, 0) &&
+		    !rx_claim(c, &f.hdr, c->rx_pos - dec_held(c) - PBRPC_FRAME_HEADER_SIZE - f.hdr.length,
+			      c->rx_pos - dec_held(c)))
+			return 0;
+		bool stop = handle_frame(c, &f, arg);
+		if (__builtin_expect(c->frame_nfds, 0))
+			frame_fds_drop(c); /* what the role did not take */
+		if (stop)
 			return 1;
 	}
 	return 0;

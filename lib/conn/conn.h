@@ -32,6 +32,7 @@
 #include "proto/wire.h"
 #include "util/clock.h"
 #include "util/idmap.h"
+#include "util/io.h"
 
 typedef enum pbrpc__conn_state {
 	PBRPC__CONN_PREFACE, /* waiting for the peer's 8-byte preface */
@@ -47,6 +48,15 @@ typedef enum pbrpc__conn_role {
 
 typedef struct pbrpc__conn pbrpc__conn;
 struct pbrpc__tls;
+
+/* fds that arrived with one read, and the stream range [start, end) of the
+ * bytes that read gave the decoder: they belong to the one frame with an fd
+ * count whose first byte lies in that range (PROTOCOL.md section 12). */
+typedef struct pbrpc__conn_fdbatch {
+	uint64_t start, end;
+	unsigned n;
+} pbrpc__conn_fdbatch;
+#define PBRPC__CONN_FD_BATCHES 4
 
 /* How the role hears of what arrives. Each runs inside a conn call, on the
  * thread that made it; any may close the connection. `arg` is what the role
@@ -82,6 +92,8 @@ struct pbrpc__conn {
 	bool resume;         /* just unpaused: frames stashed in the decoder wait */
 	bool read_eof;       /* server: the client half-closed with calls in flight */
 	bool mem_paused;     /* the role's memory budget is spent: stop reading */
+	bool unix_sock;      /* AF_UNIX: the fd features may be announced */
+	bool fd_rx;          /* reads have room for SCM_RIGHTS (see below) */
 	int goaway_sent;     /* status of the GOAWAY pbrpc__conn_fail sent, or -1 */
 	                     /* (>= 0: the connection was closed by a failure) */
 	uint32_t max_frame;      /* ours: largest payload we accept */
@@ -106,6 +118,16 @@ struct pbrpc__conn {
 	int64_t last_active;                /* last read, or last call answered */
 	int64_t stalled_since;              /* while paused: last write progress */
 
+	/* fds (features FDS and MEMFD; Unix sockets only). Received fds are
+	 * the connection's until a frame claims them, then the frame's
+	 * (fdx->frame_fds) while its handler runs: the role takes what it
+	 * keeps, the rest is closed when the handler returns. The record for
+	 * them is allocated when fds first arrive. */
+	uint8_t rx_nb;       /* batches of fds not yet claimed (in fdx) */
+	unsigned frame_nfds; /* fds of the frame being handled */
+	uint64_t rx_pos;     /* bytes given to the decoder so far (while fd_rx) */
+	struct pbrpc__conn_fdx *fdx;
+	const char *fd_why;  /* why received fds broke the protocol (read_failed says it) */
 	/* Keepalive and connection age (PROTOCOL.md section 7; 0: off), set by
 	 * the role like the policy above; pbrpc__conn_deadline derives from them. */
 	int64_t last_read;      /* the role's clock at the last read (also "now" for strikes) */
@@ -130,6 +152,21 @@ struct pbrpc__conn {
  * is answered GOAWAY(RESOURCE_EXHAUSTED, "too many pings") and a close. */
 #define PBRPC__CONN_PING_STRIKES 2
 
+typedef struct pbrpc__conn_fdx {
+	pbrpc__conn_fdbatch rx_b[PBRPC__CONN_FD_BATCHES];
+	int *rx_fds;
+	unsigned rx_nfds, rx_cap;
+	int frame_fds[PBRPC__IO_FDS_MAX];
+	char why[128];
+} pbrpc__conn_fdx;
+
+/* The fds of the frame being handled (frame_nfds of them); the role may
+ * take one by copying it and writing -1 in its place. */
+static inline int *pbrpc__conn_frame_fds(pbrpc__conn *c)
+{
+	return c->fdx->frame_fds;
+}
+
 /* Sets up c on a connected fd (taken over: pbrpc__conn_fini closes it) and
  * queues our preface and HELLO (ours; its max_frame, 0 for the default, is
  * also the decoder's limit). Returns 0 or -ENOMEM. */
@@ -153,12 +190,27 @@ ssize_t pbrpc__conn_recv(pbrpc__conn *c, uint8_t *scratch, size_t cap, int flags
 /* pbrpc__conn_recv for an OPEN connection's one reader, which may hold no
  * lock: reads into the decoder and touches nothing another thread writes
  * (a concurrent close only shuts the socket down, so this returns EOF). */
+ssize_t pbrpc__conn_recv_open_fds(pbrpc__conn *c, int flags);
 ssize_t pbrpc__conn_tls_recv_open(pbrpc__conn *c, int flags);
 static inline ssize_t pbrpc__conn_recv_open(pbrpc__conn *c, int flags)
 {
 	if (__builtin_expect(c->tls != NULL, 0))
 		return pbrpc__conn_tls_recv_open(c, flags);
+	if (__builtin_expect(c->fd_rx, 0))
+		return pbrpc__conn_recv_open_fds(c, flags);
 	return pbrpc__frame_decoder_recv(&c->dec, c->fd, flags);
+}
+
+/* True when fds may travel on c (both sides announced FDS). */
+static inline bool pbrpc__conn_fds_ok(const pbrpc__conn *c)
+{
+	return (c->features & PBRPC_FEATURE_FDS) != 0;
+}
+
+/* True when bodies may travel in sealed memfds (FDS and MEMFD in effect). */
+static inline bool pbrpc__conn_memfd_ok(const pbrpc__conn *c)
+{
+	return (c->features & (PBRPC_FEATURE_FDS | PBRPC_FEATURE_MEMFD)) == (PBRPC_FEATURE_FDS | PBRPC_FEATURE_MEMFD);
 }
 
 /* Closes c after a failed read, with the words for it: a clean end of

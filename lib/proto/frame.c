@@ -121,7 +121,7 @@ static void drop_discarded(pbrpc__frame_decoder *d)
 static int check_header(pbrpc__frame_decoder *d, const uint8_t *p, pbrpc__frame_header *h)
 {
 	pbrpc__frame_header_decode(p, h);
-	if (h->reserved != 0)
+	if (h->reserved != 0 && !d->fd_counts)
 		return PBRPC_EPROTO;
 	if (h->length > d->max_payload) {
 		d->rejected = *h;
@@ -261,7 +261,7 @@ void pbrpc__frame_decoder_release(pbrpc__frame_decoder *d)
 	}
 }
 
-ssize_t pbrpc__frame_decoder_recv(pbrpc__frame_decoder *d, int fd, int flags)
+static ssize_t decoder_recv(pbrpc__frame_decoder *d, int fd, int flags, struct pbrpc__io_fds *rx)
 {
 	if (d->in_len)
 		return PBRPC_EINVALID;
@@ -284,13 +284,24 @@ ssize_t pbrpc__frame_decoder_recv(pbrpc__frame_decoder *d, int fd, int flags)
 	if (decoder_reserve(d, want, frame ? d->head + frame : 0) < 0)
 		return -ENOMEM;
 
-	ssize_t n = pbrpc__io_recv(fd, d->buf + d->tail, d->cap - d->tail, flags);
+	ssize_t n = rx ? pbrpc__io_recv_fds(fd, d->buf + d->tail, d->cap - d->tail, flags, rx)
+		       : pbrpc__io_recv(fd, d->buf + d->tail, d->cap - d->tail, flags);
 	if (n <= 0)
 		return n == PBRPC_EOF && pbrpc__frame_decoder_pending(d) ? PBRPC_ETRUNCATED : n;
 	d->tail += (size_t)n;
 	if (d->discard)
 		drop_discarded(d);
 	return n;
+}
+
+ssize_t pbrpc__frame_decoder_recv(pbrpc__frame_decoder *d, int fd, int flags)
+{
+	return decoder_recv(d, fd, flags, NULL);
+}
+
+ssize_t pbrpc__frame_decoder_recv_fds(pbrpc__frame_decoder *d, int fd, int flags, struct pbrpc__io_fds *rx)
+{
+	return decoder_recv(d, fd, flags, rx);
 }
 
 /* ---- writer ---- */
@@ -303,8 +314,70 @@ void pbrpc__frame_writer_init(pbrpc__frame_writer *w)
 
 void pbrpc__frame_writer_fini(pbrpc__frame_writer *w)
 {
+	for (size_t i = 0; i < w->fdq_n; i++) {
+		pbrpc__io_close_fds(w->fdq[i].fds, w->fdq[i].n);
+		free(w->fdq[i].fds);
+	}
+	free(w->fdq);
 	free(w->buf);
 	pbrpc__frame_writer_init(w);
+}
+
+int pbrpc__frame_writer_attach_fds(pbrpc__frame_writer *w, size_t at, const int *fds, unsigned n)
+{
+	if (n == 0)
+		return 0;
+	int *copy = NULL;
+	if (n > PBRPC__IO_FDS_MAX)
+		goto fail;
+	if (w->fdq_n == w->fdq_cap) {
+		uint32_t cap = w->fdq_cap ? 2 * w->fdq_cap : 4;
+		pbrpc__frame_wfds *nq = realloc(w->fdq, cap * sizeof(*nq));
+		if (!nq)
+			goto fail;
+		w->fdq = nq;
+		w->fdq_cap = cap;
+	}
+	copy = malloc(n * sizeof(int));
+	if (!copy)
+		goto fail;
+	memcpy(copy, fds, n * sizeof(int));
+	w->fdq[w->fdq_n++] = (pbrpc__frame_wfds){ .at = w->sent + at, .end = w->sent + (w->tail - w->head), .n = n,
+						   .fds = copy };
+	return 0;
+fail:
+	pbrpc__io_close_fds(fds, n);
+	w->tail = w->head + at; /* the frame's count would announce fds that never come */
+	return -ENOMEM;
+}
+
+/* The next sendmsg when frames with fds are queued: plain bytes up to the
+ * first of them, or that frame with its fds up to the next one. */
+static size_t writer_fd_cut(const pbrpc__frame_writer *w, size_t len, struct msghdr *msg, void *ctl, bool *with)
+{
+	const pbrpc__frame_wfds *q = &w->fdq[0];
+	*with = false;
+	if (q->at > w->sent)
+		return q->at - w->sent < len ? (size_t)(q->at - w->sent) : len;
+	if (q->end - w->sent < len)
+		len = (size_t)(q->end - w->sent); /* nothing after the frame rides with its fds */
+	msg->msg_control = ctl;
+	msg->msg_controllen = CMSG_SPACE(q->n * sizeof(int));
+	struct cmsghdr *cm = CMSG_FIRSTHDR(msg);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(q->n * sizeof(int));
+	memcpy(CMSG_DATA(cm), q->fds, q->n * sizeof(int));
+	*with = true;
+	return len;
+}
+
+static void writer_fds_sent(pbrpc__frame_writer *w)
+{
+	pbrpc__io_close_fds(w->fdq[0].fds, w->fdq[0].n);
+	free(w->fdq[0].fds);
+	memmove(w->fdq, w->fdq + 1, (w->fdq_n - 1) * sizeof(*w->fdq));
+	w->fdq_n--;
 }
 
 static int writer_reserve(pbrpc__frame_writer *w, size_t need)
@@ -395,6 +468,13 @@ ssize_t pbrpc__frame_writer_flush(pbrpc__frame_writer *w, int fd, int flags)
 	while (w->tail > w->head) {
 		struct iovec iov = { w->buf + w->head, w->tail - w->head };
 		struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+		union {
+			struct cmsghdr align;
+			char buf[CMSG_SPACE(sizeof(int) * PBRPC__IO_FDS_MAX)];
+		} ctl;
+		bool with = false;
+		if (__builtin_expect(w->fdq_n != 0, 0))
+			iov.iov_len = writer_fd_cut(w, iov.iov_len, &msg, ctl.buf, &with);
 		ssize_t n = pbrpc__sendmsg(fd, &msg, flags);
 		if (n < 0) {
 			if (errno == EINTR)
@@ -405,7 +485,10 @@ ssize_t pbrpc__frame_writer_flush(pbrpc__frame_writer *w, int fd, int flags)
 		}
 		if (n == 0)
 			break; /* no progress: treat as would-block rather than spin */
+		if (with)
+			writer_fds_sent(w); /* they went with the first byte */
 		w->head += (size_t)n;
+		w->sent += (size_t)n;
 		total += (size_t)n;
 	}
 	if (w->head == w->tail && w->open == SIZE_MAX)

@@ -24,6 +24,7 @@
 #ifndef PBRPC_PROTO_FRAME_H
 #define PBRPC_PROTO_FRAME_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -63,6 +64,7 @@ void pbrpc__frame_header_decode(const uint8_t in[PBRPC_FRAME_HEADER_SIZE],
 typedef struct pbrpc__frame_decoder {
 	/* all fields private */
 	uint32_t max_payload;
+	bool fd_counts; /* `reserved` is an fd count (feature FDS): not checked here */
 	uint8_t *buf; /* buffered bytes are buf[head, tail) */
 	size_t cap, head, tail;
 	const uint8_t *in; /* bytes given by feed() and not yet consumed */
@@ -130,7 +132,20 @@ void pbrpc__frame_decoder_release(pbrpc__frame_decoder *d);
  *   PBRPC_EINVALID   bytes from feed() are still unconsumed. */
 ssize_t pbrpc__frame_decoder_recv(pbrpc__frame_decoder *d, int fd, int flags);
 
+/* pbrpc__frame_decoder_recv that also takes the fds (SCM_RIGHTS) which came
+ * with the bytes into rx (see util/io.h; rx->n is 0 on errors). */
+struct pbrpc__io_fds;
+ssize_t pbrpc__frame_decoder_recv_fds(pbrpc__frame_decoder *d, int fd, int flags, struct pbrpc__io_fds *rx);
+
 /* ---- Writer -------------------------------------------------------------- */
+
+/* File descriptors to send with one queued frame: `at` is the stream
+ * position of its first byte (bytes flushed so far + its offset). */
+typedef struct pbrpc__frame_wfds {
+	uint64_t at, end; /* the frame's bytes are [at, end) */
+	unsigned n;
+	int *fds; /* owned: closed once sent, or by fini */
+} pbrpc__frame_wfds;
 
 typedef struct pbrpc__frame_writer {
 	/* all fields private */
@@ -138,7 +153,19 @@ typedef struct pbrpc__frame_writer {
 	size_t cap, head, tail;
 	size_t open; /* offset of the header reserved by begin(), or SIZE_MAX */
 	size_t open_max;
+	uint64_t sent;            /* bytes flushed so far: the stream position of head */
+	pbrpc__frame_wfds *fdq;   /* frames that carry fds, in stream order */
+	uint32_t fdq_n, fdq_cap;
 } pbrpc__frame_writer;
+
+/* Binds n fds to the frame just queued, which starts `at` bytes after the
+ * first byte still queued (pbrpc__frame_writer_pending() before it was
+ * queued). The writer takes the fds in every case: it sends them with that
+ * frame's first byte (SCM_RIGHTS on a sendmsg that starts there and sends
+ * nothing past the frame's end, so that the receiver finds them with it) and
+ * closes them once sent, or in fini. On -ENOMEM the frame is taken out of
+ * the queue again (it must be the last one) and the fds are closed. */
+int pbrpc__frame_writer_attach_fds(pbrpc__frame_writer *w, size_t at, const int *fds, unsigned n);
 
 void pbrpc__frame_writer_init(pbrpc__frame_writer *w);
 void pbrpc__frame_writer_fini(pbrpc__frame_writer *w);

@@ -124,13 +124,21 @@ int pbrpc__wire_write_request(pbrpc__frame_writer *w, const pbrpc__wire_request 
 	if (req->metadata_count > 0xffff)
 		return PBRPC_EINVALID;
 
-	size_t body_len = msg ? protobuf_c_message_get_packed_size(msg) : req->body_len;
+	size_t body_len = req->body_fd ? PBRPC_WIRE_BODY_FD_SIZE
+				       : msg ? protobuf_c_message_get_packed_size(msg) : req->body_len;
 	size_t len = 2 + req->method_len + (req->has_timeout ? 8 : 0) + (req->metadata_count ? 2 + md_len : 0) +
 		     body_len;
-	if (max_payload && len > max_payload)
+	/* A body in a memfd counts against the limit as if it were inline. */
+	uint64_t logical = req->body_fd ? len - body_len + req->body_fd_len : len;
+	if (max_payload && logical > max_payload)
 		return PBRPC_ETOOBIG;
+	if (req->memfd_above && !req->body_fd && body_len > req->memfd_above)
+		return PBRPC__WIRE_USE_MEMFD;
 
-	pbrpc__frame_header h = { .type = PBRPC_FRAME_REQUEST, .stream = req->call_id };
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_REQUEST, .stream = req->call_id,
+				  .reserved = (uint16_t)req->nfds };
+	if (req->body_fd)
+		h.flags |= PBRPC_REQUEST_BODY_FD;
 	if (req->has_timeout)
 		h.flags |= PBRPC_REQUEST_TIMEOUT;
 	if (req->metadata_count)
@@ -162,7 +170,10 @@ int pbrpc__wire_write_request(pbrpc__frame_writer *w, const pbrpc__wire_request 
 			q += 2 + m->value_len;
 		}
 	}
-	if (msg)
+	if (req->body_fd) {
+		pbrpc__put_u64(q, req->body_fd_len);
+		q += PBRPC_WIRE_BODY_FD_SIZE;
+	} else if (msg)
 		q += protobuf_c_message_pack(msg, q);
 	else if (body_len) {
 		memcpy(q, req->body, body_len);
@@ -212,9 +223,12 @@ int pbrpc__wire_read_request(const pbrpc__frame *f, pbrpc__wire_request *out)
 	out->body_len = 0;
 	out->method_checked = false;
 	out->stream_kind = (uint8_t)((f->hdr.flags >> PBRPC_REQUEST_STREAM_SHIFT) & 3u);
+	out->nfds = f->hdr.reserved;
+	out->body_fd = false;
+	out->body_fd_len = 0;
 	if (f->hdr.type != PBRPC_FRAME_REQUEST || f->hdr.stream == 0 ||
 	    (f->hdr.flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA | PBRPC_REQUEST_CLIENT_STREAM |
-			      PBRPC_REQUEST_SERVER_STREAM)))
+			      PBRPC_REQUEST_SERVER_STREAM | PBRPC_REQUEST_BODY_FD)))
 		return PBRPC_EPROTO;
 	const uint8_t *p = f->payload;
 	size_t avail = f->hdr.length;
@@ -247,6 +261,14 @@ int pbrpc__wire_read_request(const pbrpc__frame *f, pbrpc__wire_request *out)
 	}
 	out->body = p;
 	out->body_len = avail;
+	if (f->hdr.flags & PBRPC_REQUEST_BODY_FD) {
+		if (avail != PBRPC_WIRE_BODY_FD_SIZE || out->nfds == 0)
+			return PBRPC_EPROTO;
+		out->body_fd = true;
+		out->body_fd_len = pbrpc__get_u64(p);
+		out->body = NULL;
+		out->body_len = 0;
+	}
 	if (!keys_ok)
 		return PBRPC_EINVALID;
 	return 0;
@@ -294,14 +316,22 @@ int pbrpc__wire_write_response(pbrpc__frame_writer *w, const pbrpc__wire_respons
 	size_t room = max_payload && resp->status != PBRPC_STATUS_OK && max_payload >= 4 ? max_payload - 4 : SIZE_MAX;
 	size_t ml = resp->message ? pbrpc__wire_message_len(resp->message, resp->message_len, room) : 0;
 	size_t body_len = 0;
-	if (resp->status == PBRPC_STATUS_OK)
+	bool body_fd = resp->body_fd && resp->status == PBRPC_STATUS_OK;
+	if (body_fd)
+		body_len = PBRPC_WIRE_BODY_FD_SIZE;
+	else if (resp->status == PBRPC_STATUS_OK)
 		body_len = msg ? protobuf_c_message_get_packed_size(msg) : resp->body_len;
 	size_t len = 4 + ml + body_len;
-	if (max_payload && len > max_payload)
+	uint64_t logical = body_fd ? len - body_len + resp->body_fd_len : len;
+	if (max_payload && logical > max_payload)
 		return PBRPC_ETOOBIG;
+	if (resp->memfd_above && !body_fd && body_len > resp->memfd_above)
+		return PBRPC__WIRE_USE_MEMFD;
 
-	pbrpc__frame_header h = { .type = PBRPC_FRAME_RESPONSE, .stream = resp->call_id };
-	h.flags = PBRPC_RESPONSE_END | (resp->not_run ? PBRPC_RESPONSE_NOT_RUN : 0);
+	pbrpc__frame_header h = { .type = PBRPC_FRAME_RESPONSE, .stream = resp->call_id,
+				  .reserved = (uint16_t)resp->nfds };
+	h.flags = PBRPC_RESPONSE_END | (resp->not_run ? PBRPC_RESPONSE_NOT_RUN : 0) |
+		  (body_fd ? PBRPC_RESPONSE_BODY_FD : 0);
 	uint8_t *p = pbrpc__frame_writer_begin(w, &h, len);
 	if (!p)
 		return len > PBRPC_MAX_FRAME_LIMIT ? PBRPC_ETOOBIG : -ENOMEM;
@@ -310,7 +340,10 @@ int pbrpc__wire_write_response(pbrpc__frame_writer *w, const pbrpc__wire_respons
 	if (ml)
 		memcpy(p + 4, resp->message, ml);
 	uint8_t *q = p + 4 + ml;
-	if (body_len) {
+	if (body_fd) {
+		pbrpc__put_u64(q, resp->body_fd_len);
+		q += PBRPC_WIRE_BODY_FD_SIZE;
+	} else if (body_len) {
 		if (msg)
 			q += protobuf_c_message_pack(msg, q);
 		else {
@@ -330,8 +363,11 @@ int pbrpc__wire_read_response(const pbrpc__frame *f, pbrpc__wire_response *out)
 	out->body = NULL;
 	out->body_len = 0;
 	out->not_run = (f->hdr.flags & PBRPC_RESPONSE_NOT_RUN) != 0;
+	out->nfds = f->hdr.reserved;
+	out->body_fd = false;
+	out->body_fd_len = 0;
 	if (f->hdr.type != PBRPC_FRAME_RESPONSE || f->hdr.stream == 0 ||
-	    (f->hdr.flags & ~PBRPC_RESPONSE_NOT_RUN) != PBRPC_RESPONSE_END)
+	    (f->hdr.flags & ~(PBRPC_RESPONSE_NOT_RUN | PBRPC_RESPONSE_BODY_FD)) != PBRPC_RESPONSE_END)
 		return PBRPC_EPROTO;
 	if (f->hdr.length < 4)
 		return PBRPC_EPROTO;
@@ -345,6 +381,14 @@ int pbrpc__wire_read_response(const pbrpc__frame *f, pbrpc__wire_response *out)
 	out->body_len = f->hdr.length - 4 - ml;
 	if (out->status != PBRPC_STATUS_OK && out->body_len)
 		return PBRPC_EPROTO;
+	if (f->hdr.flags & PBRPC_RESPONSE_BODY_FD) {
+		if (out->status != PBRPC_STATUS_OK || out->body_len != PBRPC_WIRE_BODY_FD_SIZE || out->nfds == 0)
+			return PBRPC_EPROTO;
+		out->body_fd = true;
+		out->body_fd_len = pbrpc__get_u64(out->body);
+		out->body = NULL;
+		out->body_len = 0;
+	}
 	return 0;
 }
 
@@ -438,11 +482,15 @@ int pbrpc__wire_check_header(const pbrpc__frame_header *h)
 		return (h->stream == 0 && h->flags == 0 && h->length == PBRPC_WIRE_PING_SIZE) ? 0 : PBRPC_EPROTO;
 	case PBRPC_FRAME_REQUEST:
 		return (h->stream != 0 && !(h->flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA |
-							 PBRPC_REQUEST_CLIENT_STREAM | PBRPC_REQUEST_SERVER_STREAM)))
+							 PBRPC_REQUEST_CLIENT_STREAM | PBRPC_REQUEST_SERVER_STREAM |
+							 PBRPC_REQUEST_BODY_FD)))
 			       ? 0
 			       : PBRPC_EPROTO;
 	case PBRPC_FRAME_RESPONSE:
-		return (h->stream != 0 && (h->flags & ~PBRPC_RESPONSE_NOT_RUN) == PBRPC_RESPONSE_END) ? 0 : PBRPC_EPROTO;
+		return (h->stream != 0 &&
+			(h->flags & ~(PBRPC_RESPONSE_NOT_RUN | PBRPC_RESPONSE_BODY_FD)) == PBRPC_RESPONSE_END)
+			       ? 0
+			       : PBRPC_EPROTO;
 	case PBRPC_FRAME_CANCEL:
 	case PBRPC_FRAME_HALF_CLOSE:
 		return (h->stream != 0 && h->flags == 0 && h->length == 0) ? 0 : PBRPC_EPROTO;

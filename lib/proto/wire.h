@@ -45,15 +45,22 @@ enum pbrpc__frame_type {
 #define PBRPC_REQUEST_CLIENT_STREAM 0x04u /* streams: the client sends MESSAGEs */
 #define PBRPC_REQUEST_SERVER_STREAM 0x08u /* streams: the server sends MESSAGEs */
 #define PBRPC_REQUEST_STREAM_SHIFT 2      /* (flags >> 2) & 3 is a pbrpc_stream_kind */
+#define PBRPC_REQUEST_BODY_FD 0x40u  /* the body is in the frame's first fd, a sealed memfd (PBRPC_FEATURE_MEMFD) */
 /* RESPONSE flags */
 #define PBRPC_RESPONSE_END 0x01u     /* final frame of the call; always set in version 1 */
 #define PBRPC_RESPONSE_NOT_RUN 0x02u /* no handler ran for the call (PBRPC_FEATURE_NOT_RUN) */
+#define PBRPC_RESPONSE_BODY_FD 0x40u /* as PBRPC_REQUEST_BODY_FD */
 
 /* Hello.features bits. A feature is in effect on a connection when both
  * HELLOs announce it. */
 #define PBRPC_FEATURE_NOT_RUN 0x1ull /* RESPONSE may carry PBRPC_RESPONSE_NOT_RUN */
+#define PBRPC_FEATURE_FDS 0x2ull     /* REQUEST and RESPONSE may carry fds: header `reserved` = their count */
+#define PBRPC_FEATURE_MEMFD 0x4ull   /* ... and a body in a sealed memfd (flag BODY_FD); needs FDS */
+#define PBRPC_FEATURES_UNIX (PBRPC_FEATURE_FDS | PBRPC_FEATURE_MEMFD) /* announced on Unix sockets only */
+#define PBRPC_FEATURES (PBRPC_FEATURE_NOT_RUN | PBRPC_FEATURE_STREAMS | PBRPC_FEATURES_UNIX) /* what this implementation announces */
+#define PBRPC_WIRE_FDS_MAX 253u /* fds one frame may carry (the kernel's SCM_MAX_FD) */
+#define PBRPC_WIRE_BODY_FD_SIZE 8 /* a BODY_FD frame's body: the memfd's size, u64 */
 #define PBRPC_FEATURE_STREAMS 0x8ull /* stream REQUEST flags, MESSAGE, WINDOW, HALF_CLOSE */
-#define PBRPC_FEATURES (PBRPC_FEATURE_NOT_RUN | PBRPC_FEATURE_STREAMS) /* what this implementation announces */
 #define PBRPC_STREAM_WINDOW_DEFAULT 65536u /* Hello.stream_window 0 */
 #define PBRPC_WIRE_WINDOW_SIZE 4          /* a WINDOW frame's payload */
 
@@ -79,7 +86,18 @@ typedef struct pbrpc__wire_request {
 	 * check is skipped. */
 	bool method_checked;
 	uint8_t stream_kind; /* 0 unary, else pbrpc_stream_kind (REQUEST flags 0x04/0x08) */
+	unsigned nfds;        /* fds with the frame (header `reserved`), memfd included */
+	bool body_fd;         /* BODY_FD: the body is body_fd_len bytes in the first fd */
+	uint64_t body_fd_len; /* (encoding: the caller packed it; msg and body are ignored) */
+	/* Encoding: a body larger than this (0: never) is not queued: the
+	 * writer returns PBRPC__WIRE_USE_MEMFD, so that the caller packs it into
+	 * a memfd instead. */
+	size_t memfd_above;
 } pbrpc__wire_request;
+
+/* What pbrpc__wire_write_request/_response return when memfd_above says the
+ * body should go in a memfd (nothing was queued). */
+#define PBRPC__WIRE_USE_MEMFD 1
 
 typedef struct pbrpc__wire_response {
 	uint32_t call_id;
@@ -89,6 +107,10 @@ typedef struct pbrpc__wire_response {
 	const uint8_t *body; /* packed reply; empty unless status is OK */
 	size_t body_len;
 	bool not_run; /* flag NOT_RUN: the server ran no handler for the call */
+	unsigned nfds;        /* as in pbrpc__wire_request */
+	bool body_fd;
+	uint64_t body_fd_len;
+	size_t memfd_above;
 } pbrpc__wire_response;
 
 /* ---- HELLO ---- */

@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "server/server_impl.h"
 
@@ -86,6 +87,53 @@ PBRPC_EXPORT int pbrpc_call_peer_cred(void *closure_data, pid_t *pid, uid_t *uid
 		*uid = call->cred.uid;
 	if (gid)
 		*gid = call->cred.gid;
+	return 0;
+}
+
+PBRPC_EXPORT int pbrpc_call_fds(void *closure_data, const int **fds)
+{
+	srv_call *call = as_call(closure_data);
+	if (fds)
+		*fds = call && call->nfds ? call->fds : NULL;
+	return call ? (int)call->nfds : PBRPC_EINVALID;
+}
+
+PBRPC_EXPORT int pbrpc_call_take_fd(void *closure_data, unsigned index)
+{
+	srv_call *call = as_call(closure_data);
+	if (!call || index >= call->nfds || call->fds[index] < 0)
+		return PBRPC_EINVALID;
+	int fd = call->fds[index];
+	call->fds[index] = -1;
+	return fd;
+}
+
+PBRPC_EXPORT int pbrpc_call_attach_fd(void *closure_data, int fd)
+{
+	srv_call *call = as_call(closure_data);
+	int rc = 0;
+	if (!call || fd < 0)
+		rc = PBRPC_EINVALID;
+	else if (!call->fds_ok)
+		rc = -ENOTSUP;
+	else if (call->nrfds >= PBRPC_FDS_MAX - 1) /* one place stays for a memfd body */
+		rc = PBRPC_ETOOBIG;
+	else if (call->nrfds == call->rfds_cap) {
+		unsigned cap = call->rfds_cap ? 2 * call->rfds_cap : 4;
+		int *p = realloc(call->rfds, cap * sizeof(int));
+		if (!p)
+			rc = -ENOMEM;
+		else {
+			call->rfds = p;
+			call->rfds_cap = cap;
+		}
+	}
+	if (rc < 0) {
+		if (fd >= 0)
+			close(fd);
+		return rc;
+	}
+	call->rfds[call->nrfds++] = fd;
 	return 0;
 }
 

@@ -6,7 +6,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "proto/memfd.h"
 #include "server/server_impl.h"
+#include "util/io.h"
 
 #define CALL_POOL_MAX 1024
 
@@ -40,16 +42,34 @@ static srv_call *call_get(pbrpc_server *srv)
 	call->deadline_ns = 0;
 	call->md_len = 0;
 	call->input = NULL;
+	call->nfds = call->nrfds = 0;
+	call->done_memfd = -1;
 	atomic_store(&call->cancelled, false);
 	pbrpc__list_insert(&srv->live, &call->live);
 	srv->stats.calls_in_flight++;
 	return call;
 }
 
+/* The fds a call still holds: the request's not taken, the reply's not sent. */
+static void call_fds_close(srv_call *call)
+{
+	if (call->nfds)
+		pbrpc__io_close_fds(call->fds, call->nfds);
+	if (call->nrfds)
+		pbrpc__io_close_fds(call->rfds, call->nrfds);
+	if (call->done_memfd >= 0)
+		close(call->done_memfd);
+	call->nfds = call->nrfds = 0;
+	call->done_memfd = -1;
+}
+
 static void call_destroy(srv_call *call)
 {
 	if (call->stream)
 		pbrpc__srv_stream_destroy(call);
+	call_fds_close(call);
+	free(call->fds);
+	free(call->rfds);
 	pbrpc__authz_peer_unref(call->peer_ext);
 	pbrpc__tls_peer_unref(call->tls_peer);
 	pbrpc__arena_fini(&call->arena);
@@ -64,6 +84,8 @@ static void call_destroy(srv_call *call)
 static void call_put(pbrpc_server *srv, srv_call *call)
 {
 	pbrpc__heap_stop(&srv->timers, &call->timer);
+	if (__builtin_expect(call->nfds | call->nrfds, 0) || call->done_memfd >= 0)
+		call_fds_close(call);
 	pbrpc__tls_peer_unref(call->tls_peer);
 	call->tls_peer = NULL;
 	free(call->status_msg);
@@ -160,6 +182,52 @@ __attribute__((noinline, cold)) static void observe_answer(const srv_call *call,
 
 /* ---- answering ---- */
 
+/* A RESPONSE with fds: the handler's (OK replies only) and, for a body above
+ * the threshold where memfds may travel, a sealed memfd holding it (packed
+ * here, or on the worker: done_memfd). Each fd goes to the writer or is
+ * closed. Returns what pbrpc__wire_write_response returns; r->body_fd says
+ * whether the body went by memfd. */
+static __attribute__((noinline)) int answer_fds(srv_call *call, srv_conn *c, pbrpc__wire_response *r,
+						const ProtobufCMessage *msg, uint32_t limit, size_t before)
+{
+	int fds[1 + PBRPC_FDS_MAX];
+	unsigned n = 0;
+	bool ok = r->status == PBRPC_STATUS_OK;
+	int memfd = call->done_memfd;
+	call->done_memfd = -1;
+	if (ok && memfd < 0 && call->memfd_ok) {
+		size_t size = msg ? protobuf_c_message_get_packed_size(msg) : r->body_len;
+		if (size > r->memfd_above)
+			memfd = pbrpc__memfd_pack(size, msg, r->body); /* < 0: it goes inline */
+		if (memfd >= 0)
+			r->body_fd_len = size;
+	} else if (memfd >= 0) {
+		r->body_fd_len = call->done_len;
+	}
+	if (memfd >= 0 && ok && pbrpc__conn_memfd_ok(&c->base)) {
+		fds[n++] = memfd;
+		r->body_fd = true;
+	} else if (memfd >= 0) {
+		close(memfd);
+	}
+	bool with = ok && call->nrfds && pbrpc__conn_fds_ok(&c->base);
+	if (with) {
+		memcpy(fds + n, call->rfds, call->nrfds * sizeof(int));
+		n += call->nrfds;
+	} else if (call->nrfds) {
+		pbrpc__io_close_fds(call->rfds, call->nrfds);
+	}
+	call->nrfds = 0;
+	r->nfds = n;
+	r->memfd_above = 0;
+	int rc = pbrpc__wire_write_response(&c->base.out, r, r->body_fd ? NULL : msg, limit);
+	if (rc == 0 && n)
+		rc = pbrpc__frame_writer_attach_fds(&c->base.out, before, fds, n);
+	else if (n)
+		pbrpc__io_close_fds(fds, n);
+	return rc;
+}
+
 /* Queues the RESPONSE for a call and takes it out of its connection's map.
  * Exactly one per call id (PROTOCOL.md section 4). */
 void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, const ProtobufCMessage *msg,
@@ -174,6 +242,7 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 		return;
 	call->conn = NULL;
 	c->mem_used -= call->mem; /* the server counts it until call_put */
+	c->fds_held -= call->nfds;
 	pbrpc__idmap_del(&c->base.calls, call->id);
 	c->base.last_active = call->srv->now;
 
@@ -184,10 +253,18 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 	uint32_t limit = c->base.peer_max_frame;
 	size_t before = pbrpc__frame_writer_pending(&c->base.out);
 	char text[160];
-	int rc = pbrpc__wire_write_response(&c->base.out, &r, status == PBRPC_STATUS_OK ? msg : NULL, limit);
+	int rc;
+	if (call->memfd_ok)
+		r.memfd_above = call->srv->o.memfd_threshold;
+	if (__builtin_expect(call->nrfds || call->done_memfd >= 0, 0))
+		rc = answer_fds(call, c, &r, status == PBRPC_STATUS_OK ? msg : NULL, limit, before);
+	else if ((rc = pbrpc__wire_write_response(&c->base.out, &r, status == PBRPC_STATUS_OK ? msg : NULL, limit)) ==
+		 PBRPC__WIRE_USE_MEMFD)
+		rc = answer_fds(call, c, &r, msg, limit, before);
 	if (rc == PBRPC_ETOOBIG) {
 		/* The frame's payload, as the limit counts it: status, message, body. */
-		size_t size = 4 + r.message_len + (msg ? protobuf_c_message_get_packed_size(msg) : body_len);
+		size_t size = 4 + r.message_len +
+			      (r.body_fd ? r.body_fd_len : msg ? protobuf_c_message_get_packed_size(msg) : body_len);
 		snprintf(text, sizeof(text), "reply is %zu bytes, client accepts at most %u", size, (unsigned)limit);
 		status = PBRPC_STATUS_RESOURCE_EXHAUSTED;
 		message = text;
@@ -274,6 +351,11 @@ static void call_closure(const ProtobufCMessage *msg, void *closure_data)
 	call->done_msg = text ? strdup(text) : NULL;
 	if (status == PBRPC_STATUS_OK && msg) {
 		call->done_len = protobuf_c_message_get_packed_size(msg);
+		if (call->memfd_ok && call->done_len > srv->o.memfd_threshold &&
+		    (call->done_memfd = pbrpc__memfd_pack(call->done_len, msg, NULL)) >= 0) {
+			cq_push(srv, call); /* packed straight into a sealed memfd, here */
+			return;
+		}
 		call->done_body = malloc(call->done_len ? call->done_len : 1);
 		if (call->done_body) {
 			protobuf_c_message_pack(msg, call->done_body);
@@ -604,6 +686,67 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 	return NULL;
 }
 
+/* A request with fds: the caps, and a body in a memfd checked (its size
+ * against the limits, then its seals) and mapped into *map (req->body points
+ * there). Returns why it is refused, or NULL. */
+static __attribute__((noinline)) const char *request_fds_refusal(srv_conn *c, pbrpc__wire_request *req,
+								 const pbrpc__frame *f, int *status, char *text,
+								 size_t len, const uint8_t **map)
+{
+	pbrpc_server *srv = c->srv;
+	unsigned user = c->base.frame_nfds - (req->body_fd ? 1 : 0);
+	*status = PBRPC_STATUS_RESOURCE_EXHAUSTED;
+	if (user > srv->o.max_fds) {
+		snprintf(text, len, "request carries %u file descriptors, server accepts at most %u", user,
+			 srv->o.max_fds);
+		return text;
+	}
+	if (c->fds_held + user > srv->o.max_conn_fds) {
+		snprintf(text, len, "too many file descriptors held by calls on this connection (limit %u)",
+			 srv->o.max_conn_fds);
+		return text;
+	}
+	if (!req->body_fd)
+		return NULL;
+	uint64_t size = f->hdr.length - PBRPC_WIRE_BODY_FD_SIZE + req->body_fd_len;
+	if (size > c->base.max_frame) {
+		snprintf(text, len, "request is %llu bytes, server accepts at most %u", (unsigned long long)size,
+			 (unsigned)c->base.max_frame);
+		return text;
+	}
+	if (size > c->base.dec.max_payload) {
+		snprintf(text, len, "request is %llu bytes, the server's memory budget has room for %u now",
+			 (unsigned long long)size, (unsigned)c->base.dec.max_payload);
+		return text;
+	}
+	*status = PBRPC_STATUS_INVALID_ARGUMENT;
+	if (pbrpc__memfd_map(pbrpc__conn_frame_fds(&c->base)[0], req->body_fd_len, map, text, len) < 0)
+		return text;
+	req->body = *map;
+	req->body_len = (size_t)req->body_fd_len;
+	return NULL;
+}
+
+/* The request's fds (after a memfd body, if any) become the call's. */
+static int call_take_fds(srv_conn *c, srv_call *call, bool body_fd)
+{
+	pbrpc__conn *b = &c->base;
+	unsigned skip = body_fd ? 1 : 0, n = b->frame_nfds - skip;
+	if (!n)
+		return 0;
+	int *p = realloc(call->fds, n * sizeof(int));
+	if (!p)
+		return -ENOMEM;
+	call->fds = p;
+	int *ff = pbrpc__conn_frame_fds(b);
+	memcpy(p, ff + skip, n * sizeof(int));
+	for (unsigned i = skip; i < b->frame_nfds; i++)
+		ff[i] = -1; /* the call's now; the memfd stays the conn's, which closes it */
+	call->nfds = n;
+	c->fds_held += n;
+	return 0;
+}
+
 static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 {
 	srv_conn *c = pbrpc__container_of(base, srv_conn, base);
@@ -622,7 +765,10 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	}
 	const pbrpc__method *m = NULL;
 	int status;
+	const uint8_t *map = NULL;
 	const char *why = request_refusal(c, &req, rc, &m, &status, text, sizeof(text));
+	if (!why && __builtin_expect(base->frame_nfds, 0))
+		why = request_fds_refusal(c, &req, f, &status, text, sizeof(text), &map);
 	if (why) {
 		refuse_request(c, f, &req, m, status, why);
 		return;
@@ -633,6 +779,7 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	}
 	srv_call *call = call_get(srv);
 	if (!call) {
+		pbrpc__memfd_unmap(map, req.body_len);
 		refuse_request(c, f, &req, m, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
 		return;
 	}
@@ -654,6 +801,8 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	} else {
 		st = large_request(c, call, &req, text, sizeof(text));
 	}
+	if (__builtin_expect(map != NULL, 0))
+		pbrpc__memfd_unmap(map, req.body_len); /* unpacked (or copied for a worker) */
 	if (st) {
 		call->answered = true;
 		call->mem = 0;
@@ -678,9 +827,13 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 		memcpy(call->md, req.metadata_raw, req.metadata_raw_len);
 		call->md_len = req.metadata_raw_len;
 	}
-	if (pbrpc__idmap_put(&base->calls, call->id, call) < 0) {
+	call->fds_ok = pbrpc__conn_fds_ok(base);
+	call->memfd_ok = pbrpc__conn_memfd_ok(base);
+	if ((__builtin_expect(base->frame_nfds, 0) && call_take_fds(c, call, req.body_fd) < 0) ||
+	    pbrpc__idmap_put(&base->calls, call->id, call) < 0) {
 		call->answered = true;
 		call->mem = 0;
+		c->fds_held -= call->nfds; /* call_put closes them */
 		refuse_request(c, f, &req, m, PBRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
 		call_put(srv, call);
 		return;
@@ -758,6 +911,7 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 		pbrpc__srv_stream_check_over(call, PBRPC_STATUS_UNAVAILABLE);
 	}
 	c->mem_used = c->mem_io;
+	c->fds_held = 0;
 	pbrpc__authz_conn_closed(c);
 	pbrpc__srv_conn_closed(c);
 }

@@ -66,6 +66,14 @@ static void opts_defaults(pbrpc_server_opts *o)
 		o->max_conn_memory = o->max_memory;
 	if (!o->unpack_factor)
 		o->unpack_factor = SRV_UNPACK_FACTOR;
+	if (!o->max_fds)
+		o->max_fds = 16;
+	if (o->max_fds > PBRPC_FDS_MAX)
+		o->max_fds = PBRPC_FDS_MAX;
+	if (!o->max_conn_fds)
+		o->max_conn_fds = 256;
+	if (!o->memfd_threshold)
+		o->memfd_threshold = PBRPC_MEMFD_THRESHOLD_DEFAULT;
 	if (o->keepalive_timeout_ms <= 0)
 		o->keepalive_timeout_ms = 20000;
 	if (!o->ping_min_interval_ms)

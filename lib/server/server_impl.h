@@ -82,6 +82,7 @@ typedef struct srv_conn {
 	                     * event will report (pbrpc__conn_buffered) */
 	size_t mem_io;      /* decoder footprint + writer capacity, last sampled */
 	size_t mem_used;    /* mem_io + the mem of its calls not yet answered */
+	unsigned fds_held;  /* request fds of its calls not yet answered */
 	srv_peer *peer_ext; /* groups and pidfd, or NULL (authz.c) */
 	const pbrpc__policy *admitted; /* the last policy without a check that
 	                                * admitted this peer (cleared when any
@@ -124,6 +125,16 @@ typedef struct srv_call {
 	char *done_msg;
 	uint8_t *done_body;
 	size_t done_len;
+	/* fds (PROTOCOL.md section 12). The request's (-1 once taken) are the
+	 * call's until call_put closes them; the reply's are the call's until
+	 * its RESPONSE takes them (or call_put closes them). */
+	int *fds;
+	unsigned nfds;
+	int *rfds;
+	unsigned nrfds, rfds_cap;
+	bool fds_ok;     /* its connection can carry fds */
+	bool memfd_ok;   /* ... and memfd bodies */
+	int done_memfd;  /* off the loop thread: the reply packed in a sealed memfd (done_len bytes), or -1 */
 } srv_call;
 
 struct pbrpc_server {

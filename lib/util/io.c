@@ -4,6 +4,8 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdatomic.h>
+#include <string.h>
+#include <unistd.h>
 
 #include "pbrpc/error.h"
 
@@ -55,6 +57,55 @@ ssize_t pbrpc__io_recv(int fd, void *buf, size_t cap, int flags)
 	if (n < 0)
 		return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
 	return n == 0 ? PBRPC_EOF : n;
+}
+
+ssize_t pbrpc__io_recv_fds(int fd, void *buf, size_t cap, int flags, pbrpc__io_fds *rx)
+{
+	union {
+		struct cmsghdr align;
+		char buf[CMSG_SPACE(sizeof(int) * PBRPC__IO_FDS_MAX)];
+	} ctl;
+	struct iovec iov = { buf, cap };
+	struct msghdr msg;
+	ssize_t n;
+	rx->n = 0;
+	rx->truncated = false;
+	do {
+		memset(&msg, 0, sizeof(msg));
+		msg.msg_iov = &iov;
+		msg.msg_iovlen = 1;
+		msg.msg_control = ctl.buf;
+		msg.msg_controllen = sizeof(ctl.buf);
+		n = pbrpc__recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC);
+	} while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+	for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+		if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+			continue;
+		size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		const unsigned char *d = CMSG_DATA(cm);
+		for (size_t i = 0; i < k; i++) {
+			int v;
+			memcpy(&v, d + i * sizeof(int), sizeof(int));
+			if (rx->n < PBRPC__IO_FDS_MAX)
+				rx->fds[rx->n++] = v;
+			else
+				close(v);
+		}
+	}
+	if (msg.msg_flags & MSG_CTRUNC)
+		rx->truncated = true;
+	return n == 0 ? PBRPC_EOF : n;
+}
+
+void pbrpc__io_close_fds(const int *fds, size_t n)
+{
+	int e = errno;
+	for (size_t i = 0; i < n; i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
+	errno = e;
 }
 
 /* util/clock.h's test-only clock skew. It lives here, not in a clock.c of its

@@ -66,6 +66,13 @@ typedef struct pbrpc_client_opts {
 	bool io_thread;           /* run async closures on a client-owned thread */
 	int backoff_min_ms;       /* first reconnect delay; default 50 */
 	int backoff_max_ms;       /* reconnect delay cap; default 2000 */
+	/* File descriptors and memfd bodies (Unix sockets only; PROTOCOL.md
+	 * section 12). A reply with more fds than max_fds fails the call with
+	 * RESOURCE_EXHAUSTED (the fds are closed). */
+	unsigned max_fds;         /* per reply; default 16, at most PBRPC_FDS_MAX */
+	size_t memfd_threshold;   /* requests whose body is larger go in a sealed
+	                           * memfd where the server supports it; default
+	                           * PBRPC_MEMFD_THRESHOLD_DEFAULT (never) */
 	/* TLS for a tls: endpoint (common.h): ca (default: the system store),
 	 * cert and key for mutual TLS, server_name. */
 	pbrpc_tls_opts tls;
@@ -116,6 +123,13 @@ typedef struct pbrpc_call_opts {
 	 * returns inside a handler, so a server can pass its caller's deadline on).
 	 * 0: unset; when set it takes precedence over timeout_ms. */
 	int64_t deadline_ns;
+	/* File descriptors to send with the request (Unix sockets whose server
+	 * announced FDS; else the call fails with FAILED_PRECONDITION and sends
+	 * nothing). Borrowed: pbrpc sends duplicates and the caller keeps, and
+	 * closes, its own; they must stay open until the call is made. At most
+	 * PBRPC_FDS_MAX. A call with fds is not sent again after a GOAWAY. */
+	const int *fds;
+	size_t fd_count;
 } pbrpc_call_opts;
 
 PBRPC_EXPORT void pbrpc_client_next_call(const pbrpc_call_opts *opts);
@@ -137,6 +151,16 @@ PBRPC_EXPORT ProtobufCService *pbrpc_client_service_async_with(pbrpc_client *c,
  * last synchronous call this thread made. *message (if not NULL) gets the
  * status message, valid until this thread's next call. */
 PBRPC_EXPORT int pbrpc_client_status(const char **message);
+
+/* The fds that came with the reply (PROTOCOL.md section 12). Inside a
+ * stub's closure (synchronous or asynchronous): the reply's. After
+ * pbrpc_client_call or pbrpc_client_call_raw has returned: that call's,
+ * until this thread's next call. Moves up to max of them into fds (the
+ * caller owns those and closes them) and returns how many it moved; the
+ * reply's fds not taken by then are closed when the closure returns (or at
+ * this thread's next call, or when the thread exits). Received
+ * close-on-exec. */
+PBRPC_EXPORT size_t pbrpc_client_reply_fds(int *fds, size_t max);
 
 /* Id of the last call this thread started (for pbrpc_client_cancel), 0 if none. */
 PBRPC_EXPORT uint32_t pbrpc_client_last_call(void);

@@ -24,6 +24,13 @@ extern "C" {
 #define PBRPC_MAX_FRAME_DEFAULT (16u * 1024u * 1024u) /* default largest payload */
 #define PBRPC_MAX_FRAME_LIMIT 0x7fffffffu             /* largest a peer may announce */
 #define PBRPC_MAX_FRAME_MIN 64u /* smallest a peer may announce: a status with a short message fits */
+#define PBRPC_FDS_MAX 253u      /* most fds one message may carry (the kernel's SCM_MAX_FD) */
+/* Default size above which, over Unix sockets, a message body travels in a
+ * sealed memfd instead of through the socket: never, because no crossover
+ * was measured up to 16 MiB (docs/BENCHMARKS.md, "Bodies in sealed
+ * memfds"): a fresh memfd's pages cost more to allocate, seal, map and free
+ * than the socket's copies. Receiving memfd bodies is always supported. */
+#define PBRPC_MEMFD_THRESHOLD_DEFAULT SIZE_MAX
 
 /* One metadata entry: a key (1 to 255 bytes of lowercase ASCII letters,
  * digits, '-', '_', '.') and an opaque value. */

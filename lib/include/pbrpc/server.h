@@ -115,6 +115,16 @@ typedef struct pbrpc_server_opts {
 	                              * (160 MiB); at least 1 MiB, at most max_memory */
 	unsigned unpack_factor;      /* a request may take this many times its wire
 	                              * size (+ 64 KiB) once unpacked; default 8 */
+	/* File descriptors and memfd bodies (Unix sockets only; PROTOCOL.md
+	 * section 12). A request with more fds than max_fds, or that would make
+	 * its connection's calls in flight hold more than max_conn_fds, is
+	 * answered RESOURCE_EXHAUSTED (its fds closed). */
+	unsigned max_fds;            /* per request; default 16, at most PBRPC_FDS_MAX */
+	unsigned max_conn_fds;       /* per connection, held by calls in flight;
+	                              * default 256 */
+	size_t memfd_threshold;      /* replies whose body is larger go in a sealed
+	                              * memfd where the client supports it; default
+	                              * PBRPC_MEMFD_THRESHOLD_DEFAULT (never) */
 	/* Local trust (pbrpc_server_set_policy): */
 	uint32_t max_connections_per_uid; /* Unix peers of one uid open at once;
 	                              * one more is refused as max_connections
@@ -302,6 +312,25 @@ PBRPC_EXPORT const void *pbrpc_call_metadata(void *closure_data, const char *key
  * -ENOTSUP on TCP. */
 PBRPC_EXPORT int pbrpc_call_peer_cred(void *closure_data, pid_t *pid, uid_t *uid, gid_t *gid);
 
+/* File descriptors (Unix sockets, PROTOCOL.md section 12).
+ *
+ * The fds that came with the request: returns their count (0 if none) and
+ * points *fds (may be NULL) at them. They are the call's: closed when the
+ * closure has been called (or the server frees the call), unless taken with
+ * pbrpc_call_take_fd(). Received close-on-exec. */
+PBRPC_EXPORT int pbrpc_call_fds(void *closure_data, const int **fds);
+
+/* Takes request fd `index`: the caller owns it from now on and closes it.
+ * Returns the fd, or PBRPC_EINVALID (no such fd, or already taken). */
+PBRPC_EXPORT int pbrpc_call_take_fd(void *closure_data, unsigned index);
+
+/* Attaches fd to the reply. pbrpc owns fd from this call on, whatever it
+ * returns: it is sent with an OK reply and then closed (the client gets its
+ * own copy), or closed when the call fails in any other way. Returns 0;
+ * -ENOTSUP when this connection cannot carry fds (TCP, or a client that did
+ * not announce the FDS feature); PBRPC_ETOOBIG past PBRPC_FDS_MAX fds;
+ * PBRPC_EINVALID, -ENOMEM. Call before the closure. */
+PBRPC_EXPORT int pbrpc_call_attach_fd(void *closure_data, int fd);
 /* The peer of the call, groups and pidfd included (see pbrpc_peer), valid
  * until the closure has been called. Returns 0 (for a TCP peer too, with
  * has_cred false) or PBRPC_EINVALID. */
