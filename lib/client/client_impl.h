@@ -411,4 +411,15 @@ int pbrpc__cl_run_done(pbrpc_client *c);
 int pbrpc__cl_process_run(pbrpc_client *c, int timeout_ms, bool forever);
 void *pbrpc__cl_io_main(void *arg);
 
+/* Waits on cv (mu held) until signalled or the deadline (0: none) passes. */
+static inline void pbrpc__cl_cond_wait_until(pthread_cond_t *cv, pthread_mutex_t *mu, pbrpc__deadline deadline)
+{
+	if (!deadline) {
+		pthread_cond_wait(cv, mu);
+		return;
+	}
+	struct timespec ts = pbrpc__deadline_timespec(deadline);
+	pthread_cond_timedwait(cv, mu, &ts);
+}
+
 #endif

@@ -244,16 +244,6 @@ bool pbrpc__cl_on_stream(pbrpc__conn *b, const pbrpc__frame *f, void *arg)
 
 /* ---- waiting ---- */
 
-static void cond_wait_until(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline)
-{
-	if (!deadline) {
-		pthread_cond_wait(cv, mu);
-		return;
-	}
-	struct timespec ts = pbrpc__deadline_timespec(deadline);
-	pthread_cond_timedwait(cv, mu, &ts);
-}
-
 /* Waits once for news on st until `until` (0: none): as the connection's
  * reader (one read, dropping the mutex meanwhile) if nobody reads, else on
  * `me`'s condvar. The caller looks again at what it waits for. */
@@ -261,7 +251,7 @@ static void stream_wait(pbrpc_client *c, pbrpc_client_stream *st, call *me, int6
 {
 	chan *k = st->k;
 	if (!k || chan_dead(k)) {
-		cond_wait_until(&me->cond, &c->mu, until);
+		pbrpc__cl_cond_wait_until(&me->cond, &c->mu, until);
 		return;
 	}
 	if (!k->reading) {
@@ -277,7 +267,7 @@ static void stream_wait(pbrpc_client *c, pbrpc_client_stream *st, call *me, int6
 		return;
 	}
 	pbrpc__list_append(&k->waiters, &me->wlink);
-	cond_wait_until(&me->cond, &c->mu, until);
+	pbrpc__cl_cond_wait_until(&me->cond, &c->mu, until);
 	pbrpc__list_remove(&me->wlink);
 }
 

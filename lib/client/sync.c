@@ -200,16 +200,6 @@ PBRPC_EXPORT size_t pbrpc_client_reply_fds(int *fds, size_t max)
 
 /* ---- sending ---- */
 
-static void cond_wait_until(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline)
-{
-	if (!deadline) {
-		pthread_cond_wait(cv, mu);
-		return;
-	}
-	struct timespec ts = pbrpc__deadline_timespec(deadline);
-	pthread_cond_timedwait(cv, mu, &ts);
-}
-
 static size_t request_size(const pbrpc__wire_request *req, const ProtobufCMessage *msg)
 {
 	size_t n = 2 + req->method_len + (req->has_timeout ? 8 : 0);
@@ -454,7 +444,7 @@ static void pump_write(pbrpc_client *c, chan *k, int64_t deadline)
 static void follow(pbrpc_client *c, chan *k, call *x)
 {
 	pbrpc__list_append(&k->waiters, &x->wlink);
-	cond_wait_until(&x->cond, &c->mu, x->deadline);
+	pbrpc__cl_cond_wait_until(&x->cond, &c->mu, x->deadline);
 	pbrpc__list_remove(&x->wlink);
 }
 
@@ -529,7 +519,7 @@ static chan *sync_conn(pbrpc_client *c, call *x, int64_t *now_io)
 				continue;
 			}
 			c->slot_waiters++;
-			cond_wait_until(&c->cond, &c->mu, x->deadline);
+			pbrpc__cl_cond_wait_until(&c->cond, &c->mu, x->deadline);
 			c->slot_waiters--;
 			continue;
 		}
@@ -542,11 +532,11 @@ static chan *sync_conn(pbrpc_client *c, call *x, int64_t *now_io)
 			return NULL;
 		}
 		if (c->connecting) {
-			cond_wait_until(&c->cond, &c->mu, x->deadline);
+			pbrpc__cl_cond_wait_until(&c->cond, &c->mu, x->deadline);
 			continue;
 		}
 		if (now < c->next_attempt) {
-			cond_wait_until(&c->cond, &c->mu, pbrpc__deadline_min(c->next_attempt, x->deadline));
+			pbrpc__cl_cond_wait_until(&c->cond, &c->mu, pbrpc__deadline_min(c->next_attempt, x->deadline));
 			continue;
 		}
 		pbrpc__cl_connect_locked(c, x->deadline);

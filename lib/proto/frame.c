@@ -261,12 +261,11 @@ void pbrpc__frame_decoder_release(pbrpc__frame_decoder *d)
 	}
 }
 
-static ssize_t decoder_recv(pbrpc__frame_decoder *d, int fd, int flags, struct pbrpc__io_fds *rx)
+/* Makes room at the tail for the next read: a chunk, or for a large frame in
+ * progress as much again as we hold of it (doubling as its bytes arrive,
+ * never past its end). Returns 0 or -ENOMEM. */
+static int decoder_make_room(pbrpc__frame_decoder *d)
 {
-	if (d->in_len)
-		return PBRPC_EINVALID;
-	/* Read a chunk, or for a large frame in progress as much again as we
-	 * hold of it (doubling as its bytes arrive, never past its end). */
 	size_t want = DECODER_CHUNK / 2, frame = 0;
 	size_t buffered = d->tail - d->head;
 	if (buffered >= PBRPC_FRAME_HEADER_SIZE && !d->discard) {
@@ -281,7 +280,14 @@ static ssize_t decoder_recv(pbrpc__frame_decoder *d, int fd, int flags, struct p
 	}
 	if (d->head == d->tail)
 		d->head = d->tail = 0;
-	if (decoder_reserve(d, want, frame ? d->head + frame : 0) < 0)
+	return decoder_reserve(d, want, frame ? d->head + frame : 0);
+}
+
+static ssize_t decoder_recv(pbrpc__frame_decoder *d, int fd, int flags, struct pbrpc__io_fds *rx)
+{
+	if (d->in_len)
+		return PBRPC_EINVALID;
+	if (decoder_make_room(d) < 0)
 		return -ENOMEM;
 
 	ssize_t n = rx ? pbrpc__io_recv_fds(fd, d->buf + d->tail, d->cap - d->tail, flags, rx)
@@ -510,23 +516,7 @@ void pbrpc__frame_writer_trim(pbrpc__frame_writer *w, size_t keep)
 uint8_t *pbrpc__frame_decoder_space(pbrpc__frame_decoder *d, size_t *cap)
 {
 	*cap = 0;
-	if (d->in_len)
-		return NULL;
-	size_t want = DECODER_CHUNK / 2, frame = 0;
-	size_t buffered = d->tail - d->head;
-	if (buffered >= PBRPC_FRAME_HEADER_SIZE && !d->discard) {
-		uint32_t len = pbrpc__get_u32(d->buf + d->head);
-		size_t total = PBRPC_FRAME_HEADER_SIZE + (size_t)len;
-		if (len <= d->max_payload && total > buffered) {
-			size_t rest = total - buffered;
-			size_t grow = buffered > want ? buffered : want;
-			want = rest < grow ? rest : grow;
-			frame = total;
-		}
-	}
-	if (d->head == d->tail)
-		d->head = d->tail = 0;
-	if (decoder_reserve(d, want, frame ? d->head + frame : 0) < 0)
+	if (d->in_len || decoder_make_room(d) < 0)
 		return NULL;
 	*cap = d->cap - d->tail;
 	return d->buf + d->tail;
