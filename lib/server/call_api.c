@@ -73,11 +73,8 @@ PBRPC_EXPORT int pbrpc_call_peer_tls(void *closure_data, const pbrpc_tls_peer **
 	return 0;
 }
 
-PBRPC_EXPORT int pbrpc_call_peer_cred(void *closure_data, pid_t *pid, uid_t *uid, gid_t *gid)
+int pbrpc__srv_call_peer_cred(const srv_call *call, pid_t *pid, uid_t *uid, gid_t *gid)
 {
-	srv_call *call = as_call(closure_data);
-	if (!call)
-		return PBRPC_EINVALID;
 	/* Credentials are copied at dispatch time: the connection may be gone. */
 	if (!call->has_cred)
 		return -ENOTSUP;
@@ -88,6 +85,12 @@ PBRPC_EXPORT int pbrpc_call_peer_cred(void *closure_data, pid_t *pid, uid_t *uid
 	if (gid)
 		*gid = call->cred.gid;
 	return 0;
+}
+
+PBRPC_EXPORT int pbrpc_call_peer_cred(void *closure_data, pid_t *pid, uid_t *uid, gid_t *gid)
+{
+	srv_call *call = as_call(closure_data);
+	return call ? pbrpc__srv_call_peer_cred(call, pid, uid, gid) : PBRPC_EINVALID;
 }
 
 PBRPC_EXPORT int pbrpc_call_fds(void *closure_data, const int **fds)

@@ -284,4 +284,8 @@ int pbrpc__srv_reserve_fd(pbrpc_server *srv);
 void pbrpc__srv_refuse_with(pbrpc_server *srv, int fd, int status, const char *why);
 void pbrpc__srv_listeners_close(pbrpc_server *srv);
 
+/* call_api.c: the call's peer credentials (pbrpc_call_peer_cred's contract),
+ * for calls and streams alike. */
+int pbrpc__srv_call_peer_cred(const srv_call *call, pid_t *pid, uid_t *uid, gid_t *gid);
+
 #endif

@@ -656,14 +656,5 @@ PBRPC_EXPORT int pbrpc_stream_peer_cred(const pbrpc_stream *st, pid_t *pid, uid_
 {
 	if (!as_stream(st))
 		return PBRPC_EINVALID;
-	const srv_call *call = st->call;
-	if (!call->has_cred)
-		return -ENOTSUP;
-	if (pid)
-		*pid = call->cred.pid;
-	if (uid)
-		*uid = call->cred.uid;
-	if (gid)
-		*gid = call->cred.gid;
-	return 0;
+	return pbrpc__srv_call_peer_cred(st->call, pid, uid, gid);
 }

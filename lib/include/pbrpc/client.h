@@ -159,7 +159,8 @@ PBRPC_EXPORT int pbrpc_client_status(const char **message);
  * caller owns those and closes them) and returns how many it moved; the
  * reply's fds not taken by then are closed when the closure returns (or at
  * this thread's next call, or when the thread exits). Received
- * close-on-exec. */
+ * close-on-exec. A call made inside the closure replaces them: take the
+ * reply's fds before making one. */
 PBRPC_EXPORT size_t pbrpc_client_reply_fds(int *fds, size_t max);
 
 /* Id of the last call this thread started (for pbrpc_client_cancel), 0 if none. */
