@@ -121,7 +121,8 @@ static void fd_echo(Demo__Echo_Service *svc, const Demo__EchoRequest *req, Demo_
 		l->ms = req->delay_ms;
 		l->len = req->payload.len;
 		l->payload = malloc(l->len + 1);
-		memcpy(l->payload, req->payload.data, l->len);
+		if (l->len)
+			memcpy(l->payload, req->payload.data, l->len);
 		pthread_t t;
 		pthread_create(&t, NULL, answer_later, l);
 		pthread_detach(t);

@@ -226,6 +226,7 @@ int pbrpc__wire_read_request(const pbrpc__frame *f, pbrpc__wire_request *out)
 	out->nfds = f->hdr.reserved;
 	out->body_fd = false;
 	out->body_fd_len = 0;
+	out->memfd_above = 0; /* encoding only; a decoded request re-encodes as it came */
 	if (f->hdr.type != PBRPC_FRAME_REQUEST || f->hdr.stream == 0 ||
 	    (f->hdr.flags & ~(PBRPC_REQUEST_TIMEOUT | PBRPC_REQUEST_METADATA | PBRPC_REQUEST_CLIENT_STREAM |
 			      PBRPC_REQUEST_SERVER_STREAM | PBRPC_REQUEST_BODY_FD)))
