@@ -154,7 +154,11 @@ static int failed(pbrpc__tls *t, int r, const char *what)
 		snprintf(t->why, sizeof(t->why), "the peer closed the TLS session");
 	} else if (e == SSL_ERROR_SYSCALL && t->sys_err) {
 		code = -t->sys_err;
-		if (!t->server && t->established && (t->sys_err == ECONNRESET || t->sys_err == EPIPE))
+		/* A client that sent a certificate may meet the server's close in
+		 * the handshake's last write too (TLS 1.3: the server checks it
+		 * after its own Finished). */
+		bool sent_cert = !t->server && SSL_get_certificate(t->ssl) != NULL;
+		if (!t->server && (t->established || sent_cert) && (t->sys_err == ECONNRESET || t->sys_err == EPIPE))
 			snprintf(t->why, sizeof(t->why), "%s: %s (the server may have refused our certificate: see its log)",
 				 what, strerror(t->sys_err));
 		else
