@@ -160,12 +160,11 @@ static void tls_failed(pbrpc__conn *c, int err)
 
 /* Reads and drops what the peer sent (a ClientHello on a plaintext port):
  * closing with bytes unread would send a reset that may overtake our GOAWAY. */
-static bool drain_input(pbrpc__conn *c)
+static void drain_input(pbrpc__conn *c)
 {
 	uint8_t buf[2048];
 	for (int i = 0; i < 1024 && pbrpc__io_recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT) > 0; i++)
 		;
-	return true;
 }
 
 void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
@@ -173,10 +172,11 @@ void pbrpc__conn_read_failed(pbrpc__conn *c, int err)
 	const char *peer = pbrpc__conn_peer_name(c);
 	if (c->tls && (err == PBRPC_ETLS || err == PBRPC_ENOTLS || (err > -4096 && err < 0 && c->state != PBRPC__CONN_OPEN)))
 		tls_failed(c, err); /* a socket error in the handshakes too: TLS knows more */
-	else if (err == PBRPC_ETLSPEER && drain_input(c))
+	else if (err == PBRPC_ETLSPEER) {
+		drain_input(c);
 		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err,
 				 "bad preface: the %s speaks TLS and this port is plaintext (use tcp:, or serve tls:)", peer);
-	else if (err == PBRPC_EBADMAGIC)
+	} else if (err == PBRPC_EBADMAGIC)
 		pbrpc__conn_fail(c, PBRPC_STATUS_INVALID_ARGUMENT, err, "bad preface: peer is not a pbrpc %s", peer);
 	else if ((err == PBRPC_EOF || err == PBRPC_ETRUNCATED) && c->state != PBRPC__CONN_OPEN)
 		pbrpc__conn_close(c, err, "connection closed by %s during the handshake", peer);
