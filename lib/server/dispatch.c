@@ -387,6 +387,35 @@ void pbrpc__srv_drain_completions(pbrpc_server *srv)
 	}
 }
 
+/* pbrpc_stream_post's functions, in the order they came. */
+void pbrpc__srv_run_posts(pbrpc_server *srv)
+{
+	pbrpc__list l;
+	pbrpc__list_init(&l);
+	pthread_mutex_lock(&srv->cq_mu);
+	pbrpc__list_splice(&l, &srv->posts);
+	pthread_mutex_unlock(&srv->cq_mu);
+	pbrpc__list_for_each_safe(p, &l, srv_post, link) {
+		pbrpc__list_remove(&p->link);
+		p->fn(p->arg);
+		free(p);
+	}
+}
+
+int pbrpc__srv_post(pbrpc_server *srv, void (*fn)(void *arg), void *arg)
+{
+	srv_post *p = malloc(sizeof(*p));
+	if (!p)
+		return -ENOMEM;
+	p->fn = fn;
+	p->arg = arg;
+	pthread_mutex_lock(&srv->cq_mu);
+	pbrpc__list_append(&srv->posts, &p->link);
+	pthread_mutex_unlock(&srv->cq_mu);
+	pbrpc__srv_wake(srv);
+	return 0;
+}
+
 /* ---- handlers: inline or on the worker pool ---- */
 
 static void invoke(pbrpc_server *srv, srv_call *call)

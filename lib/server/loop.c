@@ -3,6 +3,7 @@
  * connection per batch; timers; graceful and forced drain. */
 #include <errno.h>
 #include <limits.h>
+#include <signal.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -497,6 +498,8 @@ static void on_event(pbrpc_server *srv, const struct epoll_event *ev)
 		if (srv != srv->root)
 			pbrpc__srv_take_handoffs(srv);
 		pbrpc__srv_drain_completions(srv);
+		if (!pbrpc__list_empty(&srv->posts)) /* a peek: a post wakes us again */
+			pbrpc__srv_run_posts(srv);
 		shutdown_requested(srv);
 		break;
 	}
@@ -634,6 +637,10 @@ PBRPC_EXPORT int pbrpc_server_run(pbrpc_server *srv)
 	if (srv->n_loops <= 1)
 		return loop_run(srv);
 	int rc = 0;
+	/* Signals stay with the caller's threads, as with one loop. */
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
 	for (unsigned i = 1; i < srv->n_loops && !rc; i++) {
 		pbrpc_server *l = srv->loops[i];
 		if (l->shutdown_done)
@@ -644,6 +651,7 @@ PBRPC_EXPORT int pbrpc_server_run(pbrpc_server *srv)
 		else
 			l->thread_started = true;
 	}
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (!rc)
 		rc = loop_run(srv);
 	if (rc < 0)

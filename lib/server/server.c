@@ -108,6 +108,7 @@ static int loop_init(pbrpc_server *srv)
 	pbrpc__list_init(&srv->live);
 	pbrpc__list_init(&srv->stream_events);
 	pbrpc__list_init(&srv->cq);
+	pbrpc__list_init(&srv->posts);
 	pbrpc__list_init(&srv->wq);
 	pbrpc__list_init(&srv->hand);
 	pbrpc__timer_init(&srv->sweep, SRV_TIMER_SWEEP);
@@ -185,6 +186,7 @@ static void loop_fini(pbrpc_server *srv)
 	/* Streams still open heard of it in on_close: their on_cancel runs now,
 	 * so that their handlers can let go of what they hold. */
 	pbrpc__srv_stream_events(srv);
+	pbrpc__srv_run_posts(srv); /* so that their arguments can be freed */
 	/* Calls waiting for a closure, completed ones not yet collected, pooled ones. */
 	pthread_mutex_lock(&srv->cq_mu);
 	pbrpc__srv_calls_free(srv);

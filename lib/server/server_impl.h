@@ -63,6 +63,13 @@ typedef struct srv_handoff {
 	struct ucred cred;
 } srv_handoff;
 
+/* A function another thread asked this loop to run (pbrpc_stream_post). */
+typedef struct srv_post {
+	pbrpc__list link;
+	void (*fn)(void *arg);
+	void *arg;
+} srv_post;
+
 /* What an epoll event's data.ptr points at: the first member of each. */
 enum srv_src { SRV_SRC_LISTENER, SRV_SRC_CONN, SRV_SRC_WAKE };
 
@@ -203,6 +210,7 @@ struct pbrpc_server {
 
 	pthread_mutex_t cq_mu;
 	pbrpc__list cq;
+	pbrpc__list posts; /* srv_post: pbrpc_stream_post's functions, under cq_mu */
 
 	pthread_mutex_t wq_mu;
 	pthread_cond_t wq_cv;
@@ -281,6 +289,8 @@ extern const pbrpc__conn_ops pbrpc__srv_conn_ops;
 void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, const ProtobufCMessage *msg,
 			    const uint8_t *body, size_t body_len);
 void pbrpc__srv_drain_completions(pbrpc_server *srv);
+void pbrpc__srv_run_posts(pbrpc_server *srv); /* on the loop thread, and at free */
+int pbrpc__srv_post(pbrpc_server *srv, void (*fn)(void *arg), void *arg);
 void pbrpc__srv_wake(pbrpc_server *srv);
 int pbrpc__srv_workers_start(pbrpc_server *srv);
 void pbrpc__srv_workers_stop(pbrpc_server *srv);

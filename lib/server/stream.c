@@ -606,6 +606,13 @@ PBRPC_EXPORT int pbrpc_stream_end(pbrpc_stream *st, int status, const ProtobufCM
 	return rc;
 }
 
+PBRPC_EXPORT int pbrpc_stream_post(pbrpc_stream *st, void (*fn)(void *arg), void *arg)
+{
+	if (!st || st->magic != SRV_STREAM_MAGIC || !fn)
+		return PBRPC_EINVALID;
+	return pbrpc__srv_post(st->srv, fn, arg);
+}
+
 PBRPC_EXPORT void pbrpc_stream_pause(pbrpc_stream *st, bool paused)
 {
 	if (!as_stream(st) || st->paused == paused)
