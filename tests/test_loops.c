@@ -4,7 +4,7 @@
  * fewest connections), calls from many threads, closures from workers and
  * foreign threads answered by the call's own loop, shutdown with calls in
  * flight on every loop, the connection caps across loops, streams on a loop
- * other than loop 0. */
+ * other than loop 0 and pbrpc_stream_post from another thread. */
 #include <criterion/criterion.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -110,10 +110,22 @@ static void s_cancel(pbrpc_stream *st, void *user)
 
 static const pbrpc_stream_ops s_ops = { .on_message = s_msg, .on_half_close = s_half, .on_cancel = s_cancel };
 
+static _Atomic(pbrpc_stream *) open_stream; /* the last one opened */
+
+/* Posted from the test thread: runs on the stream's loop. */
+static void s_posted(void *arg)
+{
+	Demo__EchoRequest q = DEMO__ECHO_REQUEST__INIT;
+	q.payload.data = (uint8_t *)arg;
+	q.payload.len = strlen(arg);
+	s_msg(atomic_load(&open_stream), &q.base, NULL);
+}
+
 static void s_handler(pbrpc_stream *st, const ProtobufCMessage *req, void *user)
 {
 	(void)req;
 	(void)user;
+	atomic_store(&open_stream, st);
 	atomic_store(&stream_loop, pbrpc__srv_tl_loop ? (int)pbrpc__srv_tl_loop->loop_index : -2);
 	pbrpc_stream_set_ops(st, &s_ops, NULL);
 }
@@ -549,8 +561,14 @@ Test(loops, stream_on_a_non_zero_loop)
 		cr_assert_arr_eq(r->payload.data, want, strlen(want));
 	}
 	cr_assert_eq(atomic_load(&stream_loop), 1);
-	cr_assert_eq(pbrpc_client_stream_close_send(s), 0);
+	/* Another thread reaches the stream through its loop. */
+	cr_assert_eq(pbrpc_stream_post(atomic_load(&open_stream), s_posted, "posted"), 0);
 	const ProtobufCMessage *m;
+	cr_assert_eq(pbrpc_client_stream_next(s, &m, 5000), 1);
+	const Demo__EchoReply *r = (const Demo__EchoReply *)m;
+	cr_assert_eq(r->payload.len, strlen("posted@1"));
+	cr_assert_arr_eq(r->payload.data, "posted@1", strlen("posted@1"));
+	cr_assert_eq(pbrpc_client_stream_close_send(s), 0);
 	cr_assert_eq(pbrpc_client_stream_next(s, &m, 5000), 0);
 	pbrpc_client_stream_free(s);
 	echo_ok(first.svc, "still");
