@@ -724,7 +724,7 @@ static result run_idle(const bench_system *s, bool tcp, int nconn)
 
 static result seq_res[N_SYSTEMS][2][N_PL][N_SIZES]; /* system, transport, placement, size */
 static result conc_res[N_SYSTEMS][2][2];         /* system, transport, count index */
-static result conc_loops_res[4][2][2];           /* pbrpc with cfg.loops[i], transport, count index */
+static result conc_loops_res[2][4][2][2];        /* pbrpc, W; with cfg.loops[i]; transport; count index */
 static result pipe_res[N_SYSTEMS][2][3];         /* system, transport, depth index */
 static result idle_res[N_SYSTEMS][2];
 
@@ -863,15 +863,17 @@ static void print_conc(void)
 			put_cmp(row, V_CPU);
 		}
 	printf("\n");
-	if (cfg.n_loops < 2 || !cfg.systems[SYS_PBRPC])
+	if (cfg.n_loops < 2 || (!cfg.systems[SYS_PBRPC] && !cfg.systems[SYS_WIRE]))
 		return;
 	/* pbrpc's server with each --loop-threads value, against B. */
 	printf("### Concurrent connections: pbrpc's server loop threads, calls/s (ratio to B)\n\n"
 	       "| transport | connections |");
-	for (int l = 0; l < cfg.n_loops; l++)
-		printf(" pbrpc, %u loop%s |", cfg.loops[l], cfg.loops[l] == 1 ? "" : "s");
+	int cols = 0;
+	for (int w = 0; w < 2; w++)
+		for (int l = 0; cfg.systems[w ? SYS_WIRE : SYS_PBRPC] && l < cfg.n_loops; l++, cols++)
+			printf(" %s, %u loop%s |", w ? "W" : "pbrpc", cfg.loops[l], cfg.loops[l] == 1 ? "" : "s");
 	printf(" B raw+pb |\n|---|---:|");
-	for (int l = 0; l <= cfg.n_loops; l++)
+	for (int l = 0; l <= cols; l++)
 		printf("---:|");
 	printf("\n");
 	for (int tr = 0; tr < 2; tr++)
@@ -880,8 +882,9 @@ static void print_conc(void)
 				continue;
 			const result *b = &conc_res[SYS_RAWPB][tr][k];
 			printf("| %s | %d |", transport_names[tr], cfg.conc_counts[k]);
-			for (int l = 0; l < cfg.n_loops; l++) {
-				const result *p = &conc_loops_res[l][tr][k];
+			for (int c = 0; c < cols; c++) {
+				int w = cfg.systems[SYS_PBRPC] ? c >= cfg.n_loops : 1, l = c % cfg.n_loops;
+				const result *p = &conc_loops_res[w][l][tr][k];
 				if (!p->ok)
 					printf(" - |");
 				else if (b->ok && cfg.systems[SYS_RAWPB])
@@ -1199,8 +1202,9 @@ static void run_all(void)
 		nsz += cfg.sizes[i];
 	n_runs_total = cfg.rounds * nsys * ntr *
 		       ((cfg.seq ? npin * nsz : 0) + (cfg.conc ? 2 : 0) + (cfg.pipe ? 3 : 0)) + (cfg.idle ? ntr * 2 : 0);
-	if (cfg.conc && cfg.systems[SYS_PBRPC])
-		n_runs_total += cfg.rounds * ntr * 2 * (cfg.n_loops - 1); /* pbrpc's other --loop-threads */
+	if (cfg.conc)
+		n_runs_total += cfg.rounds * ntr * 2 * (cfg.n_loops - 1) *
+				(cfg.systems[SYS_PBRPC] + cfg.systems[SYS_WIRE]); /* the other --loop-threads */
 	if (cfg.seq && cfg.pin_modes[1] && cfg.sizes[0])
 		n_runs_total += (key_rows(1, 0) - cfg.rounds) * nsys * ntr;
 	if (cfg.memfd && cfg.transports[0])
@@ -1237,21 +1241,22 @@ static void run_all(void)
 			}
 		}
 		for (int m = 0; cfg.conc && m < 2; m++) {
-			result rl[4][16];
+			result rl[2][4][16];
 			for (int k = 0; k < cfg.rounds; k++)
 				for (int s = 0; s < N_SYSTEMS; s++) {
 					if (!cfg.systems[s])
 						continue;
-					for (int l = 0; l < (s == SYS_PBRPC ? cfg.n_loops : 1); l++) {
+					bool lv = s == SYS_PBRPC || s == SYS_WIRE; /* pbrpc's server */
+					for (int l = 0; l < (lv ? cfg.n_loops : 1); l++) {
 						bench_loop_threads = cfg.loops[l];
 						int n = snprintf(what, sizeof(what), "conc %s %d %s", transport_names[tr],
 								 cfg.conc_counts[m], all_systems[s]->key);
-						if (s == SYS_PBRPC && n > 0 && (size_t)n < sizeof(what))
+						if (lv && n > 0 && (size_t)n < sizeof(what))
 							snprintf(what + n, sizeof(what) - (size_t)n, " loops %u", cfg.loops[l]);
 						progress(what);
 						result r = run_conc(all_systems[s], tr, cfg.conc_counts[m]);
-						if (s == SYS_PBRPC)
-							rl[l][k] = r;
+						if (lv)
+							rl[s == SYS_WIRE][l][k] = r;
 						if (!l)
 							rs[s][k] = r;
 					}
@@ -1260,8 +1265,9 @@ static void run_all(void)
 			for (int s = 0; s < N_SYSTEMS; s++)
 				if (cfg.systems[s])
 					conc_res[s][tr][m] = median(rs[s], cfg.rounds);
-			for (int l = 0; cfg.systems[SYS_PBRPC] && l < cfg.n_loops; l++)
-				conc_loops_res[l][tr][m] = median(rl[l], cfg.rounds);
+			for (int w = 0; w < 2; w++)
+				for (int l = 0; cfg.systems[w ? SYS_WIRE : SYS_PBRPC] && l < cfg.n_loops; l++)
+					conc_loops_res[w][l][tr][m] = median(rl[w][l], cfg.rounds);
 		}
 		for (int d = 0; cfg.pipe && d < 3; d++) {
 			for (int k = 0; k < cfg.rounds; k++)
@@ -1340,7 +1346,8 @@ static void usage(FILE *f)
 		"  --authz            pbrpc's server checks a uid policy on every call (its cost)\n"
 		"  --loop-threads LIST\n"
 		"                     pbrpc's server event loops (opts.loop_threads); the first\n"
-		"                     everywhere, each one in conc (a table of its own); up to 4;\n"
+		"                     everywhere, each one in conc for pbrpc and W (a table of\n"
+		"                     its own); up to 4;\n"
 		"                     auto = the online CPUs, at most 8 (default auto)\n");
 }
 

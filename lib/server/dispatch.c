@@ -367,14 +367,21 @@ static void call_closure(const ProtobufCMessage *msg, void *closure_data)
 	cq_push(srv, call);
 }
 
-/* Delivers completions handed over by other threads. */
+static void run_posts(pbrpc__list *l);
+
+/* Runs what other threads posted (pbrpc_stream_post), then delivers the
+ * completions they handed over. */
 void pbrpc__srv_drain_completions(pbrpc_server *srv)
 {
-	pbrpc__list done;
+	pbrpc__list done, posts;
 	pbrpc__list_init(&done);
+	pbrpc__list_init(&posts);
 	pthread_mutex_lock(&srv->cq_mu);
 	pbrpc__list_splice(&done, &srv->cq);
+	pbrpc__list_splice(&posts, &srv->posts);
 	pthread_mutex_unlock(&srv->cq_mu);
+	if (!pbrpc__list_empty(&posts))
+		run_posts(&posts);
 	pbrpc__list_for_each_safe(call, &done, srv_call, qlink) {
 		pbrpc__list_remove(&call->qlink);
 		if (call->not_run && !call->refused)
@@ -388,6 +395,15 @@ void pbrpc__srv_drain_completions(pbrpc_server *srv)
 }
 
 /* pbrpc_stream_post's functions, in the order they came. */
+static void run_posts(pbrpc__list *l)
+{
+	pbrpc__list_for_each_safe(p, l, srv_post, link) {
+		pbrpc__list_remove(&p->link);
+		p->fn(p->arg);
+		free(p);
+	}
+}
+
 void pbrpc__srv_run_posts(pbrpc_server *srv)
 {
 	pbrpc__list l;
@@ -395,11 +411,7 @@ void pbrpc__srv_run_posts(pbrpc_server *srv)
 	pthread_mutex_lock(&srv->cq_mu);
 	pbrpc__list_splice(&l, &srv->posts);
 	pthread_mutex_unlock(&srv->cq_mu);
-	pbrpc__list_for_each_safe(p, &l, srv_post, link) {
-		pbrpc__list_remove(&p->link);
-		p->fn(p->arg);
-		free(p);
-	}
+	run_posts(&l);
 }
 
 int pbrpc__srv_post(pbrpc_server *srv, void (*fn)(void *arg), void *arg)

@@ -497,9 +497,7 @@ static void on_event(pbrpc_server *srv, const struct epoll_event *ev)
 		(void)r;
 		if (srv != srv->root)
 			pbrpc__srv_take_handoffs(srv);
-		pbrpc__srv_drain_completions(srv);
-		if (!pbrpc__list_empty(&srv->posts)) /* a peek: a post wakes us again */
-			pbrpc__srv_run_posts(srv);
+		pbrpc__srv_drain_completions(srv); /* and pbrpc_stream_post's */
 		shutdown_requested(srv);
 		break;
 	}
