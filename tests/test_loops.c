@@ -13,7 +13,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "demo_services.h"
 #include "echo.pb-c.h"
+#include "kv.pb-c.h"
 #include "pbrpc/client.h"
 #include "pbrpc/endpoint.h"
 #include "pbrpc/server.h"
@@ -134,6 +136,7 @@ static void s_handler(pbrpc_stream *st, const ProtobufCMessage *req, void *user)
 
 typedef struct tsrv {
 	pbrpc_server *srv;
+	Demo__Kv_Service *kv;
 	pthread_t thr;
 	char addr[PBRPC_ENDPOINT_STRLEN];
 	char dir[64];
@@ -157,6 +160,9 @@ static void start_server(tsrv *t, pbrpc_server_opts o)
 	cr_assert_eq(pbrpc_server_new(&t->srv, &o), 0);
 	cr_assert_eq(pbrpc_server_add_service(t->srv, &echo_svc.base), 0);
 	cr_assert_eq(pbrpc_server_add_stream(t->srv, &d_echo, s_handler, NULL), 0);
+	t->kv = demo_kv_new();
+	cr_assert_not_null(t->kv);
+	cr_assert_eq(demo_kv_add(t->srv, t->kv), 0);
 	snprintf(t->dir, sizeof(t->dir), "/tmp/pbrpc-loops-XXXXXX");
 	cr_assert_not_null(mkdtemp(t->dir));
 	char ep[160];
@@ -182,6 +188,7 @@ static pbrpc_server_stats stop_server(tsrv *t)
 	cr_assert_eq(atomic_load(&t->rc), 0);
 	pbrpc_server_stats s = stats(t);
 	pbrpc_server_free(t->srv);
+	demo_kv_free(t->kv);
 	rmdir(t->dir);
 	return s;
 }
@@ -473,6 +480,7 @@ Test(loops, shutdown_drains_every_loop_with_calls_in_flight)
 	cr_assert_eq(stats(&t).calls_completed, T);
 	cr_assert_eq(stats(&t).connections_open, 0);
 	pbrpc_server_free(t.srv);
+	demo_kv_free(t.kv);
 	rmdir(t.dir);
 }
 
@@ -575,4 +583,75 @@ Test(loops, stream_on_a_non_zero_loop)
 	pbrpc_client_free(c);
 	cl_close(&first);
 	stop_server(&t);
+}
+
+/* ---- the example demo.Kv: a Watch on one loop sees Puts made on others ---- */
+
+static const pbrpc_stream_desc d_watch = { "demo.Kv/Watch", PBRPC_STREAM_SERVER, &demo__watch_request__descriptor,
+					   &demo__change__descriptor };
+
+static void kv_put(pbrpc_client *c, const char *key, const char *val)
+{
+	Demo__PutRequest req = DEMO__PUT_REQUEST__INIT;
+	req.key = (char *)key;
+	req.value.data = (uint8_t *)val;
+	req.value.len = strlen(val);
+	ProtobufCMessage *reply = NULL;
+	pbrpc_call_result res;
+	cr_assert_eq(pbrpc_client_call(c, "demo.Kv/Put", &req.base, &demo__put_reply__descriptor, &reply, NULL, &res),
+		     0, "Put %s: %s", key, res.message);
+	protobuf_c_message_free_unpacked(reply, NULL);
+}
+
+static void watch_across(pbrpc_server_opts o)
+{
+	tsrv t;
+	start_server(&t, o);
+	enum { N = 4 };
+	cl k[N]; /* one per loop: k[0] watches, the others put */
+	for (int i = 0; i < N; i++)
+		cl_open(&k[i], &t);
+	for (unsigned i = 0; i < o.loop_threads; i++)
+		cr_assert_eq(pbrpc__server_loop_conns(t.srv, i), N / o.loop_threads);
+	Demo__WatchRequest wr = DEMO__WATCH_REQUEST__INIT;
+	wr.prefix = "w/";
+	pbrpc_client_stream *s;
+	cr_assert_eq(pbrpc_client_stream_open(k[0].c, &d_watch, &wr.base, NULL, &s), 0);
+	/* The watcher registers once the stream has opened: put until it sees one. */
+	const ProtobufCMessage *m = NULL;
+	int rc = 0;
+	for (int tries = 0; tries < 100 && rc != 1; tries++) {
+		kv_put(k[1].c, "w/ready", "r");
+		rc = pbrpc_client_stream_next(s, &m, 50);
+	}
+	cr_assert_eq(rc, 1);
+	/* Drain the extra "ready"s, then each loop's Put arrives, in order per putter. */
+	kv_put(k[1].c, "w/mark", "m");
+	do {
+		cr_assert_eq(pbrpc_client_stream_next(s, &m, 5000), 1);
+	} while (strcmp(((const Demo__Change *)m)->key, "w/mark") != 0);
+	for (int i = 1; i < N; i++) {
+		char key[16];
+		snprintf(key, sizeof(key), "w/%d", i);
+		kv_put(k[i].c, key, "v");
+		kv_put(k[i].c, "x/ignored", "v");
+		cr_assert_eq(pbrpc_client_stream_next(s, &m, 5000), 1);
+		const Demo__Change *ch = (const Demo__Change *)m;
+		cr_assert_str_eq(ch->key, key);
+		cr_assert_eq(ch->kind, DEMO__CHANGE__KIND__PUT);
+	}
+	pbrpc_client_stream_free(s);
+	for (int i = 0; i < N; i++)
+		cl_close(&k[i]);
+	stop_server(&t);
+}
+
+Test(loops, kv_watch_sees_puts_from_every_loop)
+{
+	watch_across((pbrpc_server_opts){ .loop_threads = 4 });
+}
+
+Test(loops, kv_watch_sees_puts_from_workers)
+{
+	watch_across((pbrpc_server_opts){ .loop_threads = 2, .workers = 2 });
 }

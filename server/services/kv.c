@@ -145,10 +145,12 @@ static void kv_put(Demo__Kv_Service *svc, const Demo__PutRequest *req, Demo__Put
 		closure(NULL, closure_data);
 		return;
 	}
+	/* Before the closure: req is pbrpc's until then, and the change is
+	 * queued before the client hears of the Put. */
+	kv_notify(kv_of(svc), req->key, req->value.data, req->value.len, DEMO__CHANGE__KIND__PUT);
 	Demo__PutReply reply = DEMO__PUT_REPLY__INIT;
 	reply.created = rc == 1;
 	closure(&reply, closure_data);
-	kv_notify(kv_of(svc), req->key, req->value.data, req->value.len, DEMO__CHANGE__KIND__PUT);
 }
 
 static void kv_get(Demo__Kv_Service *svc, const Demo__GetRequest *req, Demo__GetReply_Closure closure,
@@ -200,11 +202,11 @@ static void kv_delete(Demo__Kv_Service *svc, const Demo__DeleteRequest *req, Dem
 	}
 	pthread_mutex_unlock(&kv->lock);
 
+	if (found)
+		kv_notify(kv, req->key, NULL, 0, DEMO__CHANGE__KIND__DELETE); /* before the closure, as Put */
 	Demo__DeleteReply reply = DEMO__DELETE_REPLY__INIT;
 	reply.deleted = found;
 	closure(&reply, closure_data);
-	if (found)
-		kv_notify(kv, req->key, NULL, 0, DEMO__CHANGE__KIND__DELETE);
 }
 
 static void free_entries(Demo__Entry **v, size_t n)
