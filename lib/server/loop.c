@@ -451,7 +451,8 @@ static void shutdown_requested(pbrpc_server *srv)
 		begin_shutdown(srv, drain_ms);
 		return;
 	}
-	pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutting down sooner (drain %d ms)", drain_ms);
+	if (srv == srv->root)
+		pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutting down sooner (drain %d ms)", drain_ms);
 	drain_within(srv, drain_ms);
 	flush_dirty(srv);
 }
