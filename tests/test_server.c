@@ -2039,6 +2039,7 @@ Test(server, held_requests_share_the_budget, .timeout = 90)
 			int st = peer_response(&p[i], NULL, msg, sizeof(msg), NULL, 0);
 			if (st >= 0) {
 				cr_assert_eq(st, PBRPC_STATUS_RESOURCE_EXHAUSTED, "%d %s", st, msg);
+				cr_log_info("refused %d: %s", i, msg);
 				got[i] = true;
 				refused++;
 			}
