@@ -338,10 +338,16 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 	x->conn = k;
 	if (x->kind == CALL_ASYNC)
 		k->async_inflight++;
+	if (x->kind == CALL_ASYNC) {
+		pbrpc__cl_chan_flush_later(c, k, before);
+		return 0;
+	}
 	/* A failed flush wrote none of the queued bytes, so the server never saw
 	 * this request: a synchronous call may try again on a new connection. */
 	if (pbrpc__cl_chan_flush(c, k) < 0 && x->done && x->kind == CALL_SYNC)
 		x->retry = x->attempts < CL_MAX_ATTEMPTS;
+	if (__builtin_expect(c->deferred != 0, 0))
+		pbrpc__cl_flush_deferred(c); /* async output held back on another connection */
 	return 0;
 }
 
