@@ -363,13 +363,14 @@ int pbrpc__cl_chan_flush(pbrpc_client *c, chan *k)
 /* What an asynchronous call (or its CANCEL) just queued on k, `before` being
  * the bytes queued before it: sent at once when the connection was idle
  * (nothing else queued or in flight: a lone call pays no extra syscall and
- * no wait), when CL_DEFER_MAX bytes are queued, or when nobody would notice
- * it waiting; else left for the next flush point (client.h): the end of the
- * current process() round when a closure of it queued it (`th.round`), the
- * next process() round, synchronous call or drain otherwise. Meanwhile k
- * watches EPOLLOUT, which makes pbrpc_client_fd() readable at once, so that a
- * user's loop or the I/O thread calls process() and the bytes go out; a
- * burst of calls thus leaves in one write. */
+ * no wait), when CL_DEFER_MAX bytes are queued, or when no poller would
+ * notice it waiting; else left for the next flush point (client.h): the end
+ * of the current process() round when that round queued it (a closure:
+ * `th.round`; a deadline: `th.in_process`), else the next process() round,
+ * synchronous call or drain. Meanwhile k watches EPOLLOUT, which makes
+ * pbrpc_client_fd() readable at once, so that a user's loop or the I/O
+ * thread calls process() and the bytes go out. A burst of calls thus leaves
+ * in one write. */
 int pbrpc__cl_chan_flush_later(pbrpc_client *c, chan *k, size_t before)
 {
 	if (chan_dead(k))
@@ -378,7 +379,9 @@ int pbrpc__cl_chan_flush_later(pbrpc_client *c, chan *k, size_t before)
 	if ((before == 0 && chan_inflight(k) <= 1) || pending >= CL_DEFER_MAX || !k->in_epoll ||
 	    c->proc_efd_only)
 		return pbrpc__cl_chan_flush(c, k);
-	if (!k->epollout && pbrpc__cl_th.round != c) {
+	/* Inside process() (a closure, or a deadline's CANCEL) the round sends
+	 * it before it waits: no poller needs waking. */
+	if (!k->epollout && pbrpc__cl_th.round != c && pbrpc__cl_th.in_process != c) {
 		struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT, .data.ptr = k };
 		if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, k->base.fd, &ev) < 0)
 			return pbrpc__cl_chan_flush(c, k);
