@@ -336,10 +336,9 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 	x->attempts++;
 	x->refs |= REF_TABLE;
 	x->conn = k;
-	if (x->kind == CALL_ASYNC)
-		k->async_inflight++;
 	if (x->kind == CALL_ASYNC) {
-		pbrpc__cl_chan_flush_later(c, k, before);
+		k->async_inflight++;
+		pbrpc__cl_chan_flush_later(c, k, before); /* may wait for a flush point */
 		return 0;
 	}
 	/* A failed flush wrote none of the queued bytes, so the server never saw
