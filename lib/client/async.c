@@ -23,7 +23,7 @@ void pbrpc__cl_abandon(pbrpc_client *c, call *x, int status, int err, const char
 	size_t before = k ? pbrpc__conn_pending_out(&k->base) : 0;
 	if (k && !chan_dead(k) && pbrpc__wire_write_cancel(&k->base.out, x->id) == 0) {
 		if (x->kind == CALL_ASYNC)
-			pbrpc__cl_chan_flush_later(c, k, before); /* as its REQUEST was */
+			pbrpc__cl_chan_flush_later(c, k, before, false); /* as its REQUEST was */
 		else
 			pbrpc__cl_chan_flush(c, k);
 	}

@@ -361,36 +361,37 @@ int pbrpc__cl_chan_flush(pbrpc_client *c, chan *k)
 }
 
 /* What an asynchronous call (or its CANCEL) just queued on k, `before` being
- * the bytes queued before it: sent at once when the connection was idle
- * (nothing else queued or in flight: a lone call pays no extra syscall and
- * no wait), when CL_DEFER_MAX bytes are queued, or when no poller would
- * notice it waiting; else left for the next flush point (client.h): the end
- * of the current process() round when that round queued it (a closure:
- * `th.round`; a deadline: `th.in_process`), else the next process() round,
- * synchronous call or drain. Meanwhile k watches EPOLLOUT, which makes
+ * the bytes queued before it, `burst` whether the previous REQUEST on k was
+ * queued less than CL_BURST_NS ago. Waits for the next flush point
+ * (client.h) when that costs nothing: output already waits, or this
+ * process() round queued it (a closure: `th.round`; a deadline:
+ * `th.in_process`) and sends it before it waits. From elsewhere, within a
+ * burst on a busy connection: k watches EPOLLOUT, which makes
  * pbrpc_client_fd() readable at once, so that a user's loop or the I/O
- * thread calls process() and the bytes go out. A burst of calls thus leaves
- * in one write. */
-int pbrpc__cl_chan_flush_later(pbrpc_client *c, chan *k, size_t before)
+ * thread calls process() and the bytes go out. Otherwise (a lone call, one
+ * after a pause, CL_DEFER_MAX queued, no poller that would notice) it is
+ * sent at once, as a synchronous call's is. A burst of calls thus leaves in
+ * two writes: the first call's, then the rest. */
+int pbrpc__cl_chan_flush_later(pbrpc_client *c, chan *k, size_t before, bool burst)
 {
 	if (chan_dead(k))
 		return PBRPC_ECLOSED;
-	size_t pending = pbrpc__conn_pending_out(&k->base);
-	if ((before == 0 && chan_inflight(k) <= 1) || pending >= CL_DEFER_MAX || !k->in_epoll ||
-	    c->proc_efd_only)
+	if (pbrpc__conn_pending_out(&k->base) >= CL_DEFER_MAX || !k->in_epoll || c->proc_efd_only)
 		return pbrpc__cl_chan_flush(c, k);
-	/* Inside process() (a closure, or a deadline's CANCEL) the round sends
-	 * it before it waits: no poller needs waking. */
-	if (!k->epollout && pbrpc__cl_th.round != c && pbrpc__cl_th.in_process != c) {
-		struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT, .data.ptr = k };
-		if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, k->base.fd, &ev) < 0)
+	if (k->deferred)
+		return 0;
+	if (pbrpc__cl_th.round != c && pbrpc__cl_th.in_process != c) {
+		if (before == 0 && (!burst || chan_inflight(k) <= 1))
 			return pbrpc__cl_chan_flush(c, k);
-		k->epollout = true;
+		if (!k->epollout) {
+			struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT, .data.ptr = k };
+			if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, k->base.fd, &ev) < 0)
+				return pbrpc__cl_chan_flush(c, k);
+			k->epollout = true;
+		}
 	}
-	if (!k->deferred) {
-		k->deferred = true;
-		c->deferred++;
-	}
+	k->deferred = true;
+	c->deferred++;
 	return 0;
 }
 

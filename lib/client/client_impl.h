@@ -68,6 +68,7 @@
 #define CL_RETRY_COPY_MAX (64u << 10) /* async requests up to this can be re-sent */
 #define CL_PROBE_IDLE_NS PBRPC__NS_PER_S /* a connection unused this long is read before use */
 #define CL_DEFER_MAX (64u << 10) /* async requests queued unsent up to this (pbrpc__cl_chan_flush_later) */
+#define CL_BURST_NS (50 * 1000)  /* an async request this soon after the last one may wait for more */
 
 /* A pooled reply arena (util/arena.h) and when it last held a large buffer. */
 typedef struct cl_arena {
@@ -362,7 +363,7 @@ void pbrpc__cl_chan_fail(pbrpc_client *c, chan *k, int status, int err, const ch
 void pbrpc__cl_reader_enter(chan *k);
 void pbrpc__cl_reader_leave(pbrpc_client *c, chan *k);
 int pbrpc__cl_chan_flush(pbrpc_client *c, chan *k);
-int pbrpc__cl_chan_flush_later(pbrpc_client *c, chan *k, size_t before);
+int pbrpc__cl_chan_flush_later(pbrpc_client *c, chan *k, size_t before, bool burst);
 void pbrpc__cl_flush_deferred(pbrpc_client *c);
 void pbrpc__cl_watch_enable(pbrpc_client *c);
 void pbrpc__cl_read_nb(pbrpc_client *c, chan *k, int budget);

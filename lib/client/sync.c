@@ -312,6 +312,7 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
 		return -ENOMEM;
 	}
+	bool burst = now - k->used_at < CL_BURST_NS;
 	k->used_at = now;
 	x->id = pbrpc__cl_alloc_id(c);
 	req.call_id = x->id;
@@ -338,7 +339,7 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 	x->conn = k;
 	if (x->kind == CALL_ASYNC) {
 		k->async_inflight++;
-		pbrpc__cl_chan_flush_later(c, k, before); /* may wait for a flush point */
+		pbrpc__cl_chan_flush_later(c, k, before, burst); /* may wait for a flush point */
 		return 0;
 	}
 	/* A failed flush wrote none of the queued bytes, so the server never saw
