@@ -16,10 +16,12 @@
  * pbrpc_client_process() (drive it from a poll loop with pbrpc_client_fd()),
  * or on the client's own I/O thread when opts.io_thread is set.
  *
- * When async requests are sent: the first on an idle connection (nothing in
- * flight or queued) is sent by the stub itself; the ones that follow it wait
- * in the connection's buffer so that a burst of calls leaves in one write
- * (and the server answers it in one), and go out no later than
+ * When async requests are sent: the stub sends a lone one itself (nothing
+ * else in flight or queued, or the previous request was more than 50 us
+ * ago). The requests of a burst after the first, and those made by closures
+ * that pbrpc_client_process() runs, wait in the connection's buffer so that
+ * they leave together in one write (and the server answers them in one);
+ * they go out no later than
  *   - the end of the pbrpc_client_process() round, for calls made by a
  *     closure that round ran;
  *   - the next pbrpc_client_process() or pbrpc_client_drain() call, or
@@ -29,8 +31,7 @@
  *   - at once from the I/O thread with opts.io_thread;
  *   - when 64 KiB are queued.
  * The CANCEL frames of pbrpc_client_cancel() and of deadlines follow the same
- * rules. So an async stub never blocks on the socket, and a request is never
- * held back waiting for an unrelated reply.
+ * rules. So a request is never held back waiting for an unrelated reply.
  *
  * A client is safe to use from several threads at once. Calls made while the
  * connection is down reconnect (with backoff); calls in flight when it drops
