@@ -17,6 +17,11 @@
 #include "pbrpc/pbrpc.h"
 #include "testutil.h"
 
+/* lib/client: an async call within this many ns of the previous one is part
+ * of a burst. An hour here, so that the calls each test makes back to back
+ * are a burst however slowly this machine runs them. */
+extern int64_t pbrpc__cl_burst_ns;
+
 typedef struct pipe_server {
 	pbrpc_server *srv;
 	Demo__Echo_Service *echo;
@@ -70,6 +75,7 @@ static void setup(void)
 {
 	tu_setup();
 	tu_io_counting();
+	pbrpc__cl_burst_ns = 3600 * (int64_t)1000000000;
 }
 
 static void cleanup(void)
@@ -173,6 +179,42 @@ Test(pipe, burst_leaves_in_few_writes_unix)
 Test(pipe, burst_leaves_in_few_writes_tcp)
 {
 	burst("tcp:127.0.0.1:0");
+}
+
+/* What the stub sends itself: the first call on an idle connection, and
+ * (bursts off) one made while another is in flight; in a burst it sends
+ * only the first. */
+Test(pipe, stub_sends_lone_calls_at_once)
+{
+	pipe_server s;
+	server_start(&s, unix_endpoint());
+	pbrpc_client *c;
+	cr_assert_eq(pbrpc_client_connect(&c, s.addr, NULL), 0);
+	ProtobufCService *echo = pbrpc_client_service_async(c, &demo__echo__descriptor);
+	outcome o[4];
+	memset(o, 0, sizeof(o));
+	pbrpc__cl_burst_ns = 0; /* every call comes after a pause */
+	unsigned long s0 = tu_io_thread_sends();
+	echo_call(echo, "idle", 20000, &o[0]);
+	uint32_t slow_id = pbrpc_client_last_call();
+	unsigned long s1 = tu_io_thread_sends();
+	cr_assert_gt(s1, s0, "the first call on an idle connection waited");
+	echo_call(echo, "after-a-pause", 0, &o[1]);
+	unsigned long s2 = tu_io_thread_sends();
+	cr_assert_gt(s2, s1, "a call after a pause waited");
+	pbrpc__cl_burst_ns = 3600 * (int64_t)1000000000;
+	echo_call(echo, "burst-1", 0, &o[2]);
+	echo_call(echo, "burst-2", 0, &o[3]);
+	cr_assert_eq(tu_io_thread_sends(), s2, "a call in a burst was sent by its stub");
+	while (o[3].calls == 0 || o[1].calls == 0 || o[2].calls == 0)
+		cr_assert_geq(pbrpc_client_process(c, 30000), 0);
+	cr_assert_eq(o[0].calls, 0);
+	cr_assert_str_eq(o[1].text, "after-a-pause");
+	cr_assert_str_eq(o[3].text, "burst-2");
+	cr_assert_eq(pbrpc_client_cancel(c, slow_id), 0);
+	cr_assert_eq(pbrpc_client_drain(c, 5000), 0);
+	pbrpc_client_free(c);
+	server_stop(&s);
 }
 
 /* Large requests: the writer sends once 64 KiB are queued, and every reply

@@ -360,6 +360,8 @@ int pbrpc__cl_chan_flush(pbrpc_client *c, chan *k)
 	return 0;
 }
 
+int64_t pbrpc__cl_burst_ns = CL_BURST_NS;
+
 /* What an asynchronous call (or its CANCEL) just queued on k, `before` being
  * the bytes queued before it, `burst` whether the previous REQUEST on k was
  * queued less than CL_BURST_NS ago. Waits for the next flush point

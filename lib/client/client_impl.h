@@ -69,6 +69,7 @@
 #define CL_PROBE_IDLE_NS PBRPC__NS_PER_S /* a connection unused this long is read before use */
 #define CL_DEFER_MAX (64u << 10) /* async requests queued unsent up to this (pbrpc__cl_chan_flush_later) */
 #define CL_BURST_NS (50 * 1000)  /* an async request this soon after the last one may wait for more */
+extern int64_t pbrpc__cl_burst_ns; /* CL_BURST_NS; tests set it to make bursts certain, or none */
 
 /* A pooled reply arena (util/arena.h) and when it last held a large buffer. */
 typedef struct cl_arena {

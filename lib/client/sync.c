@@ -312,7 +312,7 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
 		return -ENOMEM;
 	}
-	bool burst = now - k->used_at < CL_BURST_NS;
+	bool burst = now - k->used_at < pbrpc__cl_burst_ns;
 	k->used_at = now;
 	x->id = pbrpc__cl_alloc_id(c);
 	req.call_id = x->id;
