@@ -460,6 +460,18 @@ static int handshake_error(pbrpc_client *c, chan *k, char *msg, size_t len)
 	return err;
 }
 
+/* A handshake write failed (wrc) and nothing the server sent says why: over
+ * TLS, the session's own words (a reset after our certificate says the
+ * server may have refused it), else the errno's. */
+static void write_failed(pbrpc_client *c, const pbrpc__conn *b, int wrc, char *msg, size_t len)
+{
+	const char *why = b->tls ? pbrpc__tls_why(b->tls) : NULL;
+	if (why && why[0])
+		snprintf(msg, len, "handshake with %.80s failed: %.150s", c->ep_str, why);
+	else
+		snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(wrc));
+}
+
 /* Our preface and HELLO out, the server's in, through the connection core
  * (which checks and clamps it). Whatever came with the HELLO is dispatched
  * too: a server over its connection limit sends GOAWAY right after it. */
@@ -484,7 +496,7 @@ static int handshake(pbrpc_client *c, chan *k, int64_t deadline, char *msg, size
 		}
 		ssize_t n = pbrpc__conn_recv(b, NULL, 0, MSG_DONTWAIT);
 		if (n < 0 && wrc && n != PBRPC_EBADMAGIC) {
-			snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(wrc));
+			write_failed(c, b, wrc, msg, len);
 			return wrc;
 		}
 		if (n < 0)
@@ -500,7 +512,7 @@ static int handshake(pbrpc_client *c, chan *k, int64_t deadline, char *msg, size
 		return PBRPC_EGOAWAY;
 	}
 	if (wrc < 0) {
-		snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(wrc));
+		write_failed(c, b, wrc, msg, len);
 		return wrc;
 	}
 	return 0;

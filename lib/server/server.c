@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "pbrpc/schema.h"
@@ -126,6 +127,8 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 		srv->rng = 1;
 	srv->wake.src = SRV_SRC_WAKE;
 	srv->wake.fd = -1;
+	srv->tick.src = SRV_SRC_TICK;
+	srv->tick.fd = -1;
 	pthread_mutex_init(&srv->cq_mu, NULL);
 	pthread_mutex_init(&srv->wq_mu, NULL);
 	pthread_cond_init(&srv->wq_cv, NULL);
@@ -154,6 +157,12 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 		err = -errno;
 		goto err_wake;
 	}
+	srv->tick.fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+	e.data.ptr = &srv->tick;
+	if (srv->tick.fd < 0 || epoll_ctl(srv->epfd, EPOLL_CTL_ADD, srv->tick.fd, &e) < 0) {
+		err = -errno;
+		goto err_wake;
+	}
 	srv->scratch = malloc(SRV_SCRATCH_SIZE);
 	srv->scratch_cap = SRV_SCRATCH_SIZE;
 	srv->mem_used = SRV_SCRATCH_SIZE;
@@ -179,6 +188,8 @@ err_timers:
 err_scratch:
 	free(srv->scratch);
 err_wake:
+	if (srv->tick.fd >= 0)
+		close(srv->tick.fd);
 	close(srv->wake.fd);
 err_ep:
 	close(srv->epfd);
@@ -219,6 +230,7 @@ PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
 	if (srv->reserve_fd >= 0)
 		close(srv->reserve_fd);
 	close(srv->wake.fd);
+	close(srv->tick.fd);
 	close(srv->epfd);
 	pbrpc__tls_ctx_free(srv->tls_ctx);
 	pthread_mutex_destroy(&srv->cq_mu);
