@@ -178,8 +178,22 @@ static ssize_t shim_recvmsg(int fd, struct msghdr *msg, int flags)
 	return n;
 }
 
+static _Thread_local unsigned long thread_sends;
+
+unsigned long tu_io_thread_sends(void)
+{
+	return thread_sends;
+}
+
+void tu_io_counting(void)
+{
+	if (!short_io)
+		tu_io_install(&(tu_io_config){ 0 });
+}
+
 static ssize_t shim_sendmsg(int fd, const struct msghdr *msg, int flags)
 {
+	thread_sends++;
 	unsigned long call = atomic_fetch_add(&io_st.send_calls, 1);
 	atomic_fetch_and(&io_st.send_flags_all, flags);
 	atomic_fetch_or(&io_st.send_flags_any, flags);

@@ -59,6 +59,11 @@ void tu_io_install(const tu_io_config *cfg);
  * PBRPC_TEST_IO=short (see tu_setup). */
 void tu_io_default(void);
 tu_io_stats tu_io_get_stats(void);
+/* Puts the shim in (without caps or faults unless PBRPC_TEST_IO=short), so
+ * that tu_io_thread_sends() counts; tu_io_default() takes it out again. */
+void tu_io_counting(void);
+/* sendmsg calls this thread made through the shim, ever. */
+unsigned long tu_io_thread_sends(void);
 
 /* Per-test setup (Criterion .init): when the environment says
  * PBRPC_TEST_IO=short, every test runs over 1-byte reads and sends of at most

@@ -20,8 +20,13 @@ void pbrpc__cl_abandon(pbrpc_client *c, call *x, int status, int err, const char
 	chan *k = x->conn;
 	x->abandoned = true;
 	pbrpc__cl_call_fail(x, status, err, "%s", what);
-	if (k && !chan_dead(k) && pbrpc__wire_write_cancel(&k->base.out, x->id) == 0)
-		pbrpc__cl_chan_flush(c, k);
+	size_t before = k ? pbrpc__conn_pending_out(&k->base) : 0;
+	if (k && !chan_dead(k) && pbrpc__wire_write_cancel(&k->base.out, x->id) == 0) {
+		if (x->kind == CALL_ASYNC)
+			pbrpc__cl_chan_flush_later(c, k, before, false); /* as its REQUEST was */
+		else
+			pbrpc__cl_chan_flush(c, k);
+	}
 	pbrpc__cl_call_finish(c, x);
 }
 
@@ -236,6 +241,8 @@ int pbrpc__cl_run_done(pbrpc_client *c)
 
 	pbrpc_client *outer = th.in_process;
 	th.in_process = NULL; /* calls made by closures must signal pollers */
+	pbrpc_client *outer_round = th.round;
+	th.round = c; /* their requests go out at the end of the round */
 	int n = 0;
 	pbrpc__list_for_each(x, &list, call, qlink) {
 		const ProtobufCMessage *reply = NULL;
@@ -255,6 +262,7 @@ int pbrpc__cl_run_done(pbrpc_client *c)
 		n++;
 	}
 	th.in_process = outer;
+	th.round = outer_round;
 
 	pthread_mutex_lock(&c->mu);
 	pbrpc__list_for_each_safe(x, &list, call, qlink) {
@@ -352,6 +360,8 @@ int pbrpc__cl_process_run(pbrpc_client *c, int timeout_ms, bool forever)
 		pbrpc__cl_retry_calls(c);
 		bool watch = process_conns(c);
 		ran += pbrpc__cl_run_done(c);
+		if (c->deferred)
+			pbrpc__cl_flush_deferred(c); /* what the closures called, in one write */
 		if (forever) {
 			if (c->stopping)
 				break;

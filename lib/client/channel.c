@@ -239,6 +239,10 @@ static void on_close(pbrpc__conn *b, int err, const char *why)
 	if (k->in_epoll)
 		epoll_ctl(c->epfd, EPOLL_CTL_DEL, b->fd, NULL);
 	k->in_epoll = false;
+	if (k->deferred) {
+		k->deferred = false;
+		c->deferred--;
+	}
 	if (k->refs)
 		shutdown(b->fd, SHUT_RDWR);
 	pthread_cond_broadcast(&c->cond);
@@ -314,7 +318,7 @@ void pbrpc__cl_read_nb(pbrpc_client *c, chan *k, int budget)
 
 /* A write failed: the server may have said why before closing, so read what
  * it sent (when nobody else is reading), then close the connection. */
-static void write_error(pbrpc_client *c, chan *k, int err)
+__attribute__((cold, noinline)) static void write_error(pbrpc_client *c, chan *k, int err)
 {
 	pbrpc__cl_chan_ref(k);
 	if (!k->reading) {
@@ -332,6 +336,10 @@ static void write_error(pbrpc_client *c, chan *k, int err)
  * the connection's reader, a waiting caller or process() (EPOLLOUT). */
 int pbrpc__cl_chan_flush(pbrpc_client *c, chan *k)
 {
+	if (k->deferred) {
+		k->deferred = false;
+		c->deferred--;
+	}
 	if (chan_dead(k))
 		return PBRPC_ECLOSED;
 	if (pbrpc__conn_pending_out(&k->base)) {
@@ -350,6 +358,57 @@ int pbrpc__cl_chan_flush(pbrpc_client *c, chan *k)
 	if (!left && k->base.out.cap > CL_WRITER_SMALL)
 		big_touch(c); /* kept while busy: see CL_BIG_IDLE_NS */
 	return 0;
+}
+
+int64_t pbrpc__cl_burst_ns = CL_BURST_NS;
+
+/* What an asynchronous call (or its CANCEL) just queued on k, `before` being
+ * the bytes queued before it, `burst` whether the previous REQUEST on k was
+ * queued less than CL_BURST_NS ago. Waits for the next flush point
+ * (client.h) when that costs nothing: output already waits, or this
+ * process() round queued it (a closure: `th.round`; a deadline:
+ * `th.in_process`) and sends it before it waits. From elsewhere, within a
+ * burst on a busy connection: k watches EPOLLOUT, which makes
+ * pbrpc_client_fd() readable at once, so that a user's loop or the I/O
+ * thread calls process() and the bytes go out. Otherwise (a lone call, one
+ * after a pause, CL_DEFER_MAX queued, no poller that would notice) it is
+ * sent at once, as a synchronous call's is. A burst of calls thus leaves in
+ * two writes: the first call's, then the rest. */
+int pbrpc__cl_chan_flush_later(pbrpc_client *c, chan *k, size_t before, bool burst)
+{
+	if (chan_dead(k))
+		return PBRPC_ECLOSED;
+	if (pbrpc__conn_pending_out(&k->base) >= CL_DEFER_MAX || !k->in_epoll || c->proc_efd_only)
+		return pbrpc__cl_chan_flush(c, k);
+	if (k->deferred)
+		return 0;
+	if (pbrpc__cl_th.round != c && pbrpc__cl_th.in_process != c) {
+		if (before == 0 && (!burst || chan_inflight(k) <= 1))
+			return pbrpc__cl_chan_flush(c, k);
+		if (!k->epollout) {
+			struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT, .data.ptr = k };
+			if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, k->base.fd, &ev) < 0)
+				return pbrpc__cl_chan_flush(c, k);
+			k->epollout = true;
+		}
+	}
+	k->deferred = true;
+	c->deferred++;
+	return 0;
+}
+
+/* Sends what every connection holds back (see pbrpc__cl_chan_flush_later). */
+void pbrpc__cl_flush_deferred(pbrpc_client *c)
+{
+	pbrpc__list_for_each_safe(k, &c->conns, chan, link) {
+		if (!k->deferred)
+			continue;
+		pbrpc__cl_chan_ref(k);
+		pbrpc__cl_chan_flush(c, k);
+		pbrpc__cl_chan_unref(c, k);
+		if (!c->deferred)
+			break;
+	}
 }
 
 static int watch(pbrpc_client *c, chan *k)
@@ -401,6 +460,18 @@ static int handshake_error(pbrpc_client *c, chan *k, char *msg, size_t len)
 	return err;
 }
 
+/* A handshake write failed (wrc) and nothing the server sent says why: over
+ * TLS, the session's own words (a reset after our certificate says the
+ * server may have refused it), else the errno's. */
+static void write_failed(pbrpc_client *c, const pbrpc__conn *b, int wrc, char *msg, size_t len)
+{
+	const char *why = b->tls ? pbrpc__tls_why(b->tls) : NULL;
+	if (why && why[0])
+		snprintf(msg, len, "handshake with %.80s failed: %.150s", c->ep_str, why);
+	else
+		snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(wrc));
+}
+
 /* Our preface and HELLO out, the server's in, through the connection core
  * (which checks and clamps it). Whatever came with the HELLO is dispatched
  * too: a server over its connection limit sends GOAWAY right after it. */
@@ -425,7 +496,7 @@ static int handshake(pbrpc_client *c, chan *k, int64_t deadline, char *msg, size
 		}
 		ssize_t n = pbrpc__conn_recv(b, NULL, 0, MSG_DONTWAIT);
 		if (n < 0 && wrc && n != PBRPC_EBADMAGIC) {
-			snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(wrc));
+			write_failed(c, b, wrc, msg, len);
 			return wrc;
 		}
 		if (n < 0)
@@ -441,7 +512,7 @@ static int handshake(pbrpc_client *c, chan *k, int64_t deadline, char *msg, size
 		return PBRPC_EGOAWAY;
 	}
 	if (wrc < 0) {
-		snprintf(msg, len, "handshake with %s failed: %s", c->ep_str, pbrpc_strerror(wrc));
+		write_failed(c, b, wrc, msg, len);
 		return wrc;
 	}
 	return 0;

@@ -67,6 +67,9 @@
 #define CL_MAX_ATTEMPTS 5            /* sends of a call the server did not run */
 #define CL_RETRY_COPY_MAX (64u << 10) /* async requests up to this can be re-sent */
 #define CL_PROBE_IDLE_NS PBRPC__NS_PER_S /* a connection unused this long is read before use */
+#define CL_DEFER_MAX (64u << 10) /* async requests queued unsent up to this (pbrpc__cl_chan_flush_later) */
+#define CL_BURST_NS (50 * 1000)  /* an async request this soon after the last one may wait for more */
+extern int64_t pbrpc__cl_burst_ns; /* CL_BURST_NS; tests set it to make bursts certain, or none */
 
 /* A pooled reply arena (util/arena.h) and when it last held a large buffer. */
 typedef struct cl_arena {
@@ -87,6 +90,7 @@ typedef struct cl_tls_hot {
 	bool has_next;
 	bool arena_busy;
 	pbrpc_client *in_process; /* the client whose process() runs on this thread */
+	pbrpc_client *round;      /* the client whose process() runs closures on this thread */
 	cl_arena *arena;          /* this thread's arena for synchronous replies */
 	unsigned nrfds;           /* reply fds held for pbrpc_client_reply_fds (cold.rfds) */
 } cl_tls_hot;
@@ -165,6 +169,7 @@ struct chan {
 	int refs; /* threads doing I/O on it without the mutex */
 	bool reading, pumping;
 	bool in_epoll, epollout;
+	bool deferred;        /* holds async output back for a flush point (c->deferred counts) */
 	int64_t rcvtimeo;     /* cached SO_RCVTIMEO in ns; 0: none */
 	pbrpc__list waiters;  /* sync callers that may become the reader */
 	pbrpc__list link;     /* c->conns */
@@ -231,6 +236,7 @@ struct pbrpc_client {
 	pbrpc__list streams; /* stream.c: every stream not yet freed */
 	pbrpc__list stream_ready; /* stream.c: async streams with callbacks to run */
 	pbrpc__list retry; /* async calls the server did not run, to send again */
+	unsigned deferred; /* connections whose output waits for a flush point */
 	size_t async_pending;
 	pbrpc__heap timers;
 
@@ -358,6 +364,8 @@ void pbrpc__cl_chan_fail(pbrpc_client *c, chan *k, int status, int err, const ch
 void pbrpc__cl_reader_enter(chan *k);
 void pbrpc__cl_reader_leave(pbrpc_client *c, chan *k);
 int pbrpc__cl_chan_flush(pbrpc_client *c, chan *k);
+int pbrpc__cl_chan_flush_later(pbrpc_client *c, chan *k, size_t before, bool burst);
+void pbrpc__cl_flush_deferred(pbrpc_client *c);
 void pbrpc__cl_watch_enable(pbrpc_client *c);
 void pbrpc__cl_read_nb(pbrpc_client *c, chan *k, int budget);
 void pbrpc__cl_read_failed(pbrpc_client *c, chan *k, int err);

@@ -312,6 +312,7 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 		pbrpc__cl_call_fail(x, PBRPC_STATUS_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
 		return -ENOMEM;
 	}
+	bool burst = now - k->used_at < pbrpc__cl_burst_ns;
 	k->used_at = now;
 	x->id = pbrpc__cl_alloc_id(c);
 	req.call_id = x->id;
@@ -336,12 +337,17 @@ int pbrpc__cl_send_request(pbrpc_client *c, chan *k, call *x, const call_args *a
 	x->attempts++;
 	x->refs |= REF_TABLE;
 	x->conn = k;
-	if (x->kind == CALL_ASYNC)
+	if (x->kind == CALL_ASYNC) {
 		k->async_inflight++;
+		pbrpc__cl_chan_flush_later(c, k, before, burst); /* may wait for a flush point */
+		return 0;
+	}
 	/* A failed flush wrote none of the queued bytes, so the server never saw
 	 * this request: a synchronous call may try again on a new connection. */
 	if (pbrpc__cl_chan_flush(c, k) < 0 && x->done && x->kind == CALL_SYNC)
 		x->retry = x->attempts < CL_MAX_ATTEMPTS;
+	if (__builtin_expect(c->deferred != 0, 0))
+		pbrpc__cl_flush_deferred(c); /* async output held back on another connection */
 	return 0;
 }
 

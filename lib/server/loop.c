@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "server/server_impl.h"
@@ -365,17 +366,46 @@ static void run_timers(pbrpc_server *srv)
 	}
 }
 
-static int next_timeout(pbrpc_server *srv, int timeout_ms)
+/* Sets the tick timerfd to fire at `when` (absolute, CLOCK_MONOTONIC). */
+static bool tick_arm(pbrpc_server *srv, int64_t when)
 {
+	struct itimerspec its = { .it_value = { .tv_sec = when / PBRPC__NS_PER_S, .tv_nsec = when % PBRPC__NS_PER_S } };
+	if (timerfd_settime(srv->tick.fd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
+		return false;
+	srv->tick.armed = when;
+	return true;
+}
+
+/* epoll_wait's timeout: 0 when something is due or buffered, else the
+ * caller's; the timer heap waits on the tick timerfd instead (see
+ * server_impl.h), armed here when its top comes before what it is set to. */
+static int wait_timeout(pbrpc_server *srv, int timeout_ms)
+{
+	if (!pbrpc__list_empty(&srv->again))
+		return 0;
 	pbrpc__timer *t = pbrpc__heap_top(&srv->timers);
-	if (!t)
+	if (!t || (srv->tick.armed && srv->tick.armed <= t->when))
 		return timeout_ms;
-	int64_t ms = (t->when - pbrpc__now_ns() + PBRPC__NS_PER_MS - 1) / PBRPC__NS_PER_MS;
-	if (ms < 0)
-		ms = 0;
+	int64_t left = t->when - pbrpc__now_ns();
+	if (left <= 0)
+		return 0;
+	if (tick_arm(srv, t->when))
+		return timeout_ms;
+	/* No timerfd (settime cannot fail on a valid one, but): wait as long
+	 * as the top allows. */
+	int64_t ms = (left + PBRPC__NS_PER_MS - 1) / PBRPC__NS_PER_MS;
 	if (timeout_ms < 0 || ms < timeout_ms)
 		return ms > INT32_MAX ? INT32_MAX : (int)ms;
 	return timeout_ms;
+}
+
+/* At the end of a round: the tick covers the heap's top (a top already due
+ * is armed in the past, so the fd is readable at once). */
+static void tick_update(pbrpc_server *srv)
+{
+	pbrpc__timer *t = pbrpc__heap_top(&srv->timers);
+	if (t && (!srv->tick.armed || t->when < srv->tick.armed))
+		tick_arm(srv, t->when);
 }
 
 /* ---- shutdown ---- */
@@ -502,6 +532,13 @@ static void on_event(pbrpc_server *srv, const struct epoll_event *ev)
 		shutdown_requested(srv);
 		break;
 	}
+	case SRV_SRC_TICK: {
+		uint64_t v;
+		ssize_t r = read(srv->tick.fd, &v, sizeof(v));
+		(void)r; /* EAGAIN: set again since it fired */
+		srv->tick.armed = 0; /* run_timers follows; the next wait sets it again */
+		break;
+	}
 	case SRV_SRC_CONN: {
 		srv_conn *c = (srv_conn *)src;
 		if (pbrpc__conn_closed(&c->base))
@@ -558,7 +595,7 @@ static int loop_round(pbrpc_server *srv, int timeout_ms)
 	struct epoll_event evs[64];
 	pbrpc_server *prev = pbrpc__srv_tl_loop;
 	pbrpc__srv_tl_loop = srv;
-	int n = epoll_wait(srv->epfd, evs, 64, pbrpc__list_empty(&srv->again) ? next_timeout(srv, timeout_ms) : 0);
+	int n = epoll_wait(srv->epfd, evs, 64, wait_timeout(srv, timeout_ms));
 	if (n < 0 && errno != EINTR) {
 		pbrpc__srv_tl_loop = prev;
 		return -errno;
@@ -583,6 +620,9 @@ static int loop_round(pbrpc_server *srv, int timeout_ms)
 			pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutdown complete");
 		return 1;
 	}
+	/* An embedder waits on pbrpc_server_fd() next, not here: the tick must
+	 * already cover the timers this round added or moved. */
+	tick_update(srv);
 	return 0;
 }
 

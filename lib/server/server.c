@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "pbrpc/schema.h"
@@ -120,6 +121,8 @@ static int loop_init(pbrpc_server *srv)
 		srv->rng = 1;
 	srv->wake.src = SRV_SRC_WAKE;
 	srv->wake.fd = -1;
+	srv->tick.src = SRV_SRC_TICK;
+	srv->tick.fd = -1;
 	pthread_mutex_init(&srv->cq_mu, NULL);
 	pthread_mutex_init(&srv->wq_mu, NULL);
 	pthread_mutex_init(&srv->hand_mu, NULL);
@@ -142,6 +145,12 @@ static int loop_init(pbrpc_server *srv)
 		err = -errno;
 		goto err_wake;
 	}
+	srv->tick.fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+	e.data.ptr = &srv->tick;
+	if (srv->tick.fd < 0 || epoll_ctl(srv->epfd, EPOLL_CTL_ADD, srv->tick.fd, &e) < 0) {
+		err = -errno;
+		goto err_wake;
+	}
 	srv->scratch = malloc(SRV_SCRATCH_SIZE);
 	srv->scratch_cap = SRV_SCRATCH_SIZE;
 	srv->mem_used = SRV_SCRATCH_SIZE;
@@ -158,6 +167,8 @@ static int loop_init(pbrpc_server *srv)
 err_scratch:
 	free(srv->scratch);
 err_wake:
+	if (srv->tick.fd >= 0)
+		close(srv->tick.fd);
 	close(srv->wake.fd);
 err_ep:
 	close(srv->epfd);
@@ -197,6 +208,7 @@ static void loop_fini(pbrpc_server *srv)
 	if (srv->reserve_fd >= 0)
 		close(srv->reserve_fd);
 	close(srv->wake.fd);
+	close(srv->tick.fd);
 	close(srv->epfd);
 	pthread_mutex_destroy(&srv->cq_mu);
 	pthread_mutex_destroy(&srv->wq_mu);

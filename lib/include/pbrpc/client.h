@@ -16,6 +16,23 @@
  * pbrpc_client_process() (drive it from a poll loop with pbrpc_client_fd()),
  * or on the client's own I/O thread when opts.io_thread is set.
  *
+ * When async requests are sent: the stub sends a lone one itself (nothing
+ * else in flight or queued, or the previous request was more than 50 us
+ * ago). The requests of a burst after the first, and those made by closures
+ * that pbrpc_client_process() runs, wait in the connection's buffer so that
+ * they leave together in one write (and the server answers them in one);
+ * they go out no later than
+ *   - the end of the pbrpc_client_process() round, for calls made by a
+ *     closure that round ran;
+ *   - the next pbrpc_client_process() or pbrpc_client_drain() call, or
+ *     synchronous call, on the client;
+ *   - at once when a loop watches pbrpc_client_fd(): the fd is readable while
+ *     a request waits, so the loop calls pbrpc_client_process(), which sends;
+ *   - at once from the I/O thread with opts.io_thread;
+ *   - when 64 KiB are queued.
+ * The CANCEL frames of pbrpc_client_cancel() and of deadlines follow the same
+ * rules. So a request is never held back waiting for an unrelated reply.
+ *
  * A client is safe to use from several threads at once. Calls made while the
  * connection is down reconnect (with backoff); calls in flight when it drops
  * fail with UNAVAILABLE.

@@ -264,8 +264,11 @@ PBRPC_EXPORT int pbrpc_server_listen_fd(pbrpc_server *srv, int fd);
 PBRPC_EXPORT int pbrpc_server_address(const pbrpc_server *srv, int index, char *buf, size_t len);
 
 /* An fd that becomes readable when pbrpc_server_process() has work, for
- * embedding the server in another event loop. PBRPC_EINVALID with
- * loop_threads > 1. */
+ * embedding the server in another event loop: a socket event, a closure
+ * called from another thread, a shutdown request, or a timer due (a call's
+ * deadline, an idle or stalled connection, a keepalive, the drain), so an
+ * embedder may wait on it with no timeout of its own. PBRPC_EINVALID
+ * with loop_threads > 1. */
 PBRPC_EXPORT int pbrpc_server_fd(const pbrpc_server *srv);
 
 /* Runs one round of the loop: waits up to timeout_ms (0: don't wait, < 0:
