@@ -161,7 +161,8 @@ typedef struct pbrpc_server_opts {
 	 * callbacks, policy checks and call_log run there, so handlers of
 	 * different connections run concurrently and must guard what they
 	 * share. max_memory is split evenly between the loops (each at least
-	 * 4 MiB). pbrpc_server_fd and pbrpc_server_process are for one loop
+	 * 4 MiB), and max_conn_memory is at most one loop's share (8 loops of
+	 * the default 512 MiB: 64 MiB a connection, below 10 x max_frame). pbrpc_server_fd and pbrpc_server_process are for one loop
 	 * only: with more they return PBRPC_EINVALID. Set policies and serving
 	 * states before pbrpc_server_run. Default 1. */
 	unsigned loop_threads;
