@@ -43,7 +43,7 @@
 #define SRV_MEM_MIN (64u * 1024u)       /* a connection is read while this much budget is left */
 #define SRV_MEM_FLOOR (4u << 20)       /* opts.max_memory is at least this */
 #define SRV_CONN_MEM_FLOOR (1u << 20)  /* opts.max_conn_memory is at least this */
-#define SRV_UNPACK_FACTOR 8u            /* default opts.unpack_factor (docs/ARCHITECTURE.md) */
+#define SRV_UNPACK_FACTOR 8u            /* default opts.unpack_factor (docs/MEMORY.md) */
 #define SRV_WORKER_UNPACK (64u * 1024u) /* with workers, larger bodies are unpacked there */
 #define SRV_SMALL_BODY 4096u            /* bodies up to this unpack within SRV_SMALL_LIMIT */
 #define SRV_SMALL_LIMIT (SRV_UNPACK_FACTOR * SRV_SMALL_BODY + SRV_ARENA_KEEP)

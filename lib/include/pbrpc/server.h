@@ -105,7 +105,7 @@ typedef struct pbrpc_server_opts {
 	pbrpc_call_log_cb call_log;  /* default: none (then the clock is not read
 	                              * for it) */
 	void *call_log_user;
-	/* The memory budget (docs/ARCHITECTURE.md, "The memory budget"): bytes
+	/* The memory budget (docs/MEMORY.md): bytes
 	 * read (decoder buffers, counted from a frame's header on), requests
 	 * held and unpacked (call arenas, request copies, metadata) and queued
 	 * replies (writers), plus the loop's read buffer. A request that does not
