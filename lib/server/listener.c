@@ -302,6 +302,7 @@ int pbrpc__srv_conn_adopt(pbrpc_server *srv, int fd, const srv_listener *l, cons
 		int err = errno;
 		c->uid_counted = false;
 		pbrpc__authz_conn_closed(c);
+		c->base.fd = -1; /* adopt_failed closes it */
 		pbrpc__conn_fini(&c->base);
 		free(c);
 		adopt_failed(srv, fd, cred, uid_counted);

@@ -103,6 +103,7 @@ static int kv_store_put(kv_store *kv, const char *key, const uint8_t *val, size_
 		free(kv->items[i].value);
 		kv->items[i].value = copy;
 		kv->items[i].len = len;
+		kv_notify(kv, key, val, len, DEMO__CHANGE__KIND__PUT);
 		pthread_mutex_unlock(&kv->lock);
 		return 0;
 	}
@@ -120,6 +121,7 @@ static int kv_store_put(kv_store *kv, const char *key, const uint8_t *val, size_
 	memmove(&kv->items[i + 1], &kv->items[i], (kv->n - i) * sizeof(kv->items[0]));
 	kv->items[i] = (kv_entry){ .key = k, .value = copy, .len = len };
 	kv->n++;
+	kv_notify(kv, key, val, len, DEMO__CHANGE__KIND__PUT);
 	pthread_mutex_unlock(&kv->lock);
 	return 1;
 
@@ -147,7 +149,6 @@ static void kv_put(Demo__Kv_Service *svc, const Demo__PutRequest *req, Demo__Put
 	}
 	/* Before the closure: req is pbrpc's until then, and the change is
 	 * queued before the client hears of the Put. */
-	kv_notify(kv_of(svc), req->key, req->value.data, req->value.len, DEMO__CHANGE__KIND__PUT);
 	Demo__PutReply reply = DEMO__PUT_REPLY__INIT;
 	reply.created = rc == 1;
 	closure(&reply, closure_data);
@@ -199,11 +200,9 @@ static void kv_delete(Demo__Kv_Service *svc, const Demo__DeleteRequest *req, Dem
 		free(kv->items[i].value);
 		memmove(&kv->items[i], &kv->items[i + 1], (kv->n - i - 1) * sizeof(kv->items[0]));
 		kv->n--;
+		kv_notify(kv, req->key, NULL, 0, DEMO__CHANGE__KIND__DELETE);
 	}
 	pthread_mutex_unlock(&kv->lock);
-
-	if (found)
-		kv_notify(kv, req->key, NULL, 0, DEMO__CHANGE__KIND__DELETE); /* before the closure, as Put */
 	Demo__DeleteReply reply = DEMO__DELETE_REPLY__INIT;
 	reply.deleted = found;
 	closure(&reply, closure_data);
@@ -338,27 +337,26 @@ static void watch_flush(void *arg)
 		ch.value.len = c->len;
 		ch.kind = c->kind;
 		if (demo__kv__watch_send(w->st, &ch) == -EAGAIN) {
-			/* No credit left: it reads slower than changes come. */
-			demo__kv__watch_end(w->st, PBRPC_STATUS_RESOURCE_EXHAUSTED,
+			Demo__Kv_Watch_Stream *st = w->st;
+			pthread_mutex_lock(&kv->lock);
+			bool free_now = watcher_unlink(w); /* off the list before the stream goes */
+			pthread_mutex_unlock(&kv->lock);
+			demo__kv__watch_end(st, PBRPC_STATUS_RESOURCE_EXHAUSTED,
 					    "the watcher fell behind (it reads changes slower than they happen)");
+			if (free_now)
+				watcher_free(w);
 			over = true;
 		}
 		/* PBRPC_ECLOSED: on_cancel ends it. */
 	}
 	changes_free(list);
-	if (!over)
-		return;
-	pthread_mutex_lock(&kv->lock);
-	bool free_now = watcher_unlink(w);
-	pthread_mutex_unlock(&kv->lock);
-	if (free_now)
-		watcher_free(w);
 }
 
-/* From any thread: queues the change on each watcher of a matching prefix. */
+/* With kv->lock held, in the same critical section as the change itself (so
+ * that watchers see changes in the order the store made them): queues the
+ * change on each watcher of a matching prefix. */
 static void kv_notify(kv_store *kv, const char *key, const uint8_t *val, size_t len, Demo__Change__Kind kind)
 {
-	pthread_mutex_lock(&kv->lock);
 	for (watcher *w = kv->watchers; w; w = w->next) {
 		if (strncmp(key, w->prefix, strlen(w->prefix)) != 0)
 			continue;
@@ -382,7 +380,6 @@ static void kv_notify(kv_store *kv, const char *key, const uint8_t *val, size_t 
 		if (!w->posted && pbrpc_stream_post(demo__kv__watch_raw(w->st), watch_flush, w) == 0)
 			w->posted = true;
 	}
-	pthread_mutex_unlock(&kv->lock);
 }
 
 static void watch_cancel(Demo__Kv_Watch_Stream *st, void *user)
@@ -441,7 +438,6 @@ static void upload_message(Demo__Kv_Upload_Stream *st, const Demo__PutRequest *r
 	}
 	u->reply.count++;
 	u->reply.created += rc == 1;
-	kv_notify(u->kv, req->key, req->value.data, req->value.len, DEMO__CHANGE__KIND__PUT);
 }
 
 static void upload_done(Demo__Kv_Upload_Stream *st, void *user)
