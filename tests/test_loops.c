@@ -494,6 +494,28 @@ Test(loops, free_without_run_and_shutdown_before_run)
 	stop_server(&t);
 }
 
+/* Policies are read by every loop without a lock: they may change before
+ * pbrpc_server_run, not while its loops run. */
+Test(loops, policies_are_set_before_the_loops_run)
+{
+	pbrpc_policy pol = { .uids = (const uid_t[]){ 0 }, .n_uids = 1 };
+	tsrv t;
+	start_server(&t, (pbrpc_server_opts){ .loop_threads = 2 });
+	cl k[2];
+	for (int i = 0; i < 2; i++)
+		cl_open(&k[i], &t); /* the second is loop 1's: its thread runs */
+	wait_open(&t, 2);
+	cr_assert_eq(pbrpc_server_set_policy(t.srv, "demo.Echo", &pol), PBRPC_EINVALID);
+	for (int i = 0; i < 2; i++)
+		cl_close(&k[i]);
+	stop_server(&t);
+	pbrpc_server *s;
+	cr_assert_eq(pbrpc_server_new(&s, &(pbrpc_server_opts){ .loop_threads = 2 }), 0);
+	cr_assert_eq(pbrpc_server_add_service(s, &echo_svc.base), 0);
+	cr_assert_eq(pbrpc_server_set_policy(s, "demo.Echo", &pol), 0);
+	pbrpc_server_free(s);
+}
+
 /* ---- the caps count every loop's connections ---- */
 
 Test(loops, max_connections_across_loops)

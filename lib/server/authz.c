@@ -284,9 +284,18 @@ static void want_pidfd(pbrpc_server *srv)
 	srv->want_pidfd = want;
 }
 
+/* Another loop's thread may be reading the policies now. */
+static bool loops_running(const pbrpc_server *srv)
+{
+	for (unsigned i = 1; i < srv->n_loops; i++)
+		if (srv->loops[i]->thread_started)
+			return true;
+	return false;
+}
+
 PBRPC_EXPORT int pbrpc_server_set_policy(pbrpc_server *srv, const char *name, const pbrpc_policy *policy)
 {
-	if (!srv || !name)
+	if (!srv || !name || loops_running(srv))
 		return PBRPC_EINVALID;
 	pbrpc__registry *r = srv->reg;
 	pbrpc__method *m = NULL;

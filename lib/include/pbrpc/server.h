@@ -247,8 +247,10 @@ typedef struct pbrpc_policy {
  * counted in pbrpc_server_stats.calls_denied and in pbrpc.Stats under its
  * method, and logged (WARN, at most one line a second, with a count).
  * Set policies before listening: a connection accepted before the first
- * policy with a check has no pidfd. Returns 0, PBRPC_EINVALID for a name not
- * registered, -ENOMEM. */
+ * policy with a check has no pidfd. With one loop it may also be called on
+ * the loop thread later (from a handler, say); with loop_threads > 1 only
+ * before pbrpc_server_run: while the loops run it returns PBRPC_EINVALID.
+ * Returns 0, PBRPC_EINVALID for a name not registered, -ENOMEM. */
 PBRPC_EXPORT int pbrpc_server_set_policy(pbrpc_server *srv, const char *name, const pbrpc_policy *policy);
 
 /* Starts listening on an endpoint string (see endpoint.h). Returns the
