@@ -287,17 +287,16 @@ void pbrpc__registry_observe(pbrpc__registry *r, const pbrpc__method *m, const p
 	pbrpc__method_stats *st = m ? m->stats : r->unknown;
 	if (st && r->counting) {
 		int status = info->status >= 0 && info->status < PBRPC_STATUS_COUNT ? info->status : PBRPC_STATUS_UNKNOWN;
-		__atomic_fetch_add(&st->calls[status], 1, __ATOMIC_RELAXED);
+		pbrpc__registry_count(r, &st->calls[status], 1);
 		size_t b = 0;
 		while (b < PBRPC__STATS_N_BOUNDS && info->duration_ns > stats_bounds[b])
 			b++;
-		__atomic_fetch_add(&st->buckets[b], 1, __ATOMIC_RELAXED);
-		__atomic_fetch_add(&st->duration_ns, info->duration_ns > 0 ? (uint64_t)info->duration_ns : 0,
-				   __ATOMIC_RELAXED);
-		__atomic_fetch_add(&st->bytes_in, info->bytes_in, __ATOMIC_RELAXED);
-		__atomic_fetch_add(&st->bytes_out, info->bytes_out, __ATOMIC_RELAXED);
+		pbrpc__registry_count(r, &st->buckets[b], 1);
+		pbrpc__registry_count(r, &st->duration_ns, info->duration_ns > 0 ? (uint64_t)info->duration_ns : 0);
+		pbrpc__registry_count(r, &st->bytes_in, info->bytes_in);
+		pbrpc__registry_count(r, &st->bytes_out, info->bytes_out);
 		if (started && __atomic_load_n(&st->in_flight, __ATOMIC_RELAXED))
-			__atomic_fetch_sub(&st->in_flight, 1, __ATOMIC_RELAXED);
+			pbrpc__registry_count(r, &st->in_flight, (uint64_t)-1);
 	}
 	if (r->call_log)
 		r->call_log(r->call_log_user, info);

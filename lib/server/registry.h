@@ -74,6 +74,9 @@ typedef struct pbrpc__registry {
 	 * then reports it through pbrpc__registry_observe(). */
 	bool observe;
 	bool counting;      /* methods have stats */
+	bool shared;        /* several loops write the counters (loop_threads > 1):
+	                     * atomic read-modify-writes; with one writer, plain
+	                     * relaxed stores (no locked instruction per call) */
 	pbrpc__method_stats *unknown; /* requests for no hosted method */
 	pbrpc_call_log_cb call_log;
 	void *call_log_user;
@@ -141,12 +144,21 @@ int pbrpc__registry_enable_stats(pbrpc__registry *r);
 void pbrpc__registry_observe(pbrpc__registry *r, const pbrpc__method *m, const pbrpc_call_info *info,
 			     bool started);
 
+/* Adds v (two's complement: a "subtraction" too) to a counter that other
+ * threads may read at any time. */
+static inline void pbrpc__registry_count(const pbrpc__registry *r, uint64_t *p, uint64_t v)
+{
+	if (r->shared)
+		__atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+	else
+		__atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
+}
+
 /* A handler was invoked for `m` (calls in flight). */
 static inline void pbrpc__registry_observe_start(pbrpc__registry *r, const pbrpc__method *m)
 {
 	if (m->stats)
-		__atomic_fetch_add(&m->stats->in_flight, 1, __ATOMIC_RELAXED);
-	(void)r;
+		pbrpc__registry_count(r, &m->stats->in_flight, 1);
 }
 
 /* A call handed to its handler will never be answered (its connection
@@ -154,8 +166,7 @@ static inline void pbrpc__registry_observe_start(pbrpc__registry *r, const pbrpc
 static inline void pbrpc__registry_observe_orphan(pbrpc__registry *r, const pbrpc__method *m)
 {
 	if (m->stats && __atomic_load_n(&m->stats->in_flight, __ATOMIC_RELAXED))
-		__atomic_fetch_sub(&m->stats->in_flight, 1, __ATOMIC_RELAXED);
-	(void)r;
+		pbrpc__registry_count(r, &m->stats->in_flight, (uint64_t)-1);
 }
 
 /* The server's registry, for the built-in services' registration. */

@@ -270,6 +270,7 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	srv->reg->call_log = srv->o.call_log;
 	srv->reg->call_log_user = srv->o.call_log_user;
 	srv->reg->observe = srv->o.call_log != NULL;
+	srv->reg->shared = n > 1;
 
 	int err;
 	if (srv->o.tls.cert || srv->o.tls.ca) {
