@@ -135,14 +135,15 @@ int pbrpc__cl_store_reply(call *x, const pbrpc__wire_response *r)
 	return 0;
 }
 
-/* Next call id: non-zero, wraps around 2^32, never one still reserved on
- * any of the client's connections (so that an id names one call). */
-uint32_t pbrpc__cl_alloc_id(pbrpc_client *c)
+/* pbrpc__cl_alloc_id once the counter has wrapped (or is about to). */
+uint32_t pbrpc__cl_alloc_id_slow(pbrpc_client *c)
 {
 	for (;;) {
 		uint32_t id = c->next_id++;
-		if (id == 0)
+		if (id == 0) {
+			c->ids_wrapped = true;
 			continue;
+		}
 		bool live = false;
 		pbrpc__list_for_each(k, &c->conns, chan, link) {
 			if (pbrpc__idmap_get(&k->base.calls, id)) {

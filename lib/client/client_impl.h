@@ -225,6 +225,7 @@ struct pbrpc_client {
 	pbrpc_hello hello;
 
 	uint32_t next_id;
+	bool ids_wrapped; /* next_id went past 2^32: an id may still be live */
 	pbrpc__list free_calls;
 	call_slab *slabs;
 	cl_arena *arenas;
@@ -288,7 +289,16 @@ __attribute__((noinline)) int pbrpc__cl_grow_calls(pbrpc_client *c);
 void pbrpc__cl_call_put(pbrpc_client *c, call *x);
 __attribute__((format(printf, 4, 5))) void pbrpc__cl_call_fail(call *x, int status, int err, const char *fmt, ...);
 int pbrpc__cl_store_reply(call *x, const pbrpc__wire_response *r);
-uint32_t pbrpc__cl_alloc_id(pbrpc_client *c);
+__attribute__((noinline)) uint32_t pbrpc__cl_alloc_id_slow(pbrpc_client *c);
+/* Next call id: non-zero, wraps around 2^32, never one still reserved on
+ * any of the client's connections (so that an id names one call). Until the
+ * counter first wraps every id is new, so no connection needs a look. */
+static inline uint32_t pbrpc__cl_alloc_id(pbrpc_client *c)
+{
+	if (__builtin_expect(!c->ids_wrapped && c->next_id != 0, 1))
+		return c->next_id++;
+	return pbrpc__cl_alloc_id_slow(c);
+}
 void pbrpc__cl_call_finish(pbrpc_client *c, call *x);
 void pbrpc__cl_call_unlink(pbrpc_client *c, call *x);
 void pbrpc__cl_set_status(int status, const char *msg, size_t len);
