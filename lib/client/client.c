@@ -191,32 +191,6 @@ void pbrpc__cl_call_unlink(pbrpc_client *c, call *x)
 		pbrpc__conn_close(&k->base, 0, "server finished draining");
 }
 
-/* ---- per-call arguments ---- */
-
-int64_t pbrpc__cl_call_deadline(const pbrpc_client *c, const pbrpc_call_opts *o, int64_t now)
-{
-	if (o && o->deadline_ns)
-		return o->deadline_ns;
-	int ms = o && o->timeout_ms ? o->timeout_ms : c->call_timeout_ms;
-	return pbrpc__deadline_in(now, ms);
-}
-
-void pbrpc__cl_args_init(call_args *a, const pbrpc_client *c, const char *method, size_t method_len,
-			 const pbrpc_call_opts *o)
-{
-	memset(a, 0, sizeof(*a));
-	a->method = method;
-	a->method_len = method_len;
-	if (o) {
-		a->md = o->metadata;
-		a->md_count = o->metadata ? o->metadata_count : 0;
-		a->fds = o->fds;
-		a->fd_count = o->fds ? o->fd_count : 0;
-	}
-	a->start = pbrpc__now_ns();
-	a->deadline = pbrpc__cl_call_deadline(c, o, a->start);
-}
-
 /* ---- services for the generated stubs ---- */
 
 static void svc_invoke(ProtobufCService *service, unsigned idx, const ProtobufCMessage *input,

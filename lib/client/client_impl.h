@@ -31,6 +31,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "conn/conn.h"
 #include "conn/tls.h"
@@ -304,9 +305,32 @@ void pbrpc__cl_call_unlink(pbrpc_client *c, call *x);
 void pbrpc__cl_set_status(int status, const char *msg, size_t len);
 __attribute__((format(printf, 2, 3))) void pbrpc__cl_set_statusf(int status, const char *fmt, ...);
 void pbrpc__cl_efd_signal(pbrpc_client *c);
-int64_t pbrpc__cl_call_deadline(const pbrpc_client *c, const pbrpc_call_opts *o, int64_t now);
-void pbrpc__cl_args_init(call_args *a, const pbrpc_client *c, const char *method, size_t method_len,
-			 const pbrpc_call_opts *o);
+
+/* ---- per-call arguments (inline: every call starts here) ---- */
+
+static inline int64_t pbrpc__cl_call_deadline(const pbrpc_client *c, const pbrpc_call_opts *o, int64_t now)
+{
+	if (o && o->deadline_ns)
+		return o->deadline_ns;
+	int ms = o && o->timeout_ms ? o->timeout_ms : c->call_timeout_ms;
+	return pbrpc__deadline_in(now, ms);
+}
+
+static inline void pbrpc__cl_args_init(call_args *a, const pbrpc_client *c, const char *method, size_t method_len,
+				       const pbrpc_call_opts *o)
+{
+	memset(a, 0, sizeof(*a));
+	a->method = method;
+	a->method_len = method_len;
+	if (o) {
+		a->md = o->metadata;
+		a->md_count = o->metadata ? o->metadata_count : 0;
+		a->fds = o->fds;
+		a->fd_count = o->fds ? o->fd_count : 0;
+	}
+	a->start = pbrpc__now_ns();
+	a->deadline = pbrpc__cl_call_deadline(c, o, a->start);
+}
 
 static inline call *call_get(pbrpc_client *c, int kind)
 {

@@ -408,7 +408,7 @@ static int writer_reserve(pbrpc__frame_writer *w, size_t need)
 	return 0;
 }
 
-uint8_t *pbrpc__frame_writer_begin(pbrpc__frame_writer *w, const pbrpc__frame_header *hdr, size_t max_len)
+uint8_t *pbrpc__frame_writer_begin_slow(pbrpc__frame_writer *w, const pbrpc__frame_header *hdr, size_t max_len)
 {
 	if (max_len > PBRPC_MAX_FRAME_LIMIT || w->open != SIZE_MAX)
 		return NULL;
