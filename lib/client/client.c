@@ -75,17 +75,22 @@ int pbrpc__cl_grow_calls(pbrpc_client *c)
 	return 0;
 }
 
+/* Out of line, so that pbrpc__cl_call_put needs no stack frame for it. */
+static __attribute__((noinline)) void call_drop_fds(call *x)
+{
+	pbrpc__io_close_fds(x->fds, x->nfds);
+	x->nfds = 0;
+	pbrpc__memfd_unmap(x->map, x->map_len);
+	x->map = NULL;
+	x->map_len = 0;
+}
+
 void pbrpc__cl_call_put(pbrpc_client *c, call *x)
 {
 	if (x->cap > CL_CALL_BUF_SMALL)
 		big_touch(c);
-	if (__builtin_expect(x->nfds || x->map, 0)) {
-		pbrpc__io_close_fds(x->fds, x->nfds);
-		x->nfds = 0;
-		pbrpc__memfd_unmap(x->map, x->map_len);
-		x->map = NULL;
-		x->map_len = 0;
-	}
+	if (__builtin_expect(x->nfds || x->map, 0))
+		call_drop_fds(x);
 	pbrpc__list_insert(&c->free_calls, &x->qlink);
 }
 
