@@ -40,6 +40,9 @@ extern bool bench_hook_sockets;
 /* --authz: pbrpc's server admits demo.Echo/Echo by a uid policy (our own
  * uid), to measure the cost of the check (issue 11). */
 extern bool bench_authz;
+/* pbrpc's server: opts.loop_threads for the rows served by pbrpc_server_run
+ * (--loop-threads; the idle test's server always has one loop). */
+extern unsigned bench_loop_threads;
 
 /* Applies bench_sockbuf to fd; with tcp also TCP_NODELAY. */
 void bench_tune_socket(int fd, bool tcp);

@@ -157,6 +157,8 @@ static struct {
 	long calls; /* fixed call count (profiling); 0: timed */
 	int idle_conns;
 	int conc_counts[2];
+	unsigned loops[4]; /* --loop-threads: pbrpc's server; loops[0] everywhere, the others in conc too */
+	int n_loops;
 	int depths[3];
 	int pin_cpu;
 } cfg = {
@@ -722,6 +724,7 @@ static result run_idle(const bench_system *s, bool tcp, int nconn)
 
 static result seq_res[N_SYSTEMS][2][N_PL][N_SIZES]; /* system, transport, placement, size */
 static result conc_res[N_SYSTEMS][2][2];         /* system, transport, count index */
+static result conc_loops_res[2][4][2][2];        /* pbrpc, W; with cfg.loops[i]; transport; count index */
 static result pipe_res[N_SYSTEMS][2][3];         /* system, transport, depth index */
 static result idle_res[N_SYSTEMS][2];
 
@@ -858,6 +861,41 @@ static void print_conc(void)
 			put_cmp(row, V_RATE);
 			printf("| %s | %d | CPU µs/call |", transport_names[tr], cfg.conc_counts[k]);
 			put_cmp(row, V_CPU);
+		}
+	printf("\n");
+	if (cfg.n_loops < 2 || (!cfg.systems[SYS_PBRPC] && !cfg.systems[SYS_WIRE]))
+		return;
+	/* pbrpc's server with each --loop-threads value, against B. */
+	printf("### Concurrent connections: pbrpc's server loop threads, calls/s (ratio to B)\n\n"
+	       "| transport | connections |");
+	int cols = 0;
+	for (int w = 0; w < 2; w++)
+		for (int l = 0; cfg.systems[w ? SYS_WIRE : SYS_PBRPC] && l < cfg.n_loops; l++, cols++)
+			printf(" %s, %u loop%s |", w ? "W" : "pbrpc", cfg.loops[l], cfg.loops[l] == 1 ? "" : "s");
+	printf(" B raw+pb |\n|---|---:|");
+	for (int l = 0; l <= cols; l++)
+		printf("---:|");
+	printf("\n");
+	for (int tr = 0; tr < 2; tr++)
+		for (int k = 0; k < 2; k++) {
+			if (!cfg.transports[tr])
+				continue;
+			const result *b = &conc_res[SYS_RAWPB][tr][k];
+			printf("| %s | %d |", transport_names[tr], cfg.conc_counts[k]);
+			for (int c = 0; c < cols; c++) {
+				int w = cfg.systems[SYS_PBRPC] ? c >= cfg.n_loops : 1, l = c % cfg.n_loops;
+				const result *p = &conc_loops_res[w][l][tr][k];
+				if (!p->ok)
+					printf(" - |");
+				else if (b->ok && cfg.systems[SYS_RAWPB])
+					printf(" %.0f (%.2fx) |", p->v[V_RATE], p->v[V_RATE] / b->v[V_RATE]);
+				else
+					printf(" %.0f |", p->v[V_RATE]);
+			}
+			if (b->ok && cfg.systems[SYS_RAWPB])
+				printf(" %.0f |\n", b->v[V_RATE]);
+			else
+				printf(" - |\n");
 		}
 	printf("\n");
 }
@@ -1164,6 +1202,9 @@ static void run_all(void)
 		nsz += cfg.sizes[i];
 	n_runs_total = cfg.rounds * nsys * ntr *
 		       ((cfg.seq ? npin * nsz : 0) + (cfg.conc ? 2 : 0) + (cfg.pipe ? 3 : 0)) + (cfg.idle ? ntr * 2 : 0);
+	if (cfg.conc)
+		n_runs_total += cfg.rounds * ntr * 2 * (cfg.n_loops - 1) *
+				(cfg.systems[SYS_PBRPC] + cfg.systems[SYS_WIRE]); /* the other --loop-threads */
 	if (cfg.seq && cfg.pin_modes[1] && cfg.sizes[0])
 		n_runs_total += (key_rows(1, 0) - cfg.rounds) * nsys * ntr;
 	if (cfg.memfd && cfg.transports[0])
@@ -1200,18 +1241,33 @@ static void run_all(void)
 			}
 		}
 		for (int m = 0; cfg.conc && m < 2; m++) {
+			result rl[2][4][16];
 			for (int k = 0; k < cfg.rounds; k++)
 				for (int s = 0; s < N_SYSTEMS; s++) {
 					if (!cfg.systems[s])
 						continue;
-					snprintf(what, sizeof(what), "conc %s %d %s", transport_names[tr], cfg.conc_counts[m],
-						 all_systems[s]->key);
-					progress(what);
-					rs[s][k] = run_conc(all_systems[s], tr, cfg.conc_counts[m]);
+					bool lv = s == SYS_PBRPC || s == SYS_WIRE; /* pbrpc's server */
+					for (int l = 0; l < (lv ? cfg.n_loops : 1); l++) {
+						bench_loop_threads = cfg.loops[l];
+						int n = snprintf(what, sizeof(what), "conc %s %d %s", transport_names[tr],
+								 cfg.conc_counts[m], all_systems[s]->key);
+						if (lv && n > 0 && (size_t)n < sizeof(what))
+							snprintf(what + n, sizeof(what) - (size_t)n, " loops %u", cfg.loops[l]);
+						progress(what);
+						result r = run_conc(all_systems[s], tr, cfg.conc_counts[m]);
+						if (lv)
+							rl[s == SYS_WIRE][l][k] = r;
+						if (!l)
+							rs[s][k] = r;
+					}
+					bench_loop_threads = cfg.loops[0];
 				}
 			for (int s = 0; s < N_SYSTEMS; s++)
 				if (cfg.systems[s])
 					conc_res[s][tr][m] = median(rs[s], cfg.rounds);
+			for (int w = 0; w < 2; w++)
+				for (int l = 0; cfg.systems[w ? SYS_WIRE : SYS_PBRPC] && l < cfg.n_loops; l++)
+					conc_loops_res[w][l][tr][m] = median(rl[w][l], cfg.rounds);
 		}
 		for (int d = 0; cfg.pipe && d < 3; d++) {
 			for (int k = 0; k < cfg.rounds; k++)
@@ -1287,7 +1343,12 @@ static void usage(FILE *f)
 		"  --calls N          sequential rows: exactly N measured calls, no timed warm-up (profiling)\n"
 		"  --idle-conns N     connections in the memory test (default 10000)\n"
 		"  --sockbuf BYTES    SO_SNDBUF/SO_RCVBUF for every socket (default 2097152; 0: kernel default)\n"
-		"  --authz            pbrpc's server checks a uid policy on every call (its cost)\n");
+		"  --authz            pbrpc's server checks a uid policy on every call (its cost)\n"
+		"  --loop-threads LIST\n"
+		"                     pbrpc's server event loops (opts.loop_threads); the first\n"
+		"                     everywhere, each one in conc for pbrpc and W (a table of\n"
+		"                     its own); up to 4;\n"
+		"                     auto = the online CPUs, at most 8 (default auto)\n");
 }
 
 static bool in_list(const char *list, const char *word)
@@ -1303,9 +1364,16 @@ static bool in_list(const char *list, const char *word)
 	return false;
 }
 
+/* --loop-threads auto, as pbrpc-server's: the online CPUs, at most 8. */
+static unsigned auto_loops(void)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	return n < 1 ? 1u : n > 8 ? 8u : (unsigned)n;
+}
+
 static void parse_args(int argc, char **argv)
 {
-	enum { O_ONLY = 1, O_SYSTEMS, O_TRANSPORTS, O_SIZES, O_PIN, O_TIME, O_ROUNDS, O_CALLS, O_IDLE, O_SOCKBUF, O_AUTHZ, O_HELP };
+	enum { O_ONLY = 1, O_SYSTEMS, O_TRANSPORTS, O_SIZES, O_PIN, O_TIME, O_ROUNDS, O_CALLS, O_IDLE, O_SOCKBUF, O_AUTHZ, O_LOOPS, O_HELP };
 	static const struct option opts[] = {
 		{ "only", required_argument, NULL, O_ONLY },
 		{ "systems", required_argument, NULL, O_SYSTEMS },
@@ -1318,10 +1386,13 @@ static void parse_args(int argc, char **argv)
 		{ "idle-conns", required_argument, NULL, O_IDLE },
 		{ "sockbuf", required_argument, NULL, O_SOCKBUF },
 		{ "authz", no_argument, NULL, O_AUTHZ },
+		{ "loop-threads", required_argument, NULL, O_LOOPS },
 		{ "help", no_argument, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
 	bench_sockbuf = 2 * 1024 * 1024;
+	cfg.loops[0] = auto_loops();
+	cfg.n_loops = 1;
 	int o;
 	char num[32];
 	while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -1374,6 +1445,20 @@ static void parse_args(int argc, char **argv)
 		case O_AUTHZ:
 			bench_authz = true;
 			break;
+		case O_LOOPS:
+			cfg.n_loops = 0;
+			for (const char *p = optarg; *p && cfg.n_loops < 4;) {
+				const char *e = strchr(p, ',');
+				size_t l = e ? (size_t)(e - p) : strlen(p);
+				unsigned v = l == 4 && strncmp(p, "auto", 4) == 0 ? auto_loops() : (unsigned)atoi(p);
+				if (v < 1 || v > 256) {
+					usage(stderr);
+					exit(2);
+				}
+				cfg.loops[cfg.n_loops++] = v;
+				p += l + (e ? 1 : 0);
+			}
+			break;
 		case O_HELP:
 			usage(stdout);
 			exit(0);
@@ -1393,6 +1478,7 @@ int main(int argc, char **argv)
 	if (argc == 6 && strcmp(argv[1], "--serve") == 0)
 		return serve_main(argv);
 	parse_args(argc, argv);
+	bench_loop_threads = cfg.loops[0];
 	signal(SIGPIPE, SIG_IGN);
 	for (int i = 0; i < N_SYSTEMS; i++)
 		if (cfg.systems[i] && all_systems[i]->unavailable) {

@@ -40,14 +40,15 @@ static size_t bench_memfd_threshold(void)
 	return e ? (size_t)strtoull(e, NULL, 0) : 0;
 }
 bool bench_authz;
+unsigned bench_loop_threads = 1;
 
-static pbrpc_server *new_server(int lfd)
+static pbrpc_server *new_server(int lfd, unsigned loops)
 {
 	/* The library sets no socket buffer sizes: give its sockets the
 	 * baselines' (see hooks.c). */
 	bench_hook_sockets = true;
 	pbrpc_server_opts o = { .max_connections = 1u << 20, .max_frame = 2 * BENCH_MAX_PAYLOAD,
-				.memfd_threshold = bench_memfd_threshold() };
+				.memfd_threshold = bench_memfd_threshold(), .loop_threads = loops };
 	pbrpc_server *srv;
 	int rc = pbrpc_server_new(&srv, &o);
 	if (rc < 0)
@@ -73,7 +74,7 @@ static pbrpc_server *new_server(int lfd)
 static void serve(int lfd, const bench_target *t)
 {
 	(void)t;
-	pbrpc_server *srv = new_server(lfd);
+	pbrpc_server *srv = new_server(lfd, bench_loop_threads);
 	atomic_store(&bench_shared->ready, 1);
 	int rc = pbrpc_server_run(srv);
 	bench_die("pbrpc_server_run returned %s", pbrpc_strerror(rc));
@@ -82,7 +83,7 @@ static void serve(int lfd, const bench_target *t)
 static void serve_idle(int lfd, const bench_target *t)
 {
 	(void)t;
-	pbrpc_server *srv = new_server(lfd);
+	pbrpc_server *srv = new_server(lfd, 1); /* pbrpc_server_process: one loop */
 	atomic_store(&bench_shared->ready, 1);
 	for (;;) {
 		int rc = pbrpc_server_process(srv, 20);

@@ -198,6 +198,12 @@ static void usage(FILE *f)
 		"  -f, --max-frame BYTES   largest request accepted; suffixes K and M\n"
 		"                          (default 16M)\n"
 		"  -w, --workers N         run handlers on N threads (default 0: on the loop)\n"
+		);
+	fprintf(f,
+		"      --loop-threads N|auto\n"
+		"                          event loops, each serving its share of the\n"
+		"                          connections on a thread of its own (default auto:\n"
+		"                          the online CPUs, at most 8)\n"
 		"      --max-connections N\n"
 		"                          connections open at once (default 4096); one more\n"
 		"                          is told \"too many connections\" and closed\n"
@@ -566,13 +572,21 @@ static void parse_allow(config *cfg, char *arg)
 }
 
 /* Long options without a short form. */
-enum { OPT_MAX_CONNECTIONS = 256, OPT_MAX_CALLS, OPT_IDLE_TIMEOUT, OPT_HANDSHAKE_TIMEOUT, OPT_DRAIN_TIMEOUT };
+enum { OPT_MAX_CONNECTIONS = 256, OPT_MAX_CALLS, OPT_IDLE_TIMEOUT, OPT_HANDSHAKE_TIMEOUT, OPT_DRAIN_TIMEOUT,
+       OPT_LOOP_THREADS };
 /* Local trust (--allow and friends). */
 enum { OPT_ALLOW = 384, OPT_MAX_PER_UID, OPT_SOCKET_GROUP };
 /* Keepalive and connection age. */
 enum { OPT_KEEPALIVE_INTERVAL = 400, OPT_KEEPALIVE_TIMEOUT, OPT_MAX_CONNECTION_AGE, OPT_MAX_CONNECTION_AGE_GRACE };
 /* TLS's options (issue 12), apart so that other options' enums merge. */
 enum { OPT_TLS_CERT = 512, OPT_TLS_KEY, OPT_TLS_CA, OPT_TLS_CLIENT_CERT };
+
+/* --loop-threads auto: one loop per online CPU, at most 8. */
+static unsigned auto_loops(void)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	return n < 1 ? 1u : n > 8 ? 8u : (unsigned)n;
+}
 
 static void parse_args(int argc, char **argv, config *cfg)
 {
@@ -581,6 +595,7 @@ static void parse_args(int argc, char **argv, config *cfg)
 		{ "socket-mode", required_argument, NULL, 'm' },
 		{ "max-frame", required_argument, NULL, 'f' },
 		{ "workers", required_argument, NULL, 'w' },
+		{ "loop-threads", required_argument, NULL, OPT_LOOP_THREADS },
 		{ "log-level", required_argument, NULL, 'L' },
 		{ "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
 		{ "max-calls", required_argument, NULL, OPT_MAX_CALLS },
@@ -612,6 +627,7 @@ static void parse_args(int argc, char **argv, config *cfg)
 	}
 	cfg->opts.log = log_cb;
 	cfg->opts.log_level = g_log_level;
+	cfg->opts.loop_threads = auto_loops();
 
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":l:m:f:w:L:hV", longopts, NULL)) != -1) {
@@ -632,6 +648,13 @@ static void parse_args(int argc, char **argv, config *cfg)
 		case 'L':
 			g_log_level = parse_level("--log-level", optarg);
 			cfg->opts.log_level = g_log_level;
+			break;
+		case OPT_LOOP_THREADS:
+			cfg->opts.loop_threads = strcmp(optarg, "auto") == 0
+							 ? auto_loops()
+							 : (unsigned)parse_ulong("--loop-threads", optarg, 10, 256);
+			if (!cfg->opts.loop_threads)
+				bad_option("--loop-threads", optarg, "must be at least 1");
 			break;
 		case OPT_MAX_CONNECTIONS:
 			cfg->opts.max_connections = parse_count("--max-connections", optarg);

@@ -119,7 +119,10 @@ static void srv_new(tsrv *t, const pbrpc_server_opts *o)
 	memset(&seen, 0, sizeof(seen));
 	t->kv = demo_kv_new();
 	cr_assert_not_null(t->kv);
-	cr_assert_eq(pbrpc_server_new(&t->srv, o), 0);
+	pbrpc_server_opts lo = o ? *o : (pbrpc_server_opts){ 0 };
+	if (!lo.loop_threads)
+		lo.loop_threads = getenv("PBRPC_TEST_LOOP_THREADS") ? (unsigned)atoi(getenv("PBRPC_TEST_LOOP_THREADS")) : 0;
+	cr_assert_eq(pbrpc_server_new(&t->srv, &lo), 0);
 	cr_assert_eq(pbrpc_server_add_service(t->srv, &echo_svc.base), 0);
 	cr_assert_eq(demo_kv_add(t->srv, t->kv), 0);
 	cr_assert_eq(pbrpc_server_enable_stats(t->srv), 0);

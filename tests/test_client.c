@@ -1423,7 +1423,12 @@ Test(client, sync_large_messages_allocate_nothing_while_busy)
 	uint8_t *buf = calloc(1, 1u << 20);
 	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
 		count_big_echoes(svc, buf, sizes[i], 3); /* warm-up */
-		long n = count_big_echoes(svc, buf, sizes[i], 20);
+		/* A stall of over a second between two calls (a loaded machine)
+		 * lets the client give its buffers back, which is right: a call
+		 * that allocates every time fails all three tries. */
+		long n = -1;
+		for (int try = 0; try < 3 && n != 0; try++)
+			n = count_big_echoes(svc, buf, sizes[i], 20);
 		cr_assert_eq(n, 0, "%ld allocations in 20 calls of %zu bytes", n, sizes[i]);
 	}
 	/* Idle for over a second: the next call gives the large buffers back, so
@@ -1433,7 +1438,9 @@ Test(client, sync_large_messages_allocate_nothing_while_busy)
 	long n = count_big_echoes(svc, buf, 1u << 20, 1);
 	if (HAVE_ALLOC_COUNT)
 		cr_assert_gt(n, 0, "large buffers kept after an idle second");
-	n = count_big_echoes(svc, buf, 1u << 20, 5);
+	n = -1;
+	for (int try = 0; try < 3 && n != 0; try++)
+		n = count_big_echoes(svc, buf, 1u << 20, 5);
 	cr_assert_eq(n, 0, "%ld allocations in 5 calls of 1 MiB after regrowing", n);
 	free(buf);
 	pbrpc_client_free(c);

@@ -370,7 +370,7 @@ Test(daemon, max_frame_option_applies)
 
 Test(daemon, help_and_version)
 {
-	char out[4096];
+	char out[8192]; /* --help is past 4 KiB */
 	child d;
 	spawn(&d, (const char *[]){ "--version", NULL }, -1, 0);
 	int st = wait_exit(&d, 5000);

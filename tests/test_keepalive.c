@@ -228,7 +228,11 @@ Test(keepalive, silent_peer_closed)
 	cr_assert_eq(peer_next(&p, &f, 3000), 1);
 	int64_t t_close = now_ms() - t0;
 	expect_goaway(&f, PBRPC_STATUS_UNAVAILABLE, "keepalive timeout: client sent nothing for 150 ms after a PING");
-	cr_assert_geq(t_close - t_ping, 140, "closed %lld ms after the PING", (long long)(t_close - t_ping));
+	/* Lower bounds from the peer's side hold only against t0: a PING read
+	 * late (the peer descheduled under load) shrinks t_close - t_ping. The
+	 * PING leaves >= 100 ms after the handshake, the GOAWAY >= 150 after. */
+	cr_assert_geq(t_close, 240, "closed %lld ms after connecting (PING read after %lld ms)", (long long)t_close,
+		      (long long)t_ping);
 	cr_assert_eq(peer_next(&p, &f, 3000), PBRPC_EOF);
 	cr_log_info("keepalive: PING after %lld ms, closed after %lld ms", (long long)t_ping, (long long)t_close);
 	peer_close(&p);

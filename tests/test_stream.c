@@ -263,6 +263,10 @@ static char sock_dir[64];
 static void *srv_main(void *arg)
 {
 	tsrv *t = arg;
+	if (tu_loop_threads() > 1) {
+		t->rc = pbrpc_server_run(t->srv);
+		return NULL;
+	}
 	while (!atomic_load(&t->stop)) {
 		int rc = pbrpc_server_process(t->srv, 20);
 		if (rc != 0) {
@@ -280,7 +284,10 @@ static void srv_start(tsrv *t, const pbrpc_server_opts *opts)
 	cr_assert_not_null(mkdtemp(sock_dir));
 	char ep[128];
 	snprintf(ep, sizeof(ep), "unix:%s/s.sock", sock_dir);
-	cr_assert_eq(pbrpc_server_new(&t->srv, opts), 0);
+	pbrpc_server_opts lo = opts ? *opts : (pbrpc_server_opts){ 0 };
+	if (!lo.loop_threads)
+		lo.loop_threads = tu_loop_threads();
+	cr_assert_eq(pbrpc_server_new(&t->srv, &lo), 0);
 	cr_assert_eq(pbrpc_server_add_service(t->srv, &echo_svc.base), 0);
 	cr_assert_eq(pbrpc_server_add_stream(t->srv, &d_count, count_handler, NULL), 0);
 	cr_assert_eq(pbrpc_server_add_stream(t->srv, &d_sum, sum_handler, NULL), 0);
@@ -309,6 +316,8 @@ static void srv_stop(tsrv *t)
 static void srv_kill(tsrv *t)
 {
 	atomic_store(&t->stop, true);
+	if (tu_loop_threads() > 1)
+		pbrpc_server_shutdown(t->srv, 0); /* pbrpc_server_run: no vanishing */
 	pthread_join(t->thr, NULL);
 	pbrpc_server_free(t->srv);
 }

@@ -262,6 +262,12 @@ bool tu_short_io(void)
 	return short_io;
 }
 
+unsigned tu_loop_threads(void)
+{
+	const char *e = getenv("PBRPC_TEST_LOOP_THREADS");
+	return e ? (unsigned)strtoul(e, NULL, 10) : 0;
+}
+
 size_t tu_scale(size_t n)
 {
 	return short_io ? n / 32 : n;

@@ -71,6 +71,10 @@ unsigned long tu_io_thread_sends(void);
 void tu_setup(void);
 /* True in that mode; big-volume tests scale down with tu_scale(). */
 bool tu_short_io(void);
+/* PBRPC_TEST_LOOP_THREADS=N (the server, reliability, stream and authz
+ * suites' -loops runs): their servers get opts.loop_threads = N and run
+ * with pbrpc_server_run. 0 when unset. */
+unsigned tu_loop_threads(void);
 size_t tu_scale(size_t n);
 
 /* ---- misc ---- */

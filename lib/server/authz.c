@@ -1,7 +1,8 @@
 /* Local trust: a Unix peer's credentials (read once, at accept), the
  * policies of services and methods (checked in dispatch before a request is
  * unpacked), and the count of connections per uid
- * (opts.max_connections_per_uid). Everything here runs on the loop thread. */
+ * (opts.max_connections_per_uid). Everything here runs on the loop thread
+ * (the per-uid table: root's, under uid_mu). */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -122,10 +123,29 @@ static void uid_remove(pbrpc_server *srv, size_t i)
 	}
 }
 
-bool pbrpc__authz_uid_full(pbrpc_server *srv, uid_t uid)
+/* The table is root's, under uid_mu: root counts at accept, each loop
+ * releases when its connection closes. Returns -1 (at the cap: refuse), 0
+ * (not counted: the table cannot grow, the global cap holds) or 1. */
+int pbrpc__authz_uid_take(pbrpc_server *srv, uid_t uid)
 {
-	const srv_uid_count *e = uid_find(srv, uid);
-	return e && e->n && e->n >= srv->o.max_connections_per_uid;
+	srv = srv->root;
+	int rc = 1;
+	pthread_mutex_lock(&srv->uid_mu);
+	srv_uid_count *e = uid_find(srv, uid);
+	if (e && e->n && e->n >= srv->o.max_connections_per_uid) {
+		rc = -1;
+	} else if (srv->n_uids * 2 >= srv->uids_cap && uid_grow(srv) < 0) {
+		rc = 0;
+	} else {
+		e = uid_find(srv, uid);
+		if (!e->n) {
+			e->uid = uid;
+			srv->n_uids++;
+		}
+		e->n++;
+	}
+	pthread_mutex_unlock(&srv->uid_mu);
+	return rc;
 }
 
 /* Over the cap: told why, as max_connections refuses (listener.c). */
@@ -157,7 +177,7 @@ void pbrpc__authz_conn_open(srv_conn *c, int fd)
 	pbrpc_server *srv = c->srv;
 	gid_t stack[GROUPS_ON_STACK], *groups;
 	int n = peer_groups(fd, &groups, stack);
-	int pidfd = srv->want_pidfd ? peer_pidfd(fd) : -1;
+	int pidfd = srv->root->want_pidfd ? peer_pidfd(fd) : -1;
 	if (n > 0 || pidfd >= 0) {
 		size_t ng = n > 0 ? (size_t)n : 0;
 		srv_peer *p = malloc(sizeof(*p) + ng * sizeof(gid_t));
@@ -174,17 +194,6 @@ void pbrpc__authz_conn_open(srv_conn *c, int fd)
 	}
 	if (groups != stack)
 		free(groups);
-	if (!srv->o.max_connections_per_uid)
-		return;
-	if (srv->n_uids * 2 >= srv->uids_cap && uid_grow(srv) < 0)
-		return; /* not counted: the cap cannot hold it, the global one does */
-	srv_uid_count *e = uid_find(srv, c->cred.uid);
-	if (!e->n) {
-		e->uid = c->cred.uid;
-		srv->n_uids++;
-	}
-	e->n++;
-	c->uid_counted = true;
 }
 
 void pbrpc__authz_conn_closed(srv_conn *c)
@@ -194,10 +203,17 @@ void pbrpc__authz_conn_closed(srv_conn *c)
 	if (!c->uid_counted)
 		return;
 	c->uid_counted = false;
-	pbrpc_server *srv = c->srv;
-	srv_uid_count *e = uid_find(srv, c->cred.uid);
+	pbrpc__authz_uid_release(c->srv, c->cred.uid);
+}
+
+void pbrpc__authz_uid_release(pbrpc_server *srv, uid_t uid)
+{
+	srv = srv->root;
+	pthread_mutex_lock(&srv->uid_mu);
+	srv_uid_count *e = uid_find(srv, uid);
 	if (e && e->n && --e->n == 0)
 		uid_remove(srv, (size_t)(e - srv->uids));
+	pthread_mutex_unlock(&srv->uid_mu);
 }
 
 void pbrpc__authz_fini(pbrpc_server *srv)
@@ -259,7 +275,7 @@ static void service_apply(pbrpc__registry *r, size_t svc)
 
 static void want_pidfd(pbrpc_server *srv)
 {
-	const pbrpc__registry *r = &srv->reg;
+	const pbrpc__registry *r = srv->reg;
 	bool want = false;
 	for (size_t i = 0; i < r->n_services && !want; i++)
 		want = r->services[i].policy && r->services[i].policy->p.check;
@@ -272,7 +288,7 @@ PBRPC_EXPORT int pbrpc_server_set_policy(pbrpc_server *srv, const char *name, co
 {
 	if (!srv || !name)
 		return PBRPC_EINVALID;
-	pbrpc__registry *r = &srv->reg;
+	pbrpc__registry *r = srv->reg;
 	pbrpc__method *m = NULL;
 	size_t svc = r->n_services;
 	if (strchr(name, '/')) {
@@ -299,8 +315,11 @@ PBRPC_EXPORT int pbrpc_server_set_policy(pbrpc_server *srv, const char *name, co
 		service_apply(r, svc);
 	}
 	want_pidfd(srv);
-	pbrpc__list_for_each(c, &srv->conns, srv_conn, link)
-		c->admitted = NULL;
+	for (unsigned i = 0; i < (srv->n_loops > 1 ? srv->n_loops : 1); i++) {
+		pbrpc_server *l = srv->n_loops > 1 ? srv->loops[i] : srv;
+		pbrpc__list_for_each(c, &l->conns, srv_conn, link)
+			c->admitted = NULL;
+	}
 	return 0;
 }
 
@@ -371,7 +390,7 @@ __attribute__((noinline)) const char *pbrpc__authz_refusal(srv_conn *c, const pb
 		return NULL;
 	}
 	pbrpc_server *srv = c->srv;
-	srv->stats.calls_denied++;
+	SRV_STAT_ADD(srv, calls_denied, 1);
 	log_denied(srv, c, m);
 	if (c->has_cred)
 		snprintf(text, len, "uid %u may not call %s", (unsigned)c->cred.uid, m->name);

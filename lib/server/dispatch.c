@@ -46,7 +46,7 @@ static srv_call *call_get(pbrpc_server *srv)
 	call->done_memfd = -1;
 	atomic_store(&call->cancelled, false);
 	pbrpc__list_insert(&srv->live, &call->live);
-	srv->stats.calls_in_flight++;
+	SRV_STAT_ADD(srv, calls_in_flight, 1);
 	return call;
 }
 
@@ -114,8 +114,8 @@ static void call_put(pbrpc_server *srv, srv_call *call)
 	call->mem = 0;
 	call->magic = 0;
 	pbrpc__list_remove(&call->live);
-	srv->stats.calls_in_flight--;
-	srv->stats.calls_completed++;
+	SRV_STAT_ADD(srv, calls_in_flight, -1);
+	SRV_STAT_ADD(srv, calls_completed, 1);
 	if (srv->n_free_calls >= CALL_POOL_MAX || call->md_cap > SRV_ARENA_KEEP) {
 		call_destroy(call);
 		return;
@@ -136,7 +136,7 @@ void pbrpc__srv_calls_free(pbrpc_server *srv)
 	srv->n_free_calls = 0;
 }
 
-/* ---- observing: opts.call_log and pbrpc.Stats (srv->reg.observe) ----
+/* ---- observing: opts.call_log and pbrpc.Stats (srv->reg->observe) ----
  * Off the call path's straight line: dispatch tests one flag and calls these
  * only when someone watches, so the clock is read only then. */
 
@@ -163,7 +163,7 @@ __attribute__((noinline, cold)) static void observe(pbrpc_server *srv, const srv
 		info.uid = c->cred.uid;
 		info.gid = c->cred.gid;
 	}
-	pbrpc__registry_observe(&srv->reg, m, &info, started);
+	pbrpc__registry_observe(srv->reg, m, &info, started);
 }
 
 /* RESPONSE payload bytes queued since the writer held `before` bytes. */
@@ -273,7 +273,7 @@ void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, con
 	if (rc < 0)
 		pbrpc__srv_log(call->srv, PBRPC_LOG_ERROR, "cannot queue reply for call %u: %s", call->id,
 			       pbrpc_strerror(rc));
-	if (__builtin_expect(call->srv->reg.observe, 0))
+	if (__builtin_expect(call->srv->reg->observe, 0))
 		observe_answer(call, c, status, message, before);
 	pbrpc__srv_mark_dirty(c);
 }
@@ -292,7 +292,7 @@ static void refuse_request(srv_conn *c, const pbrpc__frame *f, const pbrpc__wire
 {
 	size_t before = pbrpc__frame_writer_pending(&c->base.out);
 	reply_status(c, req->call_id, status, message);
-	if (__builtin_expect(c->srv->reg.observe, 0))
+	if (__builtin_expect(c->srv->reg->observe, 0))
 		observe(c->srv, c, m, req->method, req->method_len, req->call_id, status, message, c->srv->now,
 			f->hdr.length, queued_payload(c, before), false, false);
 }
@@ -325,7 +325,7 @@ static void call_closure(const ProtobufCMessage *msg, void *closure_data)
 	int status = call->status;
 	const char *text = call->status_msg;
 	char buf[256];
-	const ProtobufCMessageDescriptor *want = pbrpc__registry_method_desc(&srv->reg, call->m)->output;
+	const ProtobufCMessageDescriptor *want = pbrpc__registry_method_desc(srv->reg, call->m)->output;
 
 	if (status == PBRPC_STATUS_OK && !msg) {
 		status = PBRPC_STATUS_UNKNOWN;
@@ -367,14 +367,21 @@ static void call_closure(const ProtobufCMessage *msg, void *closure_data)
 	cq_push(srv, call);
 }
 
-/* Delivers completions handed over by other threads. */
+static void run_posts(pbrpc__list *l);
+
+/* Runs what other threads posted (pbrpc_stream_post), then delivers the
+ * completions they handed over. */
 void pbrpc__srv_drain_completions(pbrpc_server *srv)
 {
-	pbrpc__list done;
+	pbrpc__list done, posts;
 	pbrpc__list_init(&done);
+	pbrpc__list_init(&posts);
 	pthread_mutex_lock(&srv->cq_mu);
 	pbrpc__list_splice(&done, &srv->cq);
+	pbrpc__list_splice(&posts, &srv->posts);
 	pthread_mutex_unlock(&srv->cq_mu);
+	if (!pbrpc__list_empty(&posts))
+		run_posts(&posts);
 	pbrpc__list_for_each_safe(call, &done, srv_call, qlink) {
 		pbrpc__list_remove(&call->qlink);
 		if (call->not_run && !call->refused)
@@ -387,11 +394,45 @@ void pbrpc__srv_drain_completions(pbrpc_server *srv)
 	}
 }
 
+/* pbrpc_stream_post's functions, in the order they came. */
+static void run_posts(pbrpc__list *l)
+{
+	pbrpc__list_for_each_safe(p, l, srv_post, link) {
+		pbrpc__list_remove(&p->link);
+		p->fn(p->arg);
+		free(p);
+	}
+}
+
+void pbrpc__srv_run_posts(pbrpc_server *srv)
+{
+	pbrpc__list l;
+	pbrpc__list_init(&l);
+	pthread_mutex_lock(&srv->cq_mu);
+	pbrpc__list_splice(&l, &srv->posts);
+	pthread_mutex_unlock(&srv->cq_mu);
+	run_posts(&l);
+}
+
+int pbrpc__srv_post(pbrpc_server *srv, void (*fn)(void *arg), void *arg)
+{
+	srv_post *p = malloc(sizeof(*p));
+	if (!p)
+		return -ENOMEM;
+	p->fn = fn;
+	p->arg = arg;
+	pthread_mutex_lock(&srv->cq_mu);
+	pbrpc__list_append(&srv->posts, &p->link);
+	pthread_mutex_unlock(&srv->cq_mu);
+	pbrpc__srv_wake(srv);
+	return 0;
+}
+
 /* ---- handlers: inline or on the worker pool ---- */
 
 static void invoke(pbrpc_server *srv, srv_call *call)
 {
-	ProtobufCService *svc = pbrpc__registry_service(&srv->reg, call->m);
+	ProtobufCService *svc = pbrpc__registry_service(srv->reg, call->m);
 	svc->invoke(svc, call->m->index, call->input, call_closure, call);
 }
 
@@ -472,7 +513,7 @@ static int unpack_failed(pbrpc_server *srv, const srv_call *call, size_t len, ch
 	if (call->arena.limited)
 		return unpack_refused(srv, call, len, text, tlen);
 	snprintf(text, tlen, "request body is not a valid %s",
-		 pbrpc__registry_method_desc(&srv->reg, call->m)->input->name);
+		 pbrpc__registry_method_desc(srv->reg, call->m)->input->name);
 	return PBRPC_STATUS_INVALID_ARGUMENT;
 }
 
@@ -482,7 +523,7 @@ static int unpack_failed(pbrpc_server *srv, const srv_call *call, size_t len, ch
  * to answer with and its words in text. */
 static int call_unpack(pbrpc_server *srv, srv_call *call, const uint8_t *body, size_t len, char *text, size_t tlen)
 {
-	const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, call->m)->input;
+	const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(srv->reg, call->m)->input;
 	if (unpack_estimate(in, body, len, call->arena.limit) > call->arena.limit)
 		return unpack_refused(srv, call, len, text, tlen);
 	call->input = protobuf_c_message_unpack(in, &call->arena.pa, len, body);
@@ -501,7 +542,7 @@ static __attribute__((noinline)) int large_request(srv_conn *c, srv_call *call, 
 	pbrpc_server *srv = c->srv;
 	size_t len = req->body_len, room = pbrpc__srv_mem_avail(c);
 	size_t lim = (size_t)srv->o.unpack_factor * len + SRV_ARENA_KEEP;
-	bool on_worker = len > SRV_WORKER_UNPACK && srv->n_workers && !srv->reg.services[call->m->service].owned;
+	bool on_worker = len > SRV_WORKER_UNPACK && srv->root->n_workers && !srv->reg->services[call->m->service].owned;
 	if (on_worker) {
 		if (room <= len) {
 			snprintf(text, tlen, "request of %zu bytes does not fit in the server's memory budget now", len);
@@ -538,9 +579,10 @@ static void *worker_main(void *arg)
 		pbrpc__list_remove(l);
 		pthread_mutex_unlock(&srv->wq_mu);
 		srv_call *call = pbrpc__container_of(l, srv_call, qlink);
+		pbrpc_server *loop = call->srv; /* one pool for every loop */
 		if (call->raw && !atomic_load(&call->cancelled)) {
 			char text[256];
-			int st = call_unpack(srv, call, call->raw, call->raw_len, text, sizeof(text));
+			int st = call_unpack(loop, call, call->raw, call->raw_len, text, sizeof(text));
 			free(call->raw);
 			call->raw = NULL;
 			if (st) {
@@ -548,7 +590,7 @@ static void *worker_main(void *arg)
 				call->refused = true;
 				call->done_status = st;
 				call->done_msg = strdup(text);
-				cq_push(srv, call);
+				cq_push(loop, call);
 				pthread_mutex_lock(&srv->wq_mu);
 				continue;
 			}
@@ -556,9 +598,9 @@ static void *worker_main(void *arg)
 		if (atomic_load(&call->cancelled)) {
 			/* Expired or cancelled while queued: never dispatched. */
 			call->not_run = true;
-			cq_push(srv, call);
+			cq_push(loop, call);
 		} else {
-			invoke(srv, call);
+			invoke(loop, call);
 		}
 		pthread_mutex_lock(&srv->wq_mu);
 	}
@@ -600,13 +642,14 @@ void pbrpc__srv_workers_stop(pbrpc_server *srv)
 
 static void dispatch(pbrpc_server *srv, srv_call *call)
 {
-	srv->stats.calls_started++;
-	if (__builtin_expect(srv->reg.observe, 0)) {
+	SRV_STAT_ADD(srv, calls_started, 1);
+	if (__builtin_expect(srv->reg->observe, 0)) {
 		call->started = true;
-		pbrpc__registry_observe_start(&srv->reg, call->m);
+		pbrpc__registry_observe_start(srv->reg, call->m);
 	}
 	/* Built-in services read server state: they stay on the loop thread. */
-	if (!srv->n_workers || srv->reg.services[call->m->service].owned) {
+	pbrpc_server *pool = srv->root; /* the worker pool is root's, for every loop */
+	if (!pool->n_workers || srv->reg->services[call->m->service].owned) {
 		/* Most handlers answer before returning: arm the deadline timer
 		 * only for those that did not. */
 		srv->dispatching = call;
@@ -618,10 +661,10 @@ static void dispatch(pbrpc_server *srv, srv_call *call)
 	}
 	if (call->deadline_ns)
 		pbrpc__heap_start(&srv->timers, &call->timer, call->deadline_ns);
-	pthread_mutex_lock(&srv->wq_mu);
-	pbrpc__list_append(&srv->wq, &call->qlink);
-	pthread_cond_signal(&srv->wq_cv);
-	pthread_mutex_unlock(&srv->wq_mu);
+	pthread_mutex_lock(&pool->wq_mu);
+	pbrpc__list_append(&pool->wq, &call->qlink);
+	pthread_cond_signal(&pool->wq_cv);
+	pthread_mutex_unlock(&pool->wq_mu);
 }
 
 /* ---- the connection's REQUEST and CANCEL frames ---- */
@@ -649,7 +692,7 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 		snprintf(text, len, "too many calls in flight on this connection (limit %u)", srv->o.max_calls);
 		return text;
 	}
-	*m = pbrpc__registry_find(&srv->reg, req->method, req->method_len);
+	*m = pbrpc__registry_find(srv->reg, req->method, req->method_len);
 	*status = PBRPC_STATUS_INVALID_ARGUMENT;
 	if (!*m && !pbrpc_method_valid(req->method, req->method_len))
 		return "invalid method name in request";
@@ -657,7 +700,7 @@ static const char *request_refusal(srv_conn *c, const pbrpc__wire_request *req, 
 	if (!*m) {
 		const char *slash = memchr(req->method, '/', req->method_len);
 		size_t svc_len = (size_t)(slash - req->method);
-		if (pbrpc__registry_service_known(&srv->reg, req->method, svc_len))
+		if (pbrpc__registry_service_known(srv->reg, req->method, svc_len))
 			snprintf(text, len, "unknown method %.*s", (int)req->method_len, req->method);
 		else
 			snprintf(text, len, "unknown service %.*s", (int)svc_len, req->method);
@@ -795,7 +838,7 @@ static void on_request(pbrpc__conn *base, const pbrpc__frame *f)
 	int st;
 	if (req.body_len <= SRV_SMALL_BODY) {
 		pbrpc__arena_set_limit(&call->arena, SRV_SMALL_LIMIT);
-		const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(&srv->reg, m)->input;
+		const ProtobufCMessageDescriptor *in = pbrpc__registry_method_desc(srv->reg, m)->input;
 		call->input = protobuf_c_message_unpack(in, &call->arena.pa, req.body_len, req.body);
 		st = call->input ? 0 : unpack_failed(srv, call, req.body_len, text, sizeof(text));
 	} else {
@@ -889,7 +932,7 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 	char name[64];
 	pbrpc__srv_conn_name(c, name, sizeof(name));
 	if (base->goaway_sent > 0 && base->closed_in != PBRPC__CONN_PREFACE)
-		srv->stats.protocol_errors++;
+		SRV_STAT_ADD(srv, protocol_errors, 1);
 	if (base->goaway_sent >= 0)
 		pbrpc__srv_log(srv, PBRPC_LOG_WARN, "closing connection %s: %s", name, why);
 	else if (err == 0)
@@ -903,7 +946,7 @@ static void on_close(pbrpc__conn *base, int err, const char *why)
 	srv_call *call;
 	while ((call = pbrpc__idmap_take_any(&base->calls, &id)) != NULL) {
 		if (call->started && !call->answered)
-			pbrpc__registry_observe_orphan(&srv->reg, call->m);
+			pbrpc__registry_observe_orphan(srv->reg, call->m);
 		call->conn = NULL;
 		call->answered = true;
 		pbrpc__heap_stop(&srv->timers, &call->timer);

@@ -56,7 +56,7 @@ static void refuse_with(pbrpc_server *srv, int fd, int status, const char *why)
 	else
 		c.fd = fd; /* closed by fini */
 	pbrpc__conn_fini(&c);
-	srv->stats.connections_refused++;
+	SRV_STAT_ADD(srv, connections_refused, 1);
 }
 
 /* The same for authz.c's per-uid cap. */
@@ -256,6 +256,109 @@ static srv_conn *conn_new(pbrpc_server *srv, int fd, const srv_listener *l, cons
 	return c;
 }
 
+/* The loop with the fewest connections (the lowest index among equals), so
+ * that connections spread evenly: 16 over 2 loops are 8 and 8. */
+static pbrpc_server *pick_loop(pbrpc_server *root)
+{
+	pbrpc_server *best = root;
+	unsigned min = atomic_load_explicit(&root->n_conns, memory_order_relaxed);
+	for (unsigned i = 1; i < root->n_loops && min; i++) {
+		unsigned n = atomic_load_explicit(&root->loops[i]->n_conns, memory_order_relaxed);
+		if (n < min) {
+			min = n;
+			best = root->loops[i];
+		}
+	}
+	return best;
+}
+
+void pbrpc__srv_conn_gone(pbrpc_server *srv)
+{
+	atomic_fetch_sub_explicit(&srv->n_conns, 1, memory_order_relaxed);
+	atomic_fetch_sub_explicit(&srv->root->conns_all, 1, memory_order_relaxed);
+}
+
+/* conn_new's failure: the counts the accept took go back. */
+static void adopt_failed(pbrpc_server *srv, int fd, const struct ucred *cred, bool uid_counted)
+{
+	close(fd);
+	if (uid_counted)
+		pbrpc__authz_uid_release(srv->root, cred->uid);
+	pbrpc__srv_conn_gone(srv);
+}
+
+int pbrpc__srv_conn_adopt(pbrpc_server *srv, int fd, const srv_listener *l, const struct ucred *cred,
+			  bool uid_counted)
+{
+	srv_conn *c = conn_new(srv, fd, l, cred);
+	if (!c) {
+		adopt_failed(srv, fd, cred, uid_counted);
+		return -ENOMEM;
+	}
+	c->uid_counted = uid_counted;
+	c->events = EPOLLIN;
+	struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
+	if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &e) < 0) {
+		int err = errno;
+		c->uid_counted = false;
+		pbrpc__authz_conn_closed(c);
+		pbrpc__conn_fini(&c->base);
+		free(c);
+		adopt_failed(srv, fd, cred, uid_counted);
+		return err == ENOSPC ? -ENOMEM : -err; /* max_user_watches: no memory for it */
+	}
+	pbrpc__list_insert(&srv->conns, &c->link);
+	SRV_STAT_ADD(srv, connections_accepted, 1);
+	SRV_STAT_ADD(srv, connections_open, 1);
+	/* Our preface and HELLO go out at once; the timer and events
+	 * follow from the state. */
+	pbrpc__srv_mark_dirty(c);
+	char name[64];
+	pbrpc__srv_log(srv, PBRPC_LOG_DEBUG, "accepted connection %s", pbrpc__srv_conn_name(c, name, sizeof(name)));
+	return 0;
+}
+
+/* On a sibling loop, woken: the fds root accepted for it. */
+void pbrpc__srv_take_handoffs(pbrpc_server *srv)
+{
+	pbrpc__list l;
+	pbrpc__list_init(&l);
+	pthread_mutex_lock(&srv->hand_mu);
+	pbrpc__list_splice(&l, &srv->hand);
+	pthread_mutex_unlock(&srv->hand_mu);
+	pbrpc__list_for_each_safe(h, &l, srv_handoff, link) {
+		pbrpc__list_remove(&h->link);
+		if (srv->shutting_down) {
+			if (h->uid_counted)
+				pbrpc__authz_uid_release(srv->root, h->cred.uid);
+			pbrpc__srv_conn_gone(srv);
+			refuse(srv, h->fd);
+		} else if (pbrpc__srv_conn_adopt(srv, h->fd, h->l, h->has_cred ? &h->cred : NULL, h->uid_counted) < 0) {
+			SRV_STAT_ADD(srv, connections_refused, 1);
+			pbrpc__srv_log(srv, PBRPC_LOG_WARN, "accept: out of memory");
+		}
+		free(h);
+	}
+}
+
+static int hand_over(pbrpc_server *to, int fd, const srv_listener *l, const struct ucred *cred, bool uid_counted)
+{
+	srv_handoff *h = malloc(sizeof(*h));
+	if (!h)
+		return -ENOMEM;
+	h->fd = fd;
+	h->l = l;
+	h->has_cred = cred != NULL;
+	if (cred)
+		h->cred = *cred;
+	h->uid_counted = uid_counted;
+	pthread_mutex_lock(&to->hand_mu);
+	pbrpc__list_append(&to->hand, &h->link);
+	pthread_mutex_unlock(&to->hand_mu);
+	pbrpc__srv_wake(to);
+	return 0;
+}
+
 void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l)
 {
 	if (l->fd < 0 || srv->accept_paused)
@@ -273,7 +376,8 @@ void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l)
 		}
 		if (srv->accept_backoff_ms)
 			accept_recovered(srv);
-		if (srv->stats.connections_open >= srv->o.max_connections || srv->shutting_down) {
+		if (atomic_load_explicit(&srv->conns_all, memory_order_relaxed) >= srv->o.max_connections ||
+		    srv->shutting_down) {
 			refuse(srv, fd);
 			continue;
 		}
@@ -281,34 +385,32 @@ void pbrpc__srv_accept(pbrpc_server *srv, srv_listener *l)
 		socklen_t sl = sizeof(cred);
 		bool has_cred = l->ep.kind != PBRPC_ENDPOINT_TCP &&
 				getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &sl) == 0;
-		if (has_cred && srv->o.max_connections_per_uid && pbrpc__authz_uid_full(srv, cred.uid)) {
-			pbrpc__authz_refuse_uid(srv, fd, cred.uid);
+		bool uid_counted = false;
+		if (has_cred && srv->o.max_connections_per_uid) {
+			int t = pbrpc__authz_uid_take(srv, cred.uid);
+			if (t < 0) {
+				pbrpc__authz_refuse_uid(srv, fd, cred.uid);
+				continue;
+			}
+			uid_counted = t > 0;
+		}
+		/* Counted now, on this thread: the next accept sees it. */
+		pbrpc_server *to = srv->n_loops > 1 ? pick_loop(srv) : srv;
+		atomic_fetch_add_explicit(&to->n_conns, 1, memory_order_relaxed);
+		atomic_fetch_add_explicit(&srv->conns_all, 1, memory_order_relaxed);
+		if (to != srv) {
+			if (hand_over(to, fd, l, has_cred ? &cred : NULL, uid_counted) < 0) {
+				adopt_failed(to, fd, &cred, uid_counted);
+				at_limit(srv, l, ENOMEM);
+				return;
+			}
 			continue;
 		}
-		srv_conn *c = conn_new(srv, fd, l, has_cred ? &cred : NULL);
-		if (!c) {
-			close(fd);
-			at_limit(srv, l, ENOMEM);
+		int err = pbrpc__srv_conn_adopt(srv, fd, l, has_cred ? &cred : NULL, uid_counted);
+		if (err < 0) {
+			at_limit(srv, l, -err);
 			return;
 		}
-		c->events = EPOLLIN;
-		struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
-		if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &e) < 0) {
-			int err = errno;
-			pbrpc__authz_conn_closed(c);
-			pbrpc__conn_fini(&c->base);
-			free(c);
-			at_limit(srv, l, err == ENOSPC ? ENOMEM : err); /* max_user_watches: no memory for it */
-			return;
-		}
-		pbrpc__list_insert(&srv->conns, &c->link);
-		srv->stats.connections_accepted++;
-		srv->stats.connections_open++;
-		/* Our preface and HELLO go out at once; the timer and events
-		 * follow from the state. */
-		pbrpc__srv_mark_dirty(c);
-		char name[64];
-		pbrpc__srv_log(srv, PBRPC_LOG_DEBUG, "accepted connection %s", pbrpc__srv_conn_name(c, name, sizeof(name)));
 	}
 }
 

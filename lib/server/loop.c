@@ -3,6 +3,7 @@
  * connection per batch; timers; graceful and forced drain. */
 #include <errno.h>
 #include <limits.h>
+#include <signal.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -144,10 +145,12 @@ void pbrpc__srv_conn_closed(srv_conn *c)
 		c->base.mem_paused = false;
 		srv->mem_paused--;
 	}
-	srv->stats.connections_open--;
+	SRV_STAT_ADD(srv, connections_open, -1);
 	srv->reap_pending = true;
+	pbrpc__srv_conn_gone(srv);
 	if (srv->accept_paused)
-		pbrpc__srv_accept_resume(srv); /* out of fds: one just came free */
+		pbrpc__srv_accept_resume(srv); /* out of fds: one just came free (root's
+		                                * backoff timer notices other loops') */
 }
 
 void pbrpc__srv_conn_free(srv_conn *c)
@@ -425,9 +428,16 @@ static void begin_shutdown(pbrpc_server *srv, int drain_ms)
 	if (srv->shutting_down)
 		return;
 	srv->shutting_down = true;
-	srv->reg.shutting_down = true;
-	pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutting down (drain %d ms)", drain_ms);
+	__atomic_store_n(&srv->reg->shutting_down, true, __ATOMIC_RELAXED);
+	if (srv == srv->root)
+		pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutting down (drain %d ms)", drain_ms);
 	pbrpc__srv_listeners_close(srv);
+	if (srv == srv->root && srv->n_loops > 1) {
+		/* Nothing is accepted for the other loops any more: they may finish. */
+		atomic_store(&srv->accept_closed, true);
+		for (unsigned i = 1; i < srv->n_loops; i++)
+			pbrpc__srv_wake(srv->loops[i]);
+	}
 	/* Handshaking connections drain too: our HELLO is out, so the client
 	 * may already have sent its HELLO and requests behind it. Closing
 	 * would lose them; the GOAWAY after our HELLO answers them NOT_RUN. */
@@ -441,13 +451,22 @@ static void begin_shutdown(pbrpc_server *srv, int drain_ms)
 
 /* A request, from any thread or a signal handler (atomics only): the
  * shortest drain asked for wins, so a second SIGTERM's 0 ends a 5 s drain. */
-PBRPC_EXPORT void pbrpc_server_shutdown(pbrpc_server *srv, int drain_ms)
+static void shutdown_one(pbrpc_server *srv, int v)
 {
-	int v = drain_ms < 0 ? INT_MAX : (drain_ms >= INT_MAX - 1 ? INT_MAX - 1 : drain_ms + 1);
 	int cur = atomic_load(&srv->shutdown_req);
 	while ((cur == 0 || v < cur) && !atomic_compare_exchange_weak(&srv->shutdown_req, &cur, v))
 		;
 	pbrpc__srv_wake(srv);
+}
+
+/* Every loop drains on its own; root's listeners close in its begin_shutdown. */
+PBRPC_EXPORT void pbrpc_server_shutdown(pbrpc_server *srv, int drain_ms)
+{
+	int v = drain_ms < 0 ? INT_MAX : (drain_ms >= INT_MAX - 1 ? INT_MAX - 1 : drain_ms + 1);
+	srv = srv->root;
+	shutdown_one(srv, v);
+	for (unsigned i = 1; i < srv->n_loops; i++)
+		shutdown_one(srv->loops[i], v);
 }
 
 /* On the loop thread, after a wake-up: begin the drain, or shorten it. */
@@ -462,7 +481,8 @@ static void shutdown_requested(pbrpc_server *srv)
 		begin_shutdown(srv, drain_ms);
 		return;
 	}
-	pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutting down sooner (drain %d ms)", drain_ms);
+	if (srv == srv->root)
+		pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutting down sooner (drain %d ms)", drain_ms);
 	drain_within(srv, drain_ms);
 	flush_dirty(srv);
 }
@@ -506,7 +526,9 @@ static void on_event(pbrpc_server *srv, const struct epoll_event *ev)
 		uint64_t v;
 		ssize_t r = read(srv->wake.fd, &v, sizeof(v));
 		(void)r;
-		pbrpc__srv_drain_completions(srv);
+		if (srv != srv->root)
+			pbrpc__srv_take_handoffs(srv);
+		pbrpc__srv_drain_completions(srv); /* and pbrpc_stream_post's */
 		shutdown_requested(srv);
 		break;
 	}
@@ -552,7 +574,21 @@ static void read_again(pbrpc_server *srv)
 	}
 }
 
-PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
+/* A sibling loop finishes once root accepts nothing more for it. */
+static bool handoffs_over(pbrpc_server *srv)
+{
+	if (srv == srv->root)
+		return true;
+	if (!atomic_load(&srv->root->accept_closed))
+		return false;
+	pthread_mutex_lock(&srv->hand_mu);
+	bool empty = pbrpc__list_empty(&srv->hand);
+	pthread_mutex_unlock(&srv->hand_mu);
+	return empty;
+}
+
+/* One round of one loop. */
+static int loop_round(pbrpc_server *srv, int timeout_ms)
 {
 	if (srv->shutdown_done)
 		return 1;
@@ -577,10 +613,11 @@ PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 		reap_closed(srv); /* closed by an event, a timer or a flush */
 	if (srv->mem_paused)
 		mem_resume(srv);
-	if (srv->shutting_down && drain_done(srv)) {
+	if (srv->shutting_down && drain_done(srv) && handoffs_over(srv)) {
 		pbrpc__heap_stop(&srv->timers, &srv->drain);
 		srv->shutdown_done = true;
-		pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutdown complete");
+		if (srv == srv->root)
+			pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutdown complete");
 		return 1;
 	}
 	/* An embedder waits on pbrpc_server_fd() next, not here: the tick must
@@ -589,16 +626,92 @@ PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
 	return 0;
 }
 
-PBRPC_EXPORT int pbrpc_server_run(pbrpc_server *srv)
+PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms)
+{
+	if (srv->n_loops > 1)
+		return PBRPC_EINVALID; /* each loop has its own thread: pbrpc_server_run */
+	return loop_round(srv, timeout_ms);
+}
+
+static int loop_run(pbrpc_server *srv)
 {
 	for (;;) {
-		int rc = pbrpc_server_process(srv, -1);
+		int rc = loop_round(srv, -1);
 		if (rc != 0)
 			return rc > 0 ? 0 : rc;
 	}
 }
 
+static void *sibling_main(void *arg)
+{
+	pbrpc_server *srv = arg;
+	srv->run_rc = loop_run(srv);
+	if (srv->run_rc < 0)
+		pbrpc_server_shutdown(srv->root, 0); /* the others would wait for it */
+	return NULL;
+}
+
+void pbrpc__srv_loops_join(pbrpc_server *root)
+{
+	bool any = false;
+	for (unsigned i = 1; i < root->n_loops; i++)
+		any |= root->loops[i]->thread_started;
+	if (!any)
+		return;
+	pbrpc_server_shutdown(root, 0);
+	/* Root's listeners close in its own begin_shutdown, which will not run
+	 * now: the siblings need not wait for handoffs. */
+	atomic_store(&root->accept_closed, true);
+	for (unsigned i = 1; i < root->n_loops; i++) {
+		pbrpc_server *l = root->loops[i];
+		pbrpc__srv_wake(l);
+		if (l->thread_started)
+			pthread_join(l->thread, NULL);
+		l->thread_started = false;
+	}
+}
+
+PBRPC_EXPORT int pbrpc_server_run(pbrpc_server *srv)
+{
+	if (srv->n_loops <= 1)
+		return loop_run(srv);
+	int rc = 0;
+	/* Signals stay with the caller's threads, as with one loop. */
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	for (unsigned i = 1; i < srv->n_loops && !rc; i++) {
+		pbrpc_server *l = srv->loops[i];
+		if (l->shutdown_done)
+			continue;
+		int err = pthread_create(&l->thread, NULL, sibling_main, l);
+		if (err)
+			rc = -err;
+		else
+			l->thread_started = true;
+	}
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (!rc)
+		rc = loop_run(srv);
+	if (rc < 0)
+		pbrpc_server_shutdown(srv, 0);
+	if (rc < 0 && !srv->shutdown_done)
+		atomic_store(&srv->accept_closed, true); /* root stopped accepting */
+	for (unsigned i = 1; i < srv->n_loops; i++) {
+		pbrpc_server *l = srv->loops[i];
+		if (!l->thread_started)
+			continue;
+		if (rc < 0)
+			pbrpc__srv_wake(l);
+		pthread_join(l->thread, NULL);
+		l->thread_started = false;
+		if (!rc && l->run_rc < 0)
+			rc = l->run_rc;
+	}
+	return rc;
+}
+
 PBRPC_EXPORT int pbrpc_server_fd(const pbrpc_server *srv)
 {
-	return srv->epfd;
+	return srv->n_loops > 1 ? PBRPC_EINVALID : srv->epfd;
 }

@@ -245,9 +245,9 @@ const ProtobufCService *pbrpc__registry_find_service(const pbrpc__registry *r, c
 int pbrpc__registry_serving(const pbrpc__registry *r, const char *name)
 {
 	if (!name || !*name)
-		return r->serving && !r->shutting_down;
+		return r->serving && !__atomic_load_n(&r->shutting_down, __ATOMIC_RELAXED);
 	const pbrpc__service_entry *e = entry(r, name);
-	return e ? e->serving && !r->shutting_down : -1;
+	return e ? e->serving && !__atomic_load_n(&r->shutting_down, __ATOMIC_RELAXED) : -1;
 }
 
 int pbrpc__registry_set_serving(pbrpc__registry *r, const char *name, bool serving)
@@ -287,16 +287,17 @@ void pbrpc__registry_observe(pbrpc__registry *r, const pbrpc__method *m, const p
 	pbrpc__method_stats *st = m ? m->stats : r->unknown;
 	if (st && r->counting) {
 		int status = info->status >= 0 && info->status < PBRPC_STATUS_COUNT ? info->status : PBRPC_STATUS_UNKNOWN;
-		st->calls[status]++;
+		__atomic_fetch_add(&st->calls[status], 1, __ATOMIC_RELAXED);
 		size_t b = 0;
 		while (b < PBRPC__STATS_N_BOUNDS && info->duration_ns > stats_bounds[b])
 			b++;
-		st->buckets[b]++;
-		st->duration_ns += info->duration_ns > 0 ? (uint64_t)info->duration_ns : 0;
-		st->bytes_in += info->bytes_in;
-		st->bytes_out += info->bytes_out;
-		if (started && st->in_flight)
-			st->in_flight--;
+		__atomic_fetch_add(&st->buckets[b], 1, __ATOMIC_RELAXED);
+		__atomic_fetch_add(&st->duration_ns, info->duration_ns > 0 ? (uint64_t)info->duration_ns : 0,
+				   __ATOMIC_RELAXED);
+		__atomic_fetch_add(&st->bytes_in, info->bytes_in, __ATOMIC_RELAXED);
+		__atomic_fetch_add(&st->bytes_out, info->bytes_out, __ATOMIC_RELAXED);
+		if (started && __atomic_load_n(&st->in_flight, __ATOMIC_RELAXED))
+			__atomic_fetch_sub(&st->in_flight, 1, __ATOMIC_RELAXED);
 	}
 	if (r->call_log)
 		r->call_log(r->call_log_user, info);

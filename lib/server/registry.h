@@ -19,7 +19,9 @@
 		100000000, 250000000, 500000000, 1000000000, 2500000000, 5000000000, 10000000000
 #define PBRPC__STATS_N_BOUNDS 18
 
-/* One method's counters (or those of requests naming no hosted method). */
+/* One method's counters (or those of requests naming no hosted method).
+ * Every loop adds to them (opts.loop_threads): relaxed atomic adds, read
+ * with relaxed loads (stats.c). */
 typedef struct pbrpc__method_stats {
 	uint64_t calls[PBRPC_STATUS_COUNT]; /* answered, by status */
 	uint64_t buckets[PBRPC__STATS_N_BOUNDS + 1]; /* by duration, not cumulative */
@@ -143,7 +145,7 @@ void pbrpc__registry_observe(pbrpc__registry *r, const pbrpc__method *m, const p
 static inline void pbrpc__registry_observe_start(pbrpc__registry *r, const pbrpc__method *m)
 {
 	if (m->stats)
-		m->stats->in_flight++;
+		__atomic_fetch_add(&m->stats->in_flight, 1, __ATOMIC_RELAXED);
 	(void)r;
 }
 
@@ -151,8 +153,8 @@ static inline void pbrpc__registry_observe_start(pbrpc__registry *r, const pbrpc
  * closed). */
 static inline void pbrpc__registry_observe_orphan(pbrpc__registry *r, const pbrpc__method *m)
 {
-	if (m->stats && m->stats->in_flight)
-		m->stats->in_flight--;
+	if (m->stats && __atomic_load_n(&m->stats->in_flight, __ATOMIC_RELAXED))
+		__atomic_fetch_sub(&m->stats->in_flight, 1, __ATOMIC_RELAXED);
 	(void)r;
 }
 

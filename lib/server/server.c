@@ -93,23 +93,15 @@ static void budget_init(pbrpc_server *srv)
 	srv->conn_easy = o->max_conn_memory > srv->easy_room ? o->max_conn_memory - srv->easy_room : 0;
 }
 
-PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *opts)
+/* One loop's own state (every loop, root included): epoll set, wake-up
+ * eventfd, scratch buffer, lists, timers, queues. srv->o, ->root and ->reg
+ * are set. */
+static int loop_init(pbrpc_server *srv)
 {
-	*out = NULL;
-	pbrpc_server *srv = calloc(1, sizeof(*srv));
-	if (!srv)
-		return -ENOMEM;
-	if (opts)
-		srv->o = *opts;
-	opts_defaults(&srv->o);
 	budget_init(srv);
 	srv->hello = (pbrpc_hello){ .version = PBRPC_WIRE_VERSION, .max_frame = srv->o.max_frame,
 				    .max_calls = srv->o.max_calls, .features = PBRPC_FEATURES,
 				    .agent = PBRPC_WIRE_AGENT, .stream_window = srv->o.stream_window };
-	pbrpc__registry_init(&srv->reg);
-	srv->reg.call_log = srv->o.call_log;
-	srv->reg.call_log_user = srv->o.call_log_user;
-	srv->reg.observe = srv->o.call_log != NULL;
 	pbrpc__list_init(&srv->conns);
 	pbrpc__list_init(&srv->dirty);
 	pbrpc__list_init(&srv->again);
@@ -117,7 +109,9 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	pbrpc__list_init(&srv->live);
 	pbrpc__list_init(&srv->stream_events);
 	pbrpc__list_init(&srv->cq);
+	pbrpc__list_init(&srv->posts);
 	pbrpc__list_init(&srv->wq);
+	pbrpc__list_init(&srv->hand);
 	pbrpc__timer_init(&srv->sweep, SRV_TIMER_SWEEP);
 	pbrpc__timer_init(&srv->drain, SRV_TIMER_DRAIN);
 	pbrpc__timer_init(&srv->accept_timer, SRV_TIMER_ACCEPT);
@@ -131,21 +125,15 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 	srv->tick.fd = -1;
 	pthread_mutex_init(&srv->cq_mu, NULL);
 	pthread_mutex_init(&srv->wq_mu, NULL);
+	pthread_mutex_init(&srv->hand_mu, NULL);
+	pthread_mutex_init(&srv->uid_mu, NULL);
 	pthread_cond_init(&srv->wq_cv, NULL);
 
 	int err;
-	if (srv->o.tls.cert || srv->o.tls.ca) {
-		char why[256];
-		err = pbrpc__tls_ctx_new(&srv->tls_ctx, true, &srv->o.tls, why, sizeof(why));
-		if (err < 0) {
-			pbrpc__srv_log(srv, PBRPC_LOG_ERROR, "tls: %s", why[0] ? why : pbrpc_strerror(err));
-			goto err_srv;
-		}
-	}
 	srv->epfd = epoll_create1(EPOLL_CLOEXEC);
 	if (srv->epfd < 0) {
 		err = -errno;
-		goto err_srv;
+		goto err_mu;
 	}
 	srv->wake.fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (srv->wake.fd < 0) {
@@ -174,17 +162,8 @@ PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *o
 		err = -ENOMEM;
 		goto err_scratch;
 	}
-	pbrpc__srv_reserve_fd(srv); /* best effort: taken again when needed */
-	err = pbrpc__srv_workers_start(srv);
-	if (err < 0)
-		goto err_timers;
-	*out = srv;
 	return 0;
 
-err_timers:
-	if (srv->reserve_fd >= 0)
-		close(srv->reserve_fd);
-	pbrpc__heap_fini(&srv->timers);
 err_scratch:
 	free(srv->scratch);
 err_wake:
@@ -193,37 +172,36 @@ err_wake:
 	close(srv->wake.fd);
 err_ep:
 	close(srv->epfd);
-err_srv:
-	pbrpc__tls_ctx_free(srv->tls_ctx);
+err_mu:
 	pthread_mutex_destroy(&srv->cq_mu);
 	pthread_mutex_destroy(&srv->wq_mu);
+	pthread_mutex_destroy(&srv->hand_mu);
+	pthread_mutex_destroy(&srv->uid_mu);
 	pthread_cond_destroy(&srv->wq_cv);
-	free(srv);
 	return err;
 }
 
-PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
+/* What loop_init made, and the loop's connections and calls. */
+static void loop_fini(pbrpc_server *srv)
 {
-	if (!srv)
-		return;
-	pbrpc__srv_workers_stop(srv);
-	pbrpc__srv_listeners_close(srv);
-	for (size_t i = 0; i < srv->n_listeners; i++)
-		free(srv->listeners[i]);
-	free(srv->listeners);
 	pbrpc__list_for_each_safe(c, &srv->conns, srv_conn, link) {
 		pbrpc__conn_close(&c->base, 0, "server freed");
 		pbrpc__srv_conn_free(c);
 	}
+	/* Accepted for this loop, never adopted. */
+	pbrpc__list_for_each_safe(h, &srv->hand, srv_handoff, link) {
+		pbrpc__list_remove(&h->link);
+		close(h->fd);
+		free(h);
+	}
 	/* Streams still open heard of it in on_close: their on_cancel runs now,
 	 * so that their handlers can let go of what they hold. */
 	pbrpc__srv_stream_events(srv);
+	pbrpc__srv_run_posts(srv); /* so that their arguments can be freed */
 	/* Calls waiting for a closure, completed ones not yet collected, pooled ones. */
 	pthread_mutex_lock(&srv->cq_mu);
 	pbrpc__srv_calls_free(srv);
 	pthread_mutex_unlock(&srv->cq_mu);
-	pbrpc__registry_fini(&srv->reg);
-	pbrpc__authz_fini(srv);
 	pbrpc__arena_spare_free(&srv->spare_big);
 	pbrpc__heap_fini(&srv->timers);
 	free(srv->scratch);
@@ -232,24 +210,135 @@ PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
 	close(srv->wake.fd);
 	close(srv->tick.fd);
 	close(srv->epfd);
-	pbrpc__tls_ctx_free(srv->tls_ctx);
 	pthread_mutex_destroy(&srv->cq_mu);
 	pthread_mutex_destroy(&srv->wq_mu);
+	pthread_mutex_destroy(&srv->hand_mu);
+	pthread_mutex_destroy(&srv->uid_mu);
 	pthread_cond_destroy(&srv->wq_cv);
+}
+
+#define LOOPS_MAX 256
+
+/* Loops 1..n-1 (opts.loop_threads): the memory budget split evenly. */
+static int siblings_new(pbrpc_server *root, unsigned n)
+{
+	root->loops = calloc(n, sizeof(*root->loops));
+	if (!root->loops)
+		return -ENOMEM;
+	root->loops[0] = root;
+	root->n_loops = 1;
+	for (unsigned i = 1; i < n; i++) {
+		pbrpc_server *l = calloc(1, sizeof(*l));
+		if (!l)
+			return -ENOMEM;
+		l->o = root->o;
+		l->root = root;
+		l->reg = root->reg;
+		l->tls_ctx = root->tls_ctx; /* root's */
+		l->loop_index = i;
+		int err = loop_init(l);
+		if (err < 0) {
+			free(l);
+			return err;
+		}
+		root->loops[root->n_loops++] = l;
+	}
+	return 0;
+}
+
+PBRPC_EXPORT int pbrpc_server_new(pbrpc_server **out, const pbrpc_server_opts *opts)
+{
+	*out = NULL;
+	pbrpc_server *srv = calloc(1, sizeof(*srv));
+	if (!srv)
+		return -ENOMEM;
+	if (opts)
+		srv->o = *opts;
+	unsigned n = srv->o.loop_threads ? srv->o.loop_threads : 1;
+	if (n > LOOPS_MAX)
+		n = LOOPS_MAX;
+	srv->o.loop_threads = n;
+	if (n > 1 && srv->o.max_memory)
+		srv->o.max_memory /= n; /* each loop's share; opts_defaults floors it */
+	else if (n > 1)
+		srv->o.max_memory = ((size_t)512 << 20) / n;
+	opts_defaults(&srv->o);
+	srv->root = srv;
+	srv->reg = &srv->reg_store;
+	srv->n_loops = 1;
+	pbrpc__registry_init(srv->reg);
+	srv->reg->call_log = srv->o.call_log;
+	srv->reg->call_log_user = srv->o.call_log_user;
+	srv->reg->observe = srv->o.call_log != NULL;
+
+	int err;
+	if (srv->o.tls.cert || srv->o.tls.ca) {
+		char why[256];
+		err = pbrpc__tls_ctx_new(&srv->tls_ctx, true, &srv->o.tls, why, sizeof(why));
+		if (err < 0) {
+			pbrpc__srv_log(srv, PBRPC_LOG_ERROR, "tls: %s", why[0] ? why : pbrpc_strerror(err));
+			goto err_srv;
+		}
+	}
+	err = loop_init(srv);
+	if (err < 0)
+		goto err_srv;
+	pbrpc__srv_reserve_fd(srv); /* best effort: taken again when needed */
+	if (n > 1 && (err = siblings_new(srv, n)) < 0)
+		goto err_loop;
+	err = pbrpc__srv_workers_start(srv);
+	if (err < 0)
+		goto err_loop;
+	*out = srv;
+	return 0;
+
+err_loop:
+	for (unsigned i = 1; i < srv->n_loops; i++) {
+		loop_fini(srv->loops[i]);
+		free(srv->loops[i]);
+	}
+	free(srv->loops);
+	loop_fini(srv);
+err_srv:
+	pbrpc__registry_fini(srv->reg);
+	pbrpc__tls_ctx_free(srv->tls_ctx);
+	free(srv);
+	return err;
+}
+
+PBRPC_EXPORT void pbrpc_server_free(pbrpc_server *srv)
+{
+	if (!srv)
+		return;
+	pbrpc__srv_loops_join(srv);
+	pbrpc__srv_workers_stop(srv);
+	pbrpc__srv_listeners_close(srv);
+	for (size_t i = 0; i < srv->n_listeners; i++)
+		free(srv->listeners[i]);
+	free(srv->listeners);
+	for (unsigned i = 1; i < srv->n_loops; i++) {
+		loop_fini(srv->loops[i]);
+		free(srv->loops[i]);
+	}
+	free(srv->loops);
+	loop_fini(srv);
+	pbrpc__registry_fini(srv->reg);
+	pbrpc__authz_fini(srv);
+	pbrpc__tls_ctx_free(srv->tls_ctx);
 	free(srv);
 }
 
 pbrpc__registry *pbrpc__server_registry(pbrpc_server *srv)
 {
-	return &srv->reg;
+	return srv->reg;
 }
 
 PBRPC_EXPORT int pbrpc_server_add_service(pbrpc_server *srv, ProtobufCService *service)
 {
-	int rc = pbrpc__registry_add(&srv->reg, service, false);
+	int rc = pbrpc__registry_add(srv->reg, service, false);
 	int fl = 0;
 	const char *m = rc == PBRPC_EINVALID && service && service->descriptor && service->descriptor->name
-				? pbrpc__registry_stream_method(&srv->reg, service->descriptor, &fl)
+				? pbrpc__registry_stream_method(srv->reg, service->descriptor, &fl)
 				: NULL;
 	if (m)
 		pbrpc__srv_log(srv, PBRPC_LOG_ERROR,
@@ -264,10 +353,30 @@ PBRPC_EXPORT int pbrpc_server_add_service(pbrpc_server *srv, ProtobufCService *s
 
 PBRPC_EXPORT int pbrpc_server_set_serving(pbrpc_server *srv, const char *service, bool serving)
 {
-	return pbrpc__registry_set_serving(&srv->reg, service, serving);
+	return pbrpc__registry_set_serving(srv->reg, service, serving);
 }
 
 PBRPC_EXPORT void pbrpc_server_get_stats(const pbrpc_server *srv, pbrpc_server_stats *out)
 {
-	*out = srv->stats;
+	*out = (pbrpc_server_stats){ 0 };
+	unsigned n = srv->n_loops > 1 ? srv->n_loops : 1;
+	for (unsigned i = 0; i < n; i++) {
+		const pbrpc_server_stats *s = n > 1 ? &srv->loops[i]->stats : &srv->stats;
+		out->connections_accepted += __atomic_load_n(&s->connections_accepted, __ATOMIC_RELAXED);
+		out->connections_refused += __atomic_load_n(&s->connections_refused, __ATOMIC_RELAXED);
+		out->connections_open += __atomic_load_n(&s->connections_open, __ATOMIC_RELAXED);
+		out->protocol_errors += __atomic_load_n(&s->protocol_errors, __ATOMIC_RELAXED);
+		out->calls_started += __atomic_load_n(&s->calls_started, __ATOMIC_RELAXED);
+		out->calls_completed += __atomic_load_n(&s->calls_completed, __ATOMIC_RELAXED);
+		out->calls_in_flight += __atomic_load_n(&s->calls_in_flight, __ATOMIC_RELAXED);
+		out->calls_denied += __atomic_load_n(&s->calls_denied, __ATOMIC_RELAXED);
+	}
+}
+
+unsigned pbrpc__server_loop_conns(const pbrpc_server *srv, unsigned i)
+{
+	if (i >= (srv->n_loops > 1 ? srv->n_loops : 1))
+		return 0;
+	const pbrpc_server *l = srv->n_loops > 1 ? srv->loops[i] : srv;
+	return (unsigned)__atomic_load_n(&l->stats.connections_open, __ATOMIC_RELAXED);
 }

@@ -1,9 +1,16 @@
 /* The server's private objects, shared by the files of lib/server/.
  *
- * Threading: one loop thread owns every connection, call table and timer.
- * Other threads touch only (a) a call's `cancelled` flag, (b) the completion
- * queue, guarded by cq_mu, through which closures called off the loop thread
- * hand their packed replies back, and (c) the worker queue (wq_mu).
+ * Threading: a `struct pbrpc_server` is one loop (opts.loop_threads, default
+ * 1): its thread owns its connections, call tables and timers. Loop 0 is the
+ * handle the user holds (`root`); it alone owns what the loops share: the
+ * options, the registry (`reg` points at root's), the listeners (it accepts
+ * for every loop), the TLS context, the worker pool, the connection counts
+ * (max_connections, per uid: uid_mu) and the sibling loops. Other threads
+ * touch only (a) a call's `cancelled` flag, (b) a loop's completion queue,
+ * guarded by cq_mu, through which closures called off the call's loop thread
+ * hand their packed replies back, (c) root's worker queue (wq_mu), (d) a
+ * loop's handoff queue (hand_mu: fds root accepted for it), (e) the stats
+ * counters (one writer each, SRV_STAT_ADD; read with relaxed atomics).
  *
  * Memory: reads land in one loop-wide scratch buffer and are decoded in place;
  * only a frame split across reads is copied into the connection's decoder.
@@ -36,10 +43,32 @@
 #define SRV_MEM_MIN (64u * 1024u)       /* a connection is read while this much budget is left */
 #define SRV_MEM_FLOOR (4u << 20)       /* opts.max_memory is at least this */
 #define SRV_CONN_MEM_FLOOR (1u << 20)  /* opts.max_conn_memory is at least this */
-#define SRV_UNPACK_FACTOR 8u            /* default opts.unpack_factor (docs/ARCHITECTURE.md) */
+#define SRV_UNPACK_FACTOR 8u            /* default opts.unpack_factor (docs/MEMORY.md) */
 #define SRV_WORKER_UNPACK (64u * 1024u) /* with workers, larger bodies are unpacked there */
 #define SRV_SMALL_BODY 4096u            /* bodies up to this unpack within SRV_SMALL_LIMIT */
 #define SRV_SMALL_LIMIT (SRV_UNPACK_FACTOR * SRV_SMALL_BODY + SRV_ARENA_KEEP)
+
+/* A connection's counters have one writer, its loop; pbrpc_server_get_stats
+ * reads them from any thread. */
+#define SRV_STAT_ADD(srv, field, n) \
+	__atomic_store_n(&(srv)->stats.field, (srv)->stats.field + (uint64_t)(n), __ATOMIC_RELAXED)
+
+/* An fd root accepted for another loop (pbrpc__srv_conn_adopt there). */
+typedef struct srv_handoff {
+	pbrpc__list link;
+	int fd;
+	const struct srv_listener *l;
+	bool has_cred;
+	bool uid_counted;
+	struct ucred cred;
+} srv_handoff;
+
+/* A function another thread asked this loop to run (pbrpc_stream_post). */
+typedef struct srv_post {
+	pbrpc__list link;
+	void (*fn)(void *arg);
+	void *arg;
+} srv_post;
 
 /* What an epoll event's data.ptr points at: the first member of each. */
 enum srv_src { SRV_SRC_LISTENER, SRV_SRC_CONN, SRV_SRC_WAKE, SRV_SRC_TICK };
@@ -161,8 +190,9 @@ struct pbrpc_server {
 	size_t scratch_want; /* twice the largest request just received whole */
 	pbrpc_hello hello;   /* what we announce */
 
-	pbrpc__registry reg;
-	srv_listener **listeners;
+	pbrpc__registry *reg; /* root's reg_store */
+	pbrpc__registry reg_store;
+	srv_listener **listeners; /* root only */
 	size_t n_listeners;
 
 	pbrpc__list conns;
@@ -191,6 +221,7 @@ struct pbrpc_server {
 
 	pthread_mutex_t cq_mu;
 	pbrpc__list cq;
+	pbrpc__list posts; /* srv_post: pbrpc_stream_post's functions, under cq_mu */
 
 	pthread_mutex_t wq_mu;
 	pthread_cond_t wq_cv;
@@ -225,6 +256,24 @@ struct pbrpc_server {
 	uint64_t denied_quiet, uid_refused_quiet; /* not logged yet */
 	int64_t denied_log_next, uid_log_next;
 	uint64_t rng;        /* xorshift state: the connection age's jitter */
+
+	/* Loops (opts.loop_threads). */
+	pbrpc_server *root;     /* loop 0, the user's handle (itself for loop 0) */
+	pbrpc_server **loops;   /* root: the n_loops loops, loops[0] == root */
+	unsigned n_loops;       /* root: 1 or more; siblings: 0 */
+	unsigned loop_index;
+	pthread_t thread;       /* siblings: runs the loop in pbrpc_server_run */
+	bool thread_started;
+	int run_rc;             /* siblings: what their loop returned */
+	atomic_uint n_conns;    /* connections given to this loop, not closed yet
+	                         * (root's placement reads it) */
+	pthread_mutex_t hand_mu;
+	pbrpc__list hand;       /* srv_handoff: accepted for this loop */
+	/* root only */
+	atomic_uint conns_all;  /* open over every loop (max_connections) */
+	atomic_bool accept_closed; /* shutting down: root's listeners are closed,
+	                         * no handoff comes any more */
+	pthread_mutex_t uid_mu; /* the per-uid table (authz.c) */
 };
 
 /* The bytes a connection may still take: the smaller of its share's and the
@@ -242,6 +291,8 @@ static inline size_t pbrpc__srv_mem_avail(const srv_conn *c)
 __attribute__((format(printf, 3, 4))) void pbrpc__srv_log(pbrpc_server *srv, pbrpc_log_level lvl,
 							  const char *fmt, ...);
 const char *pbrpc__srv_conn_name(const srv_conn *c, char *buf, size_t len);
+/* Test hook: connections open on loop i (0 past the last loop). */
+unsigned pbrpc__server_loop_conns(const pbrpc_server *srv, unsigned i);
 
 /* dispatch.c: requests to calls, calls to handlers and back */
 extern _Thread_local pbrpc_server *pbrpc__srv_tl_loop __attribute__((tls_model("initial-exec")));
@@ -249,6 +300,8 @@ extern const pbrpc__conn_ops pbrpc__srv_conn_ops;
 void pbrpc__srv_call_answer(srv_call *call, int status, const char *message, const ProtobufCMessage *msg,
 			    const uint8_t *body, size_t body_len);
 void pbrpc__srv_drain_completions(pbrpc_server *srv);
+void pbrpc__srv_run_posts(pbrpc_server *srv); /* on the loop thread, and at free */
+int pbrpc__srv_post(pbrpc_server *srv, void (*fn)(void *arg), void *arg);
 void pbrpc__srv_wake(pbrpc_server *srv);
 int pbrpc__srv_workers_start(pbrpc_server *srv);
 void pbrpc__srv_workers_stop(pbrpc_server *srv);
@@ -275,15 +328,19 @@ void pbrpc__srv_stream_events(pbrpc_server *srv);
 void pbrpc__srv_stream_destroy(srv_call *call); /* pbrpc_server_free */
 
 /* loop.c */
+void pbrpc__srv_loops_join(pbrpc_server *root); /* shuts down and joins sibling loops still running */
 void pbrpc__srv_mark_dirty(srv_conn *c);
 void pbrpc__srv_conn_closed(srv_conn *c);
 void pbrpc__srv_conn_free(srv_conn *c);
 
 /* authz.c: peers' credentials, policies, connections per uid */
 const char *pbrpc__authz_refusal(srv_conn *c, const pbrpc__method *m, char *text, size_t len);
-bool pbrpc__authz_uid_full(pbrpc_server *srv, uid_t uid);
 void pbrpc__authz_refuse_uid(pbrpc_server *srv, int fd, uid_t uid);
 void pbrpc__authz_conn_open(srv_conn *c, int fd);
+/* Root, at accept: counts a connection of uid unless its cap is reached
+ * (-1: refuse it; 0: not counted; 1: counted). */
+int pbrpc__authz_uid_take(pbrpc_server *srv, uid_t uid);
+void pbrpc__authz_uid_release(pbrpc_server *srv, uid_t uid);
 void pbrpc__authz_conn_closed(srv_conn *c);
 void pbrpc__authz_peer_unref(srv_peer *p);
 void pbrpc__authz_fini(pbrpc_server *srv);
@@ -294,6 +351,14 @@ void pbrpc__srv_accept_resume(pbrpc_server *srv);
 int pbrpc__srv_reserve_fd(pbrpc_server *srv);
 void pbrpc__srv_refuse_with(pbrpc_server *srv, int fd, int status, const char *why);
 void pbrpc__srv_listeners_close(pbrpc_server *srv);
+/* A loop registers an accepted fd as its connection (listener.c); takes the
+ * fd whatever it returns. */
+int pbrpc__srv_conn_adopt(pbrpc_server *srv, int fd, const srv_listener *l, const struct ucred *cred,
+			  bool uid_counted);
+/* The loop's handoff queue: fds root accepted for it. */
+void pbrpc__srv_take_handoffs(pbrpc_server *srv);
+/* The connection left its loop: the counts root places and limits by. */
+void pbrpc__srv_conn_gone(pbrpc_server *srv);
 
 /* call_api.c: the call's peer credentials (pbrpc_call_peer_cred's contract),
  * for calls and streams alike. */

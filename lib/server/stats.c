@@ -45,9 +45,16 @@ static int by_name(const void *a, const void *b)
 	return strcmp(x->name, y->name);
 }
 
-static void fill(Pbrpc__MethodStats *out, const char *name, const pbrpc__method_stats *st, Pbrpc__StatusCount *counts,
-		 Pbrpc__StatusCount **count_ptrs, uint64_t *buckets)
+static void fill(Pbrpc__MethodStats *out, const char *name, const pbrpc__method_stats *live,
+		 Pbrpc__StatusCount *counts, Pbrpc__StatusCount **count_ptrs, uint64_t *buckets)
 {
+	/* Other loops add to it meanwhile (opts.loop_threads): a snapshot. */
+	pbrpc__method_stats snap;
+	const uint64_t *from = (const uint64_t *)live;
+	uint64_t *to = (uint64_t *)&snap;
+	for (size_t i = 0; i < sizeof(snap) / sizeof(uint64_t); i++)
+		to[i] = __atomic_load_n(&from[i], __ATOMIC_RELAXED);
+	const pbrpc__method_stats *st = &snap;
 	pbrpc__method_stats__init(out);
 	out->method = (char *)name;
 	out->calls = count_ptrs;

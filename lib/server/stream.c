@@ -80,7 +80,7 @@ static int add_stream(pbrpc_server *srv, const char *name, pbrpc_stream_kind kin
 	if (!sm)
 		return -ENOMEM;
 	*sm = (srv_stream_method){ kind, in, out, handler, user };
-	return pbrpc__registry_add_stream(&srv->reg, name, (uint8_t)kind, sm);
+	return pbrpc__registry_add_stream(srv->reg, name, (uint8_t)kind, sm);
 }
 
 PBRPC_EXPORT int pbrpc_server_add_stream(pbrpc_server *srv, const pbrpc_stream_desc *desc,
@@ -498,10 +498,10 @@ void pbrpc__srv_stream_open(srv_conn *c, const pbrpc__frame *f, const pbrpc__wir
 		int64_t us = req->timeout_us > (uint64_t)INT64_MAX / 2000 ? INT64_MAX / 2000 : (int64_t)req->timeout_us;
 		call->deadline_ns = srv->now + us * 1000;
 	}
-	srv->stats.calls_started++;
-	if (__builtin_expect(srv->reg.observe, 0)) {
+	SRV_STAT_ADD(srv, calls_started, 1);
+	if (__builtin_expect(srv->reg->observe, 0)) {
 		call->started = true;
-		pbrpc__registry_observe_start(&srv->reg, m);
+		pbrpc__registry_observe_start(srv->reg, m);
 	}
 	st->in_cb++;
 	sm->handler(st, st->request, sm->user);
@@ -604,6 +604,13 @@ PBRPC_EXPORT int pbrpc_stream_end(pbrpc_stream *st, int status, const ProtobufCM
 	if (st->in_cb == 0)
 		stream_free(st);
 	return rc;
+}
+
+PBRPC_EXPORT int pbrpc_stream_post(pbrpc_stream *st, void (*fn)(void *arg), void *arg)
+{
+	if (!st || st->magic != SRV_STREAM_MAGIC || !fn)
+		return PBRPC_EINVALID;
+	return pbrpc__srv_post(st->srv, fn, arg);
 }
 
 PBRPC_EXPORT void pbrpc_stream_pause(pbrpc_stream *st, bool paused)

@@ -1,13 +1,16 @@
 /* demo.Kv: a sorted array of entries under one mutex.
  *
  * Replies are built from copies taken under the lock, and closures run after
- * it is released, so no pbrpc code ever runs while the store is locked.
+ * it is released, so no pbrpc code but pbrpc_stream_post ever runs while the
+ * store is locked.
  *
- * The stream methods (kv.pbrpc.h, from pbrpc-gen) run on the server's loop
- * thread, as pbrpc's stream API requires: Watch's watchers are a list only
- * that thread touches, and a Put, Delete or Upload notifies them when it runs
- * there too (handlers on workers, pbrpc-server --workers, do not: their
- * changes are not seen by watchers). */
+ * Handlers may run on any thread at once (pbrpc-server --workers, or several
+ * loops: --loop-threads). The stream methods (kv.pbrpc.h, from pbrpc-gen)
+ * run on the loop thread of their connection, as pbrpc's stream API
+ * requires. Watch's watchers are a list under the lock; a Put, Delete or
+ * Upload, wherever it runs, queues the change on each matching watcher and
+ * posts a flush to the watcher's loop (pbrpc_stream_post), which sends
+ * them in order. */
 #include <errno.h>
 #include <stdbool.h>
 #include <pthread.h>
@@ -27,11 +30,23 @@ typedef struct kv_entry {
 
 typedef struct kv_store kv_store;
 
+typedef struct change {
+	struct change *next;
+	Demo__Change__Kind kind;
+	size_t len;
+	uint8_t *value;
+	char key[];
+} change;
+
 typedef struct watcher {
 	struct watcher *next;
 	kv_store *kv;
-	Demo__Kv_Watch_Stream *st;
+	Demo__Kv_Watch_Stream *st; /* valid while it is on kv->watchers */
 	char *prefix;
+	/* under kv->lock: */
+	change *head, **tail; /* changes not sent yet */
+	bool posted;          /* a flush is queued on its loop: that frees it once dead */
+	bool dead;            /* off the list, its stream over */
 } watcher;
 
 struct kv_store {
@@ -39,10 +54,7 @@ struct kv_store {
 	pthread_mutex_t lock;
 	kv_entry *items; /* sorted by key, strcmp order (= byte order) */
 	size_t n, cap;
-	/* Loop thread only, once a stream has opened: */
-	watcher *watchers;
-	bool have_loop; /* under lock: loop is the server's loop thread */
-	pthread_t loop;
+	watcher *watchers; /* under lock */
 };
 
 #define kv_of(s) ((kv_store *)((char *)(s) - offsetof(kv_store, pb.unary)))
@@ -133,10 +145,12 @@ static void kv_put(Demo__Kv_Service *svc, const Demo__PutRequest *req, Demo__Put
 		closure(NULL, closure_data);
 		return;
 	}
+	/* Before the closure: req is pbrpc's until then, and the change is
+	 * queued before the client hears of the Put. */
+	kv_notify(kv_of(svc), req->key, req->value.data, req->value.len, DEMO__CHANGE__KIND__PUT);
 	Demo__PutReply reply = DEMO__PUT_REPLY__INIT;
 	reply.created = rc == 1;
 	closure(&reply, closure_data);
-	kv_notify(kv_of(svc), req->key, req->value.data, req->value.len, DEMO__CHANGE__KIND__PUT);
 }
 
 static void kv_get(Demo__Kv_Service *svc, const Demo__GetRequest *req, Demo__GetReply_Closure closure,
@@ -188,11 +202,11 @@ static void kv_delete(Demo__Kv_Service *svc, const Demo__DeleteRequest *req, Dem
 	}
 	pthread_mutex_unlock(&kv->lock);
 
+	if (found)
+		kv_notify(kv, req->key, NULL, 0, DEMO__CHANGE__KIND__DELETE); /* before the closure, as Put */
 	Demo__DeleteReply reply = DEMO__DELETE_REPLY__INIT;
 	reply.deleted = found;
 	closure(&reply, closure_data);
-	if (found)
-		kv_notify(kv, req->key, NULL, 0, DEMO__CHANGE__KIND__DELETE);
 }
 
 static void free_entries(Demo__Entry **v, size_t n)
@@ -265,23 +279,26 @@ static void kv_list(Demo__Kv_Service *svc, const Demo__ListRequest *req, Demo__L
 
 /* ---- stream methods (loop thread) ---- */
 
-static void note_loop(kv_store *kv)
+static void changes_free(change *c)
 {
-	pthread_mutex_lock(&kv->lock);
-	kv->loop = pthread_self();
-	kv->have_loop = true;
-	pthread_mutex_unlock(&kv->lock);
+	while (c) {
+		change *next = c->next;
+		free(c->value);
+		free(c);
+		c = next;
+	}
 }
 
-static bool on_loop(kv_store *kv)
+static void watcher_free(watcher *w)
 {
-	pthread_mutex_lock(&kv->lock);
-	bool yes = kv->have_loop && pthread_equal(kv->loop, pthread_self());
-	pthread_mutex_unlock(&kv->lock);
-	return yes;
+	changes_free(w->head);
+	free(w->prefix);
+	free(w);
 }
 
-static void watcher_drop(watcher *w)
+/* Under kv->lock: takes w off the list; returns true when the caller frees
+ * it now (no flush is queued that would). */
+static bool watcher_unlink(watcher *w)
 {
 	for (watcher **p = &w->kv->watchers; *p; p = &(*p)->next) {
 		if (*p == w) {
@@ -289,37 +306,94 @@ static void watcher_drop(watcher *w)
 			break;
 		}
 	}
-	free(w->prefix);
-	free(w);
+	w->dead = true;
+	changes_free(w->head);
+	w->head = NULL;
+	w->tail = &w->head;
+	return !w->posted;
 }
 
-static void kv_notify(kv_store *kv, const char *key, const uint8_t *val, size_t len, Demo__Change__Kind kind)
+/* On the watcher's loop: sends what was queued. */
+static void watch_flush(void *arg)
 {
-	if (!kv->watchers || !on_loop(kv))
+	watcher *w = arg;
+	kv_store *kv = w->kv;
+	pthread_mutex_lock(&kv->lock);
+	w->posted = false;
+	change *list = w->head;
+	w->head = NULL;
+	w->tail = &w->head;
+	bool dead = w->dead;
+	pthread_mutex_unlock(&kv->lock);
+	if (dead) {
+		changes_free(list);
+		watcher_free(w);
 		return;
-	Demo__Change ch = DEMO__CHANGE__INIT;
-	ch.key = (char *)key;
-	ch.value.data = (uint8_t *)val;
-	ch.value.len = len;
-	ch.kind = kind;
-	for (watcher *w = kv->watchers, *next; w; w = next) {
-		next = w->next;
-		if (strncmp(key, w->prefix, strlen(w->prefix)) != 0)
-			continue;
+	}
+	bool over = false;
+	for (change *c = list; c && !over; c = c->next) {
+		Demo__Change ch = DEMO__CHANGE__INIT;
+		ch.key = c->key;
+		ch.value.data = c->value;
+		ch.value.len = c->len;
+		ch.kind = c->kind;
 		if (demo__kv__watch_send(w->st, &ch) == -EAGAIN) {
 			/* No credit left: it reads slower than changes come. */
 			demo__kv__watch_end(w->st, PBRPC_STATUS_RESOURCE_EXHAUSTED,
 					    "the watcher fell behind (it reads changes slower than they happen)");
-			watcher_drop(w);
+			over = true;
 		}
 		/* PBRPC_ECLOSED: on_cancel ends it. */
 	}
+	changes_free(list);
+	if (!over)
+		return;
+	pthread_mutex_lock(&kv->lock);
+	bool free_now = watcher_unlink(w);
+	pthread_mutex_unlock(&kv->lock);
+	if (free_now)
+		watcher_free(w);
+}
+
+/* From any thread: queues the change on each watcher of a matching prefix. */
+static void kv_notify(kv_store *kv, const char *key, const uint8_t *val, size_t len, Demo__Change__Kind kind)
+{
+	pthread_mutex_lock(&kv->lock);
+	for (watcher *w = kv->watchers; w; w = w->next) {
+		if (strncmp(key, w->prefix, strlen(w->prefix)) != 0)
+			continue;
+		size_t kl = strlen(key);
+		change *c = malloc(sizeof(*c) + kl + 1);
+		if (!c)
+			continue;
+		c->value = dup_bytes(val, len);
+		if (!c->value) {
+			free(c);
+			continue;
+		}
+		memcpy(c->key, key, kl + 1);
+		c->len = len;
+		c->kind = kind;
+		c->next = NULL;
+		*w->tail = c;
+		w->tail = &c->next;
+		/* Its stream is valid: on_cancel takes it off the list under
+		 * this lock first. */
+		if (!w->posted && pbrpc_stream_post(demo__kv__watch_raw(w->st), watch_flush, w) == 0)
+			w->posted = true;
+	}
+	pthread_mutex_unlock(&kv->lock);
 }
 
 static void watch_cancel(Demo__Kv_Watch_Stream *st, void *user)
 {
+	watcher *w = user;
 	demo__kv__watch_end(st, PBRPC_STATUS_CANCELLED, NULL); /* ignored: the client knows */
-	watcher_drop(user);
+	pthread_mutex_lock(&w->kv->lock);
+	bool free_now = watcher_unlink(w);
+	pthread_mutex_unlock(&w->kv->lock);
+	if (free_now)
+		watcher_free(w);
 }
 
 static const Demo__Kv_Watch_Ops watch_ops = { .on_cancel = watch_cancel };
@@ -327,7 +401,6 @@ static const Demo__Kv_Watch_Ops watch_ops = { .on_cancel = watch_cancel };
 static void kv_watch(Demo__Kv_Watch_Stream *st, const Demo__WatchRequest *req, void *user)
 {
 	kv_store *kv = user;
-	note_loop(kv);
 	watcher *w = calloc(1, sizeof(*w));
 	if (w)
 		w->prefix = strdup(req->prefix);
@@ -338,9 +411,12 @@ static void kv_watch(Demo__Kv_Watch_Stream *st, const Demo__WatchRequest *req, v
 	}
 	w->kv = kv;
 	w->st = st;
+	w->tail = &w->head;
+	demo__kv__watch_set_ops(st, &watch_ops, w);
+	pthread_mutex_lock(&kv->lock);
 	w->next = kv->watchers;
 	kv->watchers = w;
-	demo__kv__watch_set_ops(st, &watch_ops, w);
+	pthread_mutex_unlock(&kv->lock);
 }
 
 typedef struct upload {
@@ -390,7 +466,6 @@ static const Demo__Kv_Upload_Ops upload_ops = {
 static void kv_upload(Demo__Kv_Upload_Stream *st, void *user)
 {
 	kv_store *kv = user;
-	note_loop(kv);
 	upload *u = calloc(1, sizeof(*u));
 	if (!u) {
 		demo__kv__upload_end(st, PBRPC_STATUS_RESOURCE_EXHAUSTED, NULL, "out of memory");
@@ -505,7 +580,6 @@ static const Demo__Kv_Lookup_Ops lookup_ops = {
 static void kv_lookup(Demo__Kv_Lookup_Stream *st, void *user)
 {
 	kv_store *kv = user;
-	note_loop(kv);
 	lookup *l = calloc(1, sizeof(*l));
 	if (!l) {
 		demo__kv__lookup_end(st, PBRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
@@ -553,8 +627,7 @@ void demo_kv_free(Demo__Kv_Service *svc)
 	while (kv->watchers) {
 		watcher *w = kv->watchers;
 		kv->watchers = w->next;
-		free(w->prefix);
-		free(w);
+		watcher_free(w);
 	}
 	pthread_mutex_destroy(&kv->lock);
 	free(kv);

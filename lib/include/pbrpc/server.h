@@ -18,8 +18,10 @@
  * closure(NULL, closure_data). The request message is owned by pbrpc and valid
  * until the closure has been called.
  *
- * Threads: everything but the closure and pbrpc_server_shutdown() runs on the
- * thread that drives the loop (pbrpc_server_run or pbrpc_server_process).
+ * Threads: everything but the closure, pbrpc_server_get_stats() and
+ * pbrpc_server_shutdown() runs on the thread that drives the loop
+ * (pbrpc_server_run or pbrpc_server_process), or with opts.loop_threads > 1
+ * on the thread of the loop that owns the call's connection.
  */
 #ifndef PBRPC_SERVER_H
 #define PBRPC_SERVER_H
@@ -75,7 +77,8 @@ typedef struct pbrpc_call_info {
 /* Called on the loop thread once per REQUEST the server answers: calls a
  * handler answered (or that were cancelled or timed out) and requests refused
  * before reaching one (unknown method, bad body, too many calls, shutting
- * down, ...). Keep it short: the loop waits for it. */
+ * down, ...). Keep it short: the loop waits for it. With loop_threads > 1
+ * it is called from every loop's thread, concurrently (so is opts.log). */
 typedef void (*pbrpc_call_log_cb)(void *user, const pbrpc_call_info *info);
 
 /* Options; zero means the default for every field. */
@@ -102,7 +105,7 @@ typedef struct pbrpc_server_opts {
 	pbrpc_call_log_cb call_log;  /* default: none (then the clock is not read
 	                              * for it) */
 	void *call_log_user;
-	/* The memory budget (docs/ARCHITECTURE.md, "The memory budget"): bytes
+	/* The memory budget (docs/MEMORY.md): bytes
 	 * read (decoder buffers, counted from a frame's header on), requests
 	 * held and unpacked (call arenas, request copies, metadata) and queued
 	 * replies (writers), plus the loop's read buffer. A request that does not
@@ -149,6 +152,20 @@ typedef struct pbrpc_server_opts {
 	uint32_t stream_window;      /* streams (stream.h): bytes of the client's
 	                              * messages each stream may hold unread,
 	                              * announced in HELLO; default 64 KiB */
+	/* Event loops (docs/ARCHITECTURE.md, "Loops"). 0 or 1: one loop, on the
+	 * thread that calls pbrpc_server_run or pbrpc_server_process; inline
+	 * handlers (workers == 0) never run concurrently. N > 1:
+	 * pbrpc_server_run runs loop 0 on its thread and N - 1 more on threads
+	 * of their own; each connection belongs to one loop (the one with the
+	 * fewest connections when it was accepted), and its handlers, stream
+	 * callbacks, policy checks and call_log run there, so handlers of
+	 * different connections run concurrently and must guard what they
+	 * share. max_memory is split evenly between the loops (each at least
+	 * 4 MiB), and max_conn_memory is at most one loop's share (8 loops of
+	 * the default 512 MiB: 64 MiB a connection, below 10 x max_frame). pbrpc_server_fd and pbrpc_server_process are for one loop
+	 * only: with more they return PBRPC_EINVALID. Set policies and serving
+	 * states before pbrpc_server_run. Default 1. */
+	unsigned loop_threads;
 } pbrpc_server_opts;
 
 /* Creates a server. opts may be NULL. Returns 0, -ENOMEM, -EMFILE, ... */
@@ -251,15 +268,19 @@ PBRPC_EXPORT int pbrpc_server_address(const pbrpc_server *srv, int index, char *
  * embedding the server in another event loop: a socket event, a closure
  * called from another thread, a shutdown request, or a timer due (a call's
  * deadline, an idle or stalled connection, a keepalive, the drain), so an
- * embedder may wait on it with no timeout of its own. */
+ * embedder may wait on it with no timeout of its own. PBRPC_EINVALID
+ * with loop_threads > 1. */
 PBRPC_EXPORT int pbrpc_server_fd(const pbrpc_server *srv);
 
 /* Runs one round of the loop: waits up to timeout_ms (0: don't wait, < 0:
  * forever) for events, then accepts, reads, dispatches, writes and expires
- * timers. Returns 0, 1 once a shutdown has completed, or a negative code. */
+ * timers. Returns 0, 1 once a shutdown has completed, or a negative code;
+ * PBRPC_EINVALID with loop_threads > 1 (use pbrpc_server_run). */
 PBRPC_EXPORT int pbrpc_server_process(pbrpc_server *srv, int timeout_ms);
 
-/* Runs the loop until a shutdown completes. Returns 0 or a negative code. */
+/* Runs the loop until a shutdown completes: with loop_threads > 1, loop 0
+ * here and the others on threads it starts, and returns once every loop has
+ * finished (their threads joined). Returns 0 or a negative code. */
 PBRPC_EXPORT int pbrpc_server_run(pbrpc_server *srv);
 
 /* Begins a graceful shutdown: stop accepting, send GOAWAY to every
@@ -270,7 +291,9 @@ PBRPC_EXPORT int pbrpc_server_run(pbrpc_server *srv);
  * Safe from any thread and from a signal handler. */
 PBRPC_EXPORT void pbrpc_server_shutdown(pbrpc_server *srv, int drain_ms);
 
-/* Counters, for tests and monitoring. Read on the loop thread. */
+/* Counters, for tests and monitoring: the sum over the loops, each read
+ * with relaxed atomics, so safe from any thread (a snapshot taken while
+ * loops run need not be consistent between fields). */
 typedef struct pbrpc_server_stats {
 	uint64_t connections_accepted;
 	uint64_t connections_refused;  /* told why and closed: over max_connections,

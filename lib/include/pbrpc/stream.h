@@ -193,6 +193,16 @@ PBRPC_EXPORT int pbrpc_stream_end(pbrpc_stream *st, int status, const ProtobufCM
  * loop. */
 PBRPC_EXPORT void pbrpc_stream_pause(pbrpc_stream *st, bool paused);
 
+/* Runs fn(arg) on the stream's loop thread, soon (from that loop's next
+ * round), where the stream functions may be called: the way another thread
+ * (a worker, another loop with pbrpc_server_opts.loop_threads > 1) reaches
+ * a stream. Safe from any thread while st is valid; the caller makes sure
+ * of that (e.g. under a lock that its on_cancel also takes). fn is called
+ * exactly once, also when the stream has ended meanwhile (the caller's
+ * records say so) and, at pbrpc_server_free, after the streams' on_cancel.
+ * Returns 0, PBRPC_EINVALID, -ENOMEM (fn will not run). */
+PBRPC_EXPORT int pbrpc_stream_post(pbrpc_stream *st, void (*fn)(void *arg), void *arg);
+
 /* True once the stream is over without the handler's word (on_cancel has
  * run or is about to). Safe from any thread. */
 PBRPC_EXPORT bool pbrpc_stream_cancelled(const pbrpc_stream *st);
