@@ -951,6 +951,49 @@ Test(reliability, client_call_ids_wrap_past_zero)
 	cr_assert_eq(st.calls_completed, 80);
 }
 
+/* Once the counter has wrapped, an id still in flight is skipped: the
+ * client checks the call tables only after the first wrap, so the check
+ * must start then. */
+Test(reliability, client_call_ids_skip_a_live_id_after_wrapping)
+{
+	rsrv t;
+	srv_start(&t, NULL, NULL);
+	pbrpc_client *c;
+	cr_assert_eq(pbrpc_client_connect(&c, t.addr, NULL), 0);
+	ProtobufCService *echo = pbrpc_client_service(c, &demo__echo__descriptor);
+	ProtobufCService *aecho = pbrpc_client_service_async(c, &demo__echo__descriptor);
+	set_next_id(c, 0xffffffffu);
+	echo_ok(echo, "last before the wrap");
+	cr_assert_eq(pbrpc_client_last_call(), 0xffffffffu);
+	echo_ok(echo, "first after the wrap");
+	cr_assert_eq(pbrpc_client_last_call(), 1);
+
+	/* A call held in flight by the server's timer, then the counter put
+	 * back onto its id. */
+	static outcome slow;
+	memset(&slow, 0, sizeof(slow));
+	Demo__EchoRequest req = DEMO__ECHO_REQUEST__INIT;
+	req.payload.data = (uint8_t *)"slow";
+	req.payload.len = 4;
+	req.delay_ms = 300;
+	demo__echo__echo(aecho, &req, on_echo, &slow);
+	uint32_t live = pbrpc_client_last_call();
+	cr_assert_eq(live, 2);
+	set_next_id(c, live);
+	echo_ok(echo, "beside the slow one");
+	cr_assert_eq(pbrpc_client_last_call(), live + 1, "id %u is in flight", live);
+
+	cr_assert_eq(pbrpc_client_drain(c, 5000), 0);
+	cr_assert_eq(slow.calls, 1);
+	cr_assert_eq(slow.status, PBRPC_STATUS_OK, "%s", slow.message);
+	cr_assert_str_eq(slow.text, "slow");
+	pbrpc_client_free(c);
+	pbrpc_server_stats st;
+	srv_stop_stats(&t, &st);
+	cr_assert_eq(st.protocol_errors, 0);
+	cr_assert_eq(st.calls_completed, 4);
+}
+
 /* ==== 21: the handler's deadline is the client's ==== */
 
 #define DEADLINE_TOLERANCE_NS (100ll * 1000000)

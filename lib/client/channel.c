@@ -19,7 +19,7 @@
 
 /* ---- lifetime ---- */
 
-static void chan_destroy(chan *k)
+static __attribute__((noinline)) void chan_destroy(chan *k)
 {
 	pbrpc__list_remove(&k->link);
 	pbrpc__conn_fini(&k->base);
@@ -34,7 +34,7 @@ void pbrpc__cl_chan_ref(chan *k)
 void pbrpc__cl_chan_unref(pbrpc_client *c, chan *k)
 {
 	(void)c;
-	if (--k->refs == 0 && chan_dead(k))
+	if (__builtin_expect(--k->refs == 0, 0) && chan_dead(k))
 		chan_destroy(k);
 }
 
@@ -263,19 +263,25 @@ void pbrpc__cl_reader_enter(chan *k)
 	k->refs++;
 }
 
+/* Hands the reading on: to slot waiters, the first follower, or a poller. */
+static __attribute__((noinline)) void reader_pass_on(pbrpc_client *c, chan *k)
+{
+	if (c->slot_waiters)
+		pthread_cond_broadcast(&c->cond); /* one of them may read now */
+	pbrpc__list *w = pbrpc__list_first(&k->waiters);
+	if (w)
+		pthread_cond_signal(&pbrpc__container_of(w, call, wlink)->cond);
+	else if (c->proc_efd_only || (k->async_inflight && pbrpc__cl_th.in_process != c &&
+				      pbrpc__conn_pending_in(&k->base) + pbrpc__conn_buffered(&k->base)))
+		pbrpc__cl_efd_signal(c); /* a poller must take over the reading */
+}
+
 void pbrpc__cl_reader_leave(pbrpc_client *c, chan *k)
 {
 	k->reading = false;
-	if (!chan_dead(k)) {
-		size_t pending = pbrpc__conn_pending_in(&k->base) + pbrpc__conn_buffered(&k->base);
-		if (c->slot_waiters)
-			pthread_cond_broadcast(&c->cond); /* one of them may read now */
-		pbrpc__list *w = pbrpc__list_first(&k->waiters);
-		if (w)
-			pthread_cond_signal(&pbrpc__container_of(w, call, wlink)->cond);
-		else if (c->proc_efd_only || (pending && k->async_inflight && pbrpc__cl_th.in_process != c))
-			pbrpc__cl_efd_signal(c); /* a poller must take over the reading */
-	}
+	/* Nobody to hand over to (a lone synchronous caller): nothing to do. */
+	if (!chan_dead(k) && (c->slot_waiters || !pbrpc__list_empty(&k->waiters) || c->proc_efd_only || k->async_inflight))
+		reader_pass_on(c, k);
 	pbrpc__cl_chan_unref(c, k);
 }
 

@@ -75,17 +75,22 @@ int pbrpc__cl_grow_calls(pbrpc_client *c)
 	return 0;
 }
 
+/* Out of line, so that pbrpc__cl_call_put needs no stack frame for it. */
+static __attribute__((noinline)) void call_drop_fds(call *x)
+{
+	pbrpc__io_close_fds(x->fds, x->nfds);
+	x->nfds = 0;
+	pbrpc__memfd_unmap(x->map, x->map_len);
+	x->map = NULL;
+	x->map_len = 0;
+}
+
 void pbrpc__cl_call_put(pbrpc_client *c, call *x)
 {
 	if (x->cap > CL_CALL_BUF_SMALL)
 		big_touch(c);
-	if (__builtin_expect(x->nfds || x->map, 0)) {
-		pbrpc__io_close_fds(x->fds, x->nfds);
-		x->nfds = 0;
-		pbrpc__memfd_unmap(x->map, x->map_len);
-		x->map = NULL;
-		x->map_len = 0;
-	}
+	if (__builtin_expect(x->nfds || x->map, 0))
+		call_drop_fds(x);
 	pbrpc__list_insert(&c->free_calls, &x->qlink);
 }
 
@@ -135,14 +140,15 @@ int pbrpc__cl_store_reply(call *x, const pbrpc__wire_response *r)
 	return 0;
 }
 
-/* Next call id: non-zero, wraps around 2^32, never one still reserved on
- * any of the client's connections (so that an id names one call). */
-uint32_t pbrpc__cl_alloc_id(pbrpc_client *c)
+/* pbrpc__cl_alloc_id once the counter has wrapped (or is about to). */
+uint32_t pbrpc__cl_alloc_id_slow(pbrpc_client *c)
 {
 	for (;;) {
 		uint32_t id = c->next_id++;
-		if (id == 0)
+		if (id == 0) {
+			c->ids_wrapped = true;
 			continue;
+		}
 		bool live = false;
 		pbrpc__list_for_each(k, &c->conns, chan, link) {
 			if (pbrpc__idmap_get(&k->base.calls, id)) {
@@ -188,32 +194,6 @@ void pbrpc__cl_call_unlink(pbrpc_client *c, call *x)
 		pthread_cond_broadcast(&c->cond);
 	if (k->base.draining && chan_inflight(k) == 0)
 		pbrpc__conn_close(&k->base, 0, "server finished draining");
-}
-
-/* ---- per-call arguments ---- */
-
-int64_t pbrpc__cl_call_deadline(const pbrpc_client *c, const pbrpc_call_opts *o, int64_t now)
-{
-	if (o && o->deadline_ns)
-		return o->deadline_ns;
-	int ms = o && o->timeout_ms ? o->timeout_ms : c->call_timeout_ms;
-	return pbrpc__deadline_in(now, ms);
-}
-
-void pbrpc__cl_args_init(call_args *a, const pbrpc_client *c, const char *method, size_t method_len,
-			 const pbrpc_call_opts *o)
-{
-	memset(a, 0, sizeof(*a));
-	a->method = method;
-	a->method_len = method_len;
-	if (o) {
-		a->md = o->metadata;
-		a->md_count = o->metadata ? o->metadata_count : 0;
-		a->fds = o->fds;
-		a->fd_count = o->fds ? o->fd_count : 0;
-	}
-	a->start = pbrpc__now_ns();
-	a->deadline = pbrpc__cl_call_deadline(c, o, a->start);
 }
 
 /* ---- services for the generated stubs ---- */

@@ -31,6 +31,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "conn/conn.h"
 #include "conn/tls.h"
@@ -225,6 +226,7 @@ struct pbrpc_client {
 	pbrpc_hello hello;
 
 	uint32_t next_id;
+	bool ids_wrapped; /* next_id went past 2^32: an id may still be live */
 	pbrpc__list free_calls;
 	call_slab *slabs;
 	cl_arena *arenas;
@@ -288,15 +290,47 @@ __attribute__((noinline)) int pbrpc__cl_grow_calls(pbrpc_client *c);
 void pbrpc__cl_call_put(pbrpc_client *c, call *x);
 __attribute__((format(printf, 4, 5))) void pbrpc__cl_call_fail(call *x, int status, int err, const char *fmt, ...);
 int pbrpc__cl_store_reply(call *x, const pbrpc__wire_response *r);
-uint32_t pbrpc__cl_alloc_id(pbrpc_client *c);
+__attribute__((noinline)) uint32_t pbrpc__cl_alloc_id_slow(pbrpc_client *c);
+/* Next call id: non-zero, wraps around 2^32, never one still reserved on
+ * any of the client's connections (so that an id names one call). Until the
+ * counter first wraps every id is new, so no connection needs a look. */
+static inline uint32_t pbrpc__cl_alloc_id(pbrpc_client *c)
+{
+	if (__builtin_expect(!c->ids_wrapped && c->next_id != 0, 1))
+		return c->next_id++;
+	return pbrpc__cl_alloc_id_slow(c);
+}
 void pbrpc__cl_call_finish(pbrpc_client *c, call *x);
 void pbrpc__cl_call_unlink(pbrpc_client *c, call *x);
 void pbrpc__cl_set_status(int status, const char *msg, size_t len);
 __attribute__((format(printf, 2, 3))) void pbrpc__cl_set_statusf(int status, const char *fmt, ...);
 void pbrpc__cl_efd_signal(pbrpc_client *c);
-int64_t pbrpc__cl_call_deadline(const pbrpc_client *c, const pbrpc_call_opts *o, int64_t now);
-void pbrpc__cl_args_init(call_args *a, const pbrpc_client *c, const char *method, size_t method_len,
-			 const pbrpc_call_opts *o);
+
+/* ---- per-call arguments (inline: every call starts here) ---- */
+
+static inline int64_t pbrpc__cl_call_deadline(const pbrpc_client *c, const pbrpc_call_opts *o, int64_t now)
+{
+	if (o && o->deadline_ns)
+		return o->deadline_ns;
+	int ms = o && o->timeout_ms ? o->timeout_ms : c->call_timeout_ms;
+	return pbrpc__deadline_in(now, ms);
+}
+
+static inline void pbrpc__cl_args_init(call_args *a, const pbrpc_client *c, const char *method, size_t method_len,
+				       const pbrpc_call_opts *o)
+{
+	memset(a, 0, sizeof(*a));
+	a->method = method;
+	a->method_len = method_len;
+	if (o) {
+		a->md = o->metadata;
+		a->md_count = o->metadata ? o->metadata_count : 0;
+		a->fds = o->fds;
+		a->fd_count = o->fds ? o->fd_count : 0;
+	}
+	a->start = pbrpc__now_ns();
+	a->deadline = pbrpc__cl_call_deadline(c, o, a->start);
+}
 
 static inline call *call_get(pbrpc_client *c, int kind)
 {

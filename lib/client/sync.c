@@ -490,6 +490,19 @@ static void sync_wait(pbrpc_client *c, call *x, int64_t now)
 	pbrpc__cl_chan_unref(c, k);
 }
 
+/* The current connection when it takes a call at once: the client is not
+ * closing, the connection was used within CL_PROBE_IDLE_NS of `now` and has
+ * a free call slot. Else NULL (sync_conn decides). Inline: every call asks. */
+static inline chan *ready_conn(const pbrpc_client *c, int64_t now)
+{
+	chan *k = c->cur;
+	if (__builtin_expect(c->closing || !k || now - k->used_at >= CL_PROBE_IDLE_NS, 0))
+		return NULL;
+	if (k->base.peer_max_calls && chan_inflight(k) >= k->base.peer_max_calls)
+		return NULL;
+	return k;
+}
+
 /* A connection for a synchronous call, waiting (within x's deadline) for a
  * connection, a reconnect backoff or a free call slot. *now is refreshed
  * whenever it waits. NULL: x has failed. */
@@ -595,7 +608,9 @@ call *pbrpc__cl_sync_call(pbrpc_client *c, const call_args *a)
 					    "deadline exceeded before the call was sent");
 			return x;
 		}
-		chan *k = sync_conn(c, x, &now);
+		chan *k = ready_conn(c, now);
+		if (__builtin_expect(!k, 0))
+			k = sync_conn(c, x, &now);
 		if (!k || pbrpc__cl_send_request(c, k, x, a, now) < 0)
 			return x;
 		if (!x->done) /* else the connection failed while sending */

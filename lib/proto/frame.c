@@ -408,7 +408,7 @@ static int writer_reserve(pbrpc__frame_writer *w, size_t need)
 	return 0;
 }
 
-uint8_t *pbrpc__frame_writer_begin(pbrpc__frame_writer *w, const pbrpc__frame_header *hdr, size_t max_len)
+uint8_t *pbrpc__frame_writer_begin_slow(pbrpc__frame_writer *w, const pbrpc__frame_header *hdr, size_t max_len)
 {
 	if (max_len > PBRPC_MAX_FRAME_LIMIT || w->open != SIZE_MAX)
 		return NULL;
@@ -468,9 +468,11 @@ size_t pbrpc__frame_writer_pending(const pbrpc__frame_writer *w)
 	return w->tail - w->head;
 }
 
-ssize_t pbrpc__frame_writer_flush(pbrpc__frame_writer *w, int fd, int flags)
+/* pbrpc__frame_writer_flush's general case: fds to send, a partial write, a
+ * signal. `total`: bytes the caller already sent. Out of line, so that the
+ * usual case needs neither its stack frame nor its control buffer. */
+static __attribute__((noinline)) ssize_t writer_flush_loop(pbrpc__frame_writer *w, int fd, int flags, size_t total)
 {
-	size_t total = 0;
 	while (w->tail > w->head) {
 		struct iovec iov = { w->buf + w->head, w->tail - w->head };
 		struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
@@ -500,6 +502,35 @@ ssize_t pbrpc__frame_writer_flush(pbrpc__frame_writer *w, int fd, int flags)
 	if (w->head == w->tail && w->open == SIZE_MAX)
 		w->head = w->tail = 0;
 	return (ssize_t)total;
+}
+
+ssize_t pbrpc__frame_writer_flush(pbrpc__frame_writer *w, int fd, int flags)
+{
+	if (__builtin_expect(w->fdq_n == 0 && w->tail > w->head, 1)) {
+		/* The usual case: no fds queued, one send takes everything. */
+		struct iovec iov = { w->buf + w->head, w->tail - w->head };
+		struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+		ssize_t n = pbrpc__sendmsg(fd, &msg, flags);
+		if (__builtin_expect(n == (ssize_t)iov.iov_len, 1)) {
+			w->sent += (size_t)n;
+			w->head = w->tail;
+			if (w->open == SIZE_MAX)
+				w->head = w->tail = 0;
+			return n;
+		}
+		if (n < 0 && errno != EINTR)
+			return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+		if (n == 0)
+			return 0; /* no progress: as writer_flush_loop */
+		size_t total = 0;
+		if (n > 0) {
+			w->head += (size_t)n;
+			w->sent += (size_t)n;
+			total = (size_t)n;
+		}
+		return writer_flush_loop(w, fd, flags, total);
+	}
+	return writer_flush_loop(w, fd, flags, 0);
 }
 
 void pbrpc__frame_writer_trim(pbrpc__frame_writer *w, size_t keep)

@@ -32,6 +32,7 @@
 
 #include "pbrpc/common.h"
 #include "pbrpc/error.h"
+#include "util/bytes.h"
 
 
 #define PBRPC_FRAME_HEADER_SIZE 12
@@ -183,8 +184,30 @@ int pbrpc__frame_writer_append_raw(pbrpc__frame_writer *w, const void *data, siz
  * where the payload goes, so that it can be packed in place (no extra copy).
  * Finish with pbrpc__frame_writer_commit(); nothing else may be queued between.
  * Returns NULL on allocation failure or if max_len > PBRPC_MAX_FRAME_LIMIT. */
-uint8_t *pbrpc__frame_writer_begin(pbrpc__frame_writer *w, const pbrpc__frame_header *hdr,
-					       size_t max_len);
+__attribute__((noinline)) uint8_t *pbrpc__frame_writer_begin_slow(pbrpc__frame_writer *w,
+								   const pbrpc__frame_header *hdr, size_t max_len);
+static inline uint8_t *pbrpc__frame_writer_begin(pbrpc__frame_writer *w, const pbrpc__frame_header *hdr,
+						 size_t max_len)
+{
+	/* Inline when the frame fits the buffer (every frame once it has grown):
+	 * the same steps as the slow path, which also grows it. */
+	if (__builtin_expect(w->open == SIZE_MAX && max_len <= PBRPC_MAX_FRAME_LIMIT, 1)) {
+		if (w->head == w->tail)
+			w->head = w->tail = 0;
+		if (__builtin_expect(w->cap - w->tail >= PBRPC_FRAME_HEADER_SIZE + max_len, 1)) {
+			uint8_t *out = w->buf + w->tail;
+			pbrpc__put_u32(out, hdr->length);
+			out[4] = hdr->type;
+			out[5] = hdr->flags;
+			pbrpc__put_u16(out + 6, hdr->reserved);
+			pbrpc__put_u32(out + 8, hdr->stream);
+			w->open = w->tail;
+			w->open_max = max_len;
+			return out + PBRPC_FRAME_HEADER_SIZE;
+		}
+	}
+	return pbrpc__frame_writer_begin_slow(w, hdr, max_len);
+}
 
 /* Completes the frame opened by begin() with a payload of len <= max_len bytes
  * (writes the header). Returns 0 or PBRPC_EINVALID. */
