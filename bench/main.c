@@ -1348,7 +1348,8 @@ static void usage(FILE *f)
 		"                     pbrpc's server event loops (opts.loop_threads); the first\n"
 		"                     everywhere, each one in conc for pbrpc and W (a table of\n"
 		"                     its own); up to 4;\n"
-		"                     auto = the online CPUs, at most 8 (default auto)\n");
+		"                     auto = the online CPUs, at most 8 (default 1,auto: the\n"
+		"                     library's default everywhere, pbrpc-server's in conc too)\n");
 }
 
 static bool in_list(const char *list, const char *word)
@@ -1391,8 +1392,12 @@ static void parse_args(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	bench_sockbuf = 2 * 1024 * 1024;
-	cfg.loops[0] = auto_loops();
+	/* The library's default (one loop) everywhere; in conc also the
+	 * daemon's (auto), when that is more. */
+	cfg.loops[0] = 1;
 	cfg.n_loops = 1;
+	if (auto_loops() > 1)
+		cfg.loops[cfg.n_loops++] = auto_loops();
 	int o;
 	char num[32];
 	while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
