@@ -169,7 +169,8 @@ static void *srv_main(void *arg)
 	}
 }
 
-static void start_server(tsrv *t, const char *endpoint, const pbrpc_server_opts *opts)
+/* Starts a server on a thread running loop_main (srv_main: pbrpc_server_process). */
+static void start_server_on(tsrv *t, const char *endpoint, const pbrpc_server_opts *opts, void *(*loop_main)(void *))
 {
 	memset(t, 0, sizeof(*t));
 	atomic_store(&n_held, 0);
@@ -189,7 +190,12 @@ static void start_server(tsrv *t, const char *endpoint, const pbrpc_server_opts 
 	int idx = pbrpc_server_listen(t->srv, endpoint);
 	cr_assert_geq(idx, 0, "listen %s: %s", endpoint, pbrpc_strerror(idx));
 	pbrpc_server_address(t->srv, idx, t->addr, sizeof(t->addr));
-	pthread_create(&t->thr, NULL, srv_main, t);
+	pthread_create(&t->thr, NULL, loop_main, t);
+}
+
+static void start_server(tsrv *t, const char *endpoint, const pbrpc_server_opts *opts)
+{
+	start_server_on(t, endpoint, opts, srv_main);
 }
 
 static void stop_server(tsrv *t)
@@ -1353,18 +1359,8 @@ static void *embedded_main(void *arg)
 Test(server, embedded_loop_runs_timers_without_a_timeout)
 {
 	tsrv t;
-	memset(&t, 0, sizeof(t));
-	pbrpc_server_opts o = { .idle_timeout_ms = 200 };
-	cr_assert_eq(pbrpc_server_new(&t.srv, &o), 0);
-	cr_assert_eq(pbrpc_server_add_service(t.srv, &echo_svc.base), 0);
-	snprintf(t.dir, sizeof(t.dir), "/tmp/pbrpc-test-XXXXXX");
-	cr_assert_not_null(mkdtemp(t.dir));
-	char ep[160];
-	snprintf(ep, sizeof(ep), "unix:%s/s.sock", t.dir);
-	int idx = pbrpc_server_listen(t.srv, ep);
-	cr_assert_geq(idx, 0);
-	pbrpc_server_address(t.srv, idx, t.addr, sizeof(t.addr));
-	pthread_create(&t.thr, NULL, embedded_main, &t);
+	pbrpc_server_opts o = { .idle_timeout_ms = 200, .loop_threads = 1 }; /* embedding is for one loop */
+	start_server_on(&t, NULL, &o, embedded_main);
 	peer p;
 	peer_handshake(&p, t.addr);
 	peer_ping_echo(&p, 1);
