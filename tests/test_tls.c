@@ -22,6 +22,7 @@
 #include "demo_services.h"
 #include "pbrpc/pbrpc.h"
 #include "proto/wire.h"
+#include "server/server_impl.h" /* pbrpc__server_loop_conns */
 #include "testutil.h"
 
 static char dir[64];
@@ -134,6 +135,8 @@ static int server_try(tserver *s, const char *endpoint, pbrpc_server_opts *o)
 	o->log = log_cb;
 	o->log_user = s;
 	o->log_level = PBRPC_LOG_DEBUG;
+	if (!o->loop_threads)
+		o->loop_threads = tu_loop_threads(); /* tls-loops: sibling loops share one SSL_CTX */
 	int rc = pbrpc_server_new(&s->srv, o);
 	if (rc < 0)
 		return rc;
@@ -566,6 +569,40 @@ static void on_async(const Demo__EchoReply *r, void *data)
 	atomic_int *ok = data;
 	if (r && pbrpc_client_status(NULL) == 0)
 		atomic_fetch_add(ok, 1);
+}
+
+/* Two loops share the server's one SSL_CTX: four clients, two per loop,
+ * each with threads calling at once, every call answered. */
+Test(tls, sessions_on_every_loop)
+{
+	tserver s;
+	pbrpc_server_opts so = server_tls(NULL);
+	so.loop_threads = 2;
+	server_start(&s, "tls:127.0.0.1:0", &so);
+	pbrpc_client_opts co = client_tls(cert("ca.pem"));
+	enum { NC = 4 };
+	pbrpc_client *c[NC];
+	for (int i = 0; i < NC; i++)
+		cr_assert_eq(pbrpc_client_connect(&c[i], s.addr, &co), 0);
+	int64_t until = tu_now_ms() + 3000;
+	while (pbrpc__server_loop_conns(s.srv, 1) < NC / 2 && tu_now_ms() < until)
+		usleep(1000);
+	cr_assert_eq(pbrpc__server_loop_conns(s.srv, 0), NC / 2);
+	cr_assert_eq(pbrpc__server_loop_conns(s.srv, 1), NC / 2);
+	int per = (int)(tu_short_io() ? 10 : 200);
+	worker w[NC * 2];
+	pthread_t t[NC * 2];
+	for (int i = 0; i < NC * 2; i++) {
+		w[i] = (worker){ .c = c[i % NC], .calls = per };
+		pthread_create(&t[i], NULL, sync_worker, &w[i]);
+	}
+	for (int i = 0; i < NC * 2; i++) {
+		pthread_join(t[i], NULL);
+		cr_assert_eq(w[i].ok, per, "thread %d: %d of %d", i, w[i].ok, per);
+	}
+	for (int i = 0; i < NC; i++)
+		pbrpc_client_free(c[i]);
+	server_stop(&s, 1000);
 }
 
 Test(tls, many_calls_in_flight)
