@@ -376,36 +376,36 @@ static bool tick_arm(pbrpc_server *srv, int64_t when)
 	return true;
 }
 
-/* epoll_wait's timeout: 0 when something is due or buffered, else the
- * caller's; the timer heap waits on the tick timerfd instead (see
- * server_impl.h), armed here when its top comes before what it is set to. */
+/* Makes the tick cover the heap's top: it fires no later than the top is
+ * due (a top already due is armed in the past, so the fd is readable at
+ * once). False only when the timerfd could not be set. Called at the end of
+ * each round (an embedder waits on pbrpc_server_fd() next) and before each
+ * wait (for timers started between rounds). */
+static bool tick_update(pbrpc_server *srv)
+{
+	pbrpc__timer *t = pbrpc__heap_top(&srv->timers);
+	if (!t || (srv->tick.armed && srv->tick.armed <= t->when))
+		return true;
+	return tick_arm(srv, t->when);
+}
+
+/* epoll_wait's timeout: 0 when bytes are buffered, else the caller's; the
+ * timer heap waits on the tick timerfd instead (see server_impl.h). */
 static int wait_timeout(pbrpc_server *srv, int timeout_ms)
 {
 	if (!pbrpc__list_empty(&srv->again))
 		return 0;
-	pbrpc__timer *t = pbrpc__heap_top(&srv->timers);
-	if (!t || (srv->tick.armed && srv->tick.armed <= t->when))
-		return timeout_ms;
-	int64_t left = t->when - pbrpc__now_ns();
-	if (left <= 0)
-		return 0;
-	if (tick_arm(srv, t->when))
+	if (tick_update(srv))
 		return timeout_ms;
 	/* No timerfd (settime cannot fail on a valid one, but): wait as long
 	 * as the top allows. */
+	int64_t left = pbrpc__heap_top(&srv->timers)->when - pbrpc__now_ns();
+	if (left <= 0)
+		return 0;
 	int64_t ms = (left + PBRPC__NS_PER_MS - 1) / PBRPC__NS_PER_MS;
 	if (timeout_ms < 0 || ms < timeout_ms)
 		return ms > INT32_MAX ? INT32_MAX : (int)ms;
 	return timeout_ms;
-}
-
-/* At the end of a round: the tick covers the heap's top (a top already due
- * is armed in the past, so the fd is readable at once). */
-static void tick_update(pbrpc_server *srv)
-{
-	pbrpc__timer *t = pbrpc__heap_top(&srv->timers);
-	if (t && (!srv->tick.armed || t->when < srv->tick.armed))
-		tick_arm(srv, t->when);
 }
 
 /* ---- shutdown ---- */
@@ -620,9 +620,7 @@ static int loop_round(pbrpc_server *srv, int timeout_ms)
 			pbrpc__srv_log(srv, PBRPC_LOG_INFO, "shutdown complete");
 		return 1;
 	}
-	/* An embedder waits on pbrpc_server_fd() next, not here: the tick must
-	 * already cover the timers this round added or moved. */
-	tick_update(srv);
+	tick_update(srv); /* the timers this round added or moved */
 	return 0;
 }
 
