@@ -1321,18 +1321,25 @@ Test(server, handshake_timeout_closes_silent_client)
 	stop_server(&t);
 }
 
-Test(server, idle_timeout)
+/* A peer that makes one call and then nothing is told "idle timeout" and
+ * closed by the server at addr (idle_timeout_ms 200). */
+static void expect_idle_close(const char *addr)
 {
-	tsrv t;
-	pbrpc_server_opts o = { .idle_timeout_ms = 200 };
-	start_server(&t, NULL, &o);
 	peer p;
-	peer_handshake(&p, t.addr);
+	peer_handshake(&p, addr);
 	peer_ping_echo(&p, 1);
 	char msg[64];
 	peer_expect_goaway(&p, PBRPC_STATUS_UNAVAILABLE, msg, sizeof(msg));
 	cr_assert_str_eq(msg, "idle timeout");
 	peer_close(&p);
+}
+
+Test(server, idle_timeout)
+{
+	tsrv t;
+	pbrpc_server_opts o = { .idle_timeout_ms = 200 };
+	start_server(&t, NULL, &o);
+	expect_idle_close(t.addr);
 	stop_server(&t);
 }
 
@@ -1361,13 +1368,7 @@ Test(server, embedded_loop_runs_timers_without_a_timeout)
 	tsrv t;
 	pbrpc_server_opts o = { .idle_timeout_ms = 200, .loop_threads = 1 }; /* embedding is for one loop */
 	start_server_on(&t, NULL, &o, embedded_main);
-	peer p;
-	peer_handshake(&p, t.addr);
-	peer_ping_echo(&p, 1);
-	char msg[64];
-	peer_expect_goaway(&p, PBRPC_STATUS_UNAVAILABLE, msg, sizeof(msg));
-	cr_assert_str_eq(msg, "idle timeout");
-	peer_close(&p);
+	expect_idle_close(t.addr);
 	stop_server(&t); /* the shutdown's wake-up reaches the embedded loop too */
 	cr_assert_eq(t.rc, 0);
 }
